@@ -1,0 +1,1 @@
+"""Everything that operates: the `edp` CLI, job entrypoints, promotion, configs, local stack."""

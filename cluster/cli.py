@@ -1,0 +1,182 @@
+"""`edp`: the platform's command line (typer + rich).
+
+Each command parses its options into a validated config, builds what it needs, runs it, and
+prints a summary. Errors from bad input are printed as one clear message with exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from trainers.config import ConfigError, load_config
+from trainers.data.records import DataError
+
+app = typer.Typer(help="Empathetic response generation platform: data, training, sweeps, registry, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Download, validate and prepare EMPATHETIC-DIALOGUES.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def rich_progress() -> tuple[Progress, callable]:
+    """A rich progress bar and the `(phase, done, total)` callback trainers.data.prepare expects."""
+    bar = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=max(total, 1))
+        bar.update(tasks[phase], completed=done, total=max(total, 1))
+
+    return bar, update
+
+
+def prepare_with_summary(cfg) -> object:
+    from trainers.data.prepare import prepare
+
+    bar, update = rich_progress()
+    with bar:
+        prepared = prepare(cfg, progress=update)
+    print_summary(prepared)
+    return prepared
+
+
+def print_summary(prepared) -> None:
+    m = prepared.manifest
+    table = Table(title=f"prepared data ({'cache hit' if prepared.cache_hit else 'built'}): {prepared.path}")
+    table.add_column("split")
+    for col in ("conversations", "examples", "skipped", "distinct texts"):
+        table.add_column(col, justify="right")
+    for split, c in m["counts"].items():
+        table.add_row(split, str(c["conversations"]), str(c["examples"]), str(c["skipped"]), str(c["texts"]))
+    console.print(table)
+    vec = m["vectors"]
+    oov = "n/a" if vec["oov_rate"] is None else f"{vec['oov_rate']:.1%} of {m['vocab_size']} words ({vec['source']})"
+    t = m["timings"]
+    rows = [
+        ("source", m["source"]),
+        ("vocabulary", f"{m['vocab_size']} words (min_freq {m['settings']['min_freq']})"),
+        ("vectors OOV rate", oov),
+        ("parser", m["substitutions"]["parser"]),
+        ("knowledge", m["substitutions"]["knowledge"]["backend"]),
+        ("parse time", f"{t['parse_s']:.1f} s for {t['parsed_texts']} texts"
+                       f" ({t['parsed_texts'] / max(t['parse_s'], 1e-9):.0f} texts/s)"),
+        ("total time", f"{t.get('cache_hit_s', t['total_s']):.2f} s" + (" (cache hit)" if prepared.cache_hit else "")),
+    ]
+    info = Table(show_header=False)
+    for k, v in rows:
+        info.add_row(k, str(v))
+    console.print(info)
+    for split, bad in m["invalid"].items():
+        for line in bad[:5]:
+            console.print(f"[yellow]skipped[/] {split}: {line}")
+        if len(bad) > 5:
+            console.print(f"[yellow]... and {len(bad) - 5} more skipped in {split}[/]")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    data: Annotated[str | None, typer.Option("--data", help="'sample', a dir/.jsonl/.tar.gz, or s3://bucket/prefix; "
+                                                         "default: $ED_DATA_DIR or the embedded sample")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="cache directory for prepared entries")] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="skip malformed records (counted)")] = False,
+    n_process: Annotated[int | None, typer.Option("--n-process", help="spaCy worker processes")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Load, validate, annotate and cache a dataset; print a summary table."""
+    import os
+
+    from trainers.data.prepare import DataConfig
+
+    try:
+        cfg = load_config(DataConfig, config, overrides,
+                          source=data or (None if config else os.environ.get("ED_DATA_DIR")),
+                          cache_dir=str(out) if out else None,
+                          skip_invalid=skip_invalid or None, n_process=n_process)
+        prepare_with_summary(cfg)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+
+
+@data_app.command("download")
+def data_download(
+    out: Annotated[Path, typer.Option("--out", help="directory for the release tarball")] = Path("data"),
+    url: Annotated[str | None, typer.Option("--url", help="release URL (default: the official one)")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="expected checksum")] = None,
+) -> None:
+    """Download the official EMPATHETIC-DIALOGUES release tarball (train/valid/test CSV)."""
+    from trainers.data.remote import OFFICIAL_URL, download_release
+
+    bar, update = rich_progress()
+    try:
+        with bar:
+            path = download_release(url or OFFICIAL_URL, out, sha256=sha256,
+                                    progress=lambda done, total: update("download", done, total or done))
+    except DataError as e:
+        _fail(str(e))
+    console.print(f"saved {path}; prepare it with: edp data prepare --data {path}")
+
+
+@data_app.command("validate")
+def data_validate(
+    data: Annotated[str, typer.Argument(help="dir, .jsonl, .csv, .tar.gz or s3://bucket/prefix")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+) -> None:
+    """Check every record of a source; list each invalid one with its conv_id and reason."""
+    from trainers.data.sources import load_splits
+
+    try:
+        reports = load_splits(data, skip_invalid=True)
+    except DataError as e:
+        _fail(str(e))
+    summary = {s: {"conversations": len(r.conversations), "invalid": [str(i) for i in r.invalid]}
+               for s, r in reports.items()}
+    if as_json:
+        console.print_json(json.dumps(summary))
+    else:
+        for split, s in summary.items():
+            console.print(f"{split}: {s['conversations']} valid conversations, {len(s['invalid'])} invalid")
+            for line in s["invalid"]:
+                console.print(f"  [red]{line}[/]")
+    if any(s["invalid"] for s in summary.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    data: Annotated[str | None, typer.Option("--data", help="dataset (default: $ED_DATA_DIR or the sample)")] = None,
+) -> None:
+    """The whole loop on the embedded default. At this stage: prepare the data and print the summary."""
+    import os
+
+    from trainers.data.prepare import DataConfig
+
+    start = time.perf_counter()
+    try:
+        cfg = load_config(DataConfig, source=data or os.environ.get("ED_DATA_DIR") or "sample")
+        prepare_with_summary(cfg)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    console.print(f"[green]demo finished in {time.perf_counter() - start:.1f} s[/]")
+
+
+if __name__ == "__main__":
+    app()

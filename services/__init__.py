@@ -1,0 +1,1 @@
+"""Everything that serves: the Ray Serve app, request/response schemas, metrics."""

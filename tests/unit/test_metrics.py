@@ -1,0 +1,131 @@
+"""Metrics against values computed by hand (see the comments)."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from sacrebleu.metrics import BLEU
+
+from trainers.metrics import (
+    MetricAccumulator,
+    bleu,
+    confusion_matrix,
+    distinct_n,
+    emotion_accuracy,
+    perplexity,
+)
+
+# Three responses:
+#   unigrams: i am sad | i am happy | so sad -> 8 in all, unique {i, am, sad, happy, so} = 5 -> 5/8
+#   bigrams:  (i am)(am sad) | (i am)(am happy) | (so sad) -> 5 in all, unique 4 -> 4/5
+# A per-response average would give 1.0 for both, so these values pin the corpus-level definition.
+RESPONSES = [["i", "am", "sad"], ["i", "am", "happy"], ["so", "sad"]]
+
+
+def test_distinct_is_corpus_level():
+    assert distinct_n(RESPONSES, 1) == pytest.approx(5 / 8)
+    assert distinct_n(RESPONSES, 2) == pytest.approx(4 / 5)
+
+
+def test_distinct_edge_cases():
+    # "a a a a": 4 unigrams, 1 unique; 3 bigrams, 1 unique. Empty / too-short responses add nothing.
+    assert distinct_n([["a", "a", "a", "a"], []], 1) == pytest.approx(1 / 4)
+    assert distinct_n([["a", "a", "a", "a"], ["b"]], 2) == pytest.approx(1 / 3)
+    assert distinct_n([["a"], []], 2) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        distinct_n(RESPONSES, 0)
+
+
+def test_perplexity_of_known_nll():
+    # 10 tokens each with probability 1/5 -> NLL 10 ln 5 -> PPL 5.
+    assert perplexity(10 * math.log(5), 10) == pytest.approx(5.0)
+    assert perplexity(0.0, 3) == 1.0
+    assert math.isfinite(perplexity(1e6, 1))            # capped exponent, no OverflowError
+    with pytest.raises(ValueError, match="num_tokens"):
+        perplexity(1.0, 0)
+
+
+def test_emotion_accuracy():
+    assert emotion_accuracy([1, 2, 3, 4], [1, 2, 0, 4]) == pytest.approx(0.75)
+    assert emotion_accuracy(torch.tensor([5, 6]), np.array([5, 7])) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="3 predictions for 2"):
+        emotion_accuracy([1, 2, 3], [1, 2])
+    with pytest.raises(ValueError, match="no examples"):
+        emotion_accuracy([], [])
+
+
+def test_bleu_by_hand():
+    # hyp "the cat sat on the mat" vs ref "the cat is on the mat", equal lengths -> BP = 1.
+    #   p1 = 5/6 (the x2, cat, on, mat), p2 = 3/5 (the cat, on the, the mat), p3 = 1/4 (on the mat), p4 = 0
+    #   BLEU-1 = 5/6, BLEU-2 = sqrt(5/6 * 3/5) = sqrt(1/2), BLEU-3 = (1/8)^(1/3) = 1/2, BLEU-4 = 0.
+    hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
+    b = bleu([hyp], [ref])
+    assert b["bleu1"] == pytest.approx(5 / 6)
+    assert b["bleu2"] == pytest.approx(math.sqrt(0.5))
+    assert b["bleu3"] == pytest.approx(0.5)
+    assert b["bleu4"] == 0.0
+
+
+def test_bleu_brevity_penalty_and_clipping():
+    # "the cat" vs 6-token ref: p1 = p2 = 1, c = 2 < r = 6 -> BP = exp(1 - 6/2) = e^-2.
+    b = bleu([["the", "cat"]], ["the cat is on the mat".split()])
+    assert b["bleu1"] == pytest.approx(math.exp(-2))
+    assert b["bleu2"] == pytest.approx(math.exp(-2))
+    assert b["bleu3"] == 0.0
+    # "the the the" vs "the cat": clipped p1 = 1/3, c = 3 > r = 2 -> BP = 1.
+    assert bleu([["the"] * 3], [["the", "cat"]])["bleu1"] == pytest.approx(1 / 3)
+
+
+def test_bleu_matches_sacrebleu_on_a_random_corpus():
+    rng = random.Random(0)
+    words = "a b c d e f".split()
+    hyps = [[rng.choice(words) for _ in range(rng.randint(3, 9))] for _ in range(40)]
+    refs = [[rng.choice(words) for _ in range(rng.randint(3, 9))] for _ in range(40)]
+    ours = bleu(hyps, refs)
+    for n in range(1, 5):
+        sb = BLEU(tokenize="none", smooth_method="none", max_ngram_order=n)
+        theirs = sb.corpus_score([" ".join(h) for h in hyps], [[" ".join(r) for r in refs]]).score / 100
+        assert ours[f"bleu{n}"] == pytest.approx(theirs, abs=1e-9)
+
+
+def test_confusion_matrix_rows_gold_columns_pred():
+    m = confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], num_classes=3)
+    np.testing.assert_array_equal(m, [[1, 0, 0], [0, 1, 0], [0, 1, 1]])
+    assert confusion_matrix(torch.tensor([31]), torch.tensor([0])).shape == (32, 32)
+    assert confusion_matrix([31], [0])[0, 31] == 1
+    with pytest.raises(ValueError, match=r"pred ids must be in \[0, 3\)"):
+        confusion_matrix([3], [0], num_classes=3)
+
+
+def test_accumulator_combines_batches():
+    acc = MetricAccumulator(num_classes=3)
+    # Per-example NLL sums: ex1 2 ln 2 over 2 tokens (mean ln 2), ex2 12 ln 2 over 4 tokens (mean 3 ln 2).
+    #   token-level: 14 ln 2 / 6 -> ppl 2^(7/3);  per-example: exp(mean(ln 2, 3 ln 2)) = 4.
+    acc.add(nll_sum=torch.tensor([2 * math.log(2)]), num_tokens=torch.tensor([2]),
+            emotion_pred=torch.tensor([0]), emotion_gold=torch.tensor([0]),
+            hypotheses=[RESPONSES[0]], references=[["i", "am", "sad"]])
+    acc.add(nll_sum=torch.tensor([12 * math.log(2)]), num_tokens=torch.tensor([4]),
+            emotion_pred=[1, 2], emotion_gold=[1, 1],
+            hypotheses=RESPONSES[1:], references=[["i", "am", "glad"], ["so", "sad"]])
+    out = acc.compute()
+    assert out["loss"] == pytest.approx(14 * math.log(2) / 6)
+    assert out["ppl"] == pytest.approx(2 ** (7 / 3))
+    assert out["ppl_example"] == pytest.approx(4.0)
+    assert out["acc"] == pytest.approx(2 / 3)
+    assert out["dist1"] == pytest.approx(5 / 8) and out["dist2"] == pytest.approx(4 / 5)
+    # hyps vs refs: unigram matches 3 + 2 + 2 = 7 of 8 tokens, equal lengths -> BLEU-1 = 7/8.
+    assert out["bleu1"] == pytest.approx(7 / 8)
+    assert set(out) == {"loss", "ppl", "ppl_example", "acc", "dist1", "dist2",
+                        "bleu1", "bleu2", "bleu3", "bleu4"}
+    np.testing.assert_array_equal(acc.confusion(), [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
+
+
+def test_accumulator_without_generation_has_no_dist_keys():
+    acc = MetricAccumulator()
+    acc.add(nll_sum=3.0, num_tokens=3, emotion_pred=[4], emotion_gold=[5])
+    out = acc.compute()
+    assert out == {"loss": pytest.approx(1.0), "ppl": pytest.approx(math.e), "acc": 0.0}
+    with pytest.raises(ValueError, match="together"):
+        acc.add(nll_sum=1.0)

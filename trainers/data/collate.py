@@ -1,0 +1,186 @@
+"""Collation: prepared examples -> padded tensors with masks, per model family.
+
+Each example is first encoded once (`encode_escm` / `encode_iamm`: numpy arrays, pointer-generator
+OOV lists) and then padded into a batch (`pad_escm` / `pad_iamm`). The trainer encodes a split
+once and re-uses the arrays, so no per-example Python work is left inside a training step.
+
+ESCM / Transformer batch (B = batch, L = context length, T = target length, V = vocab size):
+    context_ids      (B, L)    word ids; position 0 is [CLS]; turns concatenated; PAD = 0
+    context_ext_ids  (B, L)    as context_ids, but OOV words get V + k (k = index in the example's OOV list)
+    context_state    (B, L)    0 pad, 1 [CLS], 2 speaker turn, 3 listener turn
+    context_pos      (B, L)    0 pad, 1 [CLS], 2 + index in annotate.POS_TAGS
+    context_dep      (B, L, L) 0 no edge, 1 self loop, 2 + index in annotate.DEP_LABELS; symmetric
+    context_mask     (B, L)    True at real tokens
+    target_ids       (B, T)    response ids + EOS, PAD after
+    target_ext_ids   (B, T)    as target_ids, OOV words copied from the context get V + k
+    emotion          (B,)      gold emotion id
+    max_oov          int       extended-vocabulary slots this batch needs
+
+IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 relations, K = phrases):
+    utt_ids          (B, M, Lu)       each turn's word ids (no [CLS]); utt_mask (B, M, Lu) bool
+    utt_state        (B, M)           2 speaker / 3 listener, 0 for padded turns; turn_mask (B, M) bool
+    situation_ids    (B, Ls)          situation word ids; situation_mask (B, Ls) bool
+    knowledge_ids    (B, M + 1, R, K, Lk)  relation phrases per turn and (last) the situation; 0 = none
+    knowledge_mask   (B, M + 1, R, K, Lk)  bool (all False with the `none` knowledge backend)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainers.data.knowledge import RELATIONS
+from trainers.data.prepare import PreparedSplit
+from trainers.data.vocab import CLS, EOS, UNK
+
+STATE_CLS, STATE_SPEAKER, STATE_LISTENER = 1, 2, 3
+POS_CLS, DEP_SELF = 1, 1
+
+
+@dataclass
+class EncodedExample:
+    """One example as flat arrays (see module docstring); `edges` rows are (i, j, relation id)."""
+
+    context_ids: np.ndarray
+    context_ext_ids: np.ndarray
+    context_state: np.ndarray
+    context_pos: np.ndarray
+    edges: np.ndarray
+    target_ids: np.ndarray
+    target_ext_ids: np.ndarray
+    emotion: int
+    oov: list[str]
+    turns: list[np.ndarray]          # IAMM: token ids per turn (truncated like the context)
+    turn_states: list[int]           # IAMM: STATE_SPEAKER / STATE_LISTENER per kept turn
+    situation_ids: np.ndarray
+    knowledge: list[dict[str, list[list[int]]]]  # per turn, then the situation
+
+
+def encode_escm(split: PreparedSplit, i: int, vocab_size: int, max_context: int = 400,
+                max_target: int = 60) -> EncodedExample:
+    """Build example `i`'s context [CLS] ++ U_1 ++ ... ++ U_M (ESCM eq. 1 input) and its target.
+
+    Contexts longer than `max_context` keep their most recent turns (whole turns are dropped from the
+    start; a single over-long last turn is cut at its end). Targets are cut to `max_target` words + EOS.
+    """
+    turns = split.context[i]
+    lengths = [len(split.ids[t]) for t in turns]
+    first, budget = len(turns) - 1, max_context - 1 - lengths[-1]
+    while first > 0 and budget - lengths[first - 1] >= 0:
+        budget -= lengths[first - 1]
+        first -= 1
+    ids, state, pos, toks, edges = [CLS], [STATE_CLS], [POS_CLS], ["[CLS]"], [(0, 0, DEP_SELF)]
+    turn_ids, turn_states = [], []
+    for k in range(first, len(turns)):
+        t = turns[k]
+        n = min(len(split.ids[t]), max_context - len(ids))
+        offset = len(ids)
+        ids += split.ids[t][:n]
+        toks += split.tokens[t][:n]
+        pos += split.pos[t][:n]
+        turn_states.append(STATE_SPEAKER if k % 2 == 0 else STATE_LISTENER)
+        state += [turn_states[-1]] * n
+        turn_ids.append(np.asarray(split.ids[t][:n], dtype=np.int64))
+        for a in range(n):
+            h = split.heads[t][a]
+            edges.append((offset + a, offset + a, DEP_SELF))
+            if h != a and h < n:
+                edges.append((offset + a, offset + h, split.deps[t][a]))
+                edges.append((offset + h, offset + a, split.deps[t][a]))
+    oov: list[str] = []
+    ext = []
+    for w, tok in zip(ids, toks):
+        if w == UNK:
+            if tok not in oov:
+                oov.append(tok)
+            ext.append(vocab_size + oov.index(tok))
+        else:
+            ext.append(w)
+    tgt = split.target[i]
+    tgt_ids = split.ids[tgt][:max_target] + [EOS]
+    tgt_ext = [
+        vocab_size + oov.index(tok) if w == UNK and tok in oov else w
+        for w, tok in zip(split.ids[tgt][:max_target], split.tokens[tgt][:max_target])
+    ] + [EOS]
+    sit = split.situation[i]
+    know = [split.knowledge[t] for t in turns[first:]] + [split.knowledge[sit]]
+    return EncodedExample(
+        context_ids=np.asarray(ids, dtype=np.int64),
+        context_ext_ids=np.asarray(ext, dtype=np.int64),
+        context_state=np.asarray(state, dtype=np.int64),
+        context_pos=np.asarray(pos, dtype=np.int64),
+        edges=np.asarray(edges, dtype=np.int64).reshape(-1, 3),
+        target_ids=np.asarray(tgt_ids, dtype=np.int64),
+        target_ext_ids=np.asarray(tgt_ext, dtype=np.int64),
+        emotion=split.examples[i].emotion_id,
+        oov=oov,
+        turns=turn_ids,
+        turn_states=turn_states,
+        situation_ids=np.asarray(split.ids[sit][:max_context], dtype=np.int64),
+        knowledge=know,
+    )
+
+
+def _pad(arrays: list[np.ndarray], length: int | None = None) -> torch.Tensor:
+    length = length or max(1, max(len(a) for a in arrays))
+    out = np.zeros((len(arrays), length), dtype=np.int64)
+    for r, a in enumerate(arrays):
+        out[r, : len(a)] = a[:length]
+    return torch.from_numpy(out)
+
+
+def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
+             target_len: int | None = None) -> dict[str, torch.Tensor | int]:
+    """Pad encoded examples into the ESCM/Transformer batch (module docstring).
+
+    Fixed `context_len` / `target_len` give static shapes (length buckets for compiled steps).
+    """
+    ctx = _pad([e.context_ids for e in batch], context_len)
+    B, L = ctx.shape
+    dep = torch.zeros(B, L, L, dtype=torch.long)
+    edges = [torch.from_numpy(e.edges) for e in batch]
+    rows = torch.cat([torch.full((len(x),), b, dtype=torch.long) for b, x in enumerate(edges)])
+    flat = torch.cat(edges)
+    dep[rows, flat[:, 0], flat[:, 1]] = flat[:, 2]
+    return {
+        "context_ids": ctx,
+        "context_ext_ids": _pad([e.context_ext_ids for e in batch], L),
+        "context_state": _pad([e.context_state for e in batch], L),
+        "context_pos": _pad([e.context_pos for e in batch], L),
+        "context_dep": dep,
+        "context_mask": ctx != 0,
+        "target_ids": _pad([e.target_ids for e in batch], target_len),
+        "target_ext_ids": _pad([e.target_ext_ids for e in batch], target_len),
+        "emotion": torch.tensor([e.emotion for e in batch], dtype=torch.long),
+        "max_oov": max(len(e.oov) for e in batch),
+    }
+
+
+def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: int = 12) -> dict:
+    """The ESCM batch plus IAMM's per-turn, situation and knowledge tensors (module docstring)."""
+    out = pad_escm(batch)
+    B, M = len(batch), max(len(e.turns) for e in batch)
+    Lu = max(1, max(len(t) for e in batch for t in e.turns))
+    utt = torch.zeros(B, M, Lu, dtype=torch.long)
+    state = torch.zeros(B, M, dtype=torch.long)
+    know = torch.zeros(B, M + 1, len(RELATIONS), max_phrases, max_phrase_len, dtype=torch.long)
+    n_turns = torch.tensor([len(e.turns) for e in batch])
+    for b, e in enumerate(batch):
+        state[b, : len(e.turns)] = torch.tensor(e.turn_states)
+        for m, t in enumerate(e.turns):
+            utt[b, m, : len(t)] = torch.from_numpy(t)
+        for m, rels in enumerate(e.knowledge):
+            slot = M if m == len(e.knowledge) - 1 else m   # the situation always sits in the last slot
+            for r, rel in enumerate(RELATIONS):
+                for k, phrase in enumerate(rels.get(rel, [])[:max_phrases]):
+                    know[b, slot, r, k, : len(phrase[:max_phrase_len])] = torch.tensor(phrase[:max_phrase_len])
+    sit = _pad([e.situation_ids for e in batch])
+    out.update(
+        utt_ids=utt, utt_mask=utt != 0, utt_state=state,
+        turn_mask=torch.arange(M)[None, :] < n_turns[:, None],
+        situation_ids=sit, situation_mask=sit != 0,
+        knowledge_ids=know, knowledge_mask=know != 0,
+    )
+    return out

@@ -1,0 +1,308 @@
+"""`prepare`: ED source -> examples -> spaCy annotation -> vocabulary -> vectors -> knowledge -> cache.
+
+The result is a content-addressed cache entry `<cache_dir>/<key>/` whose key hashes the source
+files, every setting that changes the output, and the data-pipeline code. A second prepare with
+the same inputs is a hit (loads in seconds); changing anything misses. Entries are built in a
+temporary directory and renamed into place, so an interrupted prepare leaves no half-written entry.
+
+Entry layout:
+    manifest.json      settings, key, source files + hashes, counts, timings, substitutions
+    vocab.json         the vocabulary artifact shared by training and serving
+    vectors.npy        (V, 300) float32 embedding initialisation
+    <split>.pkl        PreparedSplit: distinct texts with token ids / POS / heads / deps, examples
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import pickle
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from trainers.config import StrictModel
+from trainers.data import annotate as ann
+from trainers.data.knowledge import RELATIONS, build_knowledge
+from trainers.data.records import DataError, Example, InvalidRecord, examples_from
+from trainers.data.sources import EMBEDDED_SAMPLE, discover, load_splits
+from trainers.data.vocab import Vocab
+
+FORMAT = "edp-prepared/1"
+Progress = Callable[[str, int, int], None]
+
+
+class DataConfig(StrictModel):
+    """Where the data comes from and how it is preprocessed (all fields hashed except the runtime ones)."""
+
+    source: str = Field("sample", description="'sample' (embedded), a dir/file/.tar.gz, or s3://bucket/prefix")
+    cache_dir: str = Field("~/.cache/edp/prepared", description="where prepared entries live")
+    skip_invalid: bool = Field(False, description="skip malformed records (counted) instead of failing")
+    splits: list[str] = Field(default_factory=lambda: ["train", "valid"], min_length=1)
+    min_freq: int = Field(1, ge=1, description="words seen fewer times in train map to [UNK]")
+    max_vocab: int | None = Field(None, ge=64)
+    spacy_model: str = Field(ann.DEFAULT_PIPELINE, description="spaCy package name or model path")
+    vectors: str = Field("spacy", description="'spacy' (en_core_web_md vectors), 'none', or a GloVe .txt path")
+    knowledge: Literal["none", "precomputed", "comet"] = "none"
+    knowledge_path: str | None = Field(None, description="jsonl (precomputed) or checkpoint dir/s3:// (comet)")
+    s3_endpoint_url: str | None = None
+    n_process: int = Field(1, ge=1, le=64, description="spaCy worker processes (runtime only, not hashed)")
+    parse_batch_size: int = Field(256, ge=1, description="spaCy nlp.pipe batch size (not hashed)")
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in ("train", "valid", "test")]
+        if bad:
+            raise ValueError(f"unknown split(s) {bad}; choose from train, valid, test")
+        if "train" not in v:
+            raise ValueError("'train' is required: the vocabulary is built from it")
+        return v
+
+    def resolved_source(self) -> str:
+        return str(EMBEDDED_SAMPLE) if self.source == "sample" else self.source
+
+    def hashed_settings(self) -> dict:
+        runtime = {"cache_dir", "n_process", "parse_batch_size", "s3_endpoint_url", "source"}
+        return {k: v for k, v in self.model_dump().items() if k not in runtime}
+
+
+@dataclass
+class PreparedSplit:
+    """One split, compact: distinct texts annotated once, examples refer to them by index.
+
+    texts[i] is utterance or situation text i; ids[i] its vocab ids; oov[i] its words outside the
+    vocabulary (for the pointer-generator extended vocabulary); pos/heads/deps its parse (ids as in
+    `annotate.POS_TAGS` / `DEP_LABELS`); sents[i] its sentence start indices.
+    knowledge[i] (IAMM) maps relation -> list of token-id lists (empty with the `none` backend).
+    """
+
+    name: str
+    texts: list[str]
+    tokens: list[tuple[str, ...]]
+    ids: list[list[int]]
+    pos: list[list[int]]
+    heads: list[list[int]]
+    deps: list[list[int]]
+    sents: list[list[int]]
+    knowledge: list[dict[str, list[list[int]]]]
+    examples: list[Example]
+    context: list[list[int]]      # per example: text indices of the context turns
+    target: list[int]             # per example: text index of the response
+    situation: list[int]          # per example: text index of the situation
+    invalid: list[InvalidRecord] = field(default_factory=list)
+    num_conversations: int = 0
+
+
+@dataclass
+class Prepared:
+    path: Path
+    manifest: dict
+    vocab: Vocab
+    cache_hit: bool
+
+    def split(self, name: str) -> PreparedSplit:
+        file = self.path / f"{name}.pkl"
+        if not file.exists():
+            raise DataError(f"prepared data {self.path} has no split {name!r} ({self.manifest['splits']})")
+        with file.open("rb") as f:
+            return pickle.load(f)
+
+    def vectors(self) -> np.ndarray | None:
+        file = self.path / "vectors.npy"
+        return np.load(file) if file.exists() else None
+
+
+def code_version() -> str:
+    """Hash of the data-pipeline source: a change to preprocessing code invalidates the cache."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def cache_key(cfg: DataConfig, source_files: list[Path], pipeline_version: str) -> str:
+    payload = {
+        "format": FORMAT,
+        "files": sorted((p.name, _file_digest(p)) for p in source_files),
+        "settings": cfg.hashed_settings(),
+        "code": code_version(),
+        "pipeline": pipeline_version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
+    """Prepare (or load from cache) the splits named in `cfg`; see the module docstring."""
+    progress = progress or (lambda phase, done, total: None)
+    t0 = time.perf_counter()
+    local = _localize(cfg)
+    source_files = sorted({path for split, (_, path, _) in discover(local).items() if split in cfg.splits})
+    pipeline_version = _pipeline_version(cfg.spacy_model)
+    key = cache_key(cfg, source_files, pipeline_version)
+    root = Path(cfg.cache_dir).expanduser()
+    entry = root / key
+    if (entry / "manifest.json").exists():
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["timings"]["cache_hit_s"] = round(time.perf_counter() - t0, 3)
+        return Prepared(entry, manifest, Vocab.load(entry / "vocab.json"), cache_hit=True)
+    progress("load", 0, 1)
+    reports = load_splits(local, skip_invalid=cfg.skip_invalid, splits=cfg.splits)
+    progress("load", 1, 1)
+    load_s = time.perf_counter() - t0
+
+    # Annotate every distinct text once: utterances get a full parse, situations only tokens.
+    examples = {s: examples_from(r.conversations) for s, r in reports.items()}
+    utterances = sorted({u for r in reports.values() for c in r.conversations for u in c.utterances})
+    situations = sorted({c.situation for r in reports.values() for c in r.conversations} - set(utterances))
+    nlp = ann.load_pipeline(cfg.spacy_model)
+    t1 = time.perf_counter()
+    parsed = _annotate_with_progress(utterances, nlp, cfg, progress)
+    parse_s = time.perf_counter() - t1
+    sit_tokens = ann.tokenize(situations, nlp)
+    table: dict[str, ann.Annotation] = dict(zip(utterances, parsed))
+    for text, toks in zip(situations, sit_tokens):
+        table[text] = ann.Annotation(toks, ("X",) * len(toks), tuple(range(len(toks))), ("dep",) * len(toks),
+                                     (0,))
+
+    train = reports["train"].conversations
+    train_texts = {u for c in train for u in c.utterances} | {c.situation for c in train}
+    vocab = Vocab.build((table[t].tokens for t in sorted(train_texts)), cfg.min_freq, cfg.max_vocab)
+
+    knowledge = build_knowledge(cfg.knowledge, **({"path": cfg.knowledge_path} if cfg.knowledge_path else {}))
+    tmp = root / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        vocab.save(tmp / "vocab.json")
+        vec_info = _write_vectors(cfg, vocab, tmp, progress)
+        counts = {}
+        for name, report in reports.items():
+            progress(f"encode {name}", 0, 1)
+            split = _build_split(name, report, examples[name], table, vocab, knowledge, nlp)
+            with (tmp / f"{name}.pkl").open("wb") as f:
+                pickle.dump(split, f, protocol=pickle.HIGHEST_PROTOCOL)
+            counts[name] = {"conversations": len(report.conversations), "examples": len(split.examples),
+                            "skipped": len(report.invalid), "texts": len(split.texts)}
+            progress(f"encode {name}", 1, 1)
+        manifest = {
+            "format": FORMAT, "key": key, "settings": cfg.model_dump(), "code_version": code_version(),
+            "source": cfg.resolved_source(), "source_files": [str(p) for p in source_files],
+            "splits": list(reports), "counts": counts, "vocab_size": len(vocab),
+            "substitutions": {"parser": pipeline_version, "vectors": vec_info["source"],
+                              "knowledge": knowledge.describe()},
+            "vectors": vec_info,
+            "invalid": {s: [str(r) for r in rep.invalid] for s, rep in reports.items()},
+            "timings": {"load_s": round(load_s, 3), "parse_s": round(parse_s, 3),
+                        "parsed_texts": len(utterances),
+                        "total_s": round(time.perf_counter() - t0, 3)},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.rename(tmp, entry)
+        except OSError:  # another process finished the same entry first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Prepared(entry, manifest, vocab, cache_hit=False)
+
+
+def _pipeline_version(name: str) -> str:
+    """`name@version` of a spaCy pipeline package or path, without loading it (keeps cache hits fast)."""
+    meta = Path(name) / "meta.json"
+    if meta.exists():
+        return f"{name}@{json.loads(meta.read_text()).get('version', '?')}"
+    try:
+        return f"{name}@{importlib.metadata.version(name)}"
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"spaCy pipeline {name!r} is neither an installed package nor a model directory") from None
+
+
+def _localize(cfg: DataConfig) -> Path:
+    """The source as a local path; s3:// prefixes are synced into the cache first (ETag-checked)."""
+    source = cfg.resolved_source()
+    if not source.startswith("s3://"):
+        return Path(source).expanduser()
+    from trainers.data.remote import fetch_s3_prefix
+
+    return fetch_s3_prefix(source, Path(cfg.cache_dir).expanduser() / "s3", endpoint_url=cfg.s3_endpoint_url)
+
+
+def _annotate_with_progress(texts: list[str], nlp, cfg: DataConfig, progress: Progress) -> list[ann.Annotation]:
+    out: list[ann.Annotation] = []
+    chunk = max(cfg.parse_batch_size * cfg.n_process * 8, 2048)
+    for start in range(0, len(texts), chunk):
+        progress("parse", start, len(texts))
+        out.extend(ann.annotate(texts[start:start + chunk], nlp, batch_size=cfg.parse_batch_size,
+                                n_process=cfg.n_process))
+    progress("parse", len(texts), len(texts))
+    return out
+
+
+def _write_vectors(cfg: DataConfig, vocab: Vocab, out: Path, progress: Progress) -> dict:
+    if cfg.vectors == "none":
+        return {"source": "none (random init)", "oov_count": None, "oov_rate": None}
+    from trainers.data.vectors import load_vectors
+
+    progress("vectors", 0, 1)
+    result = load_vectors(vocab.itos, cfg.vectors)
+    np.save(out / "vectors.npy", result.matrix)
+    progress("vectors", 1, 1)
+    return {"source": result.source_name, "oov_count": int(result.oov_count), "oov_rate": float(result.oov_rate)}
+
+
+def _build_split(name, report, examples, table, vocab: Vocab, knowledge, nlp) -> PreparedSplit:
+    index: dict[str, int] = {}
+    for ex in examples:
+        for t in (*ex.context, ex.target, ex.situation):
+            index.setdefault(t, len(index))
+    texts = list(index)
+    annotations = [table[t] for t in texts]
+    pos_id = {p: i + 2 for i, p in enumerate(ann.POS_TAGS)}
+    dep_id = {d: i + 2 for i, d in enumerate(ann.DEP_LABELS)}
+    unknown_dep = dep_id["dep"]
+    know = _knowledge_ids(texts, knowledge, vocab, nlp)
+    return PreparedSplit(
+        name=name,
+        texts=texts,
+        tokens=[a.tokens for a in annotations],
+        ids=[vocab.encode(a.tokens) for a in annotations],
+        pos=[[pos_id.get(p, pos_id["X"]) for p in a.pos] for a in annotations],
+        heads=[list(a.heads) for a in annotations],
+        deps=[[dep_id.get(d, unknown_dep) for d in a.deps] for a in annotations],
+        sents=[list(a.sent_starts) for a in annotations],
+        knowledge=know,
+        examples=examples,
+        context=[[index[t] for t in ex.context] for ex in examples],
+        target=[index[ex.target] for ex in examples],
+        situation=[index[ex.situation] for ex in examples],
+        invalid=list(report.invalid),
+        num_conversations=len(report.conversations),
+    )
+
+
+def _knowledge_ids(texts: list[str], knowledge, vocab: Vocab, nlp) -> list[dict[str, list[list[int]]]]:
+    """Relation texts per text (IAMM eqs. 4-7 inputs), tokenised like every other text."""
+    if not knowledge.available:
+        return [{} for _ in texts]
+    inferred = knowledge.infer(texts)
+    phrases = sorted({p for rel in inferred for r in RELATIONS for p in rel.get(r, [])})
+    ids = dict(zip(phrases, (vocab.encode(t) for t in ann.tokenize(phrases, nlp))))
+    return [{r: [ids[p] for p in rel.get(r, [])] for r in RELATIONS} for rel in inferred]

@@ -1,0 +1,342 @@
+"""Remote ED sources: `s3://bucket/prefix` mirrored into a local cache, and the official release tarball.
+
+`fetch_s3_prefix` lists a prefix, downloads only objects whose ETag changed since the last fetch
+(a json manifest beside the files remembers key -> etag, size, local mtime) and returns the local path.
+`download_release` streams the official EMPATHETIC-DIALOGUES tar.gz with urllib and checks it.
+Both write to a temporary file in the destination directory and `os.replace` it into place, so a
+crash never leaves a half-written file under the final name. Every failure is a `DataError`
+naming the URI/URL and what went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import re
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
+
+from trainers.data.records import DataError
+
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/parlai/empatheticdialogues/empatheticdialogues.tar.gz"
+DEFAULT_RELEASE_DIR = Path.home() / ".cache" / "edp" / "release"
+RELEASE_SPLITS = ("train", "valid", "test")
+RELEASE_TOP = "empatheticdialogues"
+MANIFEST_NAME = ".s3-manifest.json"
+CHUNK = 1 << 20
+
+Progress = Callable[[int, int | None], None]
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken",
+    "InvalidClientTokenId", "AuthorizationHeaderMalformed", "Forbidden", "403",
+}
+_BUCKET_CODES = {"NoSuchBucket"}
+
+
+# ----------------------------------------------------------------------------- s3
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/prefix` into (bucket, prefix); the prefix may be empty."""
+    if not isinstance(uri, str) or not uri.startswith("s3://"):
+        raise DataError(f"bad S3 URI {uri!r}: expected s3://bucket/prefix")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise DataError(
+            f"bad S3 URI {uri!r}: bucket name {bucket!r} must be 3-63 lowercase letters, digits, '.' or '-'"
+        )
+    if ".." in PurePosixPath(prefix).parts:
+        raise DataError(f"bad S3 URI {uri!r}: '..' is not allowed in the prefix")
+    return bucket, prefix
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client with path-style addressing (SeaweedFS, MinIO) and few retries.
+
+    With `endpoint_url=None` boto3 itself reads AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL;
+    credentials come from the usual boto3 chain (env, profile, instance role, ...).
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        s3={"addressing_style": "path"},
+        retries={"max_attempts": 3, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def fetch_s3_prefix(
+    uri: str, cache_dir: str | Path, *, endpoint_url: str | None = None, client=None
+) -> Path:
+    """Mirror `uri` into cache_dir/<bucket>/<key...> and return the local directory.
+
+    When `uri` names exactly one object the local file path is returned instead. Objects whose
+    ETag and size match the manifest, and whose local file still has the recorded size and
+    mtime, are not downloaded again; files of objects that disappeared from the prefix are removed.
+    """
+    bucket, prefix = parse_s3_uri(uri)
+    base = Path(cache_dir) / bucket
+    try:
+        if client is None:
+            client = s3_client(endpoint_url)
+        listed = _list_objects(client, bucket, prefix)
+        if prefix and not prefix.endswith("/") and prefix in listed:  # one object
+            wanted = {prefix: listed[prefix]}
+            result = base / prefix
+            manifest_path = result.with_name(f".{result.name}{MANIFEST_NAME}")
+        else:
+            dir_prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+            wanted = {k: v for k, v in listed.items() if k.startswith(dir_prefix) and not k.endswith("/")}
+            result = base / dir_prefix if dir_prefix else base
+            manifest_path = result / MANIFEST_NAME
+        if not wanted:
+            raise DataError(
+                f"no objects under {uri} (endpoint {_endpoint(client)}): check the bucket and prefix"
+            )
+        for key in wanted:
+            _local_path(base, key, uri)  # reject unsafe keys before writing anything
+
+        old = _read_manifest(manifest_path)
+        new = {}
+        for key, (etag, size) in sorted(wanted.items()):
+            dest = _local_path(base, key, uri)
+            if _cached(old.get(key), etag, size, dest):
+                new[key] = old[key]
+                continue
+            got_etag, got_size = _download_object(client, bucket, key, dest)
+            new[key] = {"etag": got_etag or etag, "size": got_size, "mtime_ns": dest.stat().st_mtime_ns}
+        for key in set(old) - set(new):  # deleted remotely: drop the stale local copy
+            _local_path(base, key, uri).unlink(missing_ok=True)
+        _write_json_atomic(manifest_path, {"uri": uri, "objects": new})
+        return result
+    except DataError:
+        raise
+    except ValueError as e:  # e.g. a malformed endpoint URL, found while building the client
+        raise DataError(f"cannot use S3 endpoint {endpoint_url!r} for {uri}: {e}") from e
+    except Exception as e:  # botocore errors -> one clear DataError
+        raise _s3_error(e, uri, bucket, client) from e
+
+
+def _list_objects(client, bucket: str, prefix: str) -> dict[str, tuple[str, int]]:
+    """key -> (etag without quotes, size) for every object under `prefix` (all pages)."""
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            objects[obj["Key"]] = (str(obj.get("ETag", "")).strip('"'), int(obj["Size"]))
+    return objects
+
+
+def _cached(entry: dict | None, etag: str, size: int, dest: Path) -> bool:
+    """Same ETag and size as listed, and the local file untouched since we wrote it."""
+    if not entry or entry.get("etag") != etag or entry.get("size") != size:
+        return False
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    return st.st_size == size and st.st_mtime_ns == entry.get("mtime_ns")
+
+
+def _local_path(base: Path, key: str, uri: str) -> Path:
+    parts = PurePosixPath(key).parts
+    if not parts or key.startswith("/") or any(p in ("..", ".") for p in parts):
+        raise DataError(f"{uri}: object key {key!r} cannot be stored as a local file")
+    return base.joinpath(*parts)
+
+
+def _download_object(client, bucket: str, key: str, dest: Path) -> tuple[str, int]:
+    """GetObject into a temp file beside `dest`, then rename; returns (etag, size) of what was read."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    response = client.get_object(Bucket=bucket, Key=key)
+    size = 0
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in response["Body"].iter_chunks(CHUNK):
+                f.write(chunk)
+                size += len(chunk)
+        expected = response.get("ContentLength")
+        if expected is not None and size != expected:
+            raise DataError(f"s3://{bucket}/{key}: got {size} bytes, expected {expected} (connection cut?)")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(response.get("ETag", "")).strip('"'), size
+
+
+def _read_manifest(path: Path) -> dict[str, dict]:
+    try:
+        objects = json.loads(path.read_text(encoding="utf-8")).get("objects", {})
+        return objects if isinstance(objects, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # missing or corrupt: everything is downloaded again
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _endpoint(client) -> str:
+    return str(getattr(getattr(client, "meta", None), "endpoint_url", None) or "<default AWS endpoint>")
+
+
+def _masked_access_key(client) -> str:
+    """First 4 characters of the access key in use, never the rest."""
+    key = None
+    try:
+        key = client._request_signer._credentials.access_key  # what the client actually signs with
+    except AttributeError:
+        key = os.environ.get("AWS_ACCESS_KEY_ID")
+    if not key:
+        return "<none>"
+    return f"{key[:4]}… masked" if len(key) > 4 else "… masked"
+
+
+def _s3_error(exc: Exception, uri: str, bucket: str, client) -> DataError:
+    from botocore import exceptions as bx
+
+    endpoint = _endpoint(client)
+    if isinstance(exc, bx.ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in _CREDENTIAL_CODES:
+            return DataError(
+                f"S3 rejected the credentials for {uri} at {endpoint} ({code}, HTTP {status}; "
+                f"AWS_ACCESS_KEY_ID={_masked_access_key(client)}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and that this key may read the bucket"
+            )
+        if code in _BUCKET_CODES:
+            return DataError(f"S3 bucket {bucket!r} does not exist at {endpoint} (reading {uri})")
+        return DataError(f"S3 request for {uri} at {endpoint} failed: {code} {err.get('Message', '')} "
+                         f"(HTTP {status})")
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return DataError(
+            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        )
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectTimeoutError, bx.ReadTimeoutError,
+                        bx.ConnectionClosedError)):
+        return DataError(
+            f"cannot reach the S3 endpoint {endpoint} for {uri} ({exc}): check --endpoint-url, "
+            "AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL and that the server is running"
+        )
+    if isinstance(exc, OSError):
+        return DataError(f"cannot write the local copy of {uri}: {exc}")
+    return DataError(f"S3 access to {uri} at {endpoint} failed: {type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------ official release
+
+
+def download_release(
+    url: str = OFFICIAL_URL,
+    dest_dir: str | Path = DEFAULT_RELEASE_DIR,
+    *,
+    sha256: str | None = None,
+    timeout: float = 60,
+    progress: Progress | None = None,
+) -> Path:
+    """Download the ED release tar.gz to dest_dir/<name> unless a valid copy is already there.
+
+    Streams to <name>.part (calling `progress(bytes_done, total_or_None)`), checks the optional
+    sha256 and that the file is a gzip tarball holding train/valid/test.csv, then renames it.
+    """
+    name = PurePosixPath(urllib.parse.urlparse(url).path).name or "empatheticdialogues.tar.gz"
+    dest = Path(dest_dir) / name
+    if dest.is_file():
+        try:
+            _check_release(dest, sha256, url, _file_sha256(dest))
+            return dest
+        except DataError:
+            pass  # corrupt or stale copy: fetch it again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(name + ".part")
+    try:
+        digest = _stream(url, part, timeout, progress)
+        _check_release(part, sha256, url, digest)
+        os.replace(part, dest)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _stream(url: str, part: Path, timeout: float, progress: Progress | None) -> str:
+    """Copy the response body of `url` into `part`; returns its sha256 hex digest."""
+    request = urllib.request.Request(url, headers={"User-Agent": "edp-data/1 (python urllib)"})
+    digest, done = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response, part.open("wb") as f:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            if progress:
+                progress(0, total)
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+    except urllib.error.HTTPError as e:
+        raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, TimeoutError):
+            raise DataError(f"download of {url} timed out after {timeout:g} s") from e
+        raise DataError(f"cannot download {url}: {e.reason}") from e
+    except TimeoutError as e:
+        raise DataError(f"download of {url} timed out after {timeout:g} s ({done} bytes received)") from e
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(f"download of {url} failed after {done} bytes: {type(e).__name__}: {e}") from e
+    if total is not None and done != total:
+        raise DataError(f"download of {url} was cut short: {done} of {total} bytes")
+    return digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_release(path: Path, sha256: str | None, url: str, digest: str) -> None:
+    """Raise DataError unless `path` matches `sha256` and is a gzip tarball with the three splits."""
+    if sha256 and digest.lower() != sha256.strip().lower():
+        raise DataError(f"{url}: sha256 mismatch: expected {sha256.strip().lower()}, got {digest}")
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            names = {PurePosixPath(m.name).as_posix().removeprefix("./") for m in tar if m.isfile()}
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        raise DataError(f"{url}: the downloaded file is not a readable gzip tarball ({e})") from e
+    missing = [
+        f"{split}.csv" for split in RELEASE_SPLITS
+        if f"{split}.csv" not in names and f"{RELEASE_TOP}/{split}.csv" not in names
+    ]
+    if missing:
+        raise DataError(
+            f"{url}: the archive lacks {', '.join(missing)} (expected train/valid/test.csv, "
+            f"optionally under {RELEASE_TOP}/)"
+        )

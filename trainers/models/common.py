@@ -1,0 +1,385 @@
+"""Blocks shared by the Transformer baseline and ESCM (and later IAMM).
+
+Architecture choices, taken from the authors' MoEL/CEM-derived code (the tie-breaker where the ESCM
+paper is silent; read, not copied):
+
+- Pre-norm Transformer blocks (LayerNorm before each sub-layer, residual after) with one final LayerNorm
+  after the stack; 1 layer, 2 heads; queries/keys/values projected to a total depth of 40 (20 per head)
+  without bias; the feed-forward network is conv(k=3) -> ReLU -> conv(k=3) with 50 filters, padded on
+  both sides in the encoder and on the left (causal) in the decoder. Padded positions are zeroed before
+  each convolution so that padding never leaks into real positions. (The authors' FFN also applies a
+  ReLU after its last layer; we do not.) No dropout by default (the authors' encoders get none).
+- Inputs: word embedding x sqrt(emb_dim) (+ dialogue-state embedding in the encoder) -> bias-free
+  projection emb_dim -> d_model -> + sinusoidal timing signal (tensor2tensor layout: sines then cosines).
+- Pointer-generator (See et al., 2017) as in the authors' `Generator`: p_gen = sigmoid(w . s_t + b) from
+  the decoder output s_t only; the copy distribution is softmax over source positions of the head-averaged
+  cross-attention logits of the last decoder layer, scattered onto the extended vocabulary V + max_oov
+  with `context_ext_ids`.
+- Generation loss: NLL per non-PAD target token over the extended vocabulary, averaged over tokens, with
+  optional label smoothing (see `label_smoothed_nll`).
+- Noam schedule: lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (warm-up 8000).
+
+Models import only torch; special token ids mirror trainers.data.vocab (a unit test checks they agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PAD, UNK, SOS, EOS, CLS = 0, 1, 2, 3, 4  # == trainers.data.vocab
+NUM_EMOTIONS = 32  # == trainers.data.emotions.NUM_EMOTIONS
+NEG_INF = -1e9  # finite "minus infinity" for masked scores (no NaN on fully masked rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class ModelConfig:
+    """Hyperparameters shared by every encoder-decoder model here (paper defaults)."""
+
+    emb_dim: int = 300  # word-vector size (GloVe / spaCy 300-d)
+    d_model: int = 300  # hidden size d
+    num_layers: int = 1
+    num_heads: int = 2
+    attn_depth: int = 40  # total query/key/value depth over all heads (authors' --depth)
+    ffn_dim: int = 50  # filters of the conv feed-forward network (authors' --filter)
+    ffn_kernel: int = 3  # conv width of the FFN; 1 gives the usual position-wise FFN
+    dropout: float = 0.0
+    max_len: int = 1024  # longest context / response the timing signal covers
+    num_states: int = 4  # dialogue states: pad, CLS, speaker, listener
+    label_smoothing: float = 0.0
+    tie_embeddings: bool = False  # share generator projection with the word embedding
+
+    def __post_init__(self):
+        for f in ("emb_dim", "d_model", "num_layers", "num_heads", "attn_depth", "ffn_dim", "ffn_kernel",
+                  "max_len", "num_states"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.attn_depth % self.num_heads:
+            raise ValueError(f"attn_depth ({self.attn_depth}) must be divisible by num_heads ({self.num_heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.tie_embeddings and self.emb_dim != self.d_model:
+            raise ValueError(f"tie_embeddings needs emb_dim == d_model, got {self.emb_dim} and {self.d_model}")
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformer blocks
+
+
+def timing_signal(length: int, channels: int) -> torch.Tensor:
+    """Sinusoidal position signal (1, length, channels): sin of all timescales, then cos, zero-padded."""
+    n = channels // 2
+    log_inc = math.log(1.0e4) / max(n - 1, 1)
+    inv = torch.exp(torch.arange(n, dtype=torch.float32) * -log_inc)  # (n,)
+    t = torch.arange(length, dtype=torch.float32)[:, None] * inv[None]  # (length, n)
+    sig = torch.cat([torch.sin(t), torch.cos(t)], dim=1)
+    return F.pad(sig, (0, channels % 2)).unsqueeze(0)
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention with bias-free projections to a total depth split over heads."""
+
+    def __init__(self, d_q: int, d_kv: int, depth: int, num_heads: int, d_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.h, self.dropout = num_heads, dropout
+        self.q = nn.Linear(d_q, depth, bias=False)
+        self.k = nn.Linear(d_kv, depth, bias=False)
+        self.v = nn.Linear(d_kv, depth, bias=False)
+        self.o = nn.Linear(depth, d_out, bias=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        return x.view(B, L, self.h, D // self.h).transpose(1, 2)  # (B, h, L, D/h)
+
+    def forward(self, x, mem, key_mask=None, causal=False, return_logits=False):
+        """x (B, T, d_q), mem (B, L, d_kv), key_mask (B, L) bool True = attend.
+
+        Returns (out (B, T, d_out), logits) where logits (B, T, L) are the head-averaged attention scores
+        with masked keys at NEG_INF when return_logits, else None."""
+        q, k, v = self._split(self.q(x)), self._split(self.k(mem)), self._split(self.v(mem))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
+        p = self.dropout if self.training else 0.0
+        if not return_logits:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+            logits = None
+        else:
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, h, T, L)
+            if causal:
+                T, L = s.shape[-2:]
+                s = s.masked_fill(torch.ones(T, L, dtype=torch.bool, device=s.device).triu(1), NEG_INF)
+            if mask is not None:
+                s = s.masked_fill(~mask, NEG_INF)
+            logits = s.mean(1)  # (B, T, L)
+            y = F.dropout(s.softmax(-1), p, self.training) @ v
+        y = y.transpose(1, 2).reshape(x.size(0), x.size(1), -1)  # (B, T, depth)
+        return self.o(y), logits
+
+
+class ConvFeedForward(nn.Module):
+    """conv -> ReLU -> conv over time; `causal` pads on the left only (decoder)."""
+
+    def __init__(self, d: int, ffn_dim: int, kernel: int, causal: bool, dropout: float = 0.0):
+        super().__init__()
+        self.pad = (kernel - 1, 0) if causal else (kernel // 2, (kernel - 1) // 2)
+        self.c1 = nn.Conv1d(d, ffn_dim, kernel)
+        self.c2 = nn.Conv1d(ffn_dim, d, kernel)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):  # x (B, L, d), mask (B, L) bool
+        if mask is not None:
+            x = x * mask[..., None]
+        h = F.relu(self.c1(F.pad(x.transpose(1, 2), self.pad)))  # (B, ffn, L)
+        h = self.drop(h)
+        if mask is not None:
+            h = h * mask[:, None, :]
+        return self.c2(F.pad(h, self.pad)).transpose(1, 2)  # (B, L, d)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, d: int, cfg: ModelConfig):
+        super().__init__()
+        self.ln_attn, self.ln_ffn = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+        self.attn = MultiHeadAttention(d, d, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
+        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=False, dropout=cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask):
+        h = self.ln_attn(x)
+        x = x + self.drop(self.attn(h, h, mask)[0])
+        return x + self.drop(self.ffn(self.ln_ffn(x), mask))
+
+
+class Encoder(nn.Module):
+    """Input projection (bias-free) + timing signal + pre-norm blocks + final LayerNorm: Enc(.) of eqs. 1, 6."""
+
+    def __init__(self, d_in: int, d: int, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d, bias=False)
+        self.register_buffer("pos", timing_signal(cfg.max_len, d), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(d, cfg) for _ in range(cfg.num_layers))
+        self.ln = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, x, mask):  # x (B, L, d_in), mask (B, L) -> (B, L, d)
+        L = x.size(1)
+        if L > self.pos.size(1):
+            raise ValueError(f"sequence length {L} exceeds max_len {self.pos.size(1)}")
+        x = self.proj(self.drop(x)) + self.pos[:, :L]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln(x)
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, d: int, d_mem: int, cfg: ModelConfig):
+        super().__init__()
+        self.ln_self, self.ln_cross, self.ln_ffn = (nn.LayerNorm(d, eps=1e-6) for _ in range(3))
+        self.self_attn = MultiHeadAttention(d, d, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
+        self.cross_attn = MultiHeadAttention(d, d_mem, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
+        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=True, dropout=cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mem, mem_mask, return_logits=False):
+        h = self.ln_self(x)
+        x = x + self.drop(self.self_attn(h, h, causal=True)[0])
+        y, logits = self.cross_attn(self.ln_cross(x), mem, mem_mask, return_logits=return_logits)
+        x = x + self.drop(y)
+        return x + self.drop(self.ffn(self.ln_ffn(x))), logits
+
+
+class Decoder(nn.Module):
+    """Causal decoder over target embeddings attending to a memory of width d_mem (eq. 19's Dec)."""
+
+    def __init__(self, d_in: int, d: int, d_mem: int, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d, bias=False)
+        self.register_buffer("pos", timing_signal(cfg.max_len, d), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(DecoderBlock(d, d_mem, cfg) for _ in range(cfg.num_layers))
+        self.ln = nn.LayerNorm(d, eps=1e-6)
+
+    def forward(self, y_emb, mem, mem_mask):
+        """y_emb (B, T, d_in) -> states (B, T, d), copy logits (B, T, L) from the last block."""
+        T = y_emb.size(1)
+        if T > self.pos.size(1):
+            raise ValueError(f"response length {T} exceeds max_len {self.pos.size(1)}")
+        x = self.proj(self.drop(y_emb)) + self.pos[:, :T]
+        logits = None
+        for i, block in enumerate(self.blocks):
+            x, logits = block(x, mem, mem_mask, return_logits=i == len(self.blocks) - 1)
+        return self.ln(x), logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads and losses
+
+
+class EmotionHead(nn.Module):
+    """Attention-aggregation emotion classifier, eqs. 10-14; returns logits (softmax of eq. 14 left out)."""
+
+    def __init__(self, d: int, num_emotions: int = NUM_EMOTIONS):
+        super().__init__()
+        self.w_a1 = nn.Linear(d, d)
+        self.w_s1 = nn.Linear(d, 1, bias=False)  # a bias before a softmax over positions is a no-op
+        self.w_a2 = nn.Linear(d, d)
+        self.w_s2 = nn.Linear(d, num_emotions)
+
+    def forward(self, H, mask):  # H (B, L, d), mask (B, L) -> (B, E)
+        scores = self.w_s1(torch.tanh(self.w_a1(H))).squeeze(-1)  # eqs. 10-11, (B, L)
+        P_s = scores.masked_fill(~mask, NEG_INF).softmax(-1)
+        H2 = torch.einsum("bl,bld->bd", P_s, H)  # eq. 12, (B, d)
+        return self.w_s2(torch.tanh(self.w_a2(H2)))  # eqs. 13-14 (logits)
+
+
+class PointerGenerator(nn.Module):
+    """Final distribution over V + max_oov: p_gen * P_vocab + (1 - p_gen) * copy (See et al., 2017)."""
+
+    def __init__(self, d: int, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.proj = nn.Linear(d, vocab_size)
+        self.p_gen = nn.Linear(d, 1)
+
+    def forward(self, s, copy_logits, ext_ids, max_oov: int):
+        """s (B, T, d), copy_logits (B, T, L) masked, ext_ids (B, L) -> log-probs (B, T, V + max_oov)."""
+        p_gen = torch.sigmoid(self.p_gen(s).float())  # (B, T, 1)
+        P_vocab = self.proj(s).float().softmax(-1) * p_gen  # (B, T, V)
+        P = F.pad(P_vocab, (0, max_oov))  # (B, T, V + max_oov)
+        copy = copy_logits.float().softmax(-1) * (1.0 - p_gen)  # (B, T, L)
+        P = P.scatter_add(2, ext_ids[:, None, :].expand(-1, s.size(1), -1), copy)
+        return P.clamp_min(1e-20).log()
+
+
+def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int = PAD):
+    """Label-smoothed token NLL over the extended vocabulary, PAD targets ignored.
+
+    log_probs (N, V + max_oov), target (N,) extended ids. Per token:
+        loss = -(1 - eps) * log p[y] - eps / n * sum_{j in S} log p[j],
+    S = base-vocabulary ids except PAD and y (n = |S|), as in the authors' LabelSmoothing (size - 2).
+    The extended slots get no smoothing mass: they hold probability 0 outside the example's own copies.
+    Returns (loss_sum, nll_sum, num_tokens); nll_sum is the unsmoothed sum of -log p[y].
+    """
+    keep = target != pad
+    lp_y = log_probs.gather(1, target[:, None]).squeeze(1)  # (N,)
+    nll = -(lp_y * keep).sum()
+    if eps > 0:
+        in_vocab = target < vocab_size
+        s = log_probs[:, :vocab_size].sum(1) - log_probs[:, pad] - lp_y * in_vocab
+        n = (vocab_size - 1) - in_vocab.long()
+        loss = (-(1 - eps) * lp_y - eps * s / n) * keep
+        loss_sum = loss.sum()
+    else:
+        loss_sum = nll
+    return loss_sum, nll, keep.sum()
+
+
+def noam_rate(step: int, d_model: int, warmup: int = 8000, factor: float = 1.0) -> float:
+    """Noam learning rate at optimizer update `step` (>= 1): factor * d^-0.5 * min(step^-0.5, step * w^-1.5)."""
+    if step < 1:
+        raise ValueError(f"noam step must be >= 1, got {step}")
+    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
+
+
+def noam_lambda(step: int, d_model: int, warmup: int = 8000, factor: float = 1.0) -> float:
+    """Multiplier for torch.optim.lr_scheduler.LambdaLR (base lr 1.0).
+
+    LambdaLR calls it with the number of scheduler steps done so far (0 for the first update), so this is
+    noam_rate(step + 1): the k-th optimizer update (k >= 1) runs at exactly the authors' NoamOpt rate(k).
+    Use e.g. LambdaLR(opt, functools.partial(noam_lambda, d_model=300)).
+    """
+    return noam_rate(step + 1, d_model, warmup, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-decoder base with the shared model interface
+
+
+def require(batch: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; see the batch contract in trainers/data/collate.py")
+
+
+class PointerGeneratorSeq2Seq(nn.Module):
+    """Word/state embeddings, decoder and pointer-generator; subclasses implement `_encode`.
+
+    Interface used by decoding and the trainer:
+      forward(batch) -> {"loss", "gen_loss", "emo_loss", "emotion_logits", "num_tokens", "nll_sum"}
+      encode(batch) -> state dict (tensors batch-first; "max_oov" an int)
+      decode_step(state, ys) -> log-probs (B, V + max_oov) of the next token after ys (B, t).
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, d_mem: int):
+        super().__init__()
+        if vocab_size <= CLS:
+            raise ValueError(f"vocab_size must exceed the special ids (> {CLS}), got {vocab_size}")
+        self.cfg, self.vocab_size = cfg, vocab_size
+        self.embedding = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
+        self.state_embedding = nn.Embedding(cfg.num_states, cfg.emb_dim, padding_idx=0)
+        for emb in (self.embedding, self.state_embedding):
+            nn.init.normal_(emb.weight, std=cfg.emb_dim ** -0.5)  # x sqrt(emb_dim) -> unit scale
+            emb.weight.data[emb.padding_idx].zero_()
+        self.decoder = Decoder(cfg.emb_dim, cfg.d_model, d_mem, cfg)
+        self.generator = PointerGenerator(cfg.d_model, vocab_size)
+        if cfg.tie_embeddings:
+            self.generator.proj.weight = self.embedding.weight
+
+    def embed(self, ids):  # word ids (any shape); ids >= V are mapped to UNK
+        ids = ids.masked_fill(ids >= self.vocab_size, UNK)
+        return self.embedding(ids) * math.sqrt(self.cfg.emb_dim)
+
+    def embed_context(self, batch):  # word + dialogue-state embeddings, (B, L, emb_dim)
+        return self.embed(batch["context_ids"]) + self.state_embedding(batch["context_state"]) * math.sqrt(
+            self.cfg.emb_dim)
+
+    def _encode(self, batch) -> dict:
+        """-> {"memory" (B, L, d_mem), "memory_mask" (B, L)} (+ model extras, e.g. emotion losses)."""
+        raise NotImplementedError
+
+    def encode(self, batch) -> dict:
+        require(batch, "context_ids", "context_ext_ids", "context_state", "context_mask", "max_oov")
+        enc = self._encode(batch)
+        state = {k: v for k, v in enc.items() if not k.startswith("_")}
+        state["context_ext_ids"] = batch["context_ext_ids"]
+        state["max_oov"] = int(batch["max_oov"])
+        return state
+
+    def _decode(self, state, ys):  # ys (B, t) extended ids -> log-probs (B, t, V + max_oov)
+        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        return self.generator(s, copy_logits, state["context_ext_ids"], state["max_oov"])
+
+    def decode_step(self, state, ys):
+        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        return self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])[:, 0]
+
+    def forward(self, batch) -> dict:
+        require(batch, "target_ids", "target_ext_ids")
+        enc = self._encode(batch)
+        state = {"memory": enc["memory"], "memory_mask": enc["memory_mask"],
+                 "context_ext_ids": batch["context_ext_ids"], "max_oov": int(batch["max_oov"])}
+        tgt, tgt_ext = batch["target_ids"], batch["target_ext_ids"]
+        sos = torch.full_like(tgt[:, :1], SOS)
+        log_probs = self._decode(state, torch.cat([sos, tgt[:, :-1]], dim=1))  # (B, T, V + max_oov)
+        loss_sum, nll_sum, n = label_smoothed_nll(log_probs.flatten(0, 1), tgt_ext.flatten(),
+                                                  self.vocab_size, self.cfg.label_smoothing)
+        gen_loss = loss_sum / n.clamp_min(1)
+        emo_loss = enc.get("_emo_loss", gen_loss.new_zeros(()))
+        out = {"loss": gen_loss + emo_loss, "gen_loss": gen_loss, "emo_loss": emo_loss,
+               "emotion_logits": enc.get("emotion_logits"), "num_tokens": n, "nll_sum": nll_sum.detach()}
+        out.update({k[1:]: v for k, v in enc.items() if k.startswith("_emo_loss_")})
+        return out

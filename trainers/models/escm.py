@@ -1,0 +1,218 @@
+"""ESCM: Exploiting Emotion-Semantic Correlations for empathetic response generation
+(Yang et al., EMNLP 2023 Findings), equations numbered as in the paper.
+
+    H_ctx = Enc_ctx(E_c + pos + state)                                   (1)
+    E_ds  = W_s H_ctx + b_s                       (B, L, d_s=10)         (2)
+    E_dot = (W_c E_c + b_c)(W_e E_e + b_e)^T      (B, L, d_e=32)         (3)
+    E_de  = W_ce E_dot + b_ce                                            (4)
+    V_des = E_de ++ E_ds ;  H_des = Enc_des(V_des)                       (5, 6)
+    p_ij  = softmax_j over dependency neighbours of V_qk[i] . V_qk[j]    (7, 8)
+    H_cor = ReLU(sum_j p_ij (W_v H_des[j] + b_v))                         (9)
+    two aggregation emotion heads on H_ctx and H_cor, one CE loss each   (10-17)
+    decoder with pointer-generator over H = H_ctx ++ H_cor               (18-20)
+    L = L_gen + L_ctx^e + L_cor^e                                        (21)
+
+Interpretations (the authors' code, github.com/zhouzhouyang520/EmpatheticDialogueGeneration_ESCM,
+was read to settle what the paper leaves open; nothing was copied):
+
+- Eq. 2: the authors compute E_ds from the context encoder output H_ctx (contextual, hence "dynamic"),
+  not from the raw word embeddings E_c as the text reads; we follow the code. E_c in eq. 3 is the
+  (x sqrt(emb_dim)) word embedding of the context ids, E_e the same table at the 32 emotion-word ids.
+- Eq. 6: Enc_des is a second 1-layer pre-norm Transformer encoder of width d_s + d_e = 42 (2 heads,
+  bias-free input projection, timing signal, final LayerNorm), like Enc_ctx.
+- Eqs. 7-8: V_p and V_r "in R^{L x L x d_pr}" are, per ordered pair (i, j): the relation embedding of
+  dep[i, j] on both sides and each side's own POS embedding, i.e. the query of pair (i, j) is
+  H_des[i] ++ V_r[dep_ij] ++ V_p[pos_i], the key is H_des[j] ++ V_r[dep_ij] ++ V_p[pos_j], one head, no
+  projections (as in the code). Their dot product decomposes exactly into
+      H_des[i].H_des[j] + ||V_r[dep_ij]||^2 + V_p[pos_i].V_p[pos_j],
+  which we compute as two (L x L) matmuls plus a per-relation scalar lookup: the L x L x (d_s+d_e+2d_pr)
+  tensor is never built. Deviation: the score is divided by sqrt(width of V_qk) (`gcn_scaled`, set it
+  False for eq. 8 verbatim), because the unscaled sums (~40-100) saturate the softmax at init.
+- Adjacency a_ij = context_dep > 0, which includes the self loop every real token has in our batch
+  contract, so eq. 8 is well defined on every row. The authors also tie [CLS] to every token with a
+  dedicated relation; we do the same inside the model (`cls_edges`): position 0 <-> every real token, with
+  relation id num_dep (the relation table has num_dep + 1 rows). Padded rows get p = 0.
+- Eq. 9: the code aggregates W_v H_des (the paper writes V_des); we follow the code, with the bias b_v.
+- Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). P_e = P_ctx + P_cor is
+  the paper's prediction rule (the code sums logits instead); `emotion_logits` = log((P_ctx + P_cor) / 2),
+  so argmax is the paper's prediction and softmax(emotion_logits) is a proper distribution.
+- Eq. 20: the generation loss is averaged over non-PAD target tokens (the code's NLLLoss mean), no label
+  smoothing by default (the authors' ESCM uses none); targets are extended ids (copyable OOVs).
+
+Ablations (Table 3) as config booleans; a flag removes its parameters, not just zeroes them:
+  no_desv  - H_des := H_ctx; W_s, W_c, W_e, W_ce and Enc_des are not built (GCN and H_cor get width d).
+  no_dcgcn - no GCN (W_v, V_p, V_r not built); H_cor := H_des, so the DESV branch still reaches the
+             decoder memory and the second emotion head.
+  no_vr / no_vp - the relation / POS term of eq. 7 and its embedding table are dropped.
+  no_vdes  - the H_des term of eq. 7 is dropped. It owns no parameters (H_des still feeds W_v), so this
+             flag changes the output but not the parameter set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from trainers.models.common import (
+    NEG_INF,
+    NUM_EMOTIONS,
+    EmotionHead,
+    Encoder,
+    ModelConfig,
+    PointerGeneratorSeq2Seq,
+    require,
+)
+
+
+@dataclass
+class ESCMConfig(ModelConfig):
+    d_s: int = 10  # dynamic semantic vector size (eq. 2)
+    num_emotions: int = NUM_EMOTIONS  # d_e (eqs. 3-4)
+    d_pr: int = 50  # POS / dependency-relation embedding size (eq. 7)
+    num_pos: int = 20  # POS ids: 0 pad, 1 CLS, 2.. tags
+    num_dep: int = 48  # relation ids: 0 none, 1 self loop, 2.. labels
+    cls_edges: bool = True  # connect [CLS] to every token in the GCN (authors' code)
+    gcn_scaled: bool = True  # divide eq. 8 scores by sqrt(width of V_qk)
+    no_desv: bool = False
+    no_dcgcn: bool = False
+    no_vr: bool = False
+    no_vp: bool = False
+    no_vdes: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        for f in ("d_s", "num_emotions", "d_pr", "num_pos", "num_dep"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.num_pos < 2 or self.num_dep < 2:
+            raise ValueError(f"num_pos and num_dep must be >= 2 (pad + CLS/self loop), got "
+                             f"num_pos={self.num_pos}, num_dep={self.num_dep}")
+        if self.no_desv and self.no_dcgcn:
+            raise ValueError("no_desv and no_dcgcn together leave no correlation branch (use 'transformer')")
+        inner = [f for f in ("no_vr", "no_vp", "no_vdes") if getattr(self, f)]
+        if self.no_dcgcn and inner:
+            raise ValueError(f"{inner} ablate parts of the GCN, which no_dcgcn already removes")
+        if not self.no_desv and (self.num_emotions + self.d_s) % self.num_heads:
+            raise ValueError(f"d_s + num_emotions ({self.d_s + self.num_emotions}) must be divisible by "
+                             f"num_heads ({self.num_heads}) for Enc_des")
+
+
+class CorrelationGCN(nn.Module):
+    """Dynamic correlation GCN, eqs. 7-9 (see the module docstring for the V_qk decomposition)."""
+
+    def __init__(self, d_in: int, cfg: ESCMConfig):
+        super().__init__()
+        self.use_des, self.cls_edges, self.num_dep = not cfg.no_vdes, cfg.cls_edges, cfg.num_dep
+        self.pos_emb = None if cfg.no_vp else nn.Embedding(cfg.num_pos, cfg.d_pr, padding_idx=0)  # V_p
+        self.rel_emb = None if cfg.no_vr else nn.Embedding(cfg.num_dep + 1, cfg.d_pr, padding_idx=0)  # V_r
+        self.w_v = nn.Linear(d_in, d_in)
+        width = d_in * self.use_des + cfg.d_pr * ((not cfg.no_vp) + (not cfg.no_vr))
+        self.scale = width ** -0.5 if cfg.gcn_scaled and width else 1.0
+
+    def attention(self, H_des, pos, dep, mask):
+        """-> p (B, L, L), eq. 8; rows of padded positions are all zero."""
+        B, L, _ = H_des.shape
+        if self.cls_edges:
+            first = torch.arange(L, device=dep.device) == 0
+            cls_pair = (first[:, None] | first[None, :]) & mask[:, :, None] & mask[:, None, :] & (dep == 0)
+            dep = dep.masked_fill(cls_pair, self.num_dep)
+        scores = H_des.new_zeros(B, L, L)
+        if self.use_des:
+            scores = scores + H_des @ H_des.transpose(1, 2)  # H_des[i] . H_des[j]
+        if self.pos_emb is not None:
+            P = self.pos_emb(pos)  # (B, L, d_pr)
+            scores = scores + P @ P.transpose(1, 2)  # V_p[pos_i] . V_p[pos_j]
+        if self.rel_emb is not None:
+            scores = scores + self.rel_emb.weight.pow(2).sum(-1)[dep]  # ||V_r[dep_ij]||^2
+        adj = (dep > 0) & mask[:, :, None] & mask[:, None, :]  # a_ij
+        p = (scores * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)
+        return p * adj
+
+    def forward(self, H_des, pos, dep, mask):  # -> H_cor (B, L, d_in), p (B, L, L)
+        p = self.attention(H_des, pos, dep, mask)
+        return F.relu(p @ self.w_v(H_des)), p  # eq. 9
+
+
+class ESCM(PointerGeneratorSeq2Seq):
+    def __init__(self, cfg: ESCMConfig, vocab_size: int, emotion_word_ids: list[int]):
+        ids = [int(i) for i in emotion_word_ids]
+        if len(ids) != cfg.num_emotions:
+            raise ValueError(f"emotion_word_ids has {len(ids)} ids, expected num_emotions={cfg.num_emotions}")
+        if not all(0 <= i < vocab_size for i in ids):
+            raise ValueError(f"emotion_word_ids must lie in [0, vocab_size={vocab_size}), got {ids}")
+        d, d_des = cfg.d_model, cfg.d_s + cfg.num_emotions
+        d_cor = d if cfg.no_desv else d_des
+        super().__init__(cfg, vocab_size, d_mem=d + d_cor)  # H = H_ctx ++ H_cor, eq. 18
+        self.register_buffer("emotion_word_ids", torch.tensor(ids, dtype=torch.long))
+        self.enc_ctx = Encoder(cfg.emb_dim, d, cfg)  # eq. 1
+        if not cfg.no_desv:
+            self.w_s = nn.Linear(d, cfg.d_s)  # eq. 2
+            self.w_c = nn.Linear(cfg.emb_dim, cfg.emb_dim)  # eq. 3
+            self.w_e = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+            self.w_ce = nn.Linear(cfg.num_emotions, cfg.num_emotions)  # eq. 4
+            self.enc_des = Encoder(d_des, d_des, cfg)  # eq. 6
+        if not cfg.no_dcgcn:
+            self.gcn = CorrelationGCN(d_cor, cfg)  # eqs. 7-9
+        self.head_ctx = EmotionHead(d, cfg.num_emotions)  # eqs. 10-14
+        self.head_cor = EmotionHead(d_cor, cfg.num_emotions)
+
+    def dynamic_vectors(self, ids, H_ctx, mask):
+        """V_des = E_de ++ E_ds and H_des = Enc_des(V_des), eqs. 2-6."""
+        E_c = self.embed(ids)  # (B, L, emb)
+        E_e = self.embed(self.emotion_word_ids)  # (E, emb)
+        E_dot = self.w_c(E_c) @ self.w_e(E_e).T  # (B, L, E), eq. 3
+        V_des = torch.cat([self.w_ce(E_dot), self.w_s(H_ctx)], dim=-1)  # (B, L, E + d_s), eqs. 4, 2, 5
+        return self.enc_des(V_des, mask)
+
+    def _encode(self, batch) -> dict:
+        require(batch, "context_pos", "context_dep")
+        mask = batch["context_mask"]
+        H_ctx = self.enc_ctx(self.embed_context(batch), mask)  # (B, L, d)
+        H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(batch["context_ids"], H_ctx, mask)
+        out = {}
+        if self.cfg.no_dcgcn:
+            H_cor = H_des
+        else:
+            H_cor, out["_gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
+        logits_ctx, logits_cor = self.head_ctx(H_ctx, mask), self.head_cor(H_cor, mask)
+        log_P = torch.stack([logits_ctx.log_softmax(-1), logits_cor.log_softmax(-1)])
+        out["emotion_logits"] = torch.logsumexp(log_P, 0) - math.log(2.0)  # log((P_ctx + P_cor) / 2), eq. 15
+        out["memory"] = torch.cat([H_ctx, H_cor], dim=-1)  # (B, L, d + d_cor), eq. 18
+        out["memory_mask"] = mask
+        if "emotion" in batch:
+            out["_emo_loss_ctx"] = F.cross_entropy(logits_ctx, batch["emotion"])  # eq. 16
+            out["_emo_loss_cor"] = F.cross_entropy(logits_cor, batch["emotion"])  # eq. 17
+            out["_emo_loss"] = out["_emo_loss_ctx"] + out["_emo_loss_cor"]
+        return out
+
+    @torch.no_grad()
+    def evidence(self, batch, k: int = 5) -> dict:
+        """Top-k correlated word pairs per example from the GCN attention p_ij (eq. 8).
+
+        Self loops and [CLS] pairs are left out. Returns {"pairs": (B, k, 2) long positions (i, j) into the
+        context, -1 where an example has fewer than k edges; "scores": (B, k) p_ij (0 there);
+        "emotion_logits": (B, E)}."""
+        if self.cfg.no_dcgcn:
+            raise ValueError("evidence needs the GCN, which no_dcgcn removes")
+        enc = self._encode({k_: v for k_, v in batch.items() if k_ != "emotion"})
+        p = enc["_gcn_p"]  # (B, L, L)
+        B, L, _ = p.shape
+        idx = torch.arange(L, device=p.device)
+        keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)
+        keep = keep & (batch["context_dep"] > 0)
+        flat = p.masked_fill(~keep, -1.0).flatten(1)  # (B, L*L)
+        scores, top = flat.topk(min(k, L * L), dim=-1)
+        pairs = torch.stack([top // L, top % L], dim=-1)
+        valid = scores >= 0
+        pairs = pairs.masked_fill(~valid[..., None], -1)
+        scores = scores.clamp_min(0.0)
+        if scores.size(1) < k:
+            pad = k - scores.size(1)
+            pairs = F.pad(pairs, (0, 0, 0, pad), value=-1)
+            scores = F.pad(scores, (0, pad))
+        return {"pairs": pairs, "scores": scores, "emotion_logits": enc["emotion_logits"]}
