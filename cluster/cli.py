@@ -30,7 +30,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotte
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -158,6 +158,56 @@ def data_validate(
                 console.print(f"  [red]{line}[/]")
     if any(s["invalid"] for s in summary.values()):
         raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    model: Annotated[str | None, typer.Option("--model", help="transformer | escm | iamm")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="dataset source (default: the sample)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N]")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
+    local: Annotated[bool, typer.Option("--local", help="single process, plain PyTorch (no Ray)")] = False,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore checkpoints already in --out")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Train one model. `--local` runs the plain-PyTorch trainer in this process."""
+    from trainers import train as local_train
+
+    if not local:
+        _fail("distributed training needs a Ray cluster; use --local for the single-process trainer")
+    argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
+            *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
+            *(["--device", device] if device else []), *(["--max-steps", str(max_steps)] if max_steps else []),
+            *(["--no-resume"] if no_resume else []), *[a for o in overrides or [] for a in ("--set", o)]]
+    raise typer.Exit(local_train.main(argv))
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="trainer checkpoint (.pt)")],
+    data: Annotated[str, typer.Option("--data", help="dir, .jsonl, official CSV dir/.tar.gz, s3://")],
+    split: Annotated[str, typer.Option("--split", help="split name in the source")] = "valid",
+    out: Annotated[Path, typer.Option("--out", help="where metrics.json and predictions.jsonl go")] = Path("eval"),
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    strategy: Annotated[str | None, typer.Option("--strategy", help="greedy | beam | sample")] = None,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+) -> None:
+    """Evaluate a checkpoint on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU + predictions."""
+    from trainers.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(checkpoint, data, split, out, device=device,
+                                     decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid)
+    except (ConfigError, DataError, ValueError) as e:
+        _fail(str(e))
+    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped)")
+    for k in result["metrics"]:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
+    console.print(table)
+    console.print(f"wrote {out}/metrics.json and {out}/predictions.jsonl")
 
 
 @app.command()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import random
 import time
@@ -85,6 +84,11 @@ class TrainConfig(StrictModel):
 
     def decode_config(self) -> DecodeConfig:
         return DecodeConfig(**self.decode)
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -157,6 +161,75 @@ class TensorSplit:
 # Trainer
 
 
+class Evaluator:
+    """Teacher-forced metrics and decoding over a `TensorSplit` (used by the trainer and `edp evaluate`)."""
+
+    def __init__(self, model: torch.nn.Module, vocab, cfg: TrainConfig, device: torch.device):
+        self.model, self.vocab, self.cfg, self.device = model, vocab, cfg, device
+
+    def _autocast(self):
+        return autocast(self.cfg, self.device)
+
+    @torch.inference_mode()
+    def evaluate(self, data: TensorSplit, generate: int = 0) -> dict:
+        """Teacher-forced loss/PPL and emotion accuracy on all of `data`, plus
+        Dist-1/2 and BLEU over the greedy/beam/sampled responses of its first `generate` examples (0 = all)."""
+        model = self.model
+        model.eval()
+        acc = MetricAccumulator()
+        for k, rows, max_oov in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
+            batch = data.batch(k, rows, max_oov)
+            with self._autocast():
+                out = model(batch)
+            logits = out["emotion_logits"]
+            acc.add(nll_sum=out["nll_sum"].float(), num_tokens=out["num_tokens"],
+                    emotion_pred=None if logits is None else logits.argmax(-1),
+                    emotion_gold=None if logits is None else batch["emotion"])
+        metrics = acc.compute()
+        n = len(data) if generate == 0 else min(generate, len(data))
+        if n:
+            generated = self.generate(range(n), data)
+            gen_acc = MetricAccumulator()
+            gen_acc.add(hypotheses=[g["generated_tokens"] for g in generated],
+                        references=[g["reference_tokens"] for g in generated])
+            metrics.update({k: v for k, v in gen_acc.compute().items() if k.startswith(("dist", "bleu"))})
+        return metrics
+
+    @torch.inference_mode()
+    def generate(self, indices, data: TensorSplit) -> list[dict]:
+        """Decode examples `indices`; returns per example the text fields and predicted emotion."""
+        model, dcfg = self.model, self.cfg.decode_config()
+        model.eval()
+        indices = np.asarray(list(indices))
+        results: dict[int, dict] = {}
+        for k in np.unique(data.where[indices, 0]):
+            members = indices[data.where[indices, 0] == k]
+            for s in range(0, len(members), self.cfg.eval_batch_size):
+                chunk = members[s:s + self.cfg.eval_batch_size]
+                rows = data.where[chunk, 1]
+                batch = data.batch(int(k), rows, int(data.buckets[k].n_oov[rows].max()))
+                with self._autocast():
+                    ids = decode(model, batch, dcfg)
+                    logits = model.encode(batch).get("emotion_logits")
+                oovs = [data.encoded[i].oov for i in chunk]
+                tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
+                probs = None if logits is None else torch.softmax(logits.float(), -1)
+                for j, i in enumerate(chunk):
+                    results[int(i)] = self._record(data, int(i), tokens[j], probs[j] if probs is not None else None)
+        return [results[int(i)] for i in indices]
+
+    def _record(self, data: TensorSplit, i: int, tokens: list[str], probs: torch.Tensor | None) -> dict:
+        ex, split = data.split.examples[i], data.split
+        pred = None if probs is None else int(probs.argmax())
+        return {
+            "conv_id": ex.conv_id, "turn": ex.turn, "context": list(ex.context), "situation": ex.situation,
+            "reference": ex.target, "generated": " ".join(tokens), "generated_tokens": tokens,
+            "reference_tokens": list(split.tokens[split.target[i]]), "gold_emotion": ex.emotion,
+            "predicted_emotion": None if pred is None else EMOTIONS[pred],
+            "predicted_prob": None if probs is None else float(probs[pred]),
+        }
+
+
 class Trainer:
     """Train one model on one device; evaluate, checkpoint, early-stop, resume."""
 
@@ -192,6 +265,7 @@ class Trainer:
         t0 = time.perf_counter()
         self.train_data = TensorSplit(prepared.split("train"), len(vocab), cfg, self.device, iamm)
         self.valid_data = TensorSplit(prepared.split("valid"), len(vocab), cfg, self.device, iamm)
+        self.evaluator = Evaluator(self.raw_model, vocab, cfg, self.device)
         self.log(f"encoded {len(self.train_data)} train / {len(self.valid_data)} valid examples into "
                  f"{len(self.train_data.buckets)} buckets in {time.perf_counter() - t0:.1f} s")
         self.step, self.epoch, self.position = 0, 0, 0
@@ -249,13 +323,9 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
 
-    def _autocast(self):
-        enabled = self.cfg.bf16 and self.device.type == "cuda"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
-
     def train_step(self, batch: dict) -> dict:
         self.model.train()
-        with self._autocast():
+        with autocast(self.cfg, self.device):
             out = self.model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -322,65 +392,11 @@ class Trainer:
             self.on_eval(metrics, path)
         return self.bad_evals >= self.cfg.patience
 
-    @torch.inference_mode()
     def evaluate(self, generate: int = 0, data: TensorSplit | None = None) -> dict:
-        """Teacher-forced loss/PPL and emotion accuracy on all of `data` (valid by default), plus
-        Dist-1/2 and BLEU over the greedy/beam/sampled responses of its first `generate` examples (0 = all)."""
-        data = data or self.valid_data
-        model = self.raw_model
-        model.eval()
-        acc = MetricAccumulator()
-        for k, rows, max_oov in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
-            batch = data.batch(k, rows, max_oov)
-            with self._autocast():
-                out = model(batch)
-            acc.add(nll_sum=out["nll_sum"].float(), num_tokens=out["num_tokens"],
-                    emotion_pred=None if out["emotion_logits"] is None else out["emotion_logits"].argmax(-1),
-                    emotion_gold=batch["emotion"])
-        metrics = acc.compute()
-        n = len(data) if generate == 0 else min(generate, len(data))
-        if n:
-            generated = self.generate(range(n), data)
-            gen_acc = MetricAccumulator()
-            gen_acc.add(hypotheses=[g["generated_tokens"] for g in generated],
-                        references=[g["reference_tokens"] for g in generated])
-            metrics.update({k: v for k, v in gen_acc.compute().items() if k.startswith(("dist", "bleu"))})
-        return metrics
+        return self.evaluator.evaluate(data or self.valid_data, generate)
 
-    @torch.inference_mode()
     def generate(self, indices, data: TensorSplit | None = None) -> list[dict]:
-        """Decode examples `indices`; returns per example the text fields and predicted emotion."""
-        data = data or self.valid_data
-        model, dcfg = self.raw_model, self.cfg.decode_config()
-        model.eval()
-        indices = np.asarray(list(indices))
-        results: dict[int, dict] = {}
-        for k in np.unique(data.where[indices, 0]):
-            members = indices[data.where[indices, 0] == k]
-            for s in range(0, len(members), self.cfg.eval_batch_size):
-                chunk = members[s:s + self.cfg.eval_batch_size]
-                rows = data.where[chunk, 1]
-                batch = data.batch(int(k), rows, int(data.buckets[k].n_oov[rows].max()))
-                with self._autocast():
-                    ids = decode(model, batch, dcfg)
-                    logits = model.encode(batch).get("emotion_logits")
-                oovs = [data.encoded[i].oov for i in chunk]
-                tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
-                probs = None if logits is None else torch.softmax(logits.float(), -1)
-                for j, i in enumerate(chunk):
-                    results[int(i)] = self._record(data, int(i), tokens[j], probs[j] if probs is not None else None)
-        return [results[int(i)] for i in indices]
-
-    def _record(self, data: TensorSplit, i: int, tokens: list[str], probs: torch.Tensor | None) -> dict:
-        ex, split = data.split.examples[i], data.split
-        pred = None if probs is None else int(probs.argmax())
-        return {
-            "conv_id": ex.conv_id, "turn": ex.turn, "context": list(ex.context), "situation": ex.situation,
-            "reference": ex.target, "generated": " ".join(tokens), "generated_tokens": tokens,
-            "reference_tokens": list(split.tokens[split.target[i]]), "gold_emotion": ex.emotion,
-            "predicted_emotion": None if pred is None else EMOTIONS[pred],
-            "predicted_prob": None if probs is None else float(probs[pred]),
-        }
+        return self.evaluator.generate(indices, data or self.valid_data)
 
     def finish(self) -> dict:
         """Final evaluation with the best weights, metrics.json and samples.jsonl (rank 0)."""
@@ -424,6 +440,3 @@ def _set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def perplexity_from(metrics: dict) -> float:
-    return metrics.get("ppl", math.nan)

@@ -167,19 +167,12 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
     progress("load", 1, 1)
     load_s = time.perf_counter() - t0
 
-    # Annotate every distinct text once: utterances get a full parse, situations only tokens.
     examples = {s: examples_from(r.conversations) for s, r in reports.items()}
-    utterances = sorted({u for r in reports.values() for c in r.conversations for u in c.utterances})
-    situations = sorted({c.situation for r in reports.values() for c in r.conversations} - set(utterances))
     nlp = ann.load_pipeline(cfg.spacy_model)
     t1 = time.perf_counter()
-    parsed = _annotate_with_progress(utterances, nlp, cfg, progress)
+    table = annotation_table([c for r in reports.values() for c in r.conversations], nlp, cfg, progress)
     parse_s = time.perf_counter() - t1
-    sit_tokens = ann.tokenize(situations, nlp)
-    table: dict[str, ann.Annotation] = dict(zip(utterances, parsed))
-    for text, toks in zip(situations, sit_tokens):
-        table[text] = ann.Annotation(toks, ("X",) * len(toks), tuple(range(len(toks))), ("dep",) * len(toks),
-                                     (0,))
+    utterances = [t for t, a in table.items() if a.deps and a.deps[0] != SITUATION_ONLY]
 
     train = reports["train"].conversations
     train_texts = {u for c in train for u in c.utterances} | {c.situation for c in train}
@@ -243,6 +236,29 @@ def _localize(cfg: DataConfig) -> Path:
     from trainers.data.remote import fetch_s3_prefix
 
     return fetch_s3_prefix(source, Path(cfg.cache_dir).expanduser() / "s3", endpoint_url=cfg.s3_endpoint_url)
+
+
+SITUATION_ONLY = "<situation>"  # deps marker of texts that were tokenised, not parsed
+
+
+def annotation_table(conversations, nlp, cfg: DataConfig, progress: Progress | None = None) -> dict:
+    """Annotate every distinct text once: utterances get a full parse, situations only tokens."""
+    progress = progress or (lambda phase, done, total: None)
+    utterances = sorted({u for c in conversations for u in c.utterances})
+    situations = sorted({c.situation for c in conversations} - set(utterances))
+    table: dict[str, ann.Annotation] = dict(zip(utterances, _annotate_with_progress(utterances, nlp, cfg, progress)))
+    for text, toks in zip(situations, ann.tokenize(situations, nlp)):
+        n = len(toks)
+        table[text] = ann.Annotation(toks, ("X",) * n, tuple(range(n)), (SITUATION_ONLY,) * n, (0,))
+    return table
+
+
+def split_with_vocab(name: str, report, vocab: Vocab, cfg: DataConfig, nlp=None) -> PreparedSplit:
+    """Annotate and encode one loaded split with an existing vocabulary (evaluation, serving); not cached."""
+    nlp = nlp or ann.load_pipeline(cfg.spacy_model)
+    table = annotation_table(report.conversations, nlp, cfg)
+    knowledge = build_knowledge(cfg.knowledge, **({"path": cfg.knowledge_path} if cfg.knowledge_path else {}))
+    return _build_split(name, report, examples_from(report.conversations), table, vocab, knowledge, nlp)
 
 
 def _annotate_with_progress(texts: list[str], nlp, cfg: DataConfig, progress: Progress) -> list[ann.Annotation]:

@@ -11,14 +11,19 @@ By default any invalid record fails the load; `skip_invalid=True` keeps going an
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from trainers.data.records import (
-    Conversation, DataError, InvalidRecord, LoadReport, LISTENER, SPEAKER, validate_conversation,
+    LISTENER,
+    SPEAKER,
+    Conversation,
+    DataError,
+    InvalidRecord,
+    LoadReport,
+    validate_conversation,
 )
 
 SPLITS = ("train", "valid", "test")
@@ -236,6 +241,6 @@ def _guess_conv_id(raw: bytes) -> str:
 
 
 def write_jsonl(conversations: Iterable[Conversation], path: Path) -> None:
-    with io.open(path, "w", encoding="utf-8") as f:
+    with open(path, "w", encoding="utf-8") as f:
         for c in conversations:
             f.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")

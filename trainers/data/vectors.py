@@ -94,9 +94,10 @@ def _glove_vectors(words: list[str], path_str: str, dim: int) -> tuple[dict[int,
             if lineno == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
                 continue  # word2vec-style "count dim" header
             if len(parts) != dim + 1:
-                hint = f" (pass dim={len(parts) - 1} if the whole file is {len(parts) - 1}-d)" if lineno == 1 else ""
+                n = len(parts) - 1
+                hint = f" (pass dim={n} if the whole file is {n}-d)" if lineno == 1 else ""
                 raise DataError(f"{path}:{lineno}: expected a word and {dim} numbers, "
-                                f"found {len(parts) - 1} fields after the word{hint}")
+                                f"found {n} fields after the word{hint}")
             word = parts[0]
             rows = [i for i in exact.get(word, ()) if i not in is_exact]
             rows += [i for i in fallback.get(word, ()) if i not in found]

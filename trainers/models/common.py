@@ -64,13 +64,15 @@ class ModelConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
         if self.attn_depth % self.num_heads:
-            raise ValueError(f"attn_depth ({self.attn_depth}) must be divisible by num_heads ({self.num_heads})")
+            raise ValueError(f"attn_depth ({self.attn_depth}) must be divisible by "
+                             f"num_heads ({self.num_heads})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
         if self.tie_embeddings and self.emb_dim != self.d_model:
-            raise ValueError(f"tie_embeddings needs emb_dim == d_model, got {self.emb_dim} and {self.d_model}")
+            raise ValueError(f"tie_embeddings needs emb_dim == d_model, "
+                             f"got {self.emb_dim} and {self.d_model}")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -125,7 +127,7 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 s = s.masked_fill(~mask, NEG_INF)
             logits = s.mean(1)  # (B, T, L)
-            y = F.dropout(s.softmax(-1), p, self.training) @ v
+            y = F.dropout(s.float().softmax(-1).to(v.dtype), p, self.training) @ v
         y = y.transpose(1, 2).reshape(x.size(0), x.size(1), -1)  # (B, T, depth)
         return self.o(y), logits
 
@@ -165,7 +167,7 @@ class EncoderBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Input projection (bias-free) + timing signal + pre-norm blocks + final LayerNorm: Enc(.) of eqs. 1, 6."""
+    """Bias-free input projection + timing signal + pre-norm blocks + final LayerNorm (Enc of eqs. 1, 6)."""
 
     def __init__(self, d_in: int, d: int, cfg: ModelConfig):
         super().__init__()
@@ -241,7 +243,7 @@ class EmotionHead(nn.Module):
 
     def forward(self, H, mask):  # H (B, L, d), mask (B, L) -> (B, E)
         scores = self.w_s1(torch.tanh(self.w_a1(H))).squeeze(-1)  # eqs. 10-11, (B, L)
-        P_s = scores.masked_fill(~mask, NEG_INF).softmax(-1)
+        P_s = scores.float().masked_fill(~mask, NEG_INF).softmax(-1).to(H.dtype)
         H2 = torch.einsum("bl,bld->bd", P_s, H)  # eq. 12, (B, d)
         return self.w_s2(torch.tanh(self.w_a2(H2)))  # eqs. 13-14 (logits)
 
@@ -289,7 +291,7 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
 
 
 def noam_rate(step: int, d_model: int, warmup: int = 8000, factor: float = 1.0) -> float:
-    """Noam learning rate at optimizer update `step` (>= 1): factor * d^-0.5 * min(step^-0.5, step * w^-1.5)."""
+    """Noam rate at optimizer update `step` >= 1: factor * d^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
     if step < 1:
         raise ValueError(f"noam step must be >= 1, got {step}")
     return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
@@ -365,7 +367,8 @@ class PointerGeneratorSeq2Seq(nn.Module):
 
     def decode_step(self, state, ys):
         s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
-        return self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])[:, 0]
+        log_probs = self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])
+        return log_probs[:, 0]
 
     def forward(self, batch) -> dict:
         require(batch, "target_ids", "target_ext_ids")

@@ -130,8 +130,8 @@ class CorrelationGCN(nn.Module):
         if self.rel_emb is not None:
             scores = scores + self.rel_emb.weight.pow(2).sum(-1)[dep]  # ||V_r[dep_ij]||^2
         adj = (dep > 0) & mask[:, :, None] & mask[:, None, :]  # a_ij
-        p = (scores * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)
-        return p * adj
+        p = (scores.float() * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)  # fp32: no NaN rows
+        return (p * adj).to(H_des.dtype)
 
     def forward(self, H_des, pos, dep, mask):  # -> H_cor (B, L, d_in), p (B, L, L)
         p = self.attention(H_des, pos, dep, mask)

@@ -1,0 +1,62 @@
+"""The `edp` CLI and `python -m trainers.train`: summaries, clear errors, evaluate on any source."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from trainers import train as train_entry
+
+runner = CliRunner()
+
+
+def test_data_prepare_prints_summary(tmp_path):
+    result = runner.invoke(app, ["data", "prepare", "--data", "sample", "--out", str(tmp_path),
+                                 "--set", "vectors=none"])
+    assert result.exit_code == 0, result.output
+    assert "conversations" in result.output and "vocabulary" in result.output
+    again = runner.invoke(app, ["data", "prepare", "--data", "sample", "--out", str(tmp_path),
+                                "--set", "vectors=none"])
+    assert "cache hit" in again.output
+
+
+def test_bad_setting_exits_2_naming_the_field(tmp_path):
+    result = runner.invoke(app, ["data", "prepare", "--out", str(tmp_path), "--set", "min_freq=-1"])
+    assert result.exit_code == 2 and "min_freq" in result.output
+
+
+def test_validate_lists_invalid_records(tmp_path):
+    (tmp_path / "ed_train.jsonl").write_text(json.dumps(
+        {"conv_id": "x:1", "emotion": "bored", "situation": "s", "utterances": ["a", "b"],
+         "speakers": ["speaker", "listener"]}) + "\n")
+    result = runner.invoke(app, ["data", "validate", str(tmp_path)])
+    assert result.exit_code == 1 and "x:1" in result.output and "bad emotion label 'bored'" in result.output
+
+
+def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample_dir):
+    run = tmp_path / "run"
+    code = train_entry.main(["--model", "transformer", "--data", "sample", "--out", str(run), "--device", "cpu",
+                             "--max-steps", "4", "--eval-every", "4", "--set", "model_overrides.flavour=tiny",
+                             "--set", f"data.cache_dir={prepared_sample.path.parent}", "--set", "eval_generate=2",
+                             "--set", "num_samples=2"])
+    assert code == 0 and (run / "metrics.json").exists()
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(run / "checkpoints" / "best.pt"),
+                                 "--data", str(sample_dir / "ed_valid.jsonl"), "--split", "valid",
+                                 "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    trained = json.loads((run / "metrics.json").read_text())["final"]
+    # the same preprocessing and weights: identical teacher-forced perplexity to the trainer's own evaluation
+    assert abs(metrics["metrics"]["ppl"] - trained["valid_ppl"]) < 1e-3 * trained["valid_ppl"]
+    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == metrics["examples"] == 50
+    assert set(json.loads(lines[0])) == {"conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
+                                         "generated", "reference"}
+
+
+def test_train_bad_config_and_missing_checkpoint(tmp_path):
+    assert train_entry.main(["--out", str(tmp_path), "--set", "batch_size=0"]) == 2
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "sample"])
+    assert result.exit_code == 2 and "does not exist" in result.output

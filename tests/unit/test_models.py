@@ -1,0 +1,323 @@
+"""Unit tests for trainers.models: interface, masks, ablations, overfitting, copying, schedule, loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.unit.model_batches import EMOTION_WORD_IDS, UNK, collate, make_batch, make_example
+from trainers.models import MODELS, build_model, config_for, noam_lambda, noam_rate
+from trainers.models.common import label_smoothed_nll
+
+V = 60
+VARIANTS = [("transformer", {}), ("escm", {}), ("escm", {"no_desv": True}), ("escm", {"no_dcgcn": True}),
+            ("escm", {"no_vr": True}), ("escm", {"no_vp": True}), ("escm", {"no_vdes": True})]
+IDS = [f"{n}-{next(iter(o), 'full')}" for n, o in VARIANTS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded torch: the shared 2-core CI box thrashes with intra-op threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name="escm", seed=0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(name, V, EMOTION_WORD_IDS, flavour="tiny", **overrides).eval()
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def test_special_ids_match_data_package():
+    from trainers.data import vocab
+    from trainers.data.emotions import NUM_EMOTIONS
+    from trainers.models import common
+    assert (common.PAD, common.UNK, common.SOS, common.EOS, common.CLS) == (
+        vocab.PAD, vocab.UNK, vocab.SOS, vocab.EOS, vocab.CLS)
+    assert common.NUM_EMOTIONS == NUM_EMOTIONS
+
+
+def test_paper_defaults_and_tiny_flavour():
+    cfg = config_for("escm")
+    got = (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_s, cfg.d_pr, cfg.num_emotions)
+    assert got == (300, 1, 2, 10, 50, 32)
+    assert config_for("escm", flavour="tiny", d_pr=4).d_pr == 4
+    assert config_for("transformer", flavour="tiny").d_model == 32
+    assert set(MODELS) >= {"transformer", "escm"}
+
+
+@pytest.mark.parametrize("name,overrides,needle", [
+    ("iamm2", {}, "iamm2"),
+    ("escm", {"bogus": 1}, "bogus"),
+    ("transformer", {"no_vr": True}, "no_vr"),
+    ("escm", {"flavour": "huge"}, "huge"),
+    ("escm", {"d_model": 0}, "d_model"),
+    ("escm", {"attn_depth": 41}, "attn_depth"),
+    ("escm", {"dropout": 1.5}, "dropout"),
+    ("escm", {"no_desv": True, "no_dcgcn": True}, "no_dcgcn"),
+    ("escm", {"no_dcgcn": True, "no_vr": True}, "no_vr"),
+])
+def test_bad_names_and_overrides_raise_value_error(name, overrides, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_model(name, V, EMOTION_WORD_IDS, **overrides)
+
+
+def test_emotion_word_ids_validated():
+    with pytest.raises(ValueError, match="emotion_word_ids"):
+        build_model("escm", V, EMOTION_WORD_IDS[:5], flavour="tiny")
+    with pytest.raises(ValueError, match="emotion_word_ids"):
+        build_model("escm", V, [V + 1] * 32, flavour="tiny")
+
+
+# ---------------------------------------------------------------------------------------------- interface
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=IDS)
+def test_forward_encode_decode_shapes(name, overrides):
+    m, b = tiny(name, **overrides), make_batch(4, V, seed=3)
+    B, T = b["target_ids"].shape
+    out = m(b)
+    assert out["loss"].shape == () and torch.isfinite(out["loss"])
+    assert torch.allclose(out["loss"], out["gen_loss"] + out["emo_loss"])
+    assert int(out["num_tokens"]) == int((b["target_ids"] != 0).sum())
+    if name == "transformer":
+        assert out["emotion_logits"] is None and float(out["emo_loss"]) == 0.0
+    else:
+        assert out["emotion_logits"].shape == (B, 32) and float(out["emo_loss"].detach()) > 0
+        # softmax(emotion_logits) is (P_ctx + P_cor) / 2: a distribution
+        assert torch.allclose(out["emotion_logits"].exp().sum(-1), torch.ones(B), atol=1e-5)
+    state = m.encode(b)
+    for k, v in state.items():
+        if torch.is_tensor(v):
+            assert v.size(0) == B, k
+    ys = torch.full((B, 1), 2, dtype=torch.long)
+    lp = m.decode_step(state, ys)
+    assert lp.shape == (B, V + b["max_oov"])
+    assert torch.allclose(lp.logsumexp(-1), torch.zeros(B), atol=1e-4)
+    # beam-style expansion: every tensor in the state can be repeat_interleaved on dim 0
+    beam = {k: v.repeat_interleave(3, 0) if torch.is_tensor(v) else v for k, v in state.items()}
+    lp3 = m.decode_step(beam, ys.repeat_interleave(3, 0))
+    assert torch.allclose(lp3[::3], lp, atol=1e-5)
+
+
+def test_decode_step_matches_teacher_forcing_and_nll_sum():
+    m, b = tiny("escm"), make_batch(3, V, seed=5)
+    out, state = m(b), m.encode(b)
+    tgt, tgt_ext = b["target_ids"], b["target_ext_ids"]
+    ys = torch.full((3, 1), 2, dtype=torch.long)
+    nll = torch.zeros(())
+    for t in range(tgt.size(1)):
+        lp = m.decode_step(state, ys)
+        keep = tgt_ext[:, t] != 0
+        nll = nll - (lp.gather(1, tgt_ext[:, t:t + 1]).squeeze(1) * keep).sum()
+        ys = torch.cat([ys, tgt_ext[:, t:t + 1]], dim=1)  # extended ids fed back (mapped to UNK inside)
+    assert torch.allclose(nll, out["nll_sum"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["transformer", "escm"])
+def test_padding_does_not_change_real_positions(name):
+    g = torch.Generator().manual_seed(11)
+    exs = [make_example(g, V) for _ in range(3)]
+    m = tiny(name)
+    b, b_pad = collate(exs), collate(exs, pad_ctx=5, pad_tgt=3)
+    out, out_pad = m(b), m(b_pad)
+    for k in ("loss", "nll_sum", "num_tokens"):
+        assert torch.allclose(out[k].float(), out_pad[k].float(), atol=1e-5), k
+    s, s_pad = m.encode(b), m.encode(b_pad)
+    L = b["context_ids"].size(1)
+    real = b["context_mask"][..., None]
+    assert torch.allclose(s["memory"] * real, s_pad["memory"][:, :L] * real, atol=1e-5)
+    # one example alone equals the same example inside a padded batch
+    alone = m.encode(collate(exs[:1]))
+    n = len(exs[0]["words"])
+    assert torch.allclose(alone["memory"][0, :n], s_pad["memory"][0, :n], atol=1e-5)
+    if name == "escm":
+        assert torch.allclose(out["emotion_logits"], out_pad["emotion_logits"], atol=1e-5)
+        assert torch.allclose(alone["emotion_logits"][0], s_pad["emotion_logits"][0], atol=1e-5)
+
+
+def test_mixed_precision_forward_backward_is_finite():
+    """bf16 autocast (as a GPU trainer would use): padded rows must not turn into NaN."""
+    m, b = tiny("escm").train(), make_batch(4, V, seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(b)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------- ablations
+
+
+REMOVED = {
+    "no_desv": ("w_s.", "w_c.", "w_e.", "w_ce.", "enc_des."),
+    "no_dcgcn": ("gcn.",),
+    "no_vr": ("gcn.rel_emb.",),
+    "no_vp": ("gcn.pos_emb.",),
+    "no_vdes": (),  # owns no parameters: documented in escm.py
+}
+
+
+@pytest.mark.parametrize("flag", sorted(REMOVED))
+def test_ablation_removes_parameters_and_changes_output(flag):
+    full, abl = tiny("escm"), tiny("escm", **{flag: True})
+    names_full = {n for n, _ in full.named_parameters()}
+    names_abl = {n for n, _ in abl.named_parameters()}
+    removed = names_full - names_abl
+    assert names_abl <= names_full
+    for prefix in REMOVED[flag]:
+        assert any(n.startswith(prefix) for n in removed), (flag, prefix)
+    assert all(n.startswith(REMOVED[flag]) for n in removed) if REMOVED[flag] else not removed
+    # same weights wherever shapes agree: the flag alone must change what the model computes
+    sd_abl = abl.state_dict()
+    abl.load_state_dict({k: v for k, v in full.state_dict().items()
+                         if k in sd_abl and sd_abl[k].shape == v.shape}, strict=False)
+    b = make_batch(4, V, seed=7)
+    assert not torch.allclose(full(b)["emotion_logits"], abl(b)["emotion_logits"], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("name,overrides", VARIANTS, ids=IDS)
+def test_overfits_32_examples(name, overrides):
+    torch.manual_seed(0)
+    m = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny", **overrides).train()
+    b = make_batch(32, V, seed=1)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(80):
+        loss = m(b)["loss"]
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        final = float(m(b)["loss"])
+    assert final < 0.25 * first, (first, final)
+
+
+@pytest.mark.parametrize("name", ["transformer", "escm"])
+def test_pointer_copies_all_mass_when_p_gen_is_zero(name):
+    m, b = tiny(name), make_batch(4, V, seed=2)
+    with torch.no_grad():
+        m.generator.p_gen.weight.zero_()
+        m.generator.p_gen.bias.fill_(-40.0)
+    with torch.no_grad():
+        P = m.decode_step(m.encode(b), torch.full((4, 1), 2, dtype=torch.long)).exp()  # (B, V + max_oov)
+    assert b["max_oov"] > 0
+    for i in range(4):
+        ctx = b["context_ext_ids"][i][b["context_mask"][i]].unique()
+        assert abs(float(P[i, ctx].sum()) - 1.0) < 1e-4
+        others = torch.ones(P.size(1), dtype=torch.bool)
+        others[ctx] = False
+        assert float(P[i, others].sum()) < 1e-6
+        oov = ctx[ctx >= V]
+        if len(oov):
+            assert float(P[i, oov].sum()) > 0  # extended ids reachable only by copying
+
+
+def test_pointer_learns_to_copy_an_oov_word():
+    """Target = the single OOV context word (ext id V): producible only by copying."""
+    g = torch.Generator().manual_seed(4)
+    exs = []
+    for _ in range(32):
+        e = make_example(g, V, oov_rate=0.0)
+        k = int(torch.randint(1, len(e["words"]), (1,), generator=g))
+        e["words"][k], e["ext"][k], e["oovs"] = UNK, V, 1
+        e["tgt"], e["tgt_ext"] = [UNK, 3], [V, 3]
+        exs.append(e)
+    b = collate(exs)
+    torch.manual_seed(0)
+    m = build_model("transformer", V, EMOTION_WORD_IDS, flavour="tiny", label_smoothing=0.0)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = m(b)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    lp = m.decode_step(m.encode(b), torch.full((32, 1), 2, dtype=torch.long))
+    assert (lp.argmax(-1) == V).float().mean() >= 0.9
+
+
+# ------------------------------------------------------------------------------------ schedule, loss
+
+
+def test_noam_schedule_values():
+    d, w = 300, 8000
+    assert noam_rate(1, d, w) == pytest.approx(d ** -0.5 * 1 * w ** -1.5)
+    assert noam_rate(100, d, w) == pytest.approx(d ** -0.5 * 100 * w ** -1.5)
+    assert noam_rate(8000, d, w) == pytest.approx(d ** -0.5 * 8000 ** -0.5)
+    assert noam_rate(32000, d, w, factor=2.0) == pytest.approx(2 * d ** -0.5 * 32000 ** -0.5)
+    assert noam_rate(8000, d, w) > noam_rate(7000, d, w) and noam_rate(8000, d, w) > noam_rate(9000, d, w)
+    with pytest.raises(ValueError):
+        noam_rate(0, d, w)
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: noam_lambda(s, d, w))
+    for k in range(1, 6):  # the k-th update runs at rate(k)
+        assert opt.param_groups[0]["lr"] == pytest.approx(noam_rate(k, d, w))
+        opt.step()
+        sched.step()
+
+
+def test_label_smoothed_nll_by_hand():
+    vocab, eps = 4, 0.1  # ids 0..3 (0 = PAD) + 1 extended slot (id 4)
+    P = torch.tensor([[0.1, 0.4, 0.2, 0.2, 0.1],
+                      [0.1, 0.2, 0.3, 0.1, 0.3],
+                      [0.2, 0.2, 0.2, 0.2, 0.2]])
+    target = torch.tensor([2, 4, 0])  # in-vocab, extended (copied), PAD (ignored)
+    loss, nll, n = label_smoothed_nll(P.log(), target, vocab, eps)
+    ln = math.log
+    tok1 = -0.9 * ln(0.2) - (0.1 / 2) * (ln(0.4) + ln(0.2))  # smoothing over {1, 3}
+    tok2 = -0.9 * ln(0.3) - (0.1 / 3) * (ln(0.2) + ln(0.3) + ln(0.1))  # smoothing over {1, 2, 3}
+    assert float(loss) == pytest.approx(tok1 + tok2, rel=1e-6)
+    assert float(nll) == pytest.approx(-ln(0.2) - ln(0.3), rel=1e-6)
+    assert int(n) == 2
+    loss0, nll0, _ = label_smoothed_nll(P.log(), target, vocab, 0.0)
+    assert float(loss0) == pytest.approx(float(nll0))
+
+
+# ---------------------------------------------------------------------------------------------- evidence
+
+
+@pytest.mark.parametrize("cls_edges", [True, False])
+def test_gcn_attends_only_to_dependency_neighbours(cls_edges):
+    m, b = tiny("escm", cls_edges=cls_edges), make_batch(4, V, seed=6)
+    with torch.no_grad():
+        p = m._encode(b)["_gcn_p"]  # (B, L, L), eq. 8
+    mask, L = b["context_mask"], b["context_ids"].size(1)
+    allowed = b["context_dep"] > 0
+    if cls_edges:
+        first = torch.arange(L) == 0
+        allowed = allowed | ((first[:, None] | first[None, :]) & mask[:, :, None] & mask[:, None, :])
+    assert float(p[~allowed].abs().max()) == 0.0
+    assert torch.allclose(p.sum(-1), mask.float(), atol=1e-5)  # real rows are distributions, pad rows 0
+    if not cls_edges:
+        assert torch.allclose(p[:, 0, 0], torch.ones(4))  # [CLS] only has its self loop
+    else:
+        assert bool((p[:, 0, 1:][mask[:, 1:]] > 0).all())
+
+
+def test_evidence_returns_dependency_pairs():
+    m, b = tiny("escm"), make_batch(4, V, seed=9)
+    ev = m.evidence(b, k=3)
+    assert ev["pairs"].shape == (4, 3, 2) and ev["scores"].shape == (4, 3)
+    assert ev["emotion_logits"].shape == (4, 32)
+    for i in range(4):
+        prev = 2.0
+        for (a, c), s in zip(ev["pairs"][i].tolist(), ev["scores"][i].tolist(), strict=True):
+            if a < 0:
+                continue
+            assert a != c and a > 0 and c > 0 and int(b["context_dep"][i, a, c]) > 0
+            assert 0.0 <= s <= prev
+            prev = s
+    with pytest.raises(ValueError, match="no_dcgcn"):
+        tiny("escm", no_dcgcn=True).evidence(b)
