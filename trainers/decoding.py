@@ -96,6 +96,16 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
 
 
+def _next_log_probs(model, state: State, ys: torch.Tensor) -> torch.Tensor:
+    """The model's next-token log-probs (B, V_ext), with the ids the model lists in `never_generate`
+    (structural tokens such as a copied [CLS]) banned."""
+    log_probs = model.decode_step(state, ys).float()
+    banned = list(getattr(model, "never_generate", ()))
+    if banned:
+        log_probs[:, banned] = -math.inf
+    return log_probs
+
+
 def _step_loop(model, batch: dict, max_len: int,
                pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """One token per step for every example: `pick` maps log-probs (B, V_ext) to ids (B,)."""
@@ -106,7 +116,7 @@ def _step_loop(model, batch: dict, max_len: int,
         ys = torch.full((B, 1), SOS, dtype=torch.long, device=device)       # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)          # (B,)
         for _ in range(max_len):
-            log_probs = model.decode_step(state, ys)                        # (B, V_ext)
+            log_probs = _next_log_probs(model, state, ys)                   # (B, V_ext)
             log_probs = log_probs.masked_fill(finished.unsqueeze(1), 0.0)   # any valid row; replaced below
             next_ids = pick(log_probs)                                      # (B,)
             next_ids = next_ids.masked_fill(finished, PAD)                  # finished rows stop changing
@@ -195,7 +205,7 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
         base = torch.arange(B, device=device).unsqueeze(1) * K              # (B, 1)
 
         for t in range(max_len):
-            log_probs = model.decode_step(state, ys).float()                # (B*K, V_ext)
+            log_probs = _next_log_probs(model, state, ys)                   # (B*K, V_ext)
             V_ext = log_probs.size(-1)
             pad_only = torch.full_like(log_probs, -math.inf)
             pad_only[:, PAD] = 0.0

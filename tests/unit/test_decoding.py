@@ -231,3 +231,12 @@ def test_ids_to_tokens():
     assert ids_to_tokens(ids, ITOS, oovs) == [["a", "zebra"], ["yak", "b"], ["[UNK]", "a"]]
     with pytest.raises(ValueError, match="oov_lists"):
         ids_to_tokens(ids, ITOS, oovs[:2])
+
+
+def test_structural_tokens_listed_by_the_model_are_never_generated():
+    """A model that would emit `a` (think: a copied [CLS]) never does once it lists it in never_generate."""
+    model = TableModel(table({r: {A: 0.8, EOS: 0.15} for r in range(V)}).unsqueeze(0))
+    assert greedy(model, batch_of([0]), max_len=5)[0, 0].item() == A
+    model.never_generate = (A,)
+    assert greedy(model, batch_of([0]), max_len=5)[0].tolist() == [EOS]
+    assert beam_search(model, batch_of([0]), beam_size=2, max_len=5)[0].tolist() == [EOS]

@@ -38,8 +38,8 @@ def test_special_ids_match_data_package():
     from trainers.data import vocab
     from trainers.data.emotions import NUM_EMOTIONS
     from trainers.models import common
-    assert (common.PAD, common.UNK, common.SOS, common.EOS, common.CLS) == (
-        vocab.PAD, vocab.UNK, vocab.SOS, vocab.EOS, vocab.CLS)
+    names = ("PAD", "UNK", "SOS", "EOS", "CLS", "SPK", "LSN", "SIT")
+    assert [getattr(common, n) for n in names] == [getattr(vocab, n) for n in names]
     assert common.NUM_EMOTIONS == NUM_EMOTIONS
 
 

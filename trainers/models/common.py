@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PAD, UNK, SOS, EOS, CLS = 0, 1, 2, 3, 4  # == trainers.data.vocab
+PAD, UNK, SOS, EOS, CLS, SPK, LSN, SIT = range(8)  # == trainers.data.vocab
 NUM_EMOTIONS = 32  # == trainers.data.emotions.NUM_EMOTIONS
 NEG_INF = -1e9  # finite "minus infinity" for masked scores (no NaN on fully masked rows)
 
@@ -325,6 +325,8 @@ class PointerGeneratorSeq2Seq(nn.Module):
       encode(batch) -> state dict (tensors batch-first; "max_oov" an int)
       decode_step(state, ys) -> log-probs (B, V + max_oov) of the next token after ys (B, t).
     """
+
+    never_generate = (PAD, SOS, CLS, SPK, LSN, SIT)  # structural tokens decoding must not emit
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, d_mem: int):
         super().__init__()

@@ -1,0 +1,124 @@
+"""`Responder`: a trained checkpoint answering dialogue contexts, batched (MLflow pyfunc and Ray Serve use it).
+
+Preprocessing is the training pipeline's: the same spaCy pipeline (from the checkpoint's data
+config), the same vocabulary (stored in the checkpoint), the same encoding (`encode_escm`) and
+padding. A request without a situation uses its first turn as the situation (IAMM's eq. 3 input).
+
+    responder = Responder.from_checkpoint("runs/escm/checkpoints/best.pt")
+    responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
+    -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...],
+         "evidence": [...], "tokens_generated": 9}]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainers.data import annotate as ann
+from trainers.data.collate import encode_escm, pad_escm, pad_iamm
+from trainers.data.emotions import EMOTIONS
+from trainers.data.knowledge import build_knowledge
+from trainers.data.prepare import PreparedSplit, _build_split
+from trainers.data.records import Example, LoadReport
+from trainers.decoding import decode, ids_to_tokens
+from trainers.loop import TrainConfig, autocast, resolve_device
+
+
+@dataclass
+class Request:
+    context: list[str]
+    situation: str | None = None
+
+
+class Responder:
+    """Load once, warm up, then `respond` to batches of requests (pure; no I/O per call)."""
+
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, vocab, device: str = "cpu", top_k: int = 3):
+        self.cfg, self.model, self.vocab, self.top_k = cfg, model.eval(), vocab, top_k
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.nlp = ann.load_pipeline(cfg.data.spacy_model)
+        kwargs = {"path": cfg.data.knowledge_path} if cfg.data.knowledge_path else {}
+        if cfg.data.knowledge == "precomputed":
+            kwargs["on_missing"] = "empty"  # unseen request text: nothing to associate, counted by the source
+        self.knowledge = build_knowledge(cfg.data.knowledge, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path, device: str = "cpu") -> Responder:
+        from trainers.evaluate import load_checkpoint
+
+        cfg, model, vocab = load_checkpoint(path, device)
+        return cls(cfg, model, vocab, device)
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.model
+
+    def _split(self, requests: list[Request]) -> PreparedSplit:
+        examples = [
+            Example(f"request:{i}", len(r.context), tuple(r.context), "", EMOTIONS[0], r.situation or r.context[0])
+            for i, r in enumerate(requests)
+        ]
+        texts = sorted({t for e in examples for t in (*e.context, e.situation) if t})
+        table = dict(zip(texts, ann.annotate(texts, self.nlp)))
+        table[""] = ann.Annotation((), (), (), (), (0,))
+        return _build_split("request", LoadReport(), examples, table, self.vocab, self.knowledge, self.nlp)
+
+    @torch.inference_mode()
+    def respond(self, requests: list[Request | dict]) -> list[dict]:
+        """Answer a batch of requests in one padded batch (ESCM eqs. 15/19 or IAMM eqs. 25/33)."""
+        reqs = [r if isinstance(r, Request) else Request(list(r["context"]), r.get("situation")) for r in requests]
+        split = self._split(reqs)
+        encoded = [encode_escm(split, i, len(self.vocab), self.cfg.max_context, self.cfg.max_target)
+                   for i in range(len(reqs))]
+        batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        with autocast(self.cfg, self.device):
+            ids = decode(self.model, batch, self.cfg.decode_config())
+            state = self.model.encode(batch)
+            evidence = self._evidence(batch, encoded)
+        tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, [e.oov for e in encoded])
+        logits = state.get("emotion_logits")
+        probs = None if logits is None else torch.softmax(logits.float(), -1).cpu()
+        out = []
+        for j, toks in enumerate(tokens):
+            top = [] if probs is None else [
+                {"label": EMOTIONS[int(k)], "prob": round(float(p), 4)}
+                for p, k in zip(*probs[j].topk(self.top_k))
+            ]
+            out.append({"response": detokenize(toks), "emotion": top[0]["label"] if top else None,
+                        "emotion_top": top, "evidence": evidence[j], "tokens_generated": len(toks)})
+        return out
+
+    def _evidence(self, batch, encoded) -> list[list[dict]]:
+        """ESCM: the most strongly correlated word pairs (GCN p_ij); IAMM: the top associated words."""
+        V = len(self.vocab)
+        words = [[self.vocab.itos[i] if i < V else e.oov[i - V] for i in e.context_ext_ids.tolist()] for e in encoded]
+        if self.cfg.model == "escm" and hasattr(self.model, "evidence") and not self.model.cfg.no_dcgcn:
+            ev = self.model.evidence(batch)
+            return [[{"pair": [words[b][i], words[b][j]], "weight": round(float(s), 4)}
+                     for (i, j), s in zip(ev["pairs"][b].tolist(), ev["scores"][b].tolist()) if i >= 0]
+                    for b in range(len(encoded))]
+        if self.cfg.model == "iamm" and hasattr(self.model, "associated_words"):
+            return [[{**a, "word": self._word_of(a, e)} for a in assoc]
+                    for assoc, e in zip(self.model.associated_words(batch), encoded)]
+        return [[] for _ in encoded]
+
+    def _word_of(self, assoc: dict, e) -> str:
+        wid = assoc.get("id")
+        return self.vocab.itos[wid] if isinstance(wid, int) and 0 <= wid < len(self.vocab) else str(wid)
+
+    def warm_up(self) -> None:
+        self.respond([Request(["Hello, how are you today?"])])
+
+
+def detokenize(tokens: list[str]) -> str:
+    """Join model tokens into readable text: no space before punctuation or clitics ("n't", "'s")."""
+    out = ""
+    for t in tokens:
+        if out and not (t in {".", ",", "!", "?", ";", ":", "%", ")"} or t.startswith("'") or t == "n't"):
+            out += " "
+        out += t
+    return out[:1].upper() + out[1:]
