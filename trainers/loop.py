@@ -86,6 +86,15 @@ class TrainConfig(StrictModel):
         return DecodeConfig(**self.decode)
 
 
+def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
+    """The run's model overrides; IAMM without a knowledge backend is built as the paper's "w/o IA" model
+    (no commonsense encoders: nothing to associate), never fed empty knowledge as if it were real."""
+    overrides = dict(cfg.model_overrides)
+    if cfg.model == "iamm" and prepared.manifest["substitutions"]["knowledge"].get("available") is False:
+        overrides.setdefault("has_knowledge", False)
+    return overrides
+
+
 def autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
@@ -106,6 +115,7 @@ class Bucket:
     rows: np.ndarray                       # example indices in this bucket
     tensors: dict[str, torch.Tensor]       # padded to the bucket's lengths, on device
     n_oov: np.ndarray                      # OOV-list length per row (host), for max_oov
+    tgt_len: np.ndarray                    # target length (EOS included) per row (host)
 
 
 class TensorSplit:
@@ -129,29 +139,37 @@ class TensorSplit:
             tensors = {n: v.to(device) for n, v in batch.items() if isinstance(v, torch.Tensor)}
             tensors["context_dep"] = tensors["context_dep"].to(torch.uint8)  # labels < 256: 8x less memory
             self.where[rows] = np.stack([np.full(len(rows), len(self.buckets)), np.arange(len(rows))], 1)
-            self.buckets.append(Bucket(rows, tensors, np.array([len(e.oov) for e in members])))
+            self.buckets.append(Bucket(rows, tensors, np.array([len(e.oov) for e in members]),
+                                       np.array([len(e.target_ids) for e in members])))
 
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int) -> dict:
-        """Gather `rows` of one bucket: a batch following the collate contract."""
+    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int, target_len: int | None = None) -> dict:
+        """Gather `rows` of one bucket: a batch following the collate contract, targets cut to `target_len`."""
         b = self.buckets[bucket]
         idx = torch.as_tensor(rows, device=next(iter(b.tensors.values())).device)
         out: dict[str, Any] = {n: t.index_select(0, idx) for n, t in b.tensors.items()}
         out["context_dep"] = out["context_dep"].long()
+        if target_len is not None:
+            out["target_ids"], out["target_ext_ids"] = out["target_ids"][:, :target_len], out["target_ext_ids"][:, :target_len]
         out["max_oov"] = max_oov
         return out
 
-    def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray, int]]:
-        """The epoch's batches as (bucket, rows, max_oov); deterministic in (seed, epoch)."""
+    def rows_batch(self, bucket: int, rows: np.ndarray) -> dict:
+        """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
+        b = self.buckets[bucket]
+        t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
+        return self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
+
+    def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+        """The epoch's batches as (bucket, rows); deterministic in (seed, epoch)."""
         rng = np.random.default_rng([seed, epoch])
         batches = []
         for k, b in enumerate(self.buckets):
             order = rng.permutation(len(b.rows)) if shuffle else np.arange(len(b.rows))
             for s in range(0, len(order), batch_size):
-                rows = order[s:s + batch_size]
-                batches.append((k, rows, int(b.n_oov[rows].max())))
+                batches.append((k, order[s:s + batch_size]))
         if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
@@ -177,8 +195,8 @@ class Evaluator:
         model = self.model
         model.eval()
         acc = MetricAccumulator()
-        for k, rows, max_oov in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
-            batch = data.batch(k, rows, max_oov)
+        for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
+            batch = data.rows_batch(k, rows)
             with self._autocast():
                 out = model(batch)
             logits = out["emotion_logits"]
@@ -207,7 +225,7 @@ class Evaluator:
             for s in range(0, len(members), self.cfg.eval_batch_size):
                 chunk = members[s:s + self.cfg.eval_batch_size]
                 rows = data.where[chunk, 1]
-                batch = data.batch(int(k), rows, int(data.buckets[k].n_oov[rows].max()))
+                batch = data.rows_batch(int(k), rows)
                 with self._autocast():
                     ids = decode(model, batch, dcfg)
                     logits = model.encode(batch).get("emotion_logits")
@@ -243,7 +261,8 @@ class Trainer:
         _seed_everything(cfg.seed)
         vocab = prepared.vocab
         self.vocab = vocab
-        self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(), **cfg.model_overrides).to(self.device)
+        self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(),
+                                 **model_overrides(cfg, prepared)).to(self.device)
         vectors = prepared.vectors() if cfg.use_vectors else None
         if vectors is not None and self.model.embedding.weight.shape == vectors.shape:
             with torch.no_grad():  # spaCy/GloVe init, rescaled to the embedding's x sqrt(d) convention
@@ -350,8 +369,8 @@ class Trainer:
         while self.step < cfg.max_steps and not stop:
             batches = self._my_batches(self.epoch)
             while self.position < len(batches) and self.step < cfg.max_steps:
-                k, rows, max_oov = batches[self.position]
-                out = self.train_step(self.train_data.batch(k, rows, max_oov))
+                k, rows = batches[self.position]
+                out = self.train_step(self.train_data.rows_batch(k, rows))
                 self.position += 1
                 running.append(out["loss"].detach())
                 if self.step % cfg.log_every == 0:

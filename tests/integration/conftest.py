@@ -185,3 +185,21 @@ def s3_server(tmp_path_factory):
         yield server
     finally:
         _stop(server.process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, local artifact proxy) on 127.0.0.1 for the session."""
+    from cluster.local_services import start_mlflow
+
+    service = start_mlflow(tmp_path_factory.mktemp("mlflow"))
+    yield service.url
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(prepared_sample, tmp_path_factory):
+    """(checkpoint path, final metrics) of a tiny ESCM trained a few steps on the sample, once per session."""
+    from tests.integration.registry_models import train_tiny
+
+    return train_tiny(prepared_sample, tmp_path_factory.mktemp("tiny-escm"))

@@ -321,3 +321,21 @@ def test_evidence_returns_dependency_pairs():
             prev = s
     with pytest.raises(ValueError, match="no_dcgcn"):
         tiny("escm", no_dcgcn=True).evidence(b)
+
+
+@pytest.mark.parametrize("name", ["transformer", "escm"])
+def test_packed_output_layer_gives_the_same_loss(name):
+    """pack_targets runs the output layer only at real target tokens: same losses, same gradients."""
+    torch.manual_seed(0)
+    batch = make_batch(4, V)
+    packed = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny")
+    full = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny", pack_targets=False)
+    full.load_state_dict(packed.state_dict())
+    a, b = packed(batch), full(batch)
+    for key in ("loss", "nll_sum", "num_tokens"):
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-5), key
+    a["loss"].backward()
+    b["loss"].backward()
+    ga = dict(packed.named_parameters())["generator.proj.weight"].grad
+    gb = dict(full.named_parameters())["generator.proj.weight"].grad
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)

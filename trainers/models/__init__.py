@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from trainers.models.common import ModelConfig, noam_lambda, noam_rate
 from trainers.models.escm import ESCM, ESCMConfig
+from trainers.models.iamm import IAMM, IAMMConfig
 from trainers.models.transformer import TransformerConfig, TransformerSeq2Seq
 
 _TINY = {"emb_dim": 32, "d_model": 32, "attn_depth": 16, "ffn_dim": 32, "max_len": 256}
@@ -31,6 +32,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "transformer": ModelSpec(TransformerConfig, TransformerSeq2Seq, {"paper": {}, "tiny": dict(_TINY)}),
     "escm": ModelSpec(ESCMConfig, ESCM, {"paper": {}, "tiny": {**_TINY, "d_pr": 8}}),
+    # the tiny IAMM keeps max_len 1024: its memory holds up to 2 * 20 * (3M - 2) entries for M turns
+    "iamm": ModelSpec(IAMMConfig, IAMM, {"paper": {}, "tiny": {**_TINY, "d_h": 8, "max_len": 1024}}),
 }
 
 

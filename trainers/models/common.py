@@ -56,6 +56,7 @@ class ModelConfig:
     num_states: int = 4  # dialogue states: pad, CLS, speaker, listener
     label_smoothing: float = 0.0
     tie_embeddings: bool = False  # share generator projection with the word embedding
+    pack_targets: bool = True  # training: output layer at real target tokens only (same loss, less work)
 
     def __post_init__(self):
         for f in ("emb_dim", "d_model", "num_layers", "num_heads", "attn_depth", "ffn_dim", "ffn_kernel",
@@ -367,6 +368,15 @@ class PointerGeneratorSeq2Seq(nn.Module):
         s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
         return self.generator(s, copy_logits, state["context_ext_ids"], state["max_oov"])
 
+    def _decode_packed(self, state, ys, tgt_ext):
+        """As `_decode`, but the output layer (the step's largest cost: V-way softmax, pointer scatter) runs
+        only at the N non-PAD target positions. Same values; one host sync for the row count."""
+        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        b, t = (tgt_ext != PAD).nonzero(as_tuple=True)  # (N,), (N,)
+        log_probs = self.generator(s[b, t][:, None], copy_logits[b, t][:, None],
+                                   state["context_ext_ids"][b], state["max_oov"])  # (N, 1, V + max_oov)
+        return log_probs[:, 0], tgt_ext[b, t]
+
     def decode_step(self, state, ys):
         s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
         log_probs = self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])
@@ -379,9 +389,12 @@ class PointerGeneratorSeq2Seq(nn.Module):
                  "context_ext_ids": batch["context_ext_ids"], "max_oov": int(batch["max_oov"])}
         tgt, tgt_ext = batch["target_ids"], batch["target_ext_ids"]
         sos = torch.full_like(tgt[:, :1], SOS)
-        log_probs = self._decode(state, torch.cat([sos, tgt[:, :-1]], dim=1))  # (B, T, V + max_oov)
-        loss_sum, nll_sum, n = label_smoothed_nll(log_probs.flatten(0, 1), tgt_ext.flatten(),
-                                                  self.vocab_size, self.cfg.label_smoothing)
+        ys = torch.cat([sos, tgt[:, :-1]], dim=1)  # teacher forcing, (B, T)
+        if self.cfg.pack_targets:  # output layer only at real target tokens: (N, V + max_oov)
+            log_probs, target = self._decode_packed(state, ys, tgt_ext)
+        else:
+            log_probs, target = self._decode(state, ys).flatten(0, 1), tgt_ext.flatten()
+        loss_sum, nll_sum, n = label_smoothed_nll(log_probs, target, self.vocab_size, self.cfg.label_smoothing)
         gen_loss = loss_sum / n.clamp_min(1)
         emo_loss = enc.get("_emo_loss", gen_loss.new_zeros(()))
         out = {"loss": gen_loss + emo_loss, "gen_loss": gen_loss, "emo_loss": emo_loss,
