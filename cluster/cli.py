@@ -168,6 +168,8 @@ def train(
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
     local: Annotated[bool, typer.Option("--local", help="single process, plain PyTorch (no Ray)")] = False,
+    workers: Annotated[int | None, typer.Option("--workers", help="Ray Train DDP workers")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option("--gpus-per-worker", help="GPUs per worker")] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore checkpoints already in --out")] = False,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
@@ -175,8 +177,16 @@ def train(
     """Train one model. `--local` runs the plain-PyTorch trainer in this process."""
     from trainers import train as local_train
 
-    if not local:
-        _fail("distributed training needs a Ray cluster; use --local for the single-process trainer")
+    if not local:  # Ray Train (TorchTrainer, DDP): cluster.jobs.train, in this process
+        from cluster.jobs import train as ray_train_job
+
+        argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
+                *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
+                *(["--max-steps", str(max_steps)] if max_steps else []),
+                *(["--workers", str(workers)] if workers else []),
+                *(["--gpus-per-worker", str(gpus_per_worker)] if gpus_per_worker is not None else []),
+                *[a for o in overrides or [] for a in ("--set", o)]]
+        raise typer.Exit(ray_train_job.main(argv))
     argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
             *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
             *(["--device", device] if device else []), *(["--max-steps", str(max_steps)] if max_steps else []),
@@ -208,6 +218,33 @@ def evaluate(
     table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
     console.print(table)
     console.print(f"wrote {out}/metrics.json and {out}/predictions.jsonl")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="sweep YAML (cluster/configs/sweeps/)")],
+    overrides: SetOpt = None,
+) -> None:
+    """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
+    from cluster.sweep import load_sweep, run_sweep
+    from cluster.tracking import TABLE_METRICS
+
+    try:
+        cfg = load_sweep(config, overrides)  # validated before Ray starts
+        summary = run_sweep(cfg)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    table = Table(title=f"sweep {cfg.name}: {summary['trials']} trials in {summary['wall_s']:.0f} s")
+    table.add_column("variant")
+    for col in TABLE_METRICS:
+        table.add_column(col, justify="right")
+    for r in summary["rows"]:
+        table.add_row(r["variant"], *(f"{r[c]:.2f} ± {r[c + '_std']:.2f}" for c in TABLE_METRICS))
+    console.print(table)
+    console.print(f"parent run {summary['parent_run_id']} ({summary['tracking_uri']}); "
+                  f"best child {summary['best_run_id']}")
+    if summary["errors"]:
+        _fail(f"{len(summary['errors'])} trial(s) failed: {summary['errors'][0]}")
 
 
 @app.command()

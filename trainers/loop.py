@@ -152,7 +152,8 @@ class TensorSplit:
         out: dict[str, Any] = {n: t.index_select(0, idx) for n, t in b.tensors.items()}
         out["context_dep"] = out["context_dep"].long()
         if target_len is not None:
-            out["target_ids"], out["target_ext_ids"] = out["target_ids"][:, :target_len], out["target_ext_ids"][:, :target_len]
+            for name in ("target_ids", "target_ext_ids"):
+                out[name] = out[name][:, :target_len]
         out["max_oov"] = max_oov
         return out
 

@@ -19,7 +19,7 @@ import torch
 
 from trainers.config import load_config
 from trainers.data.collate import pad_escm, pad_iamm
-from trainers.loop import Trainer, TrainConfig
+from trainers.loop import TrainConfig, Trainer
 from trainers.models import MODELS, build_model
 
 

@@ -15,7 +15,7 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     parts = [
         "# Benchmarks", "",
-        f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC at commit `{commit}` by "
+        f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit `{commit}` by "
         f"`make bench` (`python -m tests.bench.run --data {args.data}`).", "",
         f"Machine: {machine()}.", "",
     ]
