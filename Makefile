@@ -25,7 +25,7 @@ $(VENV)/.base: pyproject.toml Makefile cluster/requirements/vectors.txt | $(PY)
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,comet]"
 	touch $@
 
 demo: $(VENV)/.base

@@ -247,6 +247,176 @@ def sweep(
         _fail(f"{len(summary['errors'])} trial(s) failed: {summary['errors'][0]}")
 
 
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)")]
+
+
+@app.command()
+def promote(
+    experiment: Annotated[str, typer.Option("--experiment", help="the sweep's MLflow experiment")],
+    metric: Annotated[str, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")],
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    mode: Annotated[str, typer.Option("--mode", help="max | min: which direction is better")] = "max",
+    where: Annotated[str | None, typer.Option("--where", help="MLflow filter, e.g. \"params.model = 'escm'\"")] = None,
+    force: Annotated[bool, typer.Option("--force", help="promote even if worse than the champion")] = False,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
+    from cluster.promote import PromotionError
+    from cluster.promote import promote as do_promote
+
+    try:
+        decision = do_promote(experiment, metric, mode, where, name=name, force=force, tracking_uri=tracking_uri,
+                              log=lambda line: console.print(line, soft_wrap=True, markup=False))
+    except (PromotionError, ValueError) as e:
+        _fail(str(e))
+    console.print(f"[bold]{decision.action}[/]: {name} champion is v{decision.version}")
+    if decision.action == "refused":
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Move alias `champion` back to `previous`."""
+    from cluster.promote import PromotionError
+    from cluster.promote import rollback as do_rollback
+
+    try:
+        do_rollback(name, tracking_uri=tracking_uri, log=lambda line: console.print(line, soft_wrap=True, markup=False))
+    except PromotionError as e:
+        _fail(str(e))
+
+
+@app.command()
+def serve(
+    name: Annotated[str, typer.Option("--name", help="registered model name")] = "escm",
+    alias: Annotated[str, typer.Option("--alias", help="alias to serve and follow")] = "champion",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (cluster/configs/serve)")] = None,
+    tracking_uri: TrackingOpt = None,
+    port: Annotated[int | None, typer.Option("--port", help="HTTP port (default: the config's)")] = None,
+    address: Annotated[str | None, typer.Option("--address", help="attach to this Ray cluster")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Ray metrics export port")] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Serve models:/NAME@ALIAS with Ray Serve on 127.0.0.1 until Ctrl-C."""
+    from pydantic import ValidationError
+
+    from cluster import serve_local
+    from trainers.config import parse_overrides
+
+    try:
+        spec = serve_local.from_config(config, name, alias, {"mlflow_tracking_uri": tracking_uri,
+                                                             **parse_overrides(overrides or [])})
+    except (ConfigError, ValidationError, OSError) as e:
+        _fail(str(e))
+    url = serve_local.run(spec, port=port, address=address, metrics_port=metrics_port)
+    console.print(f"serving models:/{name}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+
+
+stack_app = typer.Typer(help="The platform's services on this machine (Ray, MLflow, S3, Prometheus), on 127.0.0.1.",
+                        no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+StateDirOpt = Annotated[Path | None, typer.Option("--state-dir", help="state directory (default: $EDP_STACK_DIR "
+                                                                      "or ./.edp/stack)")]
+
+
+@stack_app.command("up")
+def stack_up(
+    state_dir: StateDirOpt = None,
+    ports: Annotated[list[str] | None, typer.Option(
+        "--ports", help="NAME=PORT[,NAME=PORT...] (repeatable); names: ray_gcs ray_dashboard ray_metrics "
+                        "ray_client ray_agent serve_http mlflow s3 prometheus")] = None,
+    num_cpus: Annotated[int, typer.Option("--num-cpus", min=1, help="CPUs the Ray head offers")] = 2,
+) -> None:
+    """Start Ray head, MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write the env file."""
+    from cluster import stack
+
+    start = time.perf_counter()
+    try:
+        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus,
+                         log=lambda line: console.print(line, soft_wrap=True, markup=False))
+        rows = stack.status(state_dir)
+    except (ValueError, stack.StackError) as e:
+        _fail(str(e))
+    console.print(stack.status_table(rows))
+    root, url = (state_dir or stack.default_state_dir()).resolve(), {r.name: r.url for r in rows}
+    console.print(f"stack up in {time.perf_counter() - start:.1f} s. Ray dashboard {url['ray']}, MLflow UI "
+                  f"{url['mlflow']}, S3 {url['s3']}, Prometheus {url['prometheus']}, Serve (once deployed) "
+                  f"{url['serve']}", soft_wrap=True)
+    console.print(f"use it:  source {root / 'env'}\nstop it: edp stack down --state-dir {root}", soft_wrap=True)
+    if not all(r.healthy for r in rows[:4]):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down(state_dir: StateDirOpt = None) -> None:
+    """Stop what `edp stack up` started (its recorded process groups); data and logs stay."""
+    from cluster import stack
+
+    start = time.perf_counter()
+    try:
+        stopped = stack.down(state_dir, log=lambda line: console.print(line, soft_wrap=True, markup=False))
+    except stack.StackError as e:
+        _fail(str(e))
+    console.print(f"stack down in {time.perf_counter() - start:.1f} s" if stopped else "nothing to stop")
+
+
+@stack_app.command("status")
+def stack_status(state_dir: StateDirOpt = None) -> None:
+    """Service, URL, pid and health of each service of the stack (exit 1 unless all four are healthy)."""
+    from cluster import stack
+
+    try:
+        rows = stack.status(state_dir)
+    except stack.StackError as e:
+        _fail(str(e))
+    console.print(stack.status_table(rows))
+    if not all(r.healthy for r in rows[:4]):
+        raise typer.Exit(1)
+
+
+@app.command()
+def metrics(
+    prometheus: Annotated[str | None, typer.Option(
+        "--prometheus", help="Prometheus URL (default: $EDP_PROMETHEUS_URL, the local stack's, or :9090)")] = None,
+    window: Annotated[str, typer.Option("--window", help="rate window, a PromQL duration")] = "1m",
+) -> None:
+    """Request rate and p50/p95/p99 latency of the Serve app by route, from Prometheus."""
+    import re
+
+    from cluster import stack_metrics as sm
+
+    if not re.fullmatch(r"\d+[smhd]", window):
+        _fail(f"--window {window!r} is not a PromQL duration like 30s, 1m, 5m")
+    url = prometheus or sm.default_prometheus_url()
+    prom = sm.Prometheus(url)
+    try:
+        rows = sm.collect(prom.query, window)
+        up, total = sm.targets_up(prom.targets())
+    except sm.MetricsError as e:
+        _fail(str(e))
+    if not rows:
+        console.print(f"no request latency data in Prometheus at {url} yet ({', '.join(sm.SOURCES.values())}); "
+                      f"Ray scrape targets up: {up}/{total}. Send requests to the Serve app: Ray exports them after "
+                      "~10-15 s, Prometheus scrapes every 5 s.", soft_wrap=True)
+        return
+    table = Table(title=f"request latency over the last {window} ({url})")
+    for col in ("source", "route", "req/s", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col in ("source", "route") else "right")
+    for r in rows:
+        table.add_row(r.source, r.route, f"{r.rate:.2f}", sm.fmt_ms(r.p50), sm.fmt_ms(r.p95), sm.fmt_ms(r.p99))
+    console.print(table)
+
+
 @app.command()
 def demo(
     data: Annotated[str | None, typer.Option("--data", help="dataset (default: $ED_DATA_DIR or the sample)")] = None,

@@ -215,6 +215,20 @@ class Evaluator:
         return metrics
 
     @torch.inference_mode()
+    def emotion_predictions(self, data: TensorSplit) -> tuple[list[int], list[int]]:
+        """(predicted, gold) emotion ids over `data`; empty lists for a model without an emotion head."""
+        pred, gold = [], []
+        for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
+            batch = data.rows_batch(k, rows)
+            with self._autocast():
+                logits = self.model.eval().encode(batch).get("emotion_logits")
+            if logits is None:
+                return [], []
+            pred += logits.argmax(-1).tolist()
+            gold += batch["emotion"].tolist()
+        return pred, gold
+
+    @torch.inference_mode()
     def generate(self, indices, data: TensorSplit) -> list[dict]:
         """Decode examples `indices`; returns per example the text fields and predicted emotion."""
         model, dcfg = self.model, self.cfg.decode_config()

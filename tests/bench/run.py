@@ -30,7 +30,8 @@ def machine() -> str:
         cpu = platform.processor() or "unknown CPU"
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU")
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU; "
+            f"load average at start {os.getloadavg()[0]:.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,215 @@
+"""Ray Train around `trainers.loop.Trainer`: DDP over N workers, report + checkpoint every evaluation, resume.
+
+Ray appears at four points only (the trainer itself stays plain PyTorch):
+  1. `wrap_model`: `ray.train.torch.prepare_model` (DDP; gloo on CPU, NCCL on GPU);
+  2. `on_eval`: `report(metrics, Checkpoint(dir with the trainer's step checkpoint, best.pt, run id))`;
+  3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
+  4. `TorchTrainer(...).fit()` in `run_train`.
+`worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
+Only rank 0 logs to MLflow (`cluster.tracking.RunLogger`), into the run whose id the driver created.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
+from trainers.config import StrictModel
+from trainers.loop import TrainConfig, Trainer
+
+
+class Scaling(StrictModel):
+    workers: int = Field(1, ge=1, description="DDP workers")
+    gpus_per_worker: float = Field(0.0, ge=0, description="fractional GPUs are allowed (e.g. 0.25)")
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional on small machines (e.g. 0.9)")
+
+
+class RayTrainConfig(StrictModel):
+    """One distributed training run."""
+
+    name: str = Field("edp-train", pattern=r"^[A-Za-z0-9_.-]+$")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: Scaling = Field(default_factory=Scaling)
+    storage_path: str = Field("runs/ray", description="Ray checkpoints: a local directory or s3://bucket/prefix")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    inject_failure_at_step: int | None = Field(None, ge=1, description="testing: last rank raises once here")
+
+
+def storage_uri(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def train_worker(config: dict) -> None:
+    """`train_loop_per_worker` of the TorchTrainer."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    worker_loop(config, ray.train, ctx.get_world_rank(), ctx.get_world_size())
+
+
+def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
+    """Prepare data, build the Trainer (DDP when world_size > 1), resume, train, log (rank 0)."""
+    from trainers.data.prepare import prepare
+
+    cfg = TrainConfig.model_validate(config["train"])
+    if config.get("gpus_per_worker", 0) > 0 and world_size > 1:
+        import ray.train.torch
+
+        cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
+    prepared = prepare(cfg.data)
+    run_id = config.get("run_id")
+    logger = RunLogger(config["tracking_uri"], run_id, config.get("log_model", True)) \
+        if rank == 0 and run_id else None
+    state: dict[str, Any] = {"resumed_from": None}
+
+    def on_eval(metrics: dict, checkpoint_path: Path | None) -> None:
+        if logger is not None:
+            logger.log_eval(metrics, trainer.history)
+        reported = {**metrics, "resumed_from_step": state["resumed_from"] or 0, "world_size": world_size}
+        if checkpoint_path is None:
+            api.report(reported)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            _stage(checkpoint_path, Path(tmp), run_id)
+            api.report(reported, checkpoint=api.Checkpoint.from_directory(tmp))
+
+    trainer = Trainer(cfg, prepared, rank=rank, world_size=world_size,
+                      wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval)
+    checkpoint = api.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            trainer.resume(Path(d) / "checkpoint.pt")
+            if (Path(d) / "best.pt").exists():  # finish() evaluates the best weights
+                (trainer.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(Path(d) / "best.pt", trainer.out / "checkpoints" / "best.pt")
+        state["resumed_from"] = trainer.step
+    if config.get("inject_failure_at_step") and rank == world_size - 1:
+        _inject_failure(trainer, config["inject_failure_at_step"])
+    if logger is not None:
+        logger.log_setup(trainer, state["resumed_from"])
+    result = trainer.train()
+    if logger is not None:
+        logger.log_final(trainer, result)
+    return result
+
+
+def _ddp(model):
+    import ray.train.torch
+
+    # ablated / tiny models can leave a branch out of the loss on a step: let DDP tolerate that
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def _stage(checkpoint_path: Path, into: Path, run_id: str | None) -> None:
+    """The checkpoint directory Ray persists: step checkpoint, best.pt and the MLflow run id."""
+    _link_or_copy(checkpoint_path, into / "checkpoint.pt")
+    best = checkpoint_path.parent / "best.pt"
+    if best.exists():
+        _link_or_copy(best, into / "best.pt")
+    if run_id:
+        (into / RUN_ID_FILE).write_text(run_id)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _inject_failure(trainer: Trainer, at_step: int) -> None:
+    """Testing: raise once when `at_step` is reached (a marker file makes the retry pass it)."""
+    marker = trainer.out / ".failure_injected"
+    step = trainer.train_step
+
+    def failing_step(batch):
+        if trainer.step + 1 == at_step and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(at_step))
+            raise RuntimeError(f"injected worker failure at step {at_step}")
+        return step(batch)
+
+    trainer.train_step = failing_step
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None = None):
+    """The TorchTrainer for `cfg` (gloo on CPU, NCCL on GPU)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    gpu = s.gpus_per_worker > 0
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})}
+    return TorchTrainer(
+        train_worker, train_loop_config={**loop_config, "gpus_per_worker": s.gpus_per_worker},
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_uri(cfg.storage_path),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
+    )
+
+
+def absolute(path: str) -> str:
+    return path if "://" in path or path == "sample" else str(Path(path).expanduser().resolve())
+
+
+def with_absolute_paths(cfg: RayTrainConfig) -> RayTrainConfig:
+    """Workers run in other directories: make the local paths absolute on the driver."""
+    d = cfg.train.data
+    source = absolute(d.source) if Path(d.source).expanduser().exists() else d.source
+    data = d.model_copy(update={"cache_dir": absolute(d.cache_dir), "source": source})
+    train = cfg.train.model_copy(update={"out_dir": absolute(cfg.train.out_dir), "data": data})
+    tracking = cfg.tracking.model_copy(update={"state_dir": absolute(cfg.tracking.state_dir)})
+    return cfg.model_copy(update={"train": train, "tracking": tracking,
+                                  "storage_path": storage_uri(cfg.storage_path)})
+
+
+def ensure_ray() -> None:
+    """Attach to RAY_ADDRESS (inside a submitted job: no resources) or start a local instance."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
+
+
+def run_train(cfg: RayTrainConfig) -> dict:
+    """Run one distributed training job; its MLflow run is created here and reused by retries."""
+    from trainers.data.prepare import prepare
+
+    t0 = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
+    ensure_ray()
+    prepare(cfg.train.data)  # warm the cache (and fail on bad data) before any worker starts
+    uri = cfg.tracking.resolved_uri()
+    out = Path(cfg.train.out_dir)
+    run_id = start_run(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.name,
+                       tags={"model": cfg.train.model, "workers": str(cfg.scaling.workers)},
+                       run_id_file=out / RUN_ID_FILE)
+    loop_config = {"train": cfg.train.model_dump(), "run_id": run_id, "tracking_uri": uri,
+                   "log_model": cfg.tracking.log_model, "inject_failure_at_step": cfg.inject_failure_at_step}
+    ok = False
+    try:
+        result = torch_trainer(cfg, loop_config).fit()
+        ok = True
+    finally:
+        end_run(uri, run_id, ok)
+    return {"run_id": run_id, "tracking_uri": uri, "metrics": result.metrics,
+            "checkpoint": result.checkpoint.path if result.checkpoint else None,
+            "wall_s": time.perf_counter() - t0}

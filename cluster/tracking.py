@@ -1,0 +1,358 @@
+"""MLflow tracking: one experiment per sweep, a parent run per sweep, one nested child run per trial.
+
+Tune's stock MLflow callback does not nest runs, so this module does it by hand:
+
+    sweep driver   start_run(cfg, experiment, name)                  -> parent run id
+    trial driver   start_run(..., parent_run_id=..., run_id_file=...) -> child run id (reused on retry)
+    rank-0 worker  RunLogger(uri, run_id): log_setup -> log_eval (every evaluation) -> log_final
+    sweep driver   log_ablation_table(...) on the parent, tag the best child
+
+Only rank 0 of a training run ever builds a `RunLogger`. A retried trial finds its run id in the
+trial directory (or in the checkpoint it resumes from) and continues the same run.
+The tracking URI comes from the config, else `MLFLOW_TRACKING_URI`, else an embedded sqlite store
+(`sqlite:///<state_dir>/mlflow.db`, artifacts under `<state_dir>/artifacts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from trainers.config import StrictModel
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RUN_ID_FILE = "mlflow_run_id"
+TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0),
+                 "Dist-1": ("valid_dist1", 100.0), "Dist-2": ("valid_dist2", 100.0)}  # papers' layout: x100
+
+
+class TrackingConfig(StrictModel):
+    """Where runs go. `uri` wins over MLFLOW_TRACKING_URI, which wins over the embedded sqlite store."""
+
+    uri: str | None = Field(None, description="MLflow tracking URI (http://..., sqlite:///..., file:...)")
+    state_dir: str = Field("~/.cache/edp/mlflow", description="embedded store: sqlite db + local artifacts")
+    experiment: str | None = Field(None, description="experiment name (default: the sweep / run name)")
+    log_model: bool = Field(True, description="log the pyfunc model (and safetensors weights) per run")
+
+    def resolved_uri(self) -> str:
+        if self.uri:
+            return self.uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        state = Path(self.state_dir).expanduser().resolve()
+        state.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{state / 'mlflow.db'}"
+
+    def artifact_root(self) -> str | None:
+        """Local artifact root for the embedded store (None: the server decides)."""
+        if not self.resolved_uri().startswith("sqlite:"):
+            return None
+        return (Path(self.state_dir).expanduser().resolve() / "artifacts").as_uri()
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(cfg: TrackingConfig, name: str) -> str:
+    c = client(cfg.resolved_uri())
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = cfg.artifact_root()
+    return c.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
+def start_run(cfg: TrackingConfig, experiment: str, run_name: str, *, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None, run_id_file: Path | None = None) -> str:
+    """Create a run (nested under `parent_run_id`) or reuse the one whose id is in `run_id_file`."""
+    c = client(cfg.resolved_uri())
+    if run_id_file is not None and run_id_file.exists():
+        run_id = run_id_file.read_text().strip()
+        c.update_run(run_id, status="RUNNING")
+        return run_id
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id  # what mlflow.start_run(nested=True) sets
+    run_id = c.create_run(ensure_experiment(cfg, experiment), run_name=run_name, tags=all_tags).info.run_id
+    if run_id_file is not None:
+        run_id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id_file.write_text(run_id)
+    return run_id
+
+
+def end_run(uri: str, run_id: str, ok: bool = True) -> None:
+    client(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def code_version() -> dict[str, str]:
+    """Git commit (when the checkout has one) and a hash of the trainers/ source that actually ran."""
+    h = hashlib.sha256()
+    for f in sorted((REPO_ROOT / "trainers").rglob("*.py")):
+        h.update(str(f.relative_to(REPO_ROOT)).encode() + f.read_bytes())
+    out = {"code.trainers_sha256": h.hexdigest()[:16]}
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            out["code.git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Rank-0 logging of one training run
+
+
+class RunLogger:
+    """Logs one training run into an existing MLflow run (rank 0 only)."""
+
+    def __init__(self, uri: str, run_id: str, log_model: bool = True):
+        self.uri, self.run_id, self.log_model = uri, run_id, log_model
+        self.client = client(uri)
+        self.last_step = 0
+
+    def log_setup(self, trainer, resumed_from: int | None) -> None:
+        """Full resolved config, data key, code version and substitutions as params."""
+        from mlflow.entities import Param
+
+        cfg, manifest = trainer.cfg, trainer.prepared.manifest
+        params = {**flatten(cfg.model_dump(), "config."), **flatten(vars(trainer.raw_model.cfg), "model."),
+                  "data.key": manifest["key"], "data.code_version": manifest.get("code_version", ""),
+                  **{f"substitution.{k}": v for k, v in flatten(manifest["substitutions"]).items()},
+                  **code_version(), "world_size": trainer.world_size}
+        existing = self.client.get_run(self.run_id).data.params
+        todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]  # retry: already set
+        for i in range(0, len(todo), 100):
+            self.client.log_batch(self.run_id, params=todo[i:i + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
+        if resumed_from is not None:
+            self.client.set_tag(self.run_id, "resumed_from_step", str(resumed_from))
+        self.last_step = trainer.step
+
+    def log_eval(self, metrics: dict, history: list[dict]) -> None:
+        """Validation metrics at this step plus the train losses logged since the previous call."""
+        from mlflow.entities import Metric
+
+        now, step = _now_ms(), int(metrics["step"])
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                if k.startswith("valid_") and _finite(v)]
+        rows += [Metric("train_loss", float(h["train_loss"]), now, int(h["step"])) for h in history
+                 if "train_loss" in h and self.last_step < h["step"] <= step]
+        self.client.log_batch(self.run_id, metrics=rows)
+        self.last_step = step
+
+    def log_final(self, trainer, result: dict) -> None:
+        """Final valid metrics; artifacts: vocab, samples, plots, safetensors weights; the pyfunc model."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        final = [Metric(f"final_{k}", float(v), now, trainer.step)
+                 for k, v in result["final"].items() if _finite(v)]
+        self.client.log_batch(self.run_id, metrics=final)
+        vocab = trainer.prepared.path / "vocab.json"
+        if vocab.exists():
+            self.client.log_artifact(self.run_id, str(vocab))
+        samples = trainer.out / "samples.jsonl"
+        if samples.exists():
+            self.client.log_artifact(self.run_id, str(samples))
+        confusion = confusion_figure(trainer)  # None for the Transformer baseline (no emotion head)
+        if confusion is not None:
+            self.client.log_figure(self.run_id, confusion, "plots/emotion_confusion.png")
+        self.client.log_figure(self.run_id, loss_figure(result["history"]), "plots/loss_curve.png")
+        self.client.log_text(self.run_id, json.dumps(result["final"], indent=1), "final_metrics.json")
+        if self.log_model:
+            self._log_weights_and_model(trainer)
+
+    def _log_weights_and_model(self, trainer) -> None:
+        import tempfile
+
+        import mlflow
+        from safetensors.torch import save_file
+
+        best = trainer.out / "checkpoints" / "best.pt"
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = Path(tmp) / "model.safetensors"
+            state = trainer.raw_model.state_dict()
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+            save_file(tensors, str(weights), metadata={"model": trainer.cfg.model, "step": str(trainer.step)})
+            self.client.log_artifact(self.run_id, str(weights), "weights")
+        if best.exists():
+            mlflow.set_tracking_uri(self.uri)
+            with mlflow.start_run(run_id=self.run_id):
+                log_pyfunc_model(best)
+
+
+def log_pyfunc_model(checkpoint: Path, name: str = "model"):
+    """Log `services/pyfunc_model.py` (models-from-code) with the checkpoint as its artifact."""
+    import mlflow
+
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=str(REPO_ROOT / "services" / "pyfunc_model.py"),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(REPO_ROOT / "trainers"), str(REPO_ROOT / "services")],
+        pip_requirements=["torch", "numpy", "spacy", "pydantic", "pyyaml", "safetensors"],
+    )
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots (matplotlib, Agg)
+
+
+def confusion_figure(trainer):
+    """Row-normalised emotion confusion matrix on the valid split (teacher-forced encoder predictions)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from trainers.data.emotions import EMOTIONS
+    from trainers.metrics import confusion_matrix
+
+    pred, gold = trainer.evaluator.emotion_predictions(trainer.valid_data)
+    if not pred:
+        return None
+    cm = confusion_matrix(pred, gold).astype(float)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(9, 8))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=90, fontsize=6)
+    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    acc = sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
+    ax.set_title(f"emotion confusion ({trainer.cfg.model}, valid, n={len(gold)}, acc={acc:.3f})"
+                 if gold else f"{trainer.cfg.model} has no emotion classifier")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def loss_figure(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    valid = [(h["step"], h["valid_loss"]) for h in history if "valid_loss" in h]
+    for points, label in ((train, "train loss"), (valid, "valid loss")):
+        if points:
+            ax.plot(*zip(*points), marker="o" if label.startswith("valid") else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL per token")
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent run: the ablation table and the best child
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    c = client(uri)
+    parent = c.get_run(parent_run_id)
+    return c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                         max_results=10000)
+
+
+def final_value(metrics: dict, key: str) -> float | None:
+    """The final (best-weights) value of `key`; the last evaluation's for a trial stopped early."""
+    v = metrics.get(f"final_{key}", metrics.get(key))
+    return v if v is not None and math.isfinite(v) else None
+
+
+def ablation_table(children: list, variants: list[str] | None = None) -> list[dict]:
+    """Rows = variants (tag `variant`), cols Acc / PPL / Dist-1 / Dist-2 as mean and std over seeds."""
+    groups: dict[str, list] = defaultdict(list)
+    for run in children:
+        groups[run.data.tags.get("variant", run.info.run_name)].append(run.data.metrics)
+    order = [v for v in (variants or []) if v in groups] + sorted(set(groups) - set(variants or []))
+    rows = []
+    for variant in order:
+        row: dict[str, Any] = {"variant": variant, "seeds": len(groups[variant])}
+        for col, (key, scale) in TABLE_METRICS.items():
+            vals = [v * scale for m in groups[variant] if (v := final_value(m, key)) is not None]
+            mean = sum(vals) / len(vals) if vals else float("nan")
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            row[col], row[f"{col}_std"] = mean, std
+        rows.append(row)
+    return rows
+
+
+def table_csv(rows: list[dict]) -> str:
+    import csv
+
+    buf = io.StringIO()
+    cols = ["variant", "seeds", *(c for col in TABLE_METRICS for c in (col, f"{col}_std"))]
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def table_markdown(rows: list[dict]) -> str:
+    head = "| Model | " + " | ".join(TABLE_METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_METRICS) + 1)]
+    for r in rows:
+        cells = [f"{r[c]:.2f} ± {r[f'{c}_std']:.2f}" if math.isfinite(r[c]) else "n/a" for c in TABLE_METRICS]
+        lines.append(f"| {r['variant']} (n={r['seeds']}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str]) -> dict:
+    """Log the ablation table (CSV + markdown) on the parent and tag the best child by final `metric`."""
+    c = client(uri)
+    children = child_runs(uri, parent_run_id)
+    rows = ablation_table(children, variants)
+    c.log_text(parent_run_id, table_csv(rows), "ablation_table.csv")
+    c.log_text(parent_run_id, table_markdown(rows), "ablation_table.md")
+    scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
+    best = None
+    if scored:
+        value, best = (min if mode == "min" else max)(scored, key=lambda vr: vr[0])
+        c.set_tag(parent_run_id, "best_child_run_id", best.info.run_id)
+        c.set_tag(parent_run_id, "best_metric", f"{metric}={value:.6g}")
+        c.log_metric(parent_run_id, f"best_{metric}", value)
+        c.set_tag(best.info.run_id, "best_in_sweep", "true")
+    return {"rows": rows, "best_run_id": best.info.run_id if best else None, "children": len(children)}
