@@ -116,6 +116,7 @@ class Bucket:
     tensors: dict[str, torch.Tensor]       # padded to the bucket's lengths, on device
     n_oov: np.ndarray                      # OOV-list length per row (host), for max_oov
     tgt_len: np.ndarray                    # target length (EOS included) per row (host)
+    turns: np.ndarray                      # IAMM: (rows, 3) turns, longest turn, situation length (host)
 
 
 class TensorSplit:
@@ -139,8 +140,9 @@ class TensorSplit:
             tensors = {n: v.to(device) for n, v in batch.items() if isinstance(v, torch.Tensor)}
             tensors["context_dep"] = tensors["context_dep"].to(torch.uint8)  # labels < 256: 8x less memory
             self.where[rows] = np.stack([np.full(len(rows), len(self.buckets)), np.arange(len(rows))], 1)
-            self.buckets.append(Bucket(rows, tensors, np.array([len(e.oov) for e in members]),
-                                       np.array([len(e.target_ids) for e in members])))
+            self.buckets.append(Bucket(
+                rows, tensors, np.array([len(e.oov) for e in members]), np.array([len(e.target_ids) for e in members]),
+                np.array([(len(e.turns), max(len(t) for t in e.turns), len(e.situation_ids)) for e in members])))
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -161,7 +163,18 @@ class TensorSplit:
         """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
         b = self.buckets[bucket]
         t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
-        return self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
+        out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
+        if "utt_ids" in out:  # IAMM: cut turns, turn length and situation to this batch's longest
+            M, Lu, Ls = (int(v) for v in b.turns[rows].max(0))
+            for name in ("utt_ids", "utt_mask"):
+                out[name] = out[name][:, :M, :Lu]
+            for name in ("utt_state", "turn_mask"):
+                out[name] = out[name][:, :M]
+            for name in ("situation_ids", "situation_mask"):
+                out[name] = out[name][:, :Ls]
+            for name in ("knowledge_ids", "knowledge_mask"):  # the situation's knowledge stays in the last slot
+                out[name] = torch.cat([out[name][:, :M], out[name][:, -1:]], dim=1)
+        return out
 
     def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
         """The epoch's batches as (bucket, rows); deterministic in (seed, epoch)."""

@@ -67,6 +67,29 @@ def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, s
     return _time_steps(step, batches, warmup, steps)
 
 
+def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) -> float:
+    """IAMM: share of the forward pass spent inside the information association modules (eqs. 8-18)."""
+    from trainers.models.iamm import InformationAssociation
+
+    spent, starts = [0.0], {}
+    modules = [m for m in trainer.raw_model.modules() if isinstance(m, InformationAssociation)]
+    hooks = [h for m in modules for h in (
+        m.register_forward_pre_hook(lambda mod, args: starts.__setitem__(id(mod), time.perf_counter())),
+        m.register_forward_hook(lambda mod, args, out: spent.__setitem__(0, spent[0] + time.perf_counter()
+                                                                         - starts[id(mod)])))]
+    plan = [p for p in trainer.train_data.plan(batch_size, seed=1, epoch=0) if len(p[1]) == batch_size][:batches]
+    total = 0.0
+    with torch.inference_mode():
+        for p in plan:
+            b = trainer.train_data.rows_batch(*p)
+            t0 = time.perf_counter()
+            trainer.raw_model(b)
+            total += time.perf_counter() - t0
+    for h in hooks:
+        h.remove()
+    return spent[0] / total
+
+
 def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 3, steps: int = 12) -> list[dict]:
     rows = []
     for name in models or [m for m in ("transformer", "escm", "iamm") if m in MODELS]:
@@ -81,6 +104,8 @@ def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 3, steps
                 t = fast_path(trainer, bs, warmup, max(4, steps * 16 // bs))
                 rows.append({"model": name, "variant": "trainer fast path", "batch": bs, "ms_per_step": t * 1e3,
                              "examples_per_s": bs / t, "speedup_vs_yardstick": (bs / t) / (16 / base)})
+            if name == "iamm":
+                rows[-1]["association_share"] = association_share(trainer)
     return rows
 
 
@@ -90,7 +115,9 @@ def as_markdown(rows: list[dict]) -> str:
         sp = r.get("speedup_vs_yardstick")
         lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | "
                      f"{r['examples_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
-    return "\n".join(lines)
+    shares = [f"{r['model']}: information association modules take {r['association_share']:.0%} of the "
+              "forward pass (batch 16)" for r in rows if "association_share" in r]
+    return "\n".join(lines + ([""] + shares if shares else []))
 
 
 if __name__ == "__main__":
