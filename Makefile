@@ -13,7 +13,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test test-fast bench lint clean-venv
+.PHONY: demo test test-fast bench lint clean-venv prometheus
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +28,19 @@ $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -e ".[dev,comet]"
 	touch $@
 
-demo: $(VENV)/.base
+# Prometheus for `edp stack` (Debian/Ubuntu package; elsewhere install it and set PROMETHEUS_BIN). On hosts
+# with systemd the package's own service would take :9090, so it is disabled.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || [ -x "$$PROMETHEUS_BIN" ] || { \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus && \
+	  { ! command -v systemctl >/dev/null 2>&1 || $(SUDO) systemctl disable --now prometheus 2>/dev/null || true; }; }
+
+demo: $(VENV)/.base prometheus
 	$(VENV)/bin/edp demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev prometheus
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev

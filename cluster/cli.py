@@ -247,7 +247,11 @@ def sweep(
         _fail(f"{len(summary['errors'])} trial(s) failed: {summary['errors'][0]}")
 
 
-TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI)")]
+def _plain(line: str) -> None:
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
 
 
 @app.command()
@@ -256,7 +260,7 @@ def promote(
     metric: Annotated[str, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")],
     name: Annotated[str, typer.Option("--name", help="registered model name")],
     mode: Annotated[str, typer.Option("--mode", help="max | min: which direction is better")] = "max",
-    where: Annotated[str | None, typer.Option("--where", help="MLflow filter, e.g. \"params.model = 'escm'\"")] = None,
+    where: Annotated[str | None, typer.Option("--where", help="filter: \"params.model = 'escm'\"")] = None,
     force: Annotated[bool, typer.Option("--force", help="promote even if worse than the champion")] = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
@@ -265,8 +269,8 @@ def promote(
     from cluster.promote import promote as do_promote
 
     try:
-        decision = do_promote(experiment, metric, mode, where, name=name, force=force, tracking_uri=tracking_uri,
-                              log=lambda line: console.print(line, soft_wrap=True, markup=False))
+        decision = do_promote(experiment, metric, mode, where, name=name, force=force,
+                              tracking_uri=tracking_uri, log=_plain)
     except (PromotionError, ValueError) as e:
         _fail(str(e))
     console.print(f"[bold]{decision.action}[/]: {name} champion is v{decision.version}")
@@ -284,7 +288,7 @@ def rollback(
     from cluster.promote import rollback as do_rollback
 
     try:
-        do_rollback(name, tracking_uri=tracking_uri, log=lambda line: console.print(line, soft_wrap=True, markup=False))
+        do_rollback(name, tracking_uri=tracking_uri, log=_plain)
     except PromotionError as e:
         _fail(str(e))
 
@@ -293,14 +297,16 @@ def rollback(
 def serve(
     name: Annotated[str, typer.Option("--name", help="registered model name")] = "escm",
     alias: Annotated[str, typer.Option("--alias", help="alias to serve and follow")] = "champion",
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config (cluster/configs/serve)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config file")] = None,
     tracking_uri: TrackingOpt = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (default: the config's)")] = None,
     address: Annotated[str | None, typer.Option("--address", help="attach to this Ray cluster")] = None,
-    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Ray metrics export port")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Ray metrics port")] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Serve models:/NAME@ALIAS with Ray Serve on 127.0.0.1 until Ctrl-C."""
+    import os
+
     from pydantic import ValidationError
 
     from cluster import serve_local
@@ -311,6 +317,10 @@ def serve(
                                                              **parse_overrides(overrides or [])})
     except (ConfigError, ValidationError, OSError) as e:
         _fail(str(e))
+    if not spec.args.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+        from cluster.promote import resolve_tracking_uri
+
+        spec.args["mlflow_tracking_uri"] = resolve_tracking_uri(None)  # the local sweeps' embedded store
     url = serve_local.run(spec, port=port, address=address, metrics_port=metrics_port)
     console.print(f"serving models:/{name}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); Ctrl-C stops")
     try:
@@ -334,7 +344,7 @@ def stack_up(
     state_dir: StateDirOpt = None,
     ports: Annotated[list[str] | None, typer.Option(
         "--ports", help="NAME=PORT[,NAME=PORT...] (repeatable); names: ray_gcs ray_dashboard ray_metrics "
-                        "ray_client ray_agent serve_http mlflow s3 prometheus")] = None,
+                        "ray_client serve_http mlflow s3 prometheus")] = None,
     num_cpus: Annotated[int, typer.Option("--num-cpus", min=1, help="CPUs the Ray head offers")] = 2,
 ) -> None:
     """Start Ray head, MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write the env file."""
@@ -420,19 +430,19 @@ def metrics(
 @app.command()
 def demo(
     data: Annotated[str | None, typer.Option("--data", help="dataset (default: $ED_DATA_DIR or the sample)")] = None,
+    state_dir: Annotated[Path | None, typer.Option("--state-dir", help="local stack state directory")] = None,
+    requests: Annotated[int, typer.Option("--requests", help="HTTP requests sent to the endpoint")] = 60,
 ) -> None:
-    """The whole loop on the embedded default. At this stage: prepare the data and print the summary."""
-    import os
+    """The whole loop on this machine: stack up, data, sweep (ray job), promote, serve, requests, latency."""
+    from cluster import demo as demo_loop
+    from cluster.promote import PromotionError
+    from cluster.stack import StackError
 
-    from trainers.data.prepare import DataConfig
-
-    start = time.perf_counter()
     try:
-        cfg = load_config(DataConfig, source=data or os.environ.get("ED_DATA_DIR") or "sample")
-        prepare_with_summary(cfg)
-    except (ConfigError, DataError) as e:
+        result = demo_loop.run(data, state_dir, console, requests)
+    except (ConfigError, DataError, StackError, PromotionError, demo_loop.DemoError) as e:
         _fail(str(e))
-    console.print(f"[green]demo finished in {time.perf_counter() - start:.1f} s[/]")
+    demo_loop.report(result, console)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""`edp serve`: run the Serve application on a local Ray (HTTP on 127.0.0.1) from a Serve config file.
+
+The config is the same file `serve deploy` and the chart's RayService use (cluster/configs/serve/*.yaml):
+its application args and its deployment options (autoscaling, resources) apply; the command line picks the
+registered model and alias and, locally, the host and port.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve" / "escm.yaml"
+
+
+@dataclass
+class LocalServe:
+    app_name: str
+    route_prefix: str
+    args: dict[str, Any]
+    deployment_options: dict[str, Any] = field(default_factory=dict)
+    port: int = 8000
+
+
+def from_config(path: Path | None, name: str | None = None, alias: str | None = None,
+                overrides: dict[str, Any] | None = None) -> LocalServe:
+    """Application args + deployment options of the app serving `name` in a Serve config file."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from services.app import AppArgs
+
+    path = Path(path or DEFAULT_CONFIG)
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    apps = config.applications
+    chosen = next((a for a in apps if name and (a.args or {}).get("model_name") == name), apps[0])
+    args = dict(chosen.args or {})
+    args.update({k: v for k, v in {"model_name": name, "model_alias": alias, **(overrides or {})}.items()
+                 if v is not None})
+    AppArgs.model_validate(args)  # a bad value fails here, naming the field
+    options: dict[str, Any] = {}
+    if chosen.deployments:
+        options = chosen.deployments[0].model_dump(exclude_unset=True, exclude={"name"})
+    port = config.http_options.port if config.http_options and config.http_options.port else 8000
+    return LocalServe(chosen.name, chosen.route_prefix or "/", args, options, port)
+
+
+def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, address: str | None = None,
+        metrics_port: int | None = None, num_cpus: int | None = None) -> str:
+    """Start (or attach to) Ray, start Serve's HTTP proxy on host:port, deploy; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from services.app import make_app
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _metrics_export_port=metrics_port)
+    port = port or spec.port
+    serve.start(http_options={"host": host, "port": port})
+    app = make_app(spec.args, **spec.deployment_options)
+    serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix)
+    return f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"

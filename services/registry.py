@@ -1,0 +1,148 @@
+"""Resolve `models:/<name>@<alias>` in the MLflow registry to a local trainer checkpoint and load a Responder.
+
+Contract with whoever registers versions (cluster.promote, or by hand):
+
+- A model version's `source` is either a logged model (`models:/m-...`, e.g. the pyfunc model of
+  services/pyfunc_model.py logged by cluster.tracking.log_pyfunc_model, whose checkpoint sits under
+  `artifacts/`) or a run artifact directory (`runs:/<run_id>/model`) holding `checkpoint.pt`.
+- The version's `run_id` names the training run (kept as the tag `run_id` too).
+- The serving side downloads the version's files and loads the first edp trainer checkpoint it finds
+  (`checkpoint.pt`, then `best.pt`, then the newest other `*.pt`); if the source holds none it falls
+  back to the run's `model/` artifacts. The checkpoint carries config, vocabulary and weights, so the
+  preprocessing is the training run's (same spaCy pipeline, same vocabulary).
+
+    resolved = resolve("models:/escm@champion", tracking_uri)
+    responder = load_responder(resolved)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
+CHECKPOINT_PREFERENCE = ("checkpoint.pt", "best.pt")
+
+
+class RegistryError(RuntimeError):
+    """The registry has no such model/alias/version, or the version holds no usable checkpoint."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    alias: str | None
+    version: str
+    run_id: str | None
+    source: str
+    checkpoint: Path        # local file inside local_dir
+    local_dir: Path         # this version's downloaded files (removed by discard())
+    download_s: float = 0.0
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """'models:/escm@champion' -> ('escm', 'champion', None); 'models:/escm/3' -> ('escm', None, '3')."""
+    m = MODEL_URI.match(uri)
+    if not m:
+        raise RegistryError(f"{uri!r} is not a registry URI "
+                            "(models:/<name>@<alias> or models:/<name>/<version>)")
+    return m["name"], m["alias"], m["version"]
+
+
+def client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def lookup(c, name: str, alias: str | None = None, version: str | None = None):
+    """The ModelVersion for an alias or version number; RegistryError naming what is missing."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except MlflowException as e:
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise RegistryError(f"registered model {name!r} has no {what} ({e.error_code})") from e
+
+
+def find_checkpoint(root: Path) -> Path | None:
+    """The trainer checkpoint inside a downloaded model directory (see the module contract)."""
+    found = sorted((p for p in root.rglob("*.pt") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
+    for preferred in CHECKPOINT_PREFERENCE:
+        named = [p for p in found if p.name == preferred]
+        if named:
+            return named[0]
+    return found[-1] if found else None
+
+
+def download_checkpoint(c, tracking_uri: str, mv, dst: Path) -> Path:
+    """Download the version's files into `dst`; return its checkpoint (fallback: the run's model/).
+
+    The version's storage location comes from the registry (`get_model_version_download_uri`), so this
+    needs no process-global registry URI (a Serve replica has only the tracking URI it was given).
+    """
+    from mlflow.artifacts import download_artifacts
+
+    tried = []
+    locations = [lambda: c.get_model_version_download_uri(mv.name, mv.version)]
+    if mv.run_id:
+        locations.append(lambda: f"runs:/{mv.run_id}/model")
+    for i, location in enumerate(locations):
+        target = dst / f"src{i}"
+        target.mkdir(parents=True, exist_ok=True)
+        uri = f"location {i}"
+        try:
+            uri = location()
+            download_artifacts(artifact_uri=uri, dst_path=str(target), tracking_uri=tracking_uri)
+        except Exception as e:  # noqa: BLE001 - try the next location, report all at the end
+            tried.append(f"{uri}: {type(e).__name__}: {e}")
+            continue
+        ckpt = find_checkpoint(target)
+        if ckpt is not None:
+            return ckpt
+        tried.append(f"{uri}: no *.pt file")
+    raise RegistryError(f"model {mv.name!r} version {mv.version} holds no trainer checkpoint; tried "
+                        + "; ".join(tried))
+
+
+def resolve(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) -> ResolvedModel:
+    """`models:/name@alias` (or `/version`) -> version, run id and a local checkpoint path."""
+    name, alias, version = parse_model_uri(uri)
+    c = client(tracking_uri)
+    mv = lookup(c, name, alias, version)
+    t0 = time.perf_counter()
+    base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "edp-registry"
+    base.mkdir(parents=True, exist_ok=True)
+    dst = Path(tempfile.mkdtemp(prefix=f"{name}-v{mv.version}-", dir=base))
+    try:
+        ckpt = download_checkpoint(c, tracking_uri, mv, dst)
+    except BaseException:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise
+    return ResolvedModel(name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, ckpt,
+                         dst, time.perf_counter() - t0)
+
+
+def current_version(tracking_uri: str, name: str, alias: str) -> str:
+    """The version number the alias points at now (one cheap registry call; used for hot-swap polling)."""
+    return str(lookup(client(tracking_uri), name, alias).version)
+
+
+def load_responder(resolved: ResolvedModel, device: str = "cpu", warm_up: bool = True):
+    """A warmed-up trainers.inference.Responder for a resolved version."""
+    from trainers.inference import Responder
+
+    responder = Responder.from_checkpoint(resolved.checkpoint, device=device)
+    if warm_up:
+        responder.warm_up()
+    return responder
+
+
+def discard(resolved: ResolvedModel) -> None:
+    """Remove a resolved version's downloaded files (after it has been swapped out)."""
+    shutil.rmtree(resolved.local_dir, ignore_errors=True)

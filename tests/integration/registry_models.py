@@ -1,0 +1,80 @@
+"""Test helpers: a tiny trained checkpoint and sweeps of child runs logged to a real MLflow server.
+
+Until a sweep has produced them, the promotion and serving tests make their own child runs the way the
+tracking code does (parent run, nested children with metrics and a model): the model is the pyfunc model
+of services/pyfunc_model.py (via cluster.tracking.log_pyfunc_model) when that exists, else the checkpoint
+as the run artifact `model/checkpoint.pt` (the other layout services/registry.py accepts).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def train_tiny(prepared, out_dir: Path, seed: int = 0, max_steps: int = 4,
+               max_len: int = 12) -> tuple[Path, dict]:
+    """Train the tiny ESCM flavour for a few steps on the prepared sample: (best.pt, final metrics).
+
+    Replies are capped at `max_len` tokens (the checkpoint's decoding setting) to keep serving tests fast.
+    """
+    from trainers.config import load_config
+    from trainers.loop import TrainConfig, Trainer
+
+    cfg = load_config(TrainConfig, model="escm", out_dir=str(out_dir), device="cpu", seed=seed,
+                      use_vectors=False,
+                      data={"source": "sample", "cache_dir": str(prepared.path.parent)},
+                      model_overrides={"flavour": "tiny"}, warmup=20, lr_factor=2.0, batch_size=8,
+                      max_steps=max_steps, eval_every=max_steps, log_every=max_steps, eval_generate=2,
+                      num_samples=1, max_target=20, decode={"max_len": max_len})
+    result = Trainer(cfg, prepared, log=lambda s: None).train()
+    return out_dir / "checkpoints" / "best.pt", result["final"]
+
+
+def pyfunc_available() -> bool:
+    root = Path(__file__).resolve().parents[2]
+    return ((root / "services" / "pyfunc_model.py").exists()
+            and importlib.util.find_spec("cluster.tracking") is not None)
+
+
+def log_child(c, experiment_id: str, parent_run_id: str, checkpoint: Path, metrics: dict[str, float],
+              params: dict[str, str] | None = None, name: str = "trial", pyfunc: bool | None = None) -> str:
+    """A FINISHED child run with `metrics`, `params` and the model; returns its run id."""
+    import mlflow
+
+    run = c.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id})
+    run_id = run.info.run_id
+    for k, v in (params or {}).items():
+        c.log_param(run_id, k, v)
+    for k, v in metrics.items():
+        c.log_metric(run_id, k, v)
+    if pyfunc if pyfunc is not None else pyfunc_available():
+        from cluster.tracking import log_pyfunc_model
+
+        mlflow.set_tracking_uri(c.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            log_pyfunc_model(checkpoint)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(checkpoint, Path(tmp) / "checkpoint.pt")
+            c.log_artifact(run_id, str(Path(tmp) / "checkpoint.pt"), "model")
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def log_sweep(tracking_uri: str, experiment: str, checkpoint: Path, trials: list[dict],
+              pyfunc: bool | None = None) -> dict[str, str]:
+    """A parent run with one child per `trials` entry ({"name", "metrics", "params"}): {name: run_id}."""
+    from mlflow import MlflowClient
+
+    c = MlflowClient(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    parent = c.create_run(exp_id, run_name=f"{experiment}-parent").info.run_id
+    ids = {t["name"]: log_child(c, exp_id, parent, checkpoint, t["metrics"], t.get("params"), t["name"],
+                                t.get("pyfunc", pyfunc))
+           for t in trials}
+    c.set_terminated(parent, "FINISHED")
+    return ids
