@@ -29,6 +29,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
 SERVE_CONFIG = PROJECT_ROOT / "cluster" / "configs" / "serve" / "escm.yaml"
 REGISTERED_NAME = "edp-demo"
+LATENCY_METRIC = "ray_serve_http_request_latency_ms"  # Serve's own HTTP latency histogram
 EXAMPLES = [
     {"context": ["I finally got the job offer I have been waiting for all year!"]},
     {"context": ["My dog passed away this morning. He was with me for fourteen years."]},
@@ -71,7 +72,6 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
         state = stack.up(state_dir, ports, log=lambda line: console.print(f"  {line}"))
         lap("stack up", start)
     env = stack.stack_env(stack.Stack(Path(state_dir or stack.default_state_dir()).resolve()), state["ports"])
-    os.environ.update(env)  # this process (promotion, Serve deploy) talks to the stack too
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"
@@ -91,8 +91,9 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
 
     start = time.perf_counter()
     # the champion is one of the papers' models (the baseline has no emotion head and no evidence to show)
-    result.decision = promote("demo", "valid_ppl", "min", where="params.`config.model` != 'transformer'",
-                              name=REGISTERED_NAME, log=lambda line: console.print(f"  [cyan]promote[/] {line}"))
+    result.decision = promote("demo", "valid_ppl", "min", where="params.model != 'transformer'",
+                              name=REGISTERED_NAME, tracking_uri=env["MLFLOW_TRACKING_URI"],
+                              log=lambda line: console.print(f"  [cyan]promote[/] {line}"))
     lap("promote", start)
 
     start = time.perf_counter()
@@ -101,6 +102,9 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     lap("serve deploy", start)
 
     start = time.perf_counter()
+    with console.status("first request; waiting until Prometheus has scraped the latency histogram ..."):
+        post(base, EXAMPLES[0])  # Prometheus's rate() needs the series to exist before the measured requests
+        wait_for_series(env["EDP_PROMETHEUS_URL"])
     result.responses = send_requests(base, requests, console)
     lap("requests", start)
 
@@ -214,12 +218,21 @@ def send_requests(base: str, n: int, console: Console) -> list[tuple[dict, dict]
     return list(zip(bodies[: len(EXAMPLES)], [a for _, a in answers[: len(EXAMPLES)]]))
 
 
+def wait_for_series(url: str, timeout: float = 90) -> None:
+    from cluster.stack_metrics import Prometheus, parse_vector, series_query
+
+    prom, deadline = Prometheus(url), time.monotonic() + timeout
+    while not parse_vector(prom.query(series_query(LATENCY_METRIC))) and time.monotonic() < deadline:
+        time.sleep(2)
+    time.sleep(6)  # one more scrape interval, so the measured requests land after the first sample
+
+
 def latency_from_prometheus(url: str, timeout: float = 90) -> dict[str, float]:
     """p50/p99 of Serve's HTTP latency for /v1/respond over the last 5 minutes, once Prometheus has it."""
     from cluster.stack_metrics import Prometheus, parse_vector, quantile_query
 
     prom = Prometheus(url)
-    metric = "ray_serve_http_request_latency_ms"
+    metric = LATENCY_METRIC
     deadline = time.monotonic() + timeout
     while True:
         out = {}

@@ -144,7 +144,8 @@ class RunLogger:
         params = {**flatten(cfg.model_dump(), "config."), **flatten(vars(trainer.raw_model.cfg), "model."),
                   "data.key": manifest["key"], "data.code_version": manifest.get("code_version", ""),
                   **{f"substitution.{k}": v for k, v in flatten(manifest["substitutions"]).items()},
-                  **code_version(), "world_size": trainer.world_size}
+                  **code_version(), "world_size": trainer.world_size,
+                  "model": cfg.model}  # short key for promotion filters: --where "params.model = 'escm'"
         existing = self.client.get_run(self.run_id).data.params
         todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]  # retry: already set
         for i in range(0, len(todo), 100):
