@@ -186,6 +186,17 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _when_healthy(name: str, proc: subprocess.Popen, url: str, health_path: str, log: Path, timeout: float,
+                  stop_timeout: float = 15.0) -> Service:
+    """The started `proc` as a Service once `url + health_path` answers; stopped (and re-raised) if it never does."""
+    try:
+        wait_http(f"{url}{health_path}", proc, log, timeout)
+    except BaseException:
+        stop_process_group(proc.pid, timeout=stop_timeout)
+        raise
+    return Service(name, proc, url, log)
+
+
 def spawn(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,
           cwd: Path | None = None, base_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start `cmd` in a new session (its own process group), stdout and stderr appended to `log`."""
@@ -215,13 +226,7 @@ def start_mlflow(state_dir: Path, port: int | None = None, artifacts_destination
            "--artifacts-destination", artifacts_destination or str(state_dir / "artifacts")]
     log = state_dir / "mlflow.log"
     proc = spawn("mlflow", cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
-    url = f"http://{HOST}:{port}"
-    try:
-        wait_http(f"{url}/health", proc, log, timeout)
-    except BaseException:
-        stop_process_group(proc.pid)
-        raise
-    return Service("mlflow", proc, url, log)
+    return _when_healthy("mlflow", proc, f"http://{HOST}:{port}", "/health", log, timeout)
 
 
 # ---- SeaweedFS S3 -----------------------------------------------------------------------------------
@@ -404,13 +409,8 @@ def start_ray_head(state_dir: Path, ports: dict[str, int], num_cpus: int = 2, en
     log = state_dir / "ray.log"
     # cwd: job drivers start there; a directory named `ray` in it would shadow the package
     proc = spawn("ray", cmd, log, env, cwd=state_dir, base_env=base)
-    url = f"http://{HOST}:{ports['dashboard']}"
-    try:
-        wait_http(f"{url}/api/version", proc, log, timeout)
-    except BaseException:
-        stop_process_group(proc.pid, timeout=5)  # Ray ignores SIGTERM
-        raise
-    return Service("ray", proc, url, log)
+    return _when_healthy("ray", proc, f"http://{HOST}:{ports['dashboard']}", "/api/version", log, timeout,
+                         stop_timeout=5)  # Ray ignores SIGTERM
 
 
 # ---- Prometheus -------------------------------------------------------------------------------------
@@ -448,10 +448,4 @@ def start_prometheus(state_dir: Path, port: int | None, targets: dict[str, list[
            f"--web.listen-address={HOST}:{port}", "--storage.tsdb.retention.time=7d"]
     log = state_dir / "prometheus.log"
     proc = spawn("prometheus", cmd, log, cwd=state_dir)
-    url = f"http://{HOST}:{port}"
-    try:
-        wait_http(f"{url}/-/ready", proc, log, timeout)
-    except BaseException:
-        stop_process_group(proc.pid)
-        raise
-    return Service("prometheus", proc, url, log)
+    return _when_healthy("prometheus", proc, f"http://{HOST}:{port}", "/-/ready", log, timeout)

@@ -47,6 +47,30 @@ def storage_uri(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def storage_location(path: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for `RunConfig(storage_filesystem=..., storage_path=...)`.
+
+    An s3:// URI is resolved here, on the driver: pyarrow takes the endpoint from the URI
+    (`s3://bucket/prefix?endpoint_override=host:port&scheme=http`) or from AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL, and the credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+    (AWS_SESSION_TOKEN) when set, else the default chain. Ray pickles this filesystem to its controller
+    and workers, whose environment may lack those variables (Train v2 passes its controller none).
+    Local paths and other schemes are left to Ray (None).
+    """
+    uri = storage_uri(path)
+    if not uri.startswith("s3://"):
+        return None, uri
+    import pyarrow.fs
+
+    fs, fs_path = pyarrow.fs.FileSystem.from_uri(uri)
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if key and secret:  # explicit, so they travel with the pickled filesystem
+        options = fs.__reduce__()[1][0]  # the resolved S3 options (endpoint, region, scheme, ...)
+        fs = pyarrow.fs.S3FileSystem(**{**options, "access_key": key, "secret_key": secret,
+                                        "session_token": os.environ.get("AWS_SESSION_TOKEN")})
+    return fs, fs_path
+
+
 # ------------------------------------------------------------------------------------------------
 # Worker side
 
@@ -156,11 +180,12 @@ def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None
     s = cfg.scaling
     gpu = s.gpus_per_worker > 0
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})}
+    storage_filesystem, storage_path = storage_location(cfg.storage_path)
     return TorchTrainer(
         train_worker, train_loop_config={**loop_config, "gpus_per_worker": s.gpus_per_worker},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=storage_uri(cfg.storage_path),
+        run_config=RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), callbacks=callbacks),
     )

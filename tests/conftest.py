@@ -24,6 +24,17 @@ def ed_data_dir() -> Path:
     return Path(value)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module of many small models: intra-op threads thrash a shared 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory):
     """The embedded sample prepared once per session (spaCy parse, real vectors)."""

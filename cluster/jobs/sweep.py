@@ -13,8 +13,7 @@ import argparse
 import json
 import sys
 
-from trainers.config import ConfigError
-from trainers.data.records import DataError
+from cluster.jobs import run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,23 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.sweep import load_sweep, run_sweep
     from cluster.tracking import table_markdown
 
-    try:
-        cfg = load_sweep(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import ray
-
-    try:
+    def run(cfg) -> int:
         summary = run_sweep(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-    print(table_markdown(summary["rows"]))
-    print(json.dumps({k: summary[k] for k in ("parent_run_id", "best_run_id", "trials", "errors", "wall_s")}))
-    return 1 if summary["errors"] else 0
+        print(table_markdown(summary["rows"]))
+        print(json.dumps({k: summary[k] for k in ("parent_run_id", "best_run_id", "trials", "errors", "wall_s")}))
+        return 1 if summary["errors"] else 0
+
+    return run_job(lambda: load_sweep(args.config, args.overrides), run)
 
 
 if __name__ == "__main__":

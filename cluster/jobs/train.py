@@ -13,8 +13,8 @@ import argparse
 import json
 import sys
 
-from trainers.config import ConfigError, load_config
-from trainers.data.records import DataError
+from cluster.jobs import run_job
+from trainers.config import load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,26 +53,17 @@ def config_from_args(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import ray
 
-    from cluster.ray_train import run_train
+    def run(cfg) -> int:
+        from cluster.ray_train import run_train
 
-    try:
         result = run_train(cfg)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-    metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
-    print(json.dumps({"run_id": result["run_id"], "checkpoint": result["checkpoint"],
-                      "wall_s": result["wall_s"], "metrics": metrics}))
-    return 0
+        metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}
+        print(json.dumps({"run_id": result["run_id"], "checkpoint": result["checkpoint"],
+                          "wall_s": result["wall_s"], "metrics": metrics}))
+        return 0
+
+    return run_job(lambda: config_from_args(args), run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark that fits this machine and write BENCHMARKS.md.
 
-    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train]
+    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,sweep,serve]
 
 Uses the full ED splits when ED_DATA_DIR (or --data) is set, else the embedded sample. Figures
 recorded on other machines (a lent GPU) live in the hand-kept section of BENCHMARKS.md below the
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--data", default=os.environ.get("ED_DATA_DIR") or "sample")
-    p.add_argument("--only", default="data,train")
+    p.add_argument("--only", default="data,train,sweep,serve")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -65,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         parts += ["## Training step (paper-sized models, CPU)", "", bench_train.__doc__.strip(), "",
                   f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).", "",
                   bench_train.as_markdown(rows), "", f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
+    for key, title in (("sweep", "Ray Train and sweeps (local Ray, 2 CPUs)"),
+                       ("serve", "Serving (Ray Serve on 127.0.0.1, CPU)")):
+        if key in only:
+            import importlib
+
+            module = importlib.import_module(f"tests.bench.bench_{key}")
+            print(f"benchmark: {key} ...", flush=True)
+            t0 = time.perf_counter()
+            result = module.run()
+            parts += [f"## {title}", "", module.__doc__.strip(), "", module.as_markdown(result), "",
+                      f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
     out = Path(args.out)
     kept = out.read_text().split(MARK, 1)[1] if out.exists() and MARK in out.read_text() else "\n"
     out.write_text("\n".join(parts) + "\n" + MARK + kept)

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 from cluster import demo, stack
 from cluster.local_services import free_ports
+from cluster.stack_metrics import Prometheus, parse_vector
 from trainers.data.emotions import EMOTIONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+DASHBOARD = Path(__file__).resolve().parents[2] / "helm/empathy-platform/files/grafana/empathy-serve.json"
+ONLY_ON_ERRORS_OR_SERVE_BATCHING = {"ray_serve_num_http_error_requests_total", "ray_serve_batch_size"}
+
+
+def check_grafana_dashboard_against(prometheus_url: str) -> None:
+    """The chart's Grafana dashboard works on the local Prometheus: every panel query is valid PromQL there,
+    and every series it reads exists (except error counters, which need errors, and Serve's own batching)."""
+    prom = Prometheus(prometheus_url)
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p.get("targets", [])]
+    assert exprs
+    for expr in exprs:
+        parse_vector(prom.query(expr.replace("$__rate_interval", "5m")), label="route")  # raises on bad PromQL
+    names = {n for e in exprs for n in re.findall(r"\b(ray_[a-z_]+)", e)}
+    names = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names} - ONLY_ON_ERRORS_OR_SERVE_BATCHING
+    missing = [n for n in sorted(names)
+               if not parse_vector(prom.query(f'count({{__name__=~"{n}(_bucket|_sum|_count)?"}})'), label="x")]
+    assert not missing, f"dashboard series absent from the local Prometheus: {missing}"
 
 
 def test_whole_loop_on_the_sample(tmp_path):
@@ -29,6 +50,7 @@ def test_whole_loop_on_the_sample(tmp_path):
             assert isinstance(answer["evidence"], list)
             assert answer["model"]["name"] == demo.REGISTERED_NAME and answer["model"]["version"] == "1"
         assert "p50" in result.latency and math.isfinite(result.latency["p99"])
+        check_grafana_dashboard_against(result.urls["prometheus"])
     finally:
         stack.down(tmp_path / "stack", log=lambda line: None)
     assert not any(s.healthy for s in stack.status(tmp_path / "stack"))

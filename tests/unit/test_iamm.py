@@ -21,13 +21,7 @@ TINY = dict(emb_dim=32, d_model=32, attn_depth=16, ffn_dim=32, max_len=1024, d_h
 # Synthetic batches obeying the ESCM + IAMM contract (trainers/data/collate.py)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: the shared 2-core box thrashes with intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_example(g: torch.Generator, n_turns: int | None = None, knowledge: bool = True, oov_rate=0.15):

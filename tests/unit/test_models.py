@@ -17,13 +17,7 @@ VARIANTS = [("transformer", {}), ("escm", {}), ("escm", {"no_desv": True}), ("es
 IDS = [f"{n}-{next(iter(o), 'full')}" for n, o in VARIANTS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Single-threaded torch: the shared 2-core CI box thrashes with intra-op threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name="escm", seed=0, **overrides):
