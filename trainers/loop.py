@@ -246,7 +246,7 @@ class Evaluator:
         """Decode examples `indices`; returns per example the text fields and predicted emotion."""
         model, dcfg = self.model, self.cfg.decode_config()
         model.eval()
-        indices = np.asarray(list(indices))
+        indices = np.asarray(list(indices), dtype=np.int64)
         results: dict[int, dict] = {}
         for k in np.unique(data.where[indices, 0]):
             members = indices[data.where[indices, 0] == k]

@@ -5,10 +5,12 @@ MLflow store.
 Yardstick: the plain single-process `trainers.loop.Trainer` (1 torch thread, as a Ray worker with
 < 2 CPUs gets) on the same config, data and steps. Wall time is end to end (prepare cache hit, MLflow run,
 worker start-up, training, final evaluation and logging; for Ray also the worker group and the gloo
-process group). Steady state is the step rate between the first and the last evaluation (timestamps of
-the `valid_loss` metric in MLflow for Ray, the `on_eval` hook for the plain trainer): it includes the
-evaluations, checkpoint writes and, for Ray, `report` + checkpoint persistence + MLflow logging.
-With 2 workers each step is 2 shards of `batch_size` examples (gloo all-reduce of the gradients).
+process group). Training steps/s is the steady-state rate of the training steps alone, from the trainer's
+own rate lines (the plain trainer's `log` hook; the Ray workers' stdout files). Steps/s with evaluations
+runs from the first to the last evaluation (the `on_eval` hook for the plain trainer, timestamps of the
+`valid_loss` metric in MLflow for Ray): it adds the evaluations, checkpoint writes and, for Ray,
+`report` + checkpoint persistence + MLflow logging. With 2 workers each step is 2 shards of
+`batch_size` examples (gloo all-reduce of the gradients).
 """
 
 from __future__ import annotations

@@ -81,3 +81,9 @@ def test_bad_train_config_names_the_field(tmp_path, prepared_sample):
         make_cfg(tmp_path, prepared_sample, batch_size=0)
     with pytest.raises(ConfigError, match="strategy"):
         make_cfg(tmp_path, prepared_sample, decode={"strategy": "telepathy"})
+
+
+def test_no_samples_requested_writes_an_empty_samples_file(tmp_path, prepared_sample):
+    cfg = make_cfg(tmp_path, prepared_sample, max_steps=2, eval_every=2, eval_generate=1, num_samples=0)
+    Trainer(cfg, prepared_sample, log=lambda s: None).train()
+    assert (tmp_path / "run" / "samples.jsonl").read_text() == ""

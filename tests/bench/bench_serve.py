@@ -1,0 +1,203 @@
+"""Serving cost on this machine: the Ray Serve application over HTTP versus the model alone.
+
+A tiny ESCM trained a few steps on the embedded sample (replies capped at 30 tokens, and an untrained
+model uses them all) is logged and registered in a throwaway MLflow server (`cluster.local_services`),
+promoted to `champion` and served as `edp serve` does (`cluster.serve_local.from_config` + `run`, Serve
+config cluster/configs/serve/escm.yaml) on a local Ray (2 CPUs) at 127.0.0.1: two applications side by
+side, `@serve.batch` on (max_batch_size 8) and off (1), each pinned to one replica with 1 CPU (autoscaling
+off, so batching is the only difference). Load: a fixed number of POST /v1/respond requests from an
+asyncio httpx client in this process (loopback only) at each concurrency, the two settings measured
+one after the other at each concurrency; latency is per request, client side.
+Yardstick: `Responder.respond` called in-process on the same checkpoint (no HTTP, no Serve, 1 torch thread
+like the replica) with 1 and 8 requests per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CONTEXTS = [  # request bodies, cycled: different lengths so parsing and padding vary as in real traffic
+    {"context": ["I finally passed my driving test today!"], "situation": None},
+    {"context": ["I lost my wallet on the bus.", "Oh no! Did you find it?", "No, and it had my ID."],
+     "situation": "I lost my wallet on the bus."},
+    {"context": ["My dog has been sick all week and I am so worried about him."], "situation": None},
+    {"context": ["We are moving to a new city next month.", "That sounds exciting!",
+                 "It is, but I will miss my friends."], "situation": None},
+    {"context": ["Someone ate my lunch from the office fridge again."], "situation": "my lunch was stolen"},
+    {"context": ["I got the job offer I was hoping for!"], "situation": None},
+    {"context": ["The storm knocked our power out last night and I could not sleep."], "situation": None},
+    {"context": ["My sister surprised me with tickets to the concert.", "How nice of her!"],
+     "situation": None},
+]
+MODEL = "escm-bench"
+
+
+def quantiles(latencies_s: list[float]) -> dict:
+    ms = np.asarray(latencies_s) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99))}
+
+
+def in_process(checkpoint: Path, batch: int, calls: int) -> dict:
+    """The yardstick: `calls` calls of `Responder.respond` with `batch` requests each."""
+    from trainers.inference import Responder
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        responder = Responder.from_checkpoint(checkpoint)
+        responder.warm_up()
+        latencies, tokens = [], []
+        t0 = time.perf_counter()
+        for i in range(calls):
+            requests = [CONTEXTS[(i * batch + j) % len(CONTEXTS)] for j in range(batch)]
+            t = time.perf_counter()
+            out = responder.respond(requests)
+            latencies.append(time.perf_counter() - t)
+            tokens += [o["tokens_generated"] for o in out]
+        wall = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
+    return {"mode": f"in-process `Responder.respond`, {batch} per call", "batch": batch, "concurrency": None,
+            "requests": calls * batch, "errors": 0, "wall_s": wall, "req_per_s": calls * batch / wall,
+            "tokens": statistics.mean(tokens), **quantiles(latencies)}
+
+
+async def _load(url: str, requests: int, concurrency: int) -> tuple[list[float], int, float]:
+    """`requests` POSTs, at most `concurrency` in flight: (latencies of the 200s, errors, wall s)."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    queue = iter(range(requests))
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal errors
+        for i in queue:
+            t = time.perf_counter()
+            try:
+                r = await client.post("/v1/respond", json=CONTEXTS[i % len(CONTEXTS)])
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors += 1
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        return latencies, errors, time.perf_counter() - t0
+
+
+def over_http(url: str, batch: int, concurrency: int, requests: int) -> dict:
+    latencies, errors, wall = asyncio.run(_load(url, requests, concurrency))
+    return {"mode": f"Ray Serve HTTP, batching {'on' if batch > 1 else 'off'} (max_batch_size {batch})",
+            "batch": batch, "concurrency": concurrency, "requests": requests, "errors": errors,
+            "wall_s": wall, "req_per_s": len(latencies) / wall, **quantiles(latencies or [float("nan")])}
+
+
+def register(checkpoint: Path, mlflow_url: str) -> str:
+    """Log the checkpoint as a child run and promote it to models:/escm-bench@champion; the version."""
+    from cluster.promote import promote
+    from tests.integration.registry_models import log_sweep
+
+    log_sweep(mlflow_url, "bench-serve", checkpoint,
+              [{"name": "tiny", "metrics": {"valid_acc": 0.0}, "params": {"model": "escm"}}])
+    decision = promote("bench-serve", "valid_acc", "max", name=MODEL, tracking_uri=mlflow_url,
+                       log=lambda s: None)
+    return decision.version
+
+
+def run(requests: int = 160, concurrencies: tuple[int, ...] = (1, 8, 32), batches: tuple[int, ...] = (8, 1),
+        in_process_requests: int = 80) -> dict:
+    import ray
+    from ray import serve
+
+    from cluster import serve_local
+    from cluster.local_services import free_port, start_mlflow
+    from tests.integration.registry_models import train_tiny
+    from trainers.config import load_config
+    from trainers.data.prepare import DataConfig, prepare
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    load = [os.getloadavg()[0]]
+    rows, deploy_s = [], {}
+    with tempfile.TemporaryDirectory(prefix="edp-bench-serve-") as d:
+        tmp = Path(d)
+        prepared = prepare(load_config(DataConfig, source="sample", cache_dir=str(tmp / "prepared")))
+        checkpoint, _ = train_tiny(prepared, tmp / "tiny", max_steps=4, max_len=30)
+        rows += [in_process(checkpoint, b, max(1, in_process_requests // b)) for b in (1, 8)]
+        mlflow = start_mlflow(tmp / "mlflow")
+        try:
+            version = register(checkpoint, mlflow.url)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            port = free_port()
+            urls = {}
+            for batch in batches:  # one app per setting, side by side (1 CPU each), measured interleaved
+                spec = serve_local.from_config(None, MODEL, "champion",
+                                               {"mlflow_tracking_uri": mlflow.url, "max_batch_size": batch})
+                options = {k: v for k, v in spec.deployment_options.items() if k != "autoscaling_config"}
+                spec.deployment_options = {**options, "num_replicas": 1, "ray_actor_options": {"num_cpus": 1}}
+                spec.app_name, spec.route_prefix = f"{spec.app_name}-batch{batch}", f"/batch{batch}"
+                t0 = time.perf_counter()
+                urls[batch] = serve_local.run(spec, port=port)
+                deploy_s[batch] = time.perf_counter() - t0
+                over_http(urls[batch], batch, 8, 16)  # warm up the proxy, the replica and the connections
+            rows += [over_http(urls[b], b, c, requests) for c in concurrencies for b in batches]
+        finally:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+            mlflow.stop()
+    load.append(os.getloadavg()[0])
+    return {"rows": rows, "deploy_s": deploy_s, "version": version, "load": load, "requests": requests,
+            "tokens": rows[0]["tokens"]}
+
+
+def as_markdown(r: dict) -> str:
+    rows = r["rows"]
+    by = {(x["batch"], x["concurrency"]): x for x in rows}
+    alone = {x["batch"]: x for x in rows if x["concurrency"] is None}
+    lines = [f"{r['requests']} requests per HTTP row ({r['tokens']:.0f}-token replies), model "
+             f"`models:/{MODEL}@champion` v{r['version']}; Serve deploy (load from the registry + warm-up) "
+             + ", ".join(f"{s:.1f} s (max_batch_size {b})" for b, s in r["deploy_s"].items())
+             + f". Load average {r['load'][0]:.1f} at start, {r['load'][1]:.1f} at end (machine shared with "
+             "other work: expect noise).", "",
+             "| mode | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | compared with |",
+             "|---|---|---|---|---|---|---|---|"]
+    for x in rows:
+        c = x["concurrency"]
+        if c is None:
+            vs = "yardstick" if x["batch"] == 1 else f"{x['req_per_s'] / alone[1]['req_per_s']:.1f}x batch 1"
+        else:
+            ref = alone[8 if x["batch"] > 1 and c > 1 else 1]
+            vs = f"{x['req_per_s'] / ref['req_per_s']:.2f}x in-process batch {ref['batch']}"
+            if x["batch"] > 1 and (1, c) in by:
+                off = by[(1, c)]
+                vs = (f"{x['req_per_s'] / off['req_per_s']:.2f}x the throughput of batching off, "
+                      f"p99 {x['p99_ms'] / off['p99_ms']:.2f}x; " + vs)
+        lines.append(f"| {x['mode']} | {c or '-'} | {x['req_per_s']:.1f} | {x['p50_ms']:.0f} "
+                     f"| {x['p95_ms']:.0f} | {x['p99_ms']:.0f} | {x['errors']} | {vs} |")
+    if (1, 1) in by and (8, 1) in by:
+        http = by[(1, 1)]["p50_ms"] - alone[1]["p50_ms"]
+        wait = by[(8, 1)]["p50_ms"] - by[(1, 1)]["p50_ms"]
+        lines += ["", f"At concurrency 1, HTTP + Serve add {http:+.0f} ms p50 to the model alone "
+                      f"({alone[1]['p50_ms']:.0f} ms); batching on adds {wait:+.0f} ms more (a lone request "
+                      "waits batch_wait_timeout_s = 20 ms for company). Target (issue 6): batching >= 3x "
+                      "throughput at equal p99."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(as_markdown(run()))
