@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ class RayTrainConfig(StrictModel):
     storage_path: str = Field("runs/ray", description="Ray checkpoints: a local directory or s3://bucket/prefix")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    inject_failure_at_step: int | None = Field(None, ge=1, description="testing: last rank raises once here")
+    inject_failure_at_step: int | None = Field(None, ge=1, description="testing: last rank is SIGKILLed once here")
 
 
 def storage_uri(path: str) -> str:
@@ -154,7 +155,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def _inject_failure(trainer: Trainer, at_step: int) -> None:
-    """Testing: raise once when `at_step` is reached (a marker file makes the retry pass it)."""
+    """Testing: the worker process kills itself (SIGKILL, no clean-up) once when `at_step` is reached;
+    a marker file makes the restarted worker group pass that step."""
     marker = trainer.out / ".failure_injected"
     step = trainer.train_step
 
@@ -162,7 +164,10 @@ def _inject_failure(trainer: Trainer, at_step: int) -> None:
         if trainer.step + 1 == at_step and not marker.exists():
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(at_step))
-            raise RuntimeError(f"injected worker failure at step {at_step}")
+            # the controller polls workers' reports; a tiny model reaches this step milliseconds after the
+            # last checkpoint, so give it a moment to register that report, as any real failure would
+            time.sleep(3)
+            os.kill(os.getpid(), signal.SIGKILL)
         return step(batch)
 
     trainer.train_step = failing_step

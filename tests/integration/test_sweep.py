@@ -22,8 +22,8 @@ def test_smoke_sweep_nests_children_and_logs_the_table(ray_local, mlflow_server,
                              f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}"])
     t0 = time.perf_counter()
     summary = run_sweep(cfg)
-    print(f"\nsmoke sweep (2 trials, tiny, 6 steps): {time.perf_counter() - t0:.1f} s wall")
-    assert summary["errors"] == [] and summary["trials"] == 2
+    print(f"\nsmoke sweep (3 trials, tiny, 6 steps): {time.perf_counter() - t0:.1f} s wall")
+    assert summary["errors"] == [] and summary["trials"] == 3
 
     c = client(mlflow_server)
     exp = c.get_experiment_by_name(experiment)
@@ -32,9 +32,9 @@ def test_smoke_sweep_nests_children_and_logs_the_table(ray_local, mlflow_server,
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert [p.info.run_id for p in parents] == [summary["parent_run_id"]]
     parent = parents[0]
-    assert len(children) == 2
+    assert len(children) == 3
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
-    assert {r.data.tags["variant"] for r in children} == {"transformer", "escm"}
+    assert {r.data.tags["variant"] for r in children} == {"transformer", "escm", "escm-no_vr"}
     assert all(r.info.status == "FINISHED" and "final_valid_ppl" in r.data.metrics for r in children)
 
     best = parent.data.tags["best_child_run_id"]

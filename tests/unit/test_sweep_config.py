@@ -32,7 +32,7 @@ def test_shipped_sweeps_validate_and_expand():
     iamm_search = set(load_sweep(SWEEPS / "iamm-hparams.yaml").search)
     assert iamm_search >= {"model_overrides.k1", "model_overrides.k3"}
     smoke = load_sweep(SWEEPS / "smoke.yaml")
-    assert [v.name for v in smoke.variants] == ["transformer", "escm"] and smoke.seeds == [0]
+    assert [v.name for v in smoke.variants] == ["transformer", "escm", "escm-no_vr"] and smoke.seeds == [0]
 
 
 def _bad(tmp_path, mutate) -> str:
