@@ -20,7 +20,7 @@ from trainers.data import annotate as ann
 from trainers.data.collate import encode_escm, pad_escm, pad_iamm
 from trainers.data.emotions import EMOTIONS
 from trainers.data.knowledge import build_knowledge
-from trainers.data.prepare import PreparedSplit, _build_split
+from trainers.data.prepare import PreparedSplit, build_split
 from trainers.data.records import Example, LoadReport
 from trainers.decoding import decode, ids_to_tokens
 from trainers.loop import TrainConfig, autocast, resolve_device
@@ -64,7 +64,7 @@ class Responder:
         texts = sorted({t for e in examples for t in (*e.context, e.situation) if t})
         table = dict(zip(texts, ann.annotate(texts, self.nlp)))
         table[""] = ann.Annotation((), (), (), (), (0,))
-        return _build_split("request", LoadReport(), examples, table, self.vocab, self.knowledge, self.nlp)
+        return build_split("request", LoadReport(), examples, table, self.vocab, self.knowledge, self.nlp)
 
     @torch.inference_mode()
     def respond(self, requests: list[Request | dict]) -> list[dict]:

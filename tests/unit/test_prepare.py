@@ -57,7 +57,7 @@ def test_interrupted_prepare_leaves_no_entry(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prep, "_build_split", boom)
+    monkeypatch.setattr(prep, "build_split", boom)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg(tmp_path))
     assert list((tmp_path / "cache").iterdir()) == []

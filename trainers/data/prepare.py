@@ -188,7 +188,7 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
         counts = {}
         for name, report in reports.items():
             progress(f"encode {name}", 0, 1)
-            split = _build_split(name, report, examples[name], table, vocab, knowledge, nlp)
+            split = build_split(name, report, examples[name], table, vocab, knowledge, nlp)
             with (tmp / f"{name}.pkl").open("wb") as f:
                 pickle.dump(split, f, protocol=pickle.HIGHEST_PROTOCOL)
             counts[name] = {"conversations": len(report.conversations), "examples": len(split.examples),
@@ -258,7 +258,7 @@ def split_with_vocab(name: str, report, vocab: Vocab, cfg: DataConfig, nlp=None)
     nlp = nlp or ann.load_pipeline(cfg.spacy_model)
     table = annotation_table(report.conversations, nlp, cfg)
     knowledge = build_knowledge(cfg.knowledge, **({"path": cfg.knowledge_path} if cfg.knowledge_path else {}))
-    return _build_split(name, report, examples_from(report.conversations), table, vocab, knowledge, nlp)
+    return build_split(name, report, examples_from(report.conversations), table, vocab, knowledge, nlp)
 
 
 def _annotate_with_progress(texts: list[str], nlp, cfg: DataConfig, progress: Progress) -> list[ann.Annotation]:
@@ -284,7 +284,8 @@ def _write_vectors(cfg: DataConfig, vocab: Vocab, out: Path, progress: Progress)
     return {"source": result.source_name, "oov_count": int(result.oov_count), "oov_rate": float(result.oov_rate)}
 
 
-def _build_split(name, report, examples, table, vocab: Vocab, knowledge, nlp) -> PreparedSplit:
+def build_split(name, report, examples, table, vocab: Vocab, knowledge, nlp) -> PreparedSplit:
+    """Encode `examples` with `vocab` from the annotation `table` (text -> Annotation) into a PreparedSplit."""
     index: dict[str, int] = {}
     for ex in examples:
         for t in (*ex.context, ex.target, ex.situation):
