@@ -52,14 +52,16 @@ class DecodeConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
-def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Decode `batch` with the strategy named by `cfg`."""
+def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None,
+           state: State | None = None) -> torch.Tensor:
+    """Decode `batch` with the strategy named by `cfg`; `state` is `model.encode(batch)` when the caller
+    already has it (e.g. for the emotion logits), so the encoder does not run twice."""
     if cfg.strategy == "greedy":
-        return greedy(model, batch, cfg.max_len)
+        return greedy(model, batch, cfg.max_len, state=state)
     if cfg.strategy == "beam":
-        return beam_search(model, batch, cfg.beam_size, cfg.max_len, length_penalty=cfg.length_penalty)
+        return beam_search(model, batch, cfg.beam_size, cfg.max_len, length_penalty=cfg.length_penalty, state=state)
     return sample(model, batch, cfg.max_len, top_k=cfg.top_k, top_p=cfg.top_p,
-                  temperature=cfg.temperature, generator=generator)
+                  temperature=cfg.temperature, generator=generator, state=state)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -107,11 +109,11 @@ def _next_log_probs(model, state: State, ys: torch.Tensor) -> torch.Tensor:
 
 
 def _step_loop(model, batch: dict, max_len: int,
-               pick: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+               pick: Callable[[torch.Tensor], torch.Tensor], state: State | None = None) -> torch.Tensor:
     """One token per step for every example: `pick` maps log-probs (B, V_ext) to ids (B,)."""
     _check_max_len(max_len)
     with torch.inference_mode(), _eval_mode(model):
-        state = model.encode(batch)
+        state = model.encode(batch) if state is None else state
         B, device = _batch_size_and_device(state)
         ys = torch.full((B, 1), SOS, dtype=torch.long, device=device)       # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)          # (B,)
@@ -129,9 +131,9 @@ def _step_loop(model, batch: dict, max_len: int,
 
 # ----------------------------------------------------------------------------- greedy / sampling
 
-def greedy(model, batch: dict, max_len: int = 30) -> torch.Tensor:
+def greedy(model, batch: dict, max_len: int = 30, state: State | None = None) -> torch.Tensor:
     """Arg-max token at every step. Returns (B, <= max_len) extended ids."""
-    return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1))
+    return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1), state)
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -157,7 +159,8 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 
 def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float = 1.0,
-           temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+           temperature: float = 1.0, generator: torch.Generator | None = None,
+           state: State | None = None) -> torch.Tensor:
     """Ancestral sampling from softmax(log_probs / temperature), after top-k / top-p filtering."""
     DecodeConfig(strategy="sample", max_len=max_len, top_k=top_k, top_p=top_p, temperature=temperature)
 
@@ -166,7 +169,7 @@ def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float =
         probs = logits.softmax(dim=-1)                                      # (B, V_ext)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _step_loop(model, batch, max_len, pick)
+    return _step_loop(model, batch, max_len, pick, state)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -177,7 +180,7 @@ def _gnmt_length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
-                length_penalty: float = 1.0) -> torch.Tensor:
+                length_penalty: float = 1.0, state: State | None = None) -> torch.Tensor:
     """Batched beam search; returns the best hypothesis per example, (B, <= max_len).
 
     Hypotheses are ranked by sum of log-probs / lp(length) with the GNMT penalty (`length_penalty`
@@ -192,7 +195,7 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     K = beam_size
     with torch.inference_mode(), _eval_mode(model):
-        state = model.encode(batch)
+        state = model.encode(batch) if state is None else state
         B, device = _batch_size_and_device(state)
         state = {k: v.repeat_interleave(K, dim=0) if isinstance(v, torch.Tensor) else v
                  for k, v in state.items()}                                 # rows b*K .. b*K+K-1

@@ -76,8 +76,8 @@ class Responder:
         batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(self.cfg, self.device):
-            ids = decode(self.model, batch, self.cfg.decode_config())
             state = self.model.encode(batch)
+            ids = decode(self.model, batch, self.cfg.decode_config(), state=state)
             evidence = self._evidence(batch, encoded)
         tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, [e.oov for e in encoded])
         logits = state.get("emotion_logits")

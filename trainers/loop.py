@@ -255,8 +255,9 @@ class Evaluator:
                 rows = data.where[chunk, 1]
                 batch = data.rows_batch(int(k), rows)
                 with self._autocast():
-                    ids = decode(model, batch, dcfg)
-                    logits = model.encode(batch).get("emotion_logits")
+                    state = model.encode(batch)
+                    ids = decode(model, batch, dcfg, state=state)
+                    logits = state.get("emotion_logits")
                 oovs = [data.encoded[i].oov for i in chunk]
                 tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
                 probs = None if logits is None else torch.softmax(logits.float(), -1)

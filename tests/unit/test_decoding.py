@@ -240,3 +240,12 @@ def test_structural_tokens_listed_by_the_model_are_never_generated():
     model.never_generate = (A,)
     assert greedy(model, batch_of([0]), max_len=5)[0].tolist() == [EOS]
     assert beam_search(model, batch_of([0]), beam_size=2, max_len=5)[0].tolist() == [EOS]
+
+
+def test_a_given_encoder_state_is_used_instead_of_encoding_again():
+    model = TableModel(T_LONG.unsqueeze(0))
+    state = model.encode(batch_of([0]))
+    model.encode = lambda batch: pytest.fail("decode encoded the batch again")
+    for strategy in ("greedy", "beam", "sample"):
+        ids = decode(model, batch_of([0]), DecodeConfig(strategy=strategy, beam_size=2, top_k=1), state=state)
+        assert ids[0].tolist() == [B_, A, EOS]
