@@ -89,6 +89,16 @@ class AppArgs(StrictModel):
         return token
 
 
+def next_poll_delay(failures: int, poll_interval_s: float, serving: bool) -> float:
+    """Seconds to a replica's next registry check. While it serves a model: every poll_interval_s. Before its
+    first model loads (alias missing, registry down, artifact broken): a retry backoff of 1, 2, 4, ... s after
+    `failures` failed checks, capped at poll_interval_s, so a model promoted late is picked up within about a
+    second and a registry that is down is not hammered."""
+    if serving:
+        return poll_interval_s
+    return min(poll_interval_s, 2.0 ** min(failures, 16))
+
+
 class ApiError(Exception):
     """An HTTP error answered as ErrorResponse JSON."""
 
@@ -223,31 +233,37 @@ class ResponderDeployment:
                 return False
             t0 = time.perf_counter()
             resolved = registry.resolve(f"models:/{a.model_name}@{a.model_alias}", self.tracking_uri)
-            responder = registry.load_responder(resolved, a.device)   # load + warm up beside the old one
+            try:
+                responder = registry.load_responder(resolved, a.device)   # load + warm up beside the old one
+            finally:
+                registry.discard(resolved)  # all in memory now (or broken): no files left behind by replicas
             self.loaded = Loaded(responder, resolved, time.time(), time.perf_counter() - t0)  # the switch
             self.metrics.serving(a.model_name, resolved.version, old.resolved.version if old else None)
             logger.info("serving %s v%s (run %s), loaded in %.1f s%s", a.model_name, resolved.version,
                         resolved.run_id, self.loaded.load_s,
                         f"; replaced v{old.resolved.version}" if old else "")
-            if old is not None:
-                registry.discard(old.resolved)
             return True
 
     def _poll_loop(self) -> None:
-        """Check the alias every poll_interval_s; re-mark the served version at least every GAUGE_TICK_S."""
-        tick = min(self.args.poll_interval_s, GAUGE_TICK_S)
-        next_poll = time.monotonic() + self.args.poll_interval_s
-        while not self._stop.wait(tick):
+        """Check the alias on `next_poll_delay`'s schedule; re-mark the served version every GAUGE_TICK_S."""
+        failures = 0
+        next_poll = time.monotonic() + next_poll_delay(0, self.args.poll_interval_s, self.loaded is not None)
+        next_mark = time.monotonic()
+        while not self._stop.wait(max(0.0, min(next_poll, next_mark) - time.monotonic())):
             if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + self.args.poll_interval_s
                 try:
                     self.refresh()
+                    failures = 0
                 except Exception as e:  # noqa: BLE001 - registry hiccup: keep serving what we have
-                    logger.warning("registry poll for models:/%s@%s failed: %s",
+                    failures += 1
+                    logger.warning("registry poll %d for models:/%s@%s failed: %s", failures,
                                    self.args.model_name, self.args.model_alias, e)
+                next_poll = time.monotonic() + next_poll_delay(failures, self.args.poll_interval_s,
+                                                               self.loaded is not None)
             loaded = self.loaded
-            if loaded is not None:
+            if loaded is not None and time.monotonic() >= next_mark:
                 self.metrics.serving(loaded.resolved.name, loaded.resolved.version)
+                next_mark = time.monotonic() + GAUGE_TICK_S
 
     def __del__(self):
         if hasattr(self, "_stop"):

@@ -40,7 +40,7 @@ class ResolvedModel:
     run_id: str | None
     source: str
     checkpoint: Path        # local file inside local_dir
-    local_dir: Path         # this version's downloaded files (removed by discard())
+    local_dir: Path         # this version's downloaded files (discard() removes them once loaded)
     download_s: float = 0.0
 
 

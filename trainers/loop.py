@@ -10,7 +10,8 @@ Speed levers (the model is tiny, so a naive loop is host-bound):
 - buckets give few, static shapes (bucket width `bucket_width`), good for torch.compile;
 - the epoch plan (which rows form each batch, their extended-vocabulary size) is built on the
   host at epoch start, so the step does no host syncs; the loss is read back only when logged;
-- fused/foreach Adam, bf16 autocast and optional torch.compile on CUDA.
+- fused Adam (CUDA and CPU kernels); bf16 autocast on CUDA and on CPUs with native bf16 dot products
+  (AVX512-BF16 or AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on CUDA.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class TrainConfig(StrictModel):
     max_context: int = Field(400, ge=8)
     max_target: int = Field(60, ge=4)
     bucket_width: int = Field(32, ge=8)
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    bf16: bool = Field(True, description="bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     use_vectors: bool = Field(True, description="initialise word embeddings from the prepared vectors")
     num_samples: int = Field(100, ge=0, description="sample generations written at the end")
@@ -95,9 +96,26 @@ def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
     return overrides
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast on CUDA when enabled; a no-op context elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls are native (not emulated) on this device type: CUDA with bf16 support, or a CPU
+    advertising AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; False where it cannot be read)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(cfg: TrainConfig, device: torch.device, min_cpu_batch: int = 0, batch: int = 0):
+    """bf16 autocast when enabled and native on the device (`native_bf16`), on a CPU only for batches of at
+    least `min_cpu_batch` rows (inference: small CPU batches run faster in fp32); a no-op context elsewhere."""
+    on = cfg.bf16 and native_bf16(device.type) and (device.type != "cpu" or batch >= min_cpu_batch)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -303,9 +321,8 @@ class Trainer:
             self.model = wrap_model(self.model)
         if cfg.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model, dynamic=False)
-        fused = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=1.0, betas=cfg.adam_betas,
-                                          eps=cfg.adam_eps, fused=fused, foreach=None if fused else True)
+                                          eps=cfg.adam_eps, fused=self.device.type in ("cuda", "cpu"))
         d_model = getattr(self.raw_model.cfg, "d_model", 300)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, functools.partial(noam_lambda, d_model=d_model, warmup=cfg.warmup, factor=cfg.lr_factor))

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             module = importlib.import_module(f"tests.bench.bench_{key}")
             print(f"benchmark: {key} ...", flush=True)
             t0 = time.perf_counter()
-            result = module.run()
+            result = module.run(args.data) if key == "serve" else module.run()
             parts += [f"## {title}", "", module.__doc__.strip(), "", module.as_markdown(result), "",
                       f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
     out = Path(args.out)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 
 def train_tiny(prepared, out_dir: Path, seed: int = 0, max_steps: int = 4,
-               max_len: int = 12) -> tuple[Path, dict]:
-    """Train the tiny ESCM flavour for a few steps on the prepared sample: (best.pt, final metrics).
+               max_len: int = 12, flavour: str = "tiny", source: str = "sample") -> tuple[Path, dict]:
+    """Train ESCM (the tiny flavour unless told) for a few steps on `prepared` (of `source`):
+    (best.pt, final metrics).
 
     Replies are capped at `max_len` tokens (the checkpoint's decoding setting) to keep serving tests fast.
     """
@@ -25,8 +26,8 @@ def train_tiny(prepared, out_dir: Path, seed: int = 0, max_steps: int = 4,
 
     cfg = load_config(TrainConfig, model="escm", out_dir=str(out_dir), device="cpu", seed=seed,
                       use_vectors=False,
-                      data={"source": "sample", "cache_dir": str(prepared.path.parent)},
-                      model_overrides={"flavour": "tiny"}, warmup=20, lr_factor=2.0, batch_size=8,
+                      data={"source": source, "cache_dir": str(prepared.path.parent)},
+                      model_overrides={"flavour": flavour}, warmup=20, lr_factor=2.0, batch_size=8,
                       max_steps=max_steps, eval_every=max_steps, log_every=max_steps, eval_generate=2,
                       num_samples=1, max_target=20, decode={"max_len": max_len})
     result = Trainer(cfg, prepared, log=lambda s: None).train()

@@ -8,10 +8,12 @@ while client threads keep sending requests: no request may fail and the served v
 from __future__ import annotations
 
 import re
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -229,6 +231,8 @@ def test_hot_swap_under_load_fails_no_request(served):
         if new in mine:
             assert before not in mine[mine.index(new):]
     assert httpx.get(f"{served.url}/v1/model", timeout=10).json()["version"] == new
+    leftovers = list((Path(tempfile.gettempdir()) / "edp-registry").glob(f"{served.name}-v*"))
+    assert leftovers == []  # replicas keep loaded versions in memory, not on disk
 
 
 def _scrape(port: int) -> dict[str, list[tuple[dict, float]]]:

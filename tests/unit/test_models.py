@@ -304,7 +304,9 @@ def test_evidence_returns_dependency_pairs():
     m, b = tiny("escm"), make_batch(4, V, seed=9)
     ev = m.evidence(b, k=3)
     assert ev["pairs"].shape == (4, 3, 2) and ev["scores"].shape == (4, 3)
-    assert ev["emotion_logits"].shape == (4, 32)
+    _, extras = m.encode(b, extras=True)  # the serving path: the decoding pass's own GCN attention
+    same = m.evidence(b, k=3, extras=extras)
+    assert torch.equal(same["pairs"], ev["pairs"]) and torch.allclose(same["scores"], ev["scores"])
     for i in range(4):
         prev = 2.0
         for (a, c), s in zip(ev["pairs"][i].tolist(), ev["scores"][i].tolist(), strict=True):
@@ -333,3 +335,19 @@ def test_packed_output_layer_gives_the_same_loss(name):
     ga = dict(packed.named_parameters())["generator.proj.weight"].grad
     gb = dict(full.named_parameters())["generator.proj.weight"].grad
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
+
+
+def test_target_log_prob_equals_the_full_distribution_at_the_target():
+    """PointerGenerator.log_prob_of (the training path without label smoothing) gives log P(y) of eq. 20 for
+    in-vocabulary targets, copied OOV targets (ids >= V) and targets that are both generated and copied."""
+    from trainers.models.common import PointerGenerator
+
+    torch.manual_seed(0)
+    gen = PointerGenerator(8, vocab_size=10)
+    s, copy_logits = torch.randn(5, 8), torch.randn(5, 4)
+    ext = torch.tensor([[3, 10, 11, 3]] * 5)  # word 3 twice, OOVs 10 and 11
+    target = torch.tensor([3, 10, 11, 7, 0])
+    full = gen(s[:, None], copy_logits[:, None], ext, max_oov=2)[:, 0]  # (5, 12)
+    want = full.gather(1, target[:, None]).squeeze(1)
+    assert torch.allclose(gen.log_prob_of(s, copy_logits, ext, target), want, atol=1e-6)
+    assert want[1] > math.log(1e-6) and want[3] > math.log(1e-6)  # a copied OOV and a generated-only word

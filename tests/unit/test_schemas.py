@@ -159,3 +159,12 @@ def test_local_serve_spec_from_the_serve_config():
     assert "name" not in spec.deployment_options
     with pytest.raises(ValidationError, match="poll_interval_s"):
         from_config(SERVE_CONFIGS[0], "m", "champion", {"poll_interval_s": 0})
+
+
+def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval():
+    from services.app import next_poll_delay
+
+    assert [next_poll_delay(f, 10.0, serving=False) for f in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert next_poll_delay(10_000, 10.0, serving=False) == 10.0  # no overflow after days without a model
+    assert next_poll_delay(0, 10.0, serving=True) == next_poll_delay(3, 10.0, serving=True) == 10.0
+    assert next_poll_delay(0, 0.5, serving=False) == 0.5  # never slower than the configured interval

@@ -267,6 +267,17 @@ class PointerGenerator(nn.Module):
         P = P.scatter_add(2, ext_ids[:, None, :].expand(-1, s.size(1), -1), copy)
         return P.clamp_min(1e-20).log()
 
+    def log_prob_of(self, s, copy_logits, ext_ids, target):
+        """log P(y) of the targets only, the same value as `forward(...)[y]`:
+            P(y) = p_gen * softmax(W s)[y] + (1 - p_gen) * sum_{l: ext_ids[l] = y} softmax(copy_logits)[l].
+        s (N, d), copy_logits (N, L), ext_ids (N, L), target (N,) extended ids -> (N,)."""
+        p_gen = torch.sigmoid(self.p_gen(s).float()).squeeze(-1)  # (N,)
+        log_P_vocab = self.proj(s).log_softmax(-1, dtype=torch.float32)  # (N, V)
+        P_vocab = log_P_vocab.gather(1, target.clamp_max(self.vocab_size - 1)[:, None]).squeeze(1).exp()
+        P_vocab = P_vocab * (target < self.vocab_size)  # OOV targets: copy only
+        P_copy = (copy_logits.float().softmax(-1) * (ext_ids == target[:, None])).sum(-1)
+        return (p_gen * P_vocab + (1.0 - p_gen) * P_copy).clamp_min(1e-20).log()
+
 
 def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int = PAD):
     """Label-smoothed token NLL over the extended vocabulary, PAD targets ignored.
@@ -348,53 +359,78 @@ class PointerGeneratorSeq2Seq(nn.Module):
         ids = ids.masked_fill(ids >= self.vocab_size, UNK)
         return self.embedding(ids) * math.sqrt(self.cfg.emb_dim)
 
-    def embed_context(self, batch):  # word + dialogue-state embeddings, (B, L, emb_dim)
-        return self.embed(batch["context_ids"]) + self.state_embedding(batch["context_state"]) * math.sqrt(
-            self.cfg.emb_dim)
+    def embed_many(self, *ids):
+        """`embed` of several id tensors through ONE table lookup, so that backward builds the dense (V x emb)
+        gradient once rather than once per tensor (on CPU, a step's largest memory traffic after the output
+        layer). -> a list of (*ids[i].shape, emb_dim)."""
+        flat = self.embed(torch.cat([i.flatten() for i in ids]))
+        return [e.view(*i.shape, -1) for i, e in zip(ids, flat.split([i.numel() for i in ids]))]
+
+    def embed_context(self, batch, E_c=None):  # word (E_c if already looked up) + dialogue-state, (B, L, emb)
+        E_c = self.embed(batch["context_ids"]) if E_c is None else E_c
+        return E_c + self.state_embedding(batch["context_state"]) * math.sqrt(self.cfg.emb_dim)
 
     def _encode(self, batch) -> dict:
         """-> {"memory" (B, L, d_mem), "memory_mask" (B, L)} (+ model extras, e.g. emotion losses)."""
         raise NotImplementedError
 
-    def encode(self, batch) -> dict:
+    def encode(self, batch, extras: bool = False):
+        """-> the decoding state; with `extras`, (state, extras): the encoder's analysis outputs, e.g. ESCM's
+        "gcn_p" or IAMM's "associated", for `evidence` / `associated_words` without a second encoder pass."""
         require(batch, "context_ids", "context_ext_ids", "context_state", "context_mask", "max_oov")
         enc = self._encode(batch)
+        state = self._decoding_state(batch, enc)
+        return (state, {k[1:]: v for k, v in enc.items() if k.startswith("_")}) if extras else state
+
+    @staticmethod
+    def _decoding_state(batch, enc) -> dict:  # the encoding's public tensors + what the pointer needs
         state = {k: v for k, v in enc.items() if not k.startswith("_")}
-        state["context_ext_ids"] = batch["context_ext_ids"]
-        state["max_oov"] = int(batch["max_oov"])
+        state["context_ext_ids"], state["max_oov"] = batch["context_ext_ids"], int(batch["max_oov"])
         return state
 
+    def _decoder_states(self, state, ys):
+        """ys (B, t) extended ids -> decoder states s (B, t, d), copy logits (B, t, L); IAMM overrides."""
+        return self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+
     def _decode(self, state, ys):  # ys (B, t) extended ids -> log-probs (B, t, V + max_oov)
-        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        s, copy_logits = self._decoder_states(state, ys)
         return self.generator(s, copy_logits, state["context_ext_ids"], state["max_oov"])
 
-    def _decode_packed(self, state, ys, tgt_ext):
-        """As `_decode`, but the output layer (the step's largest cost: V-way softmax, pointer scatter) runs
-        only at the N non-PAD target positions. Same values; one host sync for the row count."""
-        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
-        b, t = (tgt_ext != PAD).nonzero(as_tuple=True)  # (N,), (N,)
-        log_probs = self.generator(s[b, t][:, None], copy_logits[b, t][:, None],
-                                   state["context_ext_ids"][b], state["max_oov"])  # (N, 1, V + max_oov)
-        return log_probs[:, 0], tgt_ext[b, t]
-
     def decode_step(self, state, ys):
-        s, copy_logits = self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        s, copy_logits = self._decoder_states(state, ys)
         log_probs = self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])
         return log_probs[:, 0]
 
+    def generation_loss(self, state, ys, tgt_ext):
+        """Teacher-forced generation loss sums over the non-PAD targets -> (loss_sum, nll_sum, num_tokens).
+
+        With `pack_targets` (training) the output layer, the step's largest cost, runs only at the N real
+        target tokens (one host sync for N), and without label smoothing only log P(y) is computed
+        (`PointerGenerator.log_prob_of`): no (N, V + max_oov) distribution is built. Same values either way."""
+        s, copy_logits = self._decoder_states(state, ys)
+        ext, max_oov = state["context_ext_ids"], state["max_oov"]
+        eps = self.cfg.label_smoothing
+        if not self.cfg.pack_targets:
+            return label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
+                                      tgt_ext.flatten(), self.vocab_size, eps)
+        b, t = (tgt_ext != PAD).nonzero(as_tuple=True)  # (N,), (N,)
+        s, copy_logits, ext, target = s[b, t], copy_logits[b, t], ext[b], tgt_ext[b, t]
+        if eps == 0:
+            nll = -self.generator.log_prob_of(s, copy_logits, ext, target).sum()
+            return nll, nll, target.new_tensor(target.numel())
+        log_probs = self.generator(s[:, None], copy_logits[:, None], ext, max_oov)[:, 0]  # (N, V + max_oov)
+        return label_smoothed_nll(log_probs, target, self.vocab_size, eps)
+
     def forward(self, batch) -> dict:
+        return self._outputs(batch, self._encode(batch))
+
+    def _outputs(self, batch, enc) -> dict:
+        """Losses and emotion logits of a training batch, given its encoding `enc` (from `_encode`)."""
         require(batch, "target_ids", "target_ext_ids")
-        enc = self._encode(batch)
-        state = {"memory": enc["memory"], "memory_mask": enc["memory_mask"],
-                 "context_ext_ids": batch["context_ext_ids"], "max_oov": int(batch["max_oov"])}
-        tgt, tgt_ext = batch["target_ids"], batch["target_ext_ids"]
-        sos = torch.full_like(tgt[:, :1], SOS)
-        ys = torch.cat([sos, tgt[:, :-1]], dim=1)  # teacher forcing, (B, T)
-        if self.cfg.pack_targets:  # output layer only at real target tokens: (N, V + max_oov)
-            log_probs, target = self._decode_packed(state, ys, tgt_ext)
-        else:
-            log_probs, target = self._decode(state, ys).flatten(0, 1), tgt_ext.flatten()
-        loss_sum, nll_sum, n = label_smoothed_nll(log_probs, target, self.vocab_size, self.cfg.label_smoothing)
+        state = self._decoding_state(batch, enc)
+        tgt = batch["target_ids"]
+        ys = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], dim=1)  # teacher forcing, (B, T)
+        loss_sum, nll_sum, n = self.generation_loss(state, ys, batch["target_ext_ids"])
         gen_loss = loss_sum / n.clamp_min(1)
         emo_loss = enc.get("_emo_loss", gen_loss.new_zeros(()))
         out = {"loss": gen_loss + emo_loss, "gen_loss": gen_loss, "emo_loss": emo_loss,

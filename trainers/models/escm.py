@@ -161,10 +161,8 @@ class ESCM(PointerGeneratorSeq2Seq):
         self.head_ctx = EmotionHead(d, cfg.num_emotions)  # eqs. 10-14
         self.head_cor = EmotionHead(d_cor, cfg.num_emotions)
 
-    def dynamic_vectors(self, ids, H_ctx, mask):
-        """V_des = E_de ++ E_ds and H_des = Enc_des(V_des), eqs. 2-6."""
-        E_c = self.embed(ids)  # (B, L, emb)
-        E_e = self.embed(self.emotion_word_ids)  # (E, emb)
+    def dynamic_vectors(self, E_c, E_e, H_ctx, mask):
+        """V_des = E_de ++ E_ds and H_des = Enc_des(V_des), eqs. 2-6; E_c (B, L, emb), E_e (E, emb)."""
         E_dot = self.w_c(E_c) @ self.w_e(E_e).T  # (B, L, E), eq. 3
         V_des = torch.cat([self.w_ce(E_dot), self.w_s(H_ctx)], dim=-1)  # (B, L, E + d_s), eqs. 4, 2, 5
         return self.enc_des(V_des, mask)
@@ -172,8 +170,9 @@ class ESCM(PointerGeneratorSeq2Seq):
     def _encode(self, batch) -> dict:
         require(batch, "context_pos", "context_dep")
         mask = batch["context_mask"]
-        H_ctx = self.enc_ctx(self.embed_context(batch), mask)  # (B, L, d)
-        H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(batch["context_ids"], H_ctx, mask)
+        E_c, E_e = self.embed_many(batch["context_ids"], self.emotion_word_ids)  # (B, L, emb), (E, emb)
+        H_ctx = self.enc_ctx(self.embed_context(batch, E_c), mask)  # (B, L, d), eq. 1
+        H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(E_c, E_e, H_ctx, mask)
         out = {}
         if self.cfg.no_dcgcn:
             H_cor = H_des
@@ -191,16 +190,17 @@ class ESCM(PointerGeneratorSeq2Seq):
         return out
 
     @torch.no_grad()
-    def evidence(self, batch, k: int = 5) -> dict:
+    def evidence(self, batch, k: int = 5, extras: dict | None = None) -> dict:
         """Top-k correlated word pairs per example from the GCN attention p_ij (eq. 8).
 
-        Self loops and [CLS] pairs are left out. Returns {"pairs": (B, k, 2) long positions (i, j) into the
-        context, -1 where an example has fewer than k edges; "scores": (B, k) p_ij (0 there);
-        "emotion_logits": (B, E)}."""
+        `extras` from `encode(batch, extras=True)` saves an encoder pass. Self loops and [CLS] pairs are left
+        out. Returns {"pairs": (B, k, 2) long positions (i, j) into the context, -1 where an example has
+        fewer than k edges; "scores": (B, k) p_ij (0 there)}."""
         if self.cfg.no_dcgcn:
             raise ValueError("evidence needs the GCN, which no_dcgcn removes")
-        enc = self._encode({k_: v for k_, v in batch.items() if k_ != "emotion"})
-        p = enc["_gcn_p"]  # (B, L, L)
+        if extras is None:
+            extras = self.encode({k_: v for k_, v in batch.items() if k_ != "emotion"}, extras=True)[1]
+        p = extras["gcn_p"]  # (B, L, L)
         B, L, _ = p.shape
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)
@@ -215,4 +215,4 @@ class ESCM(PointerGeneratorSeq2Seq):
             pad = k - scores.size(1)
             pairs = F.pad(pairs, (0, 0, 0, pad), value=-1)
             scores = F.pad(scores, (0, pad))
-        return {"pairs": pairs, "scores": scores, "emotion_logits": enc["emotion_logits"]}
+        return {"pairs": pairs, "scores": scores}

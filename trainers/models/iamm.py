@@ -80,14 +80,11 @@ import torch.nn.functional as F
 from trainers.models.common import (
     CLS,
     NUM_EMOTIONS,
-    PAD,
-    SOS,
     Decoder,
     EmotionHead,
     Encoder,
     ModelConfig,
     PointerGeneratorSeq2Seq,
-    label_smoothed_nll,
     require,
 )
 
@@ -446,39 +443,11 @@ class IAMM(PointerGeneratorSeq2Seq):
         g = torch.sigmoid(self.gate(torch.cat([O_c, O_m], -1)))  # eq. 31
         return g * O_c + (1 - g) * O_m, copy_logits  # eq. 32
 
-    def _decode(self, state, ys):  # ys (B, t) -> log-probs (B, t, V + max_oov), eq. 33
-        O_t, copy_logits = self._decoder_states(state, ys)
-        return self.generator(O_t, copy_logits, state["context_ext_ids"], state["max_oov"])
-
-    def decode_step(self, state, ys):
-        O_t, copy_logits = self._decoder_states(state, ys)
-        last = self.generator(O_t[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])
-        return last[:, 0]
-
-    def forward(self, batch) -> dict:
+    def forward(self, batch) -> dict:  # losses: eq. 34 per token, eq. 35
         require(batch, "context_ext_ids", "context_mask", "target_ids", "target_ext_ids", "max_oov")
         enc = self._encode(batch)
-        state = {k: v for k, v in enc.items() if not k.startswith("_")}
-        state["context_ext_ids"], state["max_oov"] = batch["context_ext_ids"], int(batch["max_oov"])
-        tgt, tgt_ext = batch["target_ids"], batch["target_ext_ids"]
-        ys = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], dim=1)
-        O_t, copy_logits = self._decoder_states(state, ys)  # (B, T, d), (B, T, L)
-        ext, max_oov = state["context_ext_ids"], state["max_oov"]
-        if self.cfg.pack_targets:  # output layer only at the N real target tokens (same values, less work)
-            b, t = (tgt_ext != PAD).nonzero(as_tuple=True)
-            log_probs = self.generator(O_t[b, t][:, None], copy_logits[b, t][:, None], ext[b], max_oov)[:, 0]
-            target = tgt_ext[b, t]
-        else:
-            log_probs = self.generator(O_t, copy_logits, ext, max_oov).flatten(0, 1)
-            target = tgt_ext.flatten()
-        loss_sum, nll_sum, n = label_smoothed_nll(log_probs, target, self.vocab_size,
-                                                  self.cfg.label_smoothing)  # (N, V + max_oov) -> sums
-        gen_loss = loss_sum / n.clamp_min(1)  # eq. 34, per token
-        emo_loss = enc.get("_emo_loss", gen_loss.new_zeros(()))
-        out = {"loss": gen_loss + emo_loss, "gen_loss": gen_loss, "emo_loss": emo_loss,  # eq. 35
-               "emotion_logits": enc["emotion_logits"], "num_tokens": n, "nll_sum": nll_sum.detach(),
-               "associated": enc.get("_associated")}
-        out.update({k[1:]: v for k, v in enc.items() if k.startswith("_emo_loss_")})
+        out = self._outputs(batch, enc)
+        out["associated"] = enc.get("_associated")
         return out
 
     # -- analysis / serving
@@ -489,15 +458,17 @@ class IAMM(PointerGeneratorSeq2Seq):
         return self._encode({k: v for k, v in batch.items() if k != "emotion"})["_trace"]
 
     @torch.no_grad()
-    def associated_words(self, batch) -> list[list[dict]]:
+    def associated_words(self, batch, extras: dict | None = None) -> list[list[dict]]:
         """Per example, the top weighted associated words (best first): dicts with "id", "source"
         ("context" | "situation"), "position" (index into context_ids / situation_ids) and "weight".
-        Empty lists under no_ea (the implicit branch associates relation vectors, not words)."""
-        enc = self._encode({k: v for k, v in batch.items() if k != "emotion"})
+        `extras` from `encode(batch, extras=True)` saves an encoder pass. Empty lists under no_ea (the
+        implicit branch associates relation vectors, not words)."""
+        if extras is None:
+            extras = self.encode({k: v for k, v in batch.items() if k != "emotion"}, extras=True)[1]
         B = batch["utt_ids"].size(0)
-        if "_associated" not in enc:
+        if "associated" not in extras:
             return [[] for _ in range(B)]
-        a = {k: v.tolist() for k, v in enc["_associated"].items()}
+        a = {k: v.tolist() for k, v in extras["associated"].items()}
         names = {1: "context", 2: "situation"}
         return [[{"id": a["ids"][b][j], "source": names[a["source"][b][j]], "position": a["positions"][b][j],
                   "weight": a["weights"][b][j]} for j in range(len(a["ids"][b])) if a["source"][b][j]]
