@@ -50,8 +50,8 @@ from trainers.config import StrictModel
 logger = logging.getLogger("ray.serve")
 
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
-    "max_ongoing_requests": 16,
-    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4,
+    "max_ongoing_requests": 64,  # >= max_batch_size, or batches never fill
+    "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16,
                            "upscale_delay_s": 10, "downscale_delay_s": 60},
     "ray_actor_options": {"num_cpus": 1},
 }
@@ -65,7 +65,7 @@ class AppArgs(StrictModel):
     model_name: str = Field("escm", min_length=1, description="registered model name")
     model_alias: str = Field("champion", min_length=1, description="alias to serve and follow")
     mlflow_tracking_uri: str | None = Field(None, description="None: the MLFLOW_TRACKING_URI env var")
-    max_batch_size: int = Field(8, ge=1, le=256, description="@serve.batch size (1 = batching off)")
+    max_batch_size: int = Field(32, ge=1, le=256, description="@serve.batch size (1 = batching off)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
     poll_interval_s: float = Field(10.0, gt=0, description="how often a replica checks the alias")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=256)
@@ -271,7 +271,7 @@ class ResponderDeployment:
 
     # ---- batched prediction ------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
     async def _respond_batch(self, requests: list[dict]) -> list[tuple[dict, Loaded] | Exception]:
         """One Responder.respond call for the whole batch, on the version loaded when the batch starts."""
         loaded = self.loaded

@@ -1,6 +1,6 @@
 """Serving cost on this machine: the Ray Serve application over HTTP versus the model alone.
 
-ESCM trained a few steps (paper-sized on the prepared ED vocabulary when real data is given, the tiny
+ESCM trained one step (paper-sized on the prepared ED vocabulary when real data is given, the tiny
 flavour on the embedded sample otherwise; replies capped at 30 tokens, which an untrained model uses up)
 is logged and registered in a throwaway MLflow server (`cluster.local_services`), promoted to `champion`
 and served as `edp serve` does (`cluster.serve_local.from_config` + `run`, Serve config
@@ -197,7 +197,8 @@ def run(data: str = "sample", requests: int = 160, concurrencies: tuple[int, ...
     with tempfile.TemporaryDirectory(prefix="edp-bench-serve-") as d:
         tmp = Path(d)
         prepared = prepare(load_config(DataConfig, source=data, n_process=2))
-        checkpoint, _ = train_tiny(prepared, tmp / "model", max_steps=4, max_len=30, flavour=flavour,
+        # one training step: still untrained, so every reply runs to max_len (30 tokens), the worst case
+        checkpoint, _ = train_tiny(prepared, tmp / "model", max_steps=1, max_len=30, flavour=flavour,
                                    source=data)
         on = serve_local.from_config(None, MODEL, "champion").args["max_batch_size"]
         rows += [in_process(checkpoint, b, max(1, in_process_requests // b)) for b in (1, on)]
