@@ -66,7 +66,7 @@ class AppArgs(StrictModel):
     model_alias: str = Field("champion", min_length=1, description="alias to serve and follow")
     mlflow_tracking_uri: str | None = Field(None, description="None: the MLFLOW_TRACKING_URI env var")
     max_batch_size: int = Field(32, ge=1, le=256, description="@serve.batch size (1 = batching off)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, le=5)
+    batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a batch waits to fill")
     poll_interval_s: float = Field(10.0, gt=0, description="how often a replica checks the alias")
     max_turns: int = Field(DEFAULT_MAX_TURNS, ge=1, le=256)
     max_turn_chars: int = Field(DEFAULT_MAX_TURN_CHARS, ge=1, le=100_000)
@@ -271,7 +271,7 @@ class ResponderDeployment:
 
     # ---- batched prediction ------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
     async def _respond_batch(self, requests: list[dict]) -> list[tuple[dict, Loaded] | Exception]:
         """One Responder.respond call for the whole batch, on the version loaded when the batch starts."""
         loaded = self.loaded

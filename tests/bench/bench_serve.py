@@ -10,7 +10,7 @@ cluster/configs/serve/escm.yaml) on a local Ray (2 CPUs) at 127.0.0.1: two appli
 from an asyncio httpx client in this process (loopback only) at each concurrency, the two settings
 measured one after the other at each concurrency; latency is per request, client side.
 Yardstick: `Responder.respond` called in-process on the same checkpoint (no HTTP, no Serve, 1 torch thread
-like the replica) with 1 and 8 requests per call.
+like the replica) with 1 and max_batch_size requests per call.
 Scale-up: a third application with the config's own autoscaling_config (max_replicas capped at 2 for 2
 CPUs), idle on one replica, then a load step of 32 concurrent clients; the time until Serve reports a
 second RUNNING replica (loaded from the registry, warmed up, in the routing table) and how many of the
@@ -266,15 +266,17 @@ def as_markdown(r: dict) -> str:
         lines += ["", f"At concurrency 1, HTTP + Serve add {http:+.0f} ms p50 to the model alone "
                       f"({alone[1]['p50_ms']:.0f} ms); batching on adds {wait:+.0f} ms more (a lone request "
                       "waits up to batch_wait_timeout_s for company)."]
-    best_off = max((x for x in rows if x["batch"] == 1 and x["concurrency"]), key=lambda x: x["req_per_s"])
-    within = [x for x in rows if x["batch"] == on and x["concurrency"] and x["p99_ms"] <= best_off["p99_ms"]]
-    if within:
-        best_on = max(within, key=lambda x: x["req_per_s"])
-        lines += ["", f"Equal p99 (target, issue 6: batching >= 3x throughput): batching off peaks at "
-                      f"{best_off['req_per_s']:.1f} requests/s (concurrency {best_off['concurrency']}, p99 "
-                      f"{best_off['p99_ms']:.0f} ms); at a p99 no higher, batching on serves "
-                      f"{best_on['req_per_s']:.1f} requests/s (concurrency {best_on['concurrency']}, p99 "
-                      f"{best_on['p99_ms']:.0f} ms): **{best_on['req_per_s'] / best_off['req_per_s']:.2f}x**."]
+    loaded = [c for c in sorted({x["concurrency"] for x in rows if x["concurrency"]}) if c > 1
+              and (on, c) in by and (1, c) in by]
+    if loaded:  # batching off is saturated from concurrency 8 on: more load only lengthens its queue
+        c = loaded[-1]
+        x, off = by[(on, c)], by[(1, c)]
+        ratio, p99 = x["req_per_s"] / off["req_per_s"], x["p99_ms"] / off["p99_ms"]
+        met = "met" if ratio >= 3 and p99 <= 1 else "NOT met"
+        lines += ["", f"Target (issue 6: batching >= 3x throughput at equal p99): at concurrency {c} batching on "
+                      f"serves **{ratio:.2f}x** the requests/s of batching off at **{p99:.2f}x** its p99 "
+                      f"({x['req_per_s']:.1f} vs {off['req_per_s']:.1f} requests/s, p99 {x['p99_ms']:.0f} vs "
+                      f"{off['p99_ms']:.0f} ms): {met}."]
     sc = r.get("scaling")
     if sc:
         a = sc["autoscaling"]
