@@ -283,8 +283,9 @@ def as_markdown(r: dict) -> str:
         up = "no second replica" if sc["up_s"] is None else f"**{sc['up_s']:.1f} s**"
         lines += ["", f"Load step to a second replica serving: {up} from the start of {sc['clients']} concurrent "
                       f"clients to 2 RUNNING replicas (the config's autoscaling: target_ongoing_requests "
-                      f"{a['target_ongoing_requests']}, upscale_delay_s {a['upscale_delay_s']}, Serve's default "
-                      f"metrics interval); {sc['requests']} requests meanwhile, {sc['errors']} failed."]
+                      f"{a['target_ongoing_requests']}, upscale_delay_s {a['upscale_delay_s']}, look_back_period_s "
+                      f"{a.get('look_back_period_s', 30)}); {sc['requests']} requests meanwhile, "
+                      f"{sc['errors']} failed."]
     return "\n".join(lines)
 
 
