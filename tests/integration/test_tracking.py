@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import torch
 
 from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
 
@@ -76,3 +78,6 @@ def test_pyfunc_model_answers_the_http_json(logged_run):
     assert set(frame[0]) == RESPONSE_KEYS
     with pytest.raises(Exception, match="context"):
         model.predict([{"context": []}])
+    local = mlflow.artifacts.download_artifacts(f"runs:/{logged_run['run_id']}/model/requirements.txt")
+    reqs = Path(local).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in reqs and any(r.startswith("spacy==") for r in reqs)
