@@ -177,15 +177,17 @@ def _inject_failure(trainer: Trainer, at_step: int) -> None:
 # Driver side
 
 
-def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None = None):
-    """The TorchTrainer for `cfg` (gloo on CPU, NCCL on GPU)."""
+def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None = None,
+                  storage: tuple | None = None):
+    """The TorchTrainer for `cfg` (gloo on CPU, NCCL on GPU); `storage` = a (filesystem, path) already
+    resolved by `storage_location` on the driver, else it is resolved here."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
     gpu = s.gpus_per_worker > 0
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if gpu else {})}
-    storage_filesystem, storage_path = storage_location(cfg.storage_path)
+    storage_filesystem, storage_path = storage or storage_location(cfg.storage_path)
     return TorchTrainer(
         train_worker, train_loop_config={**loop_config, "gpus_per_worker": s.gpus_per_worker},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),

@@ -22,7 +22,15 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.ray_train import RayTrainConfig, Scaling, ensure_ray, storage_uri, torch_trainer, worker_loop
+from cluster.ray_train import (
+    RayTrainConfig,
+    Scaling,
+    ensure_ray,
+    storage_location,
+    storage_uri,
+    torch_trainer,
+    worker_loop,
+)
 from cluster.tracking import RUN_ID_FILE, TrackingConfig, client, end_run, finish_parent, start_run
 from trainers.config import StrictModel, load_config
 from trainers.loop import METRIC_MODES, TrainConfig
@@ -225,7 +233,9 @@ def with_absolute_paths(cfg: SweepConfig) -> SweepConfig:
 # Trial (runs in a Tune trial actor)
 
 
-def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str) -> None:
+def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
+    """One trial; `storage` is (filesystem, path) resolved on the driver (`storage_location`): a trial actor
+    may lack the driver's S3 endpoint and credentials."""
     import ray.tune
 
     sw = SweepConfig.model_validate(sweep)
@@ -253,7 +263,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str) 
                                                 cpus_per_worker=sw.resources.cpu,
                                                 gpus_per_worker=sw.resources.gpu),
                                 tracking=tracking)
-            torch_trainer(rt, loop_config, callbacks=[TuneReportCallback()]).fit()
+            torch_trainer(rt, loop_config, callbacks=[TuneReportCallback()], storage=storage).fit()
         ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
@@ -270,9 +280,10 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
     r = cfg.resources
     gpu = {"GPU": r.gpu} if r.gpu else {}
     resources = {"CPU": r.cpu, **gpu} if r.workers == 1 else {"CPU": r.driver_cpu}
+    storage_filesystem, storage_path = storage_location(cfg.storage_path)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=cfg.model_dump(), parent_run_id=parent_run_id,
-                             tracking_uri=tracking_uri), resources)
+                             tracking_uri=tracking_uri, storage=(storage_filesystem, storage_path)), resources)
     scheduler = None
     if cfg.scheduler is not None:
         s = cfg.scheduler
@@ -286,7 +297,7 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
         tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler,
                                     num_samples=cfg.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path,
+        run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
 

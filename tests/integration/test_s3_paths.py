@@ -175,6 +175,46 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(s3_server, bucket, s
     assert "final_metrics.json" in {k.removeprefix(run_prefix) for k in keys_under(s3, bucket, run_prefix)}
 
 
+@pytest.mark.slow
+def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, bucket, s3_mlflow, ray_local,
+                                                                 prepared_sample, monkeypatch, tmp_path):
+    """The smoke sweep with storage_path s3://: Tune's experiment state and every trial's checkpoints land in
+    the bucket, with the endpoint and keys known to the driver only."""
+    from cluster.sweep import load_sweep, run_sweep
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    experiment = f"s3-sweep-{uuid.uuid4().hex[:6]}"
+    smoke = ROOT / "cluster" / "configs" / "sweeps" / "smoke.yaml"
+    cfg = load_sweep(smoke, [f"base.data.cache_dir={prepared_sample.path.parent}", f"name={experiment}",
+                             f"storage_path=s3://{bucket}/sweeps", f"work_dir={tmp_path}/work",
+                             f"tracking.uri={s3_mlflow.url}", f"tracking.experiment={experiment}",
+                             "tracking.log_model=false"])
+    summary = run_sweep(cfg)
+    assert summary["errors"] == [] and summary["trials"] == 3
+
+    keys = keys_under(s3_server.client(), bucket, f"sweeps/{experiment}/")
+    assert any(k.endswith("tuner.pkl") for k in keys), keys[:20]
+    trials = {k.split("/")[2] for k in keys if k.endswith("/checkpoint.pt")}
+    assert len(trials) == 3, keys  # every trial checkpointed into the bucket
+
+    # one trial of 2 DDP workers: its TorchTrainer is built inside the trial actor, which has no AWS_*
+    # settings, so the storage it writes to must be the one resolved on the driver
+    ddp = f"{experiment}-ddp"
+    cfg = load_sweep(smoke, [f"base.data.cache_dir={prepared_sample.path.parent}", f"name={ddp}",
+                             f"storage_path=s3://{bucket}/sweeps", f"work_dir={tmp_path}/work",
+                             f"tracking.uri={s3_mlflow.url}", f"tracking.experiment={ddp}",
+                             "tracking.log_model=false", "resources.workers=2", "resources.cpu=0.8",
+                             "resources.driver_cpu=0.1", "max_concurrent_trials=1"])
+    cfg = cfg.model_copy(update={"variants": cfg.variants[1:2]})  # escm only
+    summary = run_sweep(cfg)
+    assert summary["errors"] == [] and summary["trials"] == 1
+    keys = keys_under(s3_server.client(), bucket, f"sweeps/{ddp}-")  # the trial's TorchTrainer run
+    assert any(k.endswith("/checkpoint.pt") for k in keys), keys[:20]
+
+
 def test_ray_storage_filesystem_takes_endpoint_and_keys_from_the_driver(s3_server, bucket, monkeypatch, tmp_path):
     """What Ray ships to its controller and workers works in a process with no AWS_* settings."""
     from cluster.ray_train import storage_location
