@@ -52,7 +52,7 @@ logger = logging.getLogger("ray.serve")
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 64,  # >= max_batch_size, or batches never fill
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16,
-                           "upscale_delay_s": 10, "downscale_delay_s": 60},
+                           "upscale_delay_s": 5, "look_back_period_s": 10, "downscale_delay_s": 60},
     "ray_actor_options": {"num_cpus": 1},
 }
 GAUGE_TICK_S = 5.0  # Ray forgets a gauge not set for a while: re-mark the served version this often
@@ -260,10 +260,11 @@ class ResponderDeployment:
                                    self.args.model_name, self.args.model_alias, e)
                 next_poll = time.monotonic() + next_poll_delay(failures, self.args.poll_interval_s,
                                                                self.loaded is not None)
-            loaded = self.loaded
-            if loaded is not None and time.monotonic() >= next_mark:
-                self.metrics.serving(loaded.resolved.name, loaded.resolved.version)
+            if time.monotonic() >= next_mark:
                 next_mark = time.monotonic() + GAUGE_TICK_S
+                loaded = self.loaded
+                if loaded is not None:
+                    self.metrics.serving(loaded.resolved.name, loaded.resolved.version)
 
     def __del__(self):
         if hasattr(self, "_stop"):

@@ -168,3 +168,37 @@ def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval(
     assert next_poll_delay(10_000, 10.0, serving=False) == 10.0  # no overflow after days without a model
     assert next_poll_delay(0, 10.0, serving=True) == next_poll_delay(3, 10.0, serving=True) == 10.0
     assert next_poll_delay(0, 0.5, serving=False) == 0.5  # never slower than the configured interval
+
+
+def test_replica_poll_loop_sleeps_between_checks_while_no_model_loads():
+    """The registry poll thread of a replica without a model: checks back off (1 s, then 2 s) and the thread
+    sleeps in between instead of spinning."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from services.app import AppArgs, ResponderDeployment
+
+    cls = ResponderDeployment.func_or_class
+    replica = object.__new__(cls)
+    replica.args, replica.loaded = AppArgs(poll_interval_s=10.0), None
+    checks, waits, stop = [], [], threading.Event()
+
+    def refresh():
+        checks.append(time.monotonic())
+        raise RuntimeError("registered model 'escm' has no alias 'champion'")
+
+    def wait(timeout):
+        waits.append(timeout)
+        return stop.wait(timeout)
+
+    replica.refresh, replica._stop = refresh, SimpleNamespace(wait=wait)
+    replica.metrics = SimpleNamespace(serving=lambda *a: None)
+    thread = threading.Thread(target=replica._poll_loop, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    time.sleep(3.6)
+    stop.set()
+    thread.join(timeout=5)
+    assert [round(t - t0) for t in checks] == [1, 3]  # after 1 s, then 2 s more
+    assert len(waits) < 20, f"the poll thread woke {len(waits)} times in 3.6 s"
