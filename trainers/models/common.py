@@ -382,6 +382,10 @@ class PointerGeneratorSeq2Seq(nn.Module):
         state = self._decoding_state(batch, enc)
         return (state, {k[1:]: v for k, v in enc.items() if k.startswith("_")}) if extras else state
 
+    def encoder_extras(self, batch) -> dict:
+        """`encode(batch, extras=True)[1]` without the training losses (a gold "emotion" is ignored)."""
+        return self.encode({k: v for k, v in batch.items() if k != "emotion"}, extras=True)[1]
+
     @staticmethod
     def _decoding_state(batch, enc) -> dict:  # the encoding's public tensors + what the pointer needs
         state = {k: v for k, v in enc.items() if not k.startswith("_")}

@@ -198,9 +198,7 @@ class ESCM(PointerGeneratorSeq2Seq):
         fewer than k edges; "scores": (B, k) p_ij (0 there)}."""
         if self.cfg.no_dcgcn:
             raise ValueError("evidence needs the GCN, which no_dcgcn removes")
-        if extras is None:
-            extras = self.encode({k_: v for k_, v in batch.items() if k_ != "emotion"}, extras=True)[1]
-        p = extras["gcn_p"]  # (B, L, L)
+        p = (self.encoder_extras(batch) if extras is None else extras)["gcn_p"]  # (B, L, L)
         B, L, _ = p.shape
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)

@@ -455,7 +455,7 @@ class IAMM(PointerGeneratorSeq2Seq):
     @torch.no_grad()
     def trace(self, batch) -> dict:
         """Per-branch memory growth of the iterative association (see `iterate_associations`)."""
-        return self._encode({k: v for k, v in batch.items() if k != "emotion"})["_trace"]
+        return self.encoder_extras(batch)["trace"]
 
     @torch.no_grad()
     def associated_words(self, batch, extras: dict | None = None) -> list[list[dict]]:
@@ -463,8 +463,7 @@ class IAMM(PointerGeneratorSeq2Seq):
         ("context" | "situation"), "position" (index into context_ids / situation_ids) and "weight".
         `extras` from `encode(batch, extras=True)` saves an encoder pass. Empty lists under no_ea (the
         implicit branch associates relation vectors, not words)."""
-        if extras is None:
-            extras = self.encode({k: v for k, v in batch.items() if k != "emotion"}, extras=True)[1]
+        extras = self.encoder_extras(batch) if extras is None else extras
         B = batch["utt_ids"].size(0)
         if "associated" not in extras:
             return [[] for _ in range(B)]
