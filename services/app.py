@@ -227,12 +227,13 @@ class ResponderDeployment:
         """Load the version the alias points at if it is not the one served; True when it swapped."""
         a = self.args
         with self._swap_lock:
-            version = registry.current_version(self.tracking_uri, a.model_name, a.model_alias)
+            c = registry.client(self.tracking_uri)
+            mv = registry.lookup(c, a.model_name, a.model_alias)  # one cheap call per poll
             old = self.loaded
-            if old is not None and old.resolved.version == version:
+            if old is not None and old.resolved.version == str(mv.version):
                 return False
             t0 = time.perf_counter()
-            resolved = registry.resolve(f"models:/{a.model_name}@{a.model_alias}", self.tracking_uri)
+            resolved = registry.download(c, self.tracking_uri, mv, a.model_alias)  # the version just looked up
             try:
                 responder = registry.load_responder(resolved, a.device)   # load + warm up beside the old one
             finally:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +40,6 @@ class ResolvedModel:
     source: str
     checkpoint: Path        # local file inside local_dir
     local_dir: Path         # this version's downloaded files (discard() removes them once loaded)
-    download_s: float = 0.0
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -114,23 +112,21 @@ def resolve(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) ->
     """`models:/name@alias` (or `/version`) -> version, run id and a local checkpoint path."""
     name, alias, version = parse_model_uri(uri)
     c = client(tracking_uri)
-    mv = lookup(c, name, alias, version)
-    t0 = time.perf_counter()
+    return download(c, tracking_uri, lookup(c, name, alias, version), alias, cache_dir)
+
+
+def download(c, tracking_uri: str, mv, alias: str | None = None,
+             cache_dir: str | Path | None = None) -> ResolvedModel:
+    """The looked-up version `mv` (see `lookup`) downloaded into a directory of its own."""
     base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "edp-registry"
     base.mkdir(parents=True, exist_ok=True)
-    dst = Path(tempfile.mkdtemp(prefix=f"{name}-v{mv.version}-", dir=base))
+    dst = Path(tempfile.mkdtemp(prefix=f"{mv.name}-v{mv.version}-", dir=base))
     try:
         ckpt = download_checkpoint(c, tracking_uri, mv, dst)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
-    return ResolvedModel(name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, ckpt,
-                         dst, time.perf_counter() - t0)
-
-
-def current_version(tracking_uri: str, name: str, alias: str) -> str:
-    """The version number the alias points at now (one cheap registry call; used for hot-swap polling)."""
-    return str(lookup(client(tracking_uri), name, alias).version)
+    return ResolvedModel(mv.name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, ckpt, dst)
 
 
 def load_responder(resolved: ResolvedModel, device: str = "cpu", warm_up: bool = True):
