@@ -353,7 +353,7 @@ def stack_up(
     start = time.perf_counter()
     try:
         stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus,
-                         log=lambda line: console.print(line, soft_wrap=True, markup=False))
+                         log=_plain)
         rows = stack.status(state_dir)
     except (ValueError, stack.StackError) as e:
         _fail(str(e))
@@ -374,7 +374,7 @@ def stack_down(state_dir: StateDirOpt = None) -> None:
 
     start = time.perf_counter()
     try:
-        stopped = stack.down(state_dir, log=lambda line: console.print(line, soft_wrap=True, markup=False))
+        stopped = stack.down(state_dir, log=_plain)
     except stack.StackError as e:
         _fail(str(e))
     console.print(f"stack down in {time.perf_counter() - start:.1f} s" if stopped else "nothing to stop")

@@ -122,11 +122,14 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     the sweep's child runs (variant, model, metrics) from MLflow."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from cluster.sweep import load_sweep
     from cluster.tracking import client as mlflow_client
 
-    data_source = source if source == "sample" else str(Path(source).resolve()) if "://" not in source else source
-    entrypoint = (f"python -m cluster.jobs.sweep --config cluster/configs/sweeps/demo.yaml "
-                  f"--set base.data.source={data_source}" + "".join(f" --set {o}" for o in sweep_set))
+    data_source = source if source == "sample" or "://" in source else str(Path(source).resolve())
+    overrides = [f"base.data.source={data_source}", *sweep_set]
+    sweep = load_sweep(SWEEP, overrides)  # a bad --set fails here, before anything is submitted
+    entrypoint = (f"python -m cluster.jobs.sweep --config {SWEEP.relative_to(PROJECT_ROOT)}"
+                  + "".join(f" --set {o}" for o in overrides))
     jobs = JobSubmissionClient(env["RAY_ADDRESS"])
     job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(PROJECT_ROOT),
@@ -137,7 +140,7 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     mlflow = mlflow_client(env["MLFLOW_TRACKING_URI"])
-    total = 5
+    total = len(sweep.grid()) * sweep.num_samples
     deadline = time.monotonic() + timeout
     with Progress(TextColumn("  sweep trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
@@ -185,14 +188,12 @@ def deploy(env: dict[str, str], ports: dict[str, int]) -> str:
 
 
 def _wait_ready(base: str, timeout: float = 180) -> None:
+    from cluster.local_services import http_ok
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/healthz", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if http_ok(f"{base}/healthz", timeout=5):
+            return
         time.sleep(1)
     raise DemoError(f"the Serve app at {base} did not become healthy within {timeout:.0f} s")
 

@@ -71,8 +71,7 @@ def child_runs(c, experiment: str, metric: str, mode: str, where: str | None) ->
         runs = c.search_runs([exp.experiment_id], flt, order_by=[order], max_results=1000)
     except MlflowException as e:
         raise PromotionError(f"bad --where filter {where!r}: {e.message}") from e
-    scored = [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]
-    return sorted(scored, key=lambda r: r.data.metrics[metric], reverse=mode == "max")
+    return [r for r in runs if math.isfinite(r.data.metrics.get(metric, math.nan))]  # still best first
 
 
 def model_source(c, run) -> tuple[str, str | None] | None:

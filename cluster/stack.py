@@ -222,10 +222,12 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
     for name in sorted(alive):  # running but unhealthy: give it a moment (it may still be starting)
         url = state["services"][name]["url"]
         deadline = time.monotonic() + 30
-        while not healthy(name, url, stack) and time.monotonic() < deadline:
+        ok = healthy(name, url, stack)
+        while not ok and time.monotonic() < deadline:
             time.sleep(0.5)
+            ok = healthy(name, url, stack)
         log(f"{name}: already running (pid {state['services'][name]['pid']})"
-            + ("" if healthy(name, url, stack) else ", but not healthy: see its log"))
+            + ("" if ok else ", but not healthy: see its log"))
     for name in SERVICES:  # recorded but dead: clear what is left of it
         record = state["services"].get(name)
         if record and name not in alive:
