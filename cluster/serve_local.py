@@ -65,3 +65,14 @@ def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, addr
     app = make_app(spec.args, **spec.deployment_options)
     serve.run(app, name=spec.app_name, route_prefix=spec.route_prefix)
     return f"http://{host}:{port}{spec.route_prefix.rstrip('/')}"
+
+
+def replica_states(app_name: str, deployment: str = "Responder") -> dict[str, int]:
+    """{state: count} of a running app's deployment, e.g. {"RUNNING": 2} ({} while the app is not listed)."""
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    if app is None or deployment not in app.deployments:
+        return {}
+    states = app.deployments[deployment].replica_states
+    return {str(getattr(k, "value", k)): n for k, n in states.items() if n}

@@ -112,24 +112,10 @@ def over_http(url: str, batch: int, concurrency: int, requests: int) -> dict:
             "wall_s": wall, "req_per_s": len(latencies) / wall, **quantiles(latencies or [float("nan")])}
 
 
-def register(checkpoint: Path, mlflow_url: str) -> str:
-    """Log the checkpoint as a child run and promote it to models:/escm-bench@champion; the version."""
-    from cluster.promote import promote
-    from tests.integration.registry_models import log_sweep
-
-    log_sweep(mlflow_url, "bench-serve", checkpoint,
-              [{"name": "tiny", "metrics": {"valid_acc": 0.0}, "params": {"model": "escm"}}])
-    decision = promote("bench-serve", "valid_acc", "max", name=MODEL, tracking_uri=mlflow_url,
-                       log=lambda s: None)
-    return decision.version
-
-
 def scale_up(spec, port: int, clients: int = 32, deadline_s: float = 120.0) -> dict:
     """Deploy `spec` with its autoscaling_config (max 2 replicas), idle on one; then a load step of
     `clients` concurrent clients: seconds until Serve reports 2 RUNNING replicas, requests and failures."""
     import threading
-
-    from ray import serve
 
     from cluster import serve_local
 
@@ -140,9 +126,7 @@ def scale_up(spec, port: int, clients: int = 32, deadline_s: float = 120.0) -> d
     url = serve_local.run(spec, port=port)
 
     def running() -> int:
-        app = serve.status().applications.get(spec.app_name)
-        states = app.deployments["Responder"].replica_states if app and "Responder" in app.deployments else {}
-        return sum(n for k, n in states.items() if str(getattr(k, "value", k)) == "RUNNING")
+        return serve_local.replica_states(spec.app_name).get("RUNNING", 0)
 
     stop, done = threading.Event(), {"requests": 0, "errors": 0}
 
@@ -163,7 +147,11 @@ def scale_up(spec, port: int, clients: int = 32, deadline_s: float = 120.0) -> d
                 await asyncio.gather(*(loop(i) for i in range(clients)))
         asyncio.run(main())
 
+    idle_deadline = time.monotonic() + deadline_s
     while running() != 1:
+        if time.monotonic() > idle_deadline:
+            raise RuntimeError(f"{spec.app_name}: no single RUNNING replica within {deadline_s:.0f} s: "
+                               f"{serve_local.replica_states(spec.app_name)}")
         time.sleep(0.2)
     t0 = time.monotonic()
     thread = threading.Thread(target=load, daemon=True)
@@ -186,7 +174,7 @@ def run(data: str = "sample", requests: int = 160, concurrencies: tuple[int, ...
 
     from cluster import serve_local
     from cluster.local_services import free_port, start_mlflow
-    from tests.integration.registry_models import train_tiny
+    from tests.integration.registry_models import register_champion, train_tiny
     from trainers.config import load_config
     from trainers.data.prepare import DataConfig, prepare
 
@@ -204,7 +192,7 @@ def run(data: str = "sample", requests: int = 160, concurrencies: tuple[int, ...
         rows += [in_process(checkpoint, b, max(1, in_process_requests // b)) for b in (1, on)]
         mlflow = start_mlflow(tmp / "mlflow")
         try:
-            version = register(checkpoint, mlflow.url)
+            version = register_champion(mlflow.url, checkpoint, MODEL, 0.0, "bench-serve")
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             port = free_port()
             urls, apps = {}, []

@@ -79,3 +79,18 @@ def log_sweep(tracking_uri: str, experiment: str, checkpoint: Path, trials: list
            for t in trials}
     c.set_terminated(parent, "FINISHED")
     return ids
+
+
+def register_champion(tracking_uri: str, checkpoint: Path, name: str, acc: float, experiment: str,
+                      force: bool = False) -> str:
+    """Log `checkpoint` as the one child of a sweep `experiment` (valid_acc `acc`) and promote it to
+    models:/<name>@champion; the new version (fails the caller if promotion refused)."""
+    from cluster.promote import promote
+
+    log_sweep(tracking_uri, experiment, checkpoint,
+              [{"name": "t0", "metrics": {"valid_acc": acc}, "params": {"model": "escm"}}])
+    decision = promote(experiment, "valid_acc", "max", name=name, force=force, tracking_uri=tracking_uri,
+                       log=lambda s: None)
+    if decision.action != "promoted":
+        raise AssertionError(f"expected a promotion of {name!r}, got {decision.action}")
+    return decision.version

@@ -14,9 +14,9 @@ import uuid
 import httpx
 import pytest
 
+from cluster import serve_local
 from cluster.local_services import free_port
-from cluster.promote import promote
-from tests.integration.registry_models import log_sweep
+from tests.integration.registry_models import register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")]
@@ -34,14 +34,7 @@ CLIENTS, LOAD_DEADLINE_S, DOWNSCALE_DEADLINE_S = 8, 60.0, 60.0
 
 
 def replica_states() -> dict[str, int]:
-    """{state: count} of the app's deployment, e.g. {"RUNNING": 1} ({} while the app is not listed)."""
-    from ray import serve
-
-    app = serve.status().applications.get(APP)
-    if app is None or DEPLOYMENT not in app.deployments:
-        return {}
-    states = app.deployments[DEPLOYMENT].replica_states
-    return {str(getattr(k, "value", k)): n for k, n in states.items() if n}
+    return serve_local.replica_states(APP, DEPLOYMENT)
 
 
 def wait_for(predicate, timeout: float, what: str, step: float = 0.25) -> float:
@@ -63,10 +56,7 @@ def autoscaled(ray_local, mlflow_server, tiny_checkpoint):
 
     ckpt, _ = tiny_checkpoint
     name, exp = f"escm-as-{uuid.uuid4().hex[:8]}", f"sweep-as-{uuid.uuid4().hex[:8]}"
-    log_sweep(mlflow_server, exp, ckpt, [{"name": "t0", "metrics": {"valid_acc": 0.3},
-                                         "params": {"model": "escm"}}])
-    decision = promote(exp, "valid_acc", "max", name=name, tracking_uri=mlflow_server, log=lambda s: None)
-    assert decision.action == "promoted"
+    register_champion(mlflow_server, ckpt, name, 0.3, exp)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"model_name": name, "model_alias": "champion", "mlflow_tracking_uri": mlflow_server,

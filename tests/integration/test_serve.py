@@ -19,8 +19,7 @@ import httpx
 import pytest
 
 from cluster.local_services import free_port
-from cluster.promote import promote
-from tests.integration.registry_models import log_sweep
+from tests.integration.registry_models import register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,12 +44,7 @@ def unique(prefix: str) -> str:
 
 
 def register(mlflow: str, ckpt, name: str, acc: float, force: bool = False) -> str:
-    exp = unique("sweep")
-    log_sweep(mlflow, exp, ckpt, [{"name": "t0", "metrics": {"valid_acc": acc}, "params": {"model": "escm"}}])
-    decision = promote(exp, "valid_acc", "max", name=name, force=force, tracking_uri=mlflow,
-                       log=lambda s: None)
-    assert decision.action == "promoted"
-    return decision.version
+    return register_champion(mlflow, ckpt, name, acc, unique("sweep"), force)
 
 
 def wait_until(predicate, timeout: float, what, step: float = 0.5):
