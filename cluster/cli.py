@@ -352,13 +352,12 @@ def stack_up(
 
     start = time.perf_counter()
     try:
-        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus,
-                         log=_plain)
+        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=_plain)
         rows = stack.status(state_dir)
     except (ValueError, stack.StackError) as e:
         _fail(str(e))
     console.print(stack.status_table(rows))
-    root, url = (state_dir or stack.default_state_dir()).resolve(), {r.name: r.url for r in rows}
+    root, url = stack.Stack.at(state_dir).root, {r.name: r.url for r in rows}
     console.print(f"stack up in {time.perf_counter() - start:.1f} s. Ray dashboard {url['ray']}, MLflow UI "
                   f"{url['mlflow']}, S3 {url['s3']}, Prometheus {url['prometheus']}, Serve (once deployed) "
                   f"{url['serve']}", soft_wrap=True)

@@ -71,7 +71,7 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
         start = time.perf_counter()
         state = stack.up(state_dir, ports, log=lambda line: console.print(f"  {line}"))
         lap("stack up", start)
-    env = stack.stack_env(stack.Stack(Path(state_dir or stack.default_state_dir()).resolve()), state["ports"])
+    env = stack.stack_env(stack.Stack.at(state_dir), state["ports"])
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"

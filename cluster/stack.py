@@ -94,6 +94,11 @@ class Stack:
     """The state directory and what is recorded in it."""
     root: Path
 
+    @classmethod
+    def at(cls, state_dir: Path | str | None = None) -> Stack:
+        """The stack recorded in `state_dir` (default: `default_state_dir()`)."""
+        return cls(Path(state_dir or default_state_dir()).resolve())
+
     @property
     def state_file(self) -> Path:
         return self.root / STATE_FILE
@@ -201,7 +206,7 @@ def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], 
 def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_cpus: int = 2,
        log=print) -> dict:
     """Start every service that is not running and healthy; returns the saved state."""
-    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    stack = Stack.at(state_dir)
     state = stack.load()
     alive = {name for name in SERVICES if running(state["services"].get(name))}
     if alive:
@@ -291,7 +296,7 @@ def _stop_record(record: dict, log, timeout: float = 15.0) -> int:
 
 def down(state_dir: Path | None = None, log=print) -> dict[str, int]:
     """Stop what `up` started (reverse order); returns {service: processes stopped}. Data and logs stay."""
-    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    stack = Stack.at(state_dir)
     state = stack.load()
     stopped = {}
     for name in reversed(SERVICES):
@@ -316,7 +321,7 @@ class ServiceStatus:
 
 def status(state_dir: Path | None = None) -> list[ServiceStatus]:
     """One row per service (plus Serve on the stack's Ray, which `edp serve`/`serve deploy` start)."""
-    stack = Stack(Path(state_dir or default_state_dir()).resolve())
+    stack = Stack.at(state_dir)
     state = stack.load()
     u = urls({**DEFAULT_PORTS, **state["ports"]})
     rows = []
