@@ -25,8 +25,9 @@ from trainers.data.records import Example, LoadReport
 from trainers.decoding import decode, ids_to_tokens
 from trainers.loop import TrainConfig, autocast, resolve_device
 
-# bf16 on a CPU pays only for batches: a paper-sized ESCM answering 1 request took 35 ms in bf16 vs 26 ms in
-# fp32, 32 requests 140 ms vs 200 ms (AMD EPYC with AVX512-BF16, 1 thread). GPUs use bf16 at any batch size.
+# bf16 on a CPU pays only for batches: for a single request the casts cost more than the bf16 matmuls save
+# (paper-sized ESCM, AVX512-BF16 CPU, 1 thread), for a batch the output layer's matmuls dominate. GPUs use bf16
+# at any batch size.
 CPU_BF16_MIN_BATCH = 8
 
 
