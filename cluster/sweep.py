@@ -33,7 +33,8 @@ from cluster.ray_train import (
 )
 from cluster.tracking import RUN_ID_FILE, TrackingConfig, client, end_run, finish_parent, start_run
 from trainers.config import StrictModel, load_config
-from trainers.loop import METRIC_MODES, TrainConfig
+from trainers.loop import TrainConfig
+from trainers.metrics import METRIC_MODES
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 

@@ -13,27 +13,19 @@ from pathlib import Path
 
 import torch
 
+from trainers import checkpoint as ckpt
 from trainers.data.prepare import split_with_vocab
-from trainers.data.records import DataError
 from trainers.data.sources import load_splits
 from trainers.data.vocab import Vocab
-from trainers.loop import CHECKPOINT_FORMAT, Evaluator, TensorSplit, TrainConfig, resolve_device
-from trainers.models import build_model
+from trainers.device import resolve_device
+from trainers.evaluator import Evaluator
+from trainers.loop import TrainConfig, tensor_split
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:
-    """Rebuild (config, model with weights, vocabulary) from a trainer checkpoint file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location=resolve_device(device), weights_only=False)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise DataError(f"{path} is not an edp checkpoint (expected format {CHECKPOINT_FORMAT})")
-    cfg = TrainConfig.model_validate(state["config"])
-    vocab = Vocab(state["vocab"])
-    model = build_model(state["model_name"], len(vocab), vocab.emotion_ids(), **state["model_config"])
-    model.load_state_dict(state["model"])
-    return cfg, model.to(resolve_device(device)).eval(), vocab
+    """Rebuild (run config, model with weights, vocabulary) from a trainer checkpoint file."""
+    config, model, vocab = ckpt.load_model(path, device)
+    return TrainConfig.model_validate(config), model, vocab
 
 
 def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir: str | Path, *,
@@ -43,8 +35,9 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir
     report = load_splits(source, splits=[split], skip_invalid=skip_invalid)[split]
     prepared = split_with_vocab(split, report, vocab, cfg.data)
     dev = resolve_device(device)
-    data = TensorSplit(prepared, len(vocab), cfg, dev, iamm=cfg.model == "iamm")
-    evaluator = Evaluator(model, vocab, cfg, dev)
+    data = tensor_split(cfg, prepared, len(vocab), dev)
+    evaluator = Evaluator(model, vocab, dev, batch_size=cfg.eval_batch_size, decode=cfg.decode_config(),
+                          bf16=cfg.bf16)
     metrics = evaluator.evaluate(data, generate=0)
     predictions = evaluator.generate(range(len(data)), data)
     out = Path(out_dir)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainers import checkpoint as ckpt
+from trainers.checkpoint import InferenceConfig
 from trainers.data import annotate as ann
 from trainers.data.collate import encode_escm, pad_escm, pad_iamm
 from trainers.data.emotions import EMOTIONS
@@ -23,7 +25,7 @@ from trainers.data.knowledge import build_knowledge
 from trainers.data.prepare import PreparedSplit, build_split
 from trainers.data.records import Example, LoadReport
 from trainers.decoding import decode, ids_to_tokens
-from trainers.loop import TrainConfig, autocast, resolve_device
+from trainers.device import autocast, resolve_device
 
 # bf16 on a CPU pays only for batches: for a single request the casts cost more than the bf16 matmuls save
 # (paper-sized ESCM, AVX512-BF16 CPU, 1 thread), for a batch the output layer's matmuls dominate. GPUs use bf16
@@ -40,7 +42,7 @@ class Request:
 class Responder:
     """Load once, warm up, then `respond` to batches of requests (pure; no I/O per call)."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, vocab, device: str = "cpu", top_k: int = 3):
+    def __init__(self, cfg: InferenceConfig, model: torch.nn.Module, vocab, device: str = "cpu", top_k: int = 3):
         self.cfg, self.model, self.vocab, self.top_k = cfg, model.eval(), vocab, top_k
         self.device = resolve_device(device)
         self.model.to(self.device)
@@ -52,10 +54,8 @@ class Responder:
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu") -> Responder:
-        from trainers.evaluate import load_checkpoint
-
-        cfg, model, vocab = load_checkpoint(path, device)
-        return cls(cfg, model, vocab, device)
+        config, model, vocab = ckpt.load_model(path, device)
+        return cls(InferenceConfig.of_run(config), model, vocab, device)
 
     @property
     def model_name(self) -> str:
@@ -80,7 +80,7 @@ class Responder:
                    for i in range(len(reqs))]
         batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast(self.cfg, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(reqs)):
+        with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(reqs)):
             state, extras = self.model.encode(batch, extras=True)  # one encoder pass for everything below
             ids = decode(self.model, batch, self.cfg.decode_config(), state=state)
             evidence = self._evidence(batch, encoded, extras)

@@ -2,54 +2,44 @@
 
 `Trainer` is the unit of work: `python -m trainers.train` runs it on a bare GPU box, and the
 Ray Train wrapper (cluster) runs one per worker, passing `rank`/`world_size`, a `wrap_model`
-hook (DDP) and an `on_eval` hook (metrics + checkpoint reporting).
+hook (DDP) and an `on_eval` hook (metrics + checkpoint reporting). Its parts live beside it:
+device policy (`device`), data as bucketed device tensors (`batching`), metrics and decoding
+(`evaluator`), Adam with the Noam schedule (`optim`), the checkpoint format (`checkpoint`).
 
-Speed levers (the model is tiny, so a naive loop is host-bound):
-- every split is encoded and padded ONCE into per-length-bucket tensors on the device
-  (`TensorSplit`); a step only gathers rows, so there is no per-example Python work in the step;
-- buckets give few, static shapes (bucket width `bucket_width`), good for torch.compile;
-- the epoch plan (which rows form each batch, their extended-vocabulary size) is built on the
-  host at epoch start, so the step does no host syncs; the loss is read back only when logged;
-- fused Adam (CUDA and CPU kernels); bf16 autocast on CUDA and on CPUs with native bf16 dot products
-  (AVX512-BF16 or AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on CUDA.
+Speed levers (the model is tiny, so a naive loop is host-bound): splits encoded and padded once
+into length buckets on the device and an epoch plan built on the host (`batching`: no per-example
+Python work and no host syncs in a step; the loss is read back only when logged); fused Adam (CUDA
+and CPU kernels); bf16 autocast on CUDA and on CPUs with native bf16 dot products (AVX512-BF16 or
+AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on CUDA.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import os
-import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from trainers.config import StrictModel
-from trainers.data.collate import EncodedExample, encode_escm, pad_escm, pad_iamm
-from trainers.data.emotions import EMOTIONS
-from trainers.data.prepare import DataConfig, Prepared, PreparedSplit
-from trainers.decoding import DecodeConfig, decode, ids_to_tokens
-from trainers.metrics import MetricAccumulator
+from trainers import checkpoint as ckpt
+from trainers.batching import TensorSplit
+from trainers.checkpoint import InferenceConfig
+from trainers.data.prepare import Prepared
+from trainers.device import autocast, resolve_device
+from trainers.evaluator import Evaluator
+from trainers.metrics import METRIC_MODES
 from trainers.models import build_model
-from trainers.models.common import noam_lambda
-
-CHECKPOINT_FORMAT = "edp-checkpoint/1"
-METRIC_MODES = {"valid_ppl": "min", "valid_loss": "min", "valid_acc": "max", "valid_dist1": "max",
-                "valid_dist2": "max", "valid_bleu4": "max"}
+from trainers.optim import build_optimizer
 
 
-class TrainConfig(StrictModel):
-    """Everything one training run needs; defaults are the papers' settings."""
+class TrainConfig(InferenceConfig):
+    """Everything one training run needs (the inherited `InferenceConfig` fields too); defaults are the papers'
+    settings."""
 
-    model: Literal["transformer", "escm", "iamm"] = "escm"
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields, e.g. no_vr")
-    data: DataConfig = Field(default_factory=DataConfig)
     out_dir: str = "runs/train"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     seed: int = 0
@@ -67,24 +57,16 @@ class TrainConfig(StrictModel):
     early_stop_metric: str = "valid_ppl"
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     keep_checkpoints: int = Field(2, ge=1)
-    max_context: int = Field(400, ge=8)
-    max_target: int = Field(60, ge=4)
     bucket_width: int = Field(32, ge=8)
-    bf16: bool = Field(True, description="bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     use_vectors: bool = Field(True, description="initialise word embeddings from the prepared vectors")
     num_samples: int = Field(100, ge=0, description="sample generations written at the end")
-    decode: dict[str, Any] = Field(default_factory=dict, description="DecodeConfig fields")
 
     @model_validator(mode="after")
-    def _check(self) -> TrainConfig:
+    def _check_early_stop(self) -> TrainConfig:
         if self.early_stop_metric not in METRIC_MODES:
             raise ValueError(f"early_stop_metric must be one of {sorted(METRIC_MODES)}")
-        DecodeConfig(**self.decode)  # fail early on bad decoding settings
         return self
-
-    def decode_config(self) -> DecodeConfig:
-        return DecodeConfig(**self.decode)
 
 
 def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
@@ -94,205 +76,6 @@ def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
     if cfg.model == "iamm" and prepared.manifest["substitutions"]["knowledge"].get("available") is False:
         overrides.setdefault("has_knowledge", False)
     return overrides
-
-
-@functools.cache
-def native_bf16(device_type: str) -> bool:
-    """Whether bf16 matmuls are native (not emulated) on this device type: CUDA with bf16 support, or a CPU
-    advertising AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; False where it cannot be read)."""
-    if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast(cfg: TrainConfig, device: torch.device, min_cpu_batch: int = 0, batch: int = 0):
-    """bf16 autocast when enabled and native on the device (`native_bf16`), on a CPU only for batches of at
-    least `min_cpu_batch` rows (inference: small CPU batches run faster in fp32); a no-op context elsewhere."""
-    on = cfg.bf16 and native_bf16(device.type) and (device.type != "cpu" or batch >= min_cpu_batch)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-# ------------------------------------------------------------------------------------------------
-# Data: a split as device tensors grouped by length bucket
-
-
-@dataclass
-class Bucket:
-    rows: np.ndarray                       # example indices in this bucket
-    tensors: dict[str, torch.Tensor]       # padded to the bucket's lengths, on device
-    n_oov: np.ndarray                      # OOV-list length per row (host), for max_oov
-    tgt_len: np.ndarray                    # target length (EOS included) per row (host)
-    turns: np.ndarray                      # IAMM: (rows, 3) turns, longest turn, situation length (host)
-
-
-class TensorSplit:
-    """A prepared split encoded once and padded per length bucket (static shapes, no per-step collation)."""
-
-    def __init__(self, split: PreparedSplit, vocab_size: int, cfg: TrainConfig, device: torch.device,
-                 iamm: bool = False):
-        self.split = split
-        self.encoded: list[EncodedExample] = [
-            encode_escm(split, i, vocab_size, cfg.max_context, cfg.max_target) for i in range(len(split.examples))
-        ]
-        lengths = np.array([len(e.context_ids) for e in self.encoded])
-        key = np.ceil(lengths / cfg.bucket_width).astype(int)
-        self.buckets: list[Bucket] = []
-        self.where = np.zeros((len(self.encoded), 2), dtype=np.int64)  # example -> (bucket, row in bucket)
-        pad = pad_iamm if iamm else pad_escm
-        for k in np.unique(key):
-            rows = np.flatnonzero(key == k)
-            members = [self.encoded[i] for i in rows]
-            batch = pad(members) if iamm else pad(members, context_len=int(k) * cfg.bucket_width)
-            tensors = {n: v.to(device) for n, v in batch.items() if isinstance(v, torch.Tensor)}
-            tensors["context_dep"] = tensors["context_dep"].to(torch.uint8)  # labels < 256: 8x less memory
-            self.where[rows] = np.stack([np.full(len(rows), len(self.buckets)), np.arange(len(rows))], 1)
-            self.buckets.append(Bucket(
-                rows, tensors, np.array([len(e.oov) for e in members]), np.array([len(e.target_ids) for e in members]),
-                np.array([(len(e.turns), max(len(t) for t in e.turns), len(e.situation_ids)) for e in members])))
-
-    def __len__(self) -> int:
-        return len(self.encoded)
-
-    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int, target_len: int | None = None) -> dict:
-        """Gather `rows` of one bucket: a batch following the collate contract, targets cut to `target_len`."""
-        b = self.buckets[bucket]
-        idx = torch.as_tensor(rows, device=next(iter(b.tensors.values())).device)
-        out: dict[str, Any] = {n: t.index_select(0, idx) for n, t in b.tensors.items()}
-        out["context_dep"] = out["context_dep"].long()
-        if target_len is not None:
-            for name in ("target_ids", "target_ext_ids"):
-                out[name] = out[name][:, :target_len]
-        out["max_oov"] = max_oov
-        return out
-
-    def rows_batch(self, bucket: int, rows: np.ndarray) -> dict:
-        """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
-        b = self.buckets[bucket]
-        t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
-        out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
-        if "utt_ids" in out:  # IAMM: cut turns, turn length and situation to this batch's longest
-            M, Lu, Ls = (int(v) for v in b.turns[rows].max(0))
-            for name in ("utt_ids", "utt_mask"):
-                out[name] = out[name][:, :M, :Lu]
-            for name in ("utt_state", "turn_mask"):
-                out[name] = out[name][:, :M]
-            for name in ("situation_ids", "situation_mask"):
-                out[name] = out[name][:, :Ls]
-            for name in ("knowledge_ids", "knowledge_mask"):  # the situation's knowledge stays in the last slot
-                out[name] = torch.cat([out[name][:, :M], out[name][:, -1:]], dim=1)
-        return out
-
-    def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
-        """The epoch's batches as (bucket, rows); deterministic in (seed, epoch)."""
-        rng = np.random.default_rng([seed, epoch])
-        batches = []
-        for k, b in enumerate(self.buckets):
-            order = rng.permutation(len(b.rows)) if shuffle else np.arange(len(b.rows))
-            for s in range(0, len(order), batch_size):
-                batches.append((k, order[s:s + batch_size]))
-        if shuffle:
-            batches = [batches[i] for i in rng.permutation(len(batches))]
-        return batches
-
-
-# ------------------------------------------------------------------------------------------------
-# Trainer
-
-
-class Evaluator:
-    """Teacher-forced metrics and decoding over a `TensorSplit` (used by the trainer and `edp evaluate`)."""
-
-    def __init__(self, model: torch.nn.Module, vocab, cfg: TrainConfig, device: torch.device):
-        self.model, self.vocab, self.cfg, self.device = model, vocab, cfg, device
-
-    def _autocast(self):
-        return autocast(self.cfg, self.device)
-
-    @torch.inference_mode()
-    def evaluate(self, data: TensorSplit, generate: int = 0) -> dict:
-        """Teacher-forced loss/PPL and emotion accuracy on all of `data`, plus
-        Dist-1/2 and BLEU over the greedy/beam/sampled responses of its first `generate` examples (0 = all)."""
-        model = self.model
-        model.eval()
-        acc = MetricAccumulator()
-        for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
-            batch = data.rows_batch(k, rows)
-            with self._autocast():
-                out = model(batch)
-            logits = out["emotion_logits"]
-            acc.add(nll_sum=out["nll_sum"].float(), num_tokens=out["num_tokens"],
-                    emotion_pred=None if logits is None else logits.argmax(-1),
-                    emotion_gold=None if logits is None else batch["emotion"])
-        metrics = acc.compute()
-        n = len(data) if generate == 0 else min(generate, len(data))
-        if n:
-            generated = self.generate(range(n), data)
-            gen_acc = MetricAccumulator()
-            gen_acc.add(hypotheses=[g["generated_tokens"] for g in generated],
-                        references=[g["reference_tokens"] for g in generated])
-            metrics.update({k: v for k, v in gen_acc.compute().items() if k.startswith(("dist", "bleu"))})
-        return metrics
-
-    @torch.inference_mode()
-    def emotion_predictions(self, data: TensorSplit) -> tuple[list[int], list[int]]:
-        """(predicted, gold) emotion ids over `data`; empty lists for a model without an emotion head."""
-        pred, gold = [], []
-        for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
-            batch = data.rows_batch(k, rows)
-            with self._autocast():
-                logits = self.model.eval().encode(batch).get("emotion_logits")
-            if logits is None:
-                return [], []
-            pred += logits.argmax(-1).tolist()
-            gold += batch["emotion"].tolist()
-        return pred, gold
-
-    @torch.inference_mode()
-    def generate(self, indices, data: TensorSplit) -> list[dict]:
-        """Decode examples `indices`; returns per example the text fields and predicted emotion."""
-        model, dcfg = self.model, self.cfg.decode_config()
-        model.eval()
-        indices = np.asarray(list(indices), dtype=np.int64)
-        results: dict[int, dict] = {}
-        for k in np.unique(data.where[indices, 0]):
-            members = indices[data.where[indices, 0] == k]
-            for s in range(0, len(members), self.cfg.eval_batch_size):
-                chunk = members[s:s + self.cfg.eval_batch_size]
-                rows = data.where[chunk, 1]
-                batch = data.rows_batch(int(k), rows)
-                with self._autocast():
-                    state = model.encode(batch)
-                    ids = decode(model, batch, dcfg, state=state)
-                    logits = state.get("emotion_logits")
-                oovs = [data.encoded[i].oov for i in chunk]
-                tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
-                probs = None if logits is None else torch.softmax(logits.float(), -1)
-                for j, i in enumerate(chunk):
-                    results[int(i)] = self._record(data, int(i), tokens[j], probs[j] if probs is not None else None)
-        return [results[int(i)] for i in indices]
-
-    def _record(self, data: TensorSplit, i: int, tokens: list[str], probs: torch.Tensor | None) -> dict:
-        ex, split = data.split.examples[i], data.split
-        pred = None if probs is None else int(probs.argmax())
-        return {
-            "conv_id": ex.conv_id, "turn": ex.turn, "context": list(ex.context), "situation": ex.situation,
-            "reference": ex.target, "generated": " ".join(tokens), "generated_tokens": tokens,
-            "reference_tokens": list(split.tokens[split.target[i]]), "gold_emotion": ex.emotion,
-            "predicted_emotion": None if pred is None else EMOTIONS[pred],
-            "predicted_prob": None if probs is None else float(probs[pred]),
-        }
 
 
 class Trainer:
@@ -305,7 +88,7 @@ class Trainer:
         self.on_eval, self.log = on_eval, (log if rank == 0 else (lambda s: None))
         self.out = Path(cfg.out_dir)
         self.device = resolve_device(cfg.device)
-        _seed_everything(cfg.seed)
+        ckpt.seed_everything(cfg.seed)
         vocab = prepared.vocab
         self.vocab = vocab
         self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(),
@@ -321,16 +104,14 @@ class Trainer:
             self.model = wrap_model(self.model)
         if cfg.compile and self.device.type == "cuda":
             self.model = torch.compile(self.model, dynamic=False)
-        self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=1.0, betas=cfg.adam_betas,
-                                          eps=cfg.adam_eps, fused=self.device.type in ("cuda", "cpu"))
-        d_model = getattr(self.raw_model.cfg, "d_model", 300)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, functools.partial(noam_lambda, d_model=d_model, warmup=cfg.warmup, factor=cfg.lr_factor))
-        iamm = cfg.model == "iamm"
+        self.optimizer, self.scheduler = build_optimizer(
+            self.raw_model, self.device, betas=cfg.adam_betas, eps=cfg.adam_eps,
+            d_model=getattr(self.raw_model.cfg, "d_model", 300), warmup=cfg.warmup, factor=cfg.lr_factor)
         t0 = time.perf_counter()
-        self.train_data = TensorSplit(prepared.split("train"), len(vocab), cfg, self.device, iamm)
-        self.valid_data = TensorSplit(prepared.split("valid"), len(vocab), cfg, self.device, iamm)
-        self.evaluator = Evaluator(self.raw_model, vocab, cfg, self.device)
+        self.train_data = tensor_split(cfg, prepared.split("train"), len(vocab), self.device)
+        self.valid_data = tensor_split(cfg, prepared.split("valid"), len(vocab), self.device)
+        self.evaluator = Evaluator(self.raw_model, vocab, self.device, batch_size=cfg.eval_batch_size,
+                                   decode=cfg.decode_config(), bf16=cfg.bf16)
         self.log(f"encoded {len(self.train_data)} train / {len(self.valid_data)} valid examples into "
                  f"{len(self.train_data.buckets)} buckets in {time.perf_counter() - t0:.1f} s")
         self.step, self.epoch, self.position = 0, 0, 0
@@ -342,16 +123,17 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "format": CHECKPOINT_FORMAT, "config": self.cfg.model_dump(), "model_name": self.cfg.model,
+            "format": ckpt.CHECKPOINT_FORMAT, "config": self.cfg.model_dump(), "model_name": self.cfg.model,
             "model_config": vars(self.raw_model.cfg), "vocab": self.vocab.itos,
-            "data_key": self.prepared.manifest["key"], "model": self.raw_model.state_dict(),
+            "data_key": self.prepared.manifest["key"], "code_version": ckpt.code_version(),
+            "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position, "best": self.best,
-            "bad_evals": self.bad_evals, "history": self.history, "rng": _rng_state(),
+            "bad_evals": self.bad_evals, "history": self.history, "rng": ckpt.rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
+        if state.get("format") != ckpt.CHECKPOINT_FORMAT:
             raise ValueError(f"not an edp checkpoint (format {state.get('format')!r})")
         if state["vocab"] != self.vocab.itos:
             raise ValueError("checkpoint vocabulary differs from the prepared data's; same data settings needed")
@@ -360,29 +142,24 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals, self.history = state["best"], state["bad_evals"], state["history"]
-        _set_rng_state(state["rng"])
+        ckpt.set_rng_state(state["rng"])
 
     def save_checkpoint(self, tag: str | None = None) -> Path:
         """Atomically write `checkpoints/step_N.pt` (and `best.pt` when tagged); prune old ones."""
         ckpt_dir = self.out / "checkpoints"
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = ckpt_dir / (f"{tag}.pt" if tag else f"step_{self.step:08d}.pt")
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        path = ckpt.save(self.state_dict(), ckpt_dir / f"{tag}.pt" if tag else ckpt.step_path(ckpt_dir, self.step))
         if tag is None:
-            for old in sorted(ckpt_dir.glob("step_*.pt"))[:-self.cfg.keep_checkpoints]:
-                old.unlink()
+            ckpt.prune(ckpt_dir, self.cfg.keep_checkpoints)
         return path
 
     def resume(self, path: Path | None = None) -> bool:
         """Load `path` or the newest `checkpoints/step_*.pt`; False when there is none."""
         if path is None:
-            found = sorted((self.out / "checkpoints").glob("step_*.pt"))
+            found = ckpt.step_checkpoints(self.out / "checkpoints")
             if not found:
                 return False
             path = found[-1]
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        self.load_state_dict(ckpt.load(path, self.device))
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
         return True
 
@@ -390,7 +167,7 @@ class Trainer:
 
     def train_step(self, batch: dict) -> dict:
         self.model.train()
-        with autocast(self.cfg, self.device):
+        with autocast(self.cfg.bf16, self.device):
             out = self.model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -467,7 +244,7 @@ class Trainer:
         """Final evaluation with the best weights, metrics.json and samples.jsonl (rank 0)."""
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
-            self.raw_model.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+            self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
         final = {f"valid_{k}": v for k, v in self.evaluate(self.cfg.eval_generate).items()}
         result = {"model": self.cfg.model, "step": self.step, "best": {self.cfg.early_stop_metric: self.best},
                   "final": final, "history": self.history}
@@ -481,27 +258,7 @@ class Trainer:
         return result
 
 
-# ------------------------------------------------------------------------------------------------
-# RNG state (resume reproduces the uninterrupted run)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:
+    """`split` as bucketed device tensors with the run's lengths and bucket width."""
+    return TensorSplit(split, vocab_size, device, max_context=cfg.max_context, max_target=cfg.max_target,
+                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm")

@@ -29,6 +29,9 @@ import torch
 from trainers.data.emotions import NUM_EMOTIONS
 
 PPL_LOG_CAP = 100.0  # the authors' exp(min(loss, 100)): keeps exp finite for a diverged model
+# Which way is better for each validation metric (early stopping, sweeps, promotion).
+METRIC_MODES = {"valid_ppl": "min", "valid_loss": "min", "valid_acc": "max", "valid_dist1": "max",
+                "valid_dist2": "max", "valid_bleu4": "max"}
 
 
 def _as_list(x) -> list:

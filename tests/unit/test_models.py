@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.unit.model_batches import EMOTION_WORD_IDS, UNK, collate, make_batch, make_example
-from trainers.models import MODELS, build_model, config_for, noam_lambda, noam_rate
+from trainers.models import MODELS, build_model, config_for
 from trainers.models.common import label_smoothed_nll
 
 V = 60
@@ -241,25 +241,7 @@ def test_pointer_learns_to_copy_an_oov_word():
     assert (lp.argmax(-1) == V).float().mean() >= 0.9
 
 
-# ------------------------------------------------------------------------------------ schedule, loss
-
-
-def test_noam_schedule_values():
-    d, w = 300, 8000
-    assert noam_rate(1, d, w) == pytest.approx(d ** -0.5 * 1 * w ** -1.5)
-    assert noam_rate(100, d, w) == pytest.approx(d ** -0.5 * 100 * w ** -1.5)
-    assert noam_rate(8000, d, w) == pytest.approx(d ** -0.5 * 8000 ** -0.5)
-    assert noam_rate(32000, d, w, factor=2.0) == pytest.approx(2 * d ** -0.5 * 32000 ** -0.5)
-    assert noam_rate(8000, d, w) > noam_rate(7000, d, w) and noam_rate(8000, d, w) > noam_rate(9000, d, w)
-    with pytest.raises(ValueError):
-        noam_rate(0, d, w)
-    p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([p], lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: noam_lambda(s, d, w))
-    for k in range(1, 6):  # the k-th update runs at rate(k)
-        assert opt.param_groups[0]["lr"] == pytest.approx(noam_rate(k, d, w))
-        opt.step()
-        sched.step()
+# ---------------------------------------------------------------------------------------------- loss
 
 
 def test_label_smoothed_nll_by_hand():

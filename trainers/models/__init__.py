@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from trainers.models.common import ModelConfig, noam_lambda, noam_rate
+from trainers.models.common import ModelConfig
 from trainers.models.escm import ESCM, ESCMConfig
 from trainers.models.iamm import IAMM, IAMMConfig
 from trainers.models.transformer import TransformerConfig, TransformerSeq2Seq
@@ -62,4 +62,4 @@ def build_model(name: str, vocab_size: int, emotion_word_ids: list[int], **overr
     return _spec(name).model_cls(cfg, vocab_size, emotion_word_ids)
 
 
-__all__ = ["MODELS", "ModelSpec", "build_model", "config_for", "noam_lambda", "noam_rate"]
+__all__ = ["MODELS", "ModelSpec", "build_model", "config_for"]

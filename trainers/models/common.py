@@ -17,7 +17,6 @@ paper is silent; read, not copied):
   with `context_ext_ids`.
 - Generation loss: NLL per non-PAD target token over the extended vocabulary, averaged over tokens, with
   optional label smoothing (see `label_smoothed_nll`).
-- Noam schedule: lr = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (warm-up 8000).
 
 Models import only torch; special token ids mirror trainers.data.vocab (a unit test checks they agree).
 """
@@ -300,23 +299,6 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
     else:
         loss_sum = nll
     return loss_sum, nll, keep.sum()
-
-
-def noam_rate(step: int, d_model: int, warmup: int = 8000, factor: float = 1.0) -> float:
-    """Noam rate at optimizer update `step` >= 1: factor * d^-0.5 * min(step^-0.5, step * warmup^-1.5)."""
-    if step < 1:
-        raise ValueError(f"noam step must be >= 1, got {step}")
-    return factor * d_model ** -0.5 * min(step ** -0.5, step * warmup ** -1.5)
-
-
-def noam_lambda(step: int, d_model: int, warmup: int = 8000, factor: float = 1.0) -> float:
-    """Multiplier for torch.optim.lr_scheduler.LambdaLR (base lr 1.0).
-
-    LambdaLR calls it with the number of scheduler steps done so far (0 for the first update), so this is
-    noam_rate(step + 1): the k-th optimizer update (k >= 1) runs at exactly the authors' NoamOpt rate(k).
-    Use e.g. LambdaLR(opt, functools.partial(noam_lambda, d_model=300)).
-    """
-    return noam_rate(step + 1, d_model, warmup, factor)
 
 
 # ----------------------------------------------------------------------------------------------

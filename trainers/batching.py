@@ -1,0 +1,97 @@
+"""A prepared split as device tensors grouped by length bucket (the trainer's and evaluator's data path).
+
+Every split is encoded and padded ONCE into per-length-bucket tensors on the device (`TensorSplit`);
+a step only gathers rows, so there is no per-example Python work in the step. Buckets give few,
+static shapes (bucket width `bucket_width`), good for torch.compile. The epoch plan (which rows form
+each batch, their extended-vocabulary size) is built on the host, so a step does no host syncs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainers.data.collate import EncodedExample, encode_escm, pad_escm, pad_iamm
+from trainers.data.prepare import PreparedSplit
+
+
+@dataclass
+class Bucket:
+    rows: np.ndarray                       # example indices in this bucket
+    tensors: dict[str, torch.Tensor]       # padded to the bucket's lengths, on device
+    n_oov: np.ndarray                      # OOV-list length per row (host), for max_oov
+    tgt_len: np.ndarray                    # target length (EOS included) per row (host)
+    turns: np.ndarray                      # IAMM: (rows, 3) turns, longest turn, situation length (host)
+
+
+class TensorSplit:
+    """A prepared split encoded once and padded per length bucket (static shapes, no per-step collation)."""
+
+    def __init__(self, split: PreparedSplit, vocab_size: int, device: torch.device, *, max_context: int,
+                 max_target: int, bucket_width: int, iamm: bool = False):
+        self.split = split
+        self.encoded: list[EncodedExample] = [
+            encode_escm(split, i, vocab_size, max_context, max_target) for i in range(len(split.examples))
+        ]
+        lengths = np.array([len(e.context_ids) for e in self.encoded])
+        key = np.ceil(lengths / bucket_width).astype(int)
+        self.buckets: list[Bucket] = []
+        self.where = np.zeros((len(self.encoded), 2), dtype=np.int64)  # example -> (bucket, row in bucket)
+        pad = pad_iamm if iamm else pad_escm
+        for k in np.unique(key):
+            rows = np.flatnonzero(key == k)
+            members = [self.encoded[i] for i in rows]
+            batch = pad(members) if iamm else pad(members, context_len=int(k) * bucket_width)
+            tensors = {n: v.to(device) for n, v in batch.items() if isinstance(v, torch.Tensor)}
+            tensors["context_dep"] = tensors["context_dep"].to(torch.uint8)  # labels < 256: 8x less memory
+            self.where[rows] = np.stack([np.full(len(rows), len(self.buckets)), np.arange(len(rows))], 1)
+            self.buckets.append(Bucket(
+                rows, tensors, np.array([len(e.oov) for e in members]), np.array([len(e.target_ids) for e in members]),
+                np.array([(len(e.turns), max(len(t) for t in e.turns), len(e.situation_ids)) for e in members])))
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int, target_len: int | None = None) -> dict:
+        """Gather `rows` of one bucket: a batch following the collate contract, targets cut to `target_len`."""
+        b = self.buckets[bucket]
+        idx = torch.as_tensor(rows, device=next(iter(b.tensors.values())).device)
+        out: dict[str, Any] = {n: t.index_select(0, idx) for n, t in b.tensors.items()}
+        out["context_dep"] = out["context_dep"].long()
+        if target_len is not None:
+            for name in ("target_ids", "target_ext_ids"):
+                out[name] = out[name][:, :target_len]
+        out["max_oov"] = max_oov
+        return out
+
+    def rows_batch(self, bucket: int, rows: np.ndarray) -> dict:
+        """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
+        b = self.buckets[bucket]
+        t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
+        out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
+        if "utt_ids" in out:  # IAMM: cut turns, turn length and situation to this batch's longest
+            M, Lu, Ls = (int(v) for v in b.turns[rows].max(0))
+            for name in ("utt_ids", "utt_mask"):
+                out[name] = out[name][:, :M, :Lu]
+            for name in ("utt_state", "turn_mask"):
+                out[name] = out[name][:, :M]
+            for name in ("situation_ids", "situation_mask"):
+                out[name] = out[name][:, :Ls]
+            for name in ("knowledge_ids", "knowledge_mask"):  # the situation's knowledge stays in the last slot
+                out[name] = torch.cat([out[name][:, :M], out[name][:, -1:]], dim=1)
+        return out
+
+    def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+        """The epoch's batches as (bucket, rows); deterministic in (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        batches = []
+        for k, b in enumerate(self.buckets):
+            order = rng.permutation(len(b.rows)) if shuffle else np.arange(len(b.rows))
+            for s in range(0, len(order), batch_size):
+                batches.append((k, order[s:s + batch_size]))
+        if shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
