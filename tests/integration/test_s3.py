@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import uuid
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -183,3 +184,25 @@ def test_load_splits_from_s3(s3_env, bucket, tmp_path):
     assert {s: len(r.conversations) for s, r in reports.items()} == {"train": 5, "valid": 2}
     assert all(not r.invalid for r in reports.values())
     assert reports["valid"].conversations[0].emotion == "afraid"
+
+
+def test_the_charts_bucket_hook_creates_the_bucket_once_the_server_answers(s3_env, tmp_path):
+    """helm/.../files/scripts/create_bucket.py (the SeaweedFS hook Job's script, rendered verbatim) against real S3:
+    it creates a missing bucket, is idempotent, and fails with the endpoint named when nothing answers in time."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "helm" / "empathy-platform" / "files" / "scripts" / "create_bucket.py"
+    name = f"edp-hook-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_env.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+    first = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
+    again = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
+    assert f"bucket {name} created" in first.stdout and f"bucket {name} exists" in again.stdout
+    s3_env.client().head_bucket(Bucket=name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = subprocess.run([sys.executable, str(script), name, "1"], capture_output=True, text=True,
+                          env={**env, "AWS_ENDPOINT_URL": dead}, timeout=60)
+    assert down.returncode == 1 and "not reachable" in down.stderr
