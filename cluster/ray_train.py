@@ -246,7 +246,12 @@ def run_train(cfg: RayTrainConfig) -> dict:
     ensure_ray()
     import ray
 
-    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": resolve_storage(cfg.storage_path, ray.nodes())}))
+    storage = resolve_storage(cfg.storage_path, ray.nodes())
+    data = cfg.train.data
+    if storage.startswith("s3://") and not data.shared_cache:  # workers fetch the driver's prepared data
+        data = data.model_copy(update={"shared_cache": f"{storage.rstrip('/')}/prepared"})
+    train = cfg.train.model_copy(update={"data": data})
+    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "train": train}))
     prepare(cfg.train.data)  # warm the cache (and fail on bad data) before any worker starts
     uri = cfg.tracking.resolved_uri()
     out = Path(cfg.train.out_dir)

@@ -400,7 +400,11 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     nodes = ray.nodes()
     print(check_placement(cfg, nodes), flush=True)  # never wait forever on trials that cannot be placed
-    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": resolve_storage(cfg.storage_path, nodes)}))
+    storage = resolve_storage(cfg.storage_path, nodes)
+    base = copy.deepcopy(cfg.base)
+    if storage.startswith("s3://"):  # trials on other nodes fetch the driver's prepared data instead of re-parsing
+        base.setdefault("data", {}).setdefault("shared_cache", f"{storage.rstrip('/')}/prepared")
+    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "base": base}))
     for data in {c.data.model_dump_json(): c.data for c in
                  (cfg.trial_config(v.name, cfg.seeds[0], {}) for v in cfg.variants)}.values():
         prepare(DataConfig.model_validate(data.model_dump()))  # warm the cache once, fail early on bad data

@@ -362,7 +362,8 @@ def test_seaweedfs_mode_creates_its_bucket_with_the_shipped_script(rendered):
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     (c,) = job["spec"]["template"]["spec"]["containers"]
     script = (CHART_DIR / "files" / "scripts" / "create_bucket.py").read_text()
-    assert c["command"] == ["python", "-c", script, load_values("seaweedfs")["s3"]["bucket"]]  # tested against SeaweedFS in test_s3.py
+    # the script is tested against SeaweedFS in tests/integration/test_s3.py
+    assert c["command"] == ["python", "-c", script, load_values("seaweedfs")["s3"]["bucket"]]
     assert _env(c)["AWS_ENDPOINT_URL"] == "http://edp-empathy-platform-seaweedfs.ml.svc:8333"
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray"  # NetworkPolicy
     assert not of_kind(rendered["default"], "Job")
