@@ -319,6 +319,16 @@ def check_placement(cfg: SweepConfig, nodes: list[dict], node_types: list[dict] 
 # Trial (runs in a Tune trial actor)
 
 
+def _run_id_from_checkpoint(checkpoint, run_id_file: Path) -> None:
+    """A trial resumed on another node (or by a new driver) continues the MLflow run its checkpoint names."""
+    if checkpoint is None or run_id_file.exists():
+        return
+    with checkpoint.as_directory() as d:
+        if (Path(d) / RUN_ID_FILE).exists():
+            run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            run_id_file.write_text((Path(d) / RUN_ID_FILE).read_text())
+
+
 def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
     """One trial; `storage` is (filesystem, path) resolved on the driver (`storage_location`): a trial actor
     may lack the driver's S3 endpoint and credentials."""
@@ -329,6 +339,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
     variant, seed = config["trial"]["variant"], config["trial"]["seed"]
     search = config.get("search", {})
     work = Path(sw.work_dir) / sw.name / trial_id
+    _run_id_from_checkpoint(ray.tune.get_checkpoint(), work / RUN_ID_FILE)
     cfg = sw.trial_config(variant, seed, search, out_dir=str(work))
     tracking = sw.tracking.model_copy(update={"uri": tracking_uri})
     run_id = start_run(tracking, tracking.experiment or sw.name, f"{variant}-s{seed}-{trial_id}",
@@ -359,7 +370,9 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
 # Driver
 
 
-def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
+def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool = False):
+    """The Tuner of `cfg`; with `resume`, the experiment in storage is restored instead (finished trials are kept,
+    unfinished and errored ones continue from their last checkpoint) when storage holds one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -375,6 +388,11 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
         s = cfg.scheduler
         scheduler = ASHAScheduler(time_attr="step", max_t=s.max_t, grace_period=s.grace_period,
                                   reduction_factor=s.reduction_factor)
+    path = f"{storage_path.rstrip('/')}/{cfg.name}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem):
+        print(f"resuming the Tune experiment at {cfg.storage_path.rstrip('/')}/{cfg.name}", flush=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_filesystem)
     grid = cfg.grid()
     param_space = {"trial": tune.grid_search(grid) if len(grid) > 1 else grid[0],
                    "search": {k: spec.to_tune() for k, spec in cfg.search.items()}}
@@ -386,6 +404,18 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                   failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
     )
+
+
+def unfinished_parent(c, experiment: str, name: str, storage: str) -> str | None:
+    """The newest parent run of sweep `name` (same storage) that did not finish: its driver died or failed, and
+    a re-submission continues it. A finished sweep submitted again starts a new parent run."""
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.kind = 'sweep' and tags.sweep = '{name}' and "
+                         f"tags.storage = '{storage}' and attributes.status != 'FINISHED'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -410,15 +440,20 @@ def run_sweep(cfg: SweepConfig) -> dict:
         prepare(DataConfig.model_validate(data.model_dump()))  # warm the cache once, fail early on bad data
     uri = cfg.tracking.resolved_uri()
     experiment = cfg.tracking.experiment or cfg.name
-    parent = start_run(cfg.tracking, experiment, cfg.name, tags={"sweep": cfg.name, "kind": "sweep"})
     c = client(uri)
-    c.log_text(parent, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "sweep.yaml")
-    c.log_param(parent, "variants", ",".join(v.name for v in cfg.variants))
-    c.log_param(parent, "seeds", ",".join(map(str, cfg.seeds)))
-    c.log_param(parent, "metric", cfg.metric)
+    parent = unfinished_parent(c, experiment, cfg.name, cfg.storage_path)  # a retried job after its driver died
+    if parent is None:
+        parent = start_run(cfg.tracking, experiment, cfg.name,
+                           tags={"sweep": cfg.name, "kind": "sweep", "storage": cfg.storage_path})
+        c.log_text(parent, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "sweep.yaml")
+        c.log_param(parent, "variants", ",".join(v.name for v in cfg.variants))
+        c.log_param(parent, "seeds", ",".join(map(str, cfg.seeds)))
+        c.log_param(parent, "metric", cfg.metric)
+    else:
+        c.update_run(parent, status="RUNNING")
     ok = False
     try:
-        results = tuner(cfg, parent, uri).fit()
+        results = tuner(cfg, parent, uri, resume=True).fit()
         errors = [str(r.error) for r in results if r.error]
         for run in c.search_runs([c.get_run(parent).info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
