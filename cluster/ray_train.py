@@ -11,6 +11,7 @@ Only rank 0 logs to MLflow (`cluster.tracking.RunLogger`), into the run whose id
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
-from trainers.config import StrictModel
+from trainers.config import ConfigError, StrictModel
 from trainers.loop import TrainConfig, Trainer
 
 
@@ -38,10 +39,26 @@ class RayTrainConfig(StrictModel):
     name: str = Field("edp-train", pattern=r"^[A-Za-z0-9_.-]+$")
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: Scaling = Field(default_factory=Scaling)
-    storage_path: str = Field("runs/ray", description="Ray checkpoints: a local directory or s3://bucket/prefix")
+    storage_path: str | None = Field(None, description="Ray checkpoints: a local directory or s3://bucket/prefix "
+                                     "(default: EDP_CHECKPOINT_URI, else runs/ray)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     inject_failure_at_step: int | None = Field(None, ge=1, description="testing: last rank is SIGKILLed once here")
+
+
+def resolve_storage(path: str | None, nodes: list[dict]) -> str:
+    """Where checkpoints and Tune state go: `path`, else EDP_CHECKPOINT_URI (set by the chart and the local
+    stack), else the local `runs/ray`. A local path is refused on a cluster of several nodes (alive in
+    `nodes`, or node types it can scale to in EDP_NODE_TYPES): workers elsewhere cannot write the driver's disk."""
+    path = path or os.environ.get("EDP_CHECKPOINT_URI") or "runs/ray"
+    several = sum(1 for n in nodes if n.get("Alive")) > 1 or json.loads(os.environ.get("EDP_NODE_TYPES") or "[]")
+    if "://" not in path and several:
+        raise ConfigError(
+            f"storage_path {path!r} is a local directory, but this Ray cluster has several nodes: workers on other "
+            f"nodes cannot write it. Set EDP_CHECKPOINT_URI=s3://<bucket>/<prefix> (the chart and `edp stack up` "
+            f"set it), or storage_path to an s3:// URI or a directory every node mounts at the same path "
+            f"(then name it with file://)")
+    return path
 
 
 def storage_uri(path: str) -> str:
@@ -226,8 +243,15 @@ def run_train(cfg: RayTrainConfig) -> dict:
     from trainers.data.prepare import prepare
 
     t0 = time.perf_counter()
-    cfg = with_absolute_paths(cfg)
     ensure_ray()
+    import ray
+
+    storage = resolve_storage(cfg.storage_path, ray.nodes())
+    data = cfg.train.data
+    if storage.startswith("s3://") and not data.shared_cache:  # workers fetch the driver's prepared data
+        data = data.model_copy(update={"shared_cache": f"{storage.rstrip('/')}/prepared"})
+    train = cfg.train.model_copy(update={"data": data})
+    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "train": train}))
     prepare(cfg.train.data)  # warm the cache (and fail on bad data) before any worker starts
     uri = cfg.tracking.resolved_uri()
     out = Path(cfg.train.out_dir)

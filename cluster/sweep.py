@@ -16,6 +16,8 @@ passed to `Tuner` directly).
 from __future__ import annotations
 
 import copy
+import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -26,13 +28,14 @@ from cluster.ray_train import (
     RayTrainConfig,
     Scaling,
     ensure_ray,
+    resolve_storage,
     storage_location,
     storage_uri,
     torch_trainer,
     worker_loop,
 )
 from cluster.tracking import RUN_ID_FILE, TrackingConfig, client, end_run, finish_parent, start_run
-from trainers.config import StrictModel, load_config
+from trainers.config import ConfigError, StrictModel, load_config
 from trainers.loop import TrainConfig
 from trainers.metrics import METRIC_MODES
 
@@ -117,7 +120,8 @@ class SweepConfig(StrictModel):
     resources: TrialResources = Field(default_factory=TrialResources)
     max_concurrent_trials: int | None = Field(None, ge=1)
     max_failures: int = Field(0, ge=-1, description="retries of a failed trial (resumes its checkpoint)")
-    storage_path: str = Field("runs/ray", description="Ray results and checkpoints: local dir or s3://")
+    storage_path: str | None = Field(None, description="Ray results and checkpoints: local dir or s3:// "
+                                     "(default: EDP_CHECKPOINT_URI, else runs/ray)")
     work_dir: str = Field("runs/sweeps", description="local trial working directories")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -231,7 +235,99 @@ def with_absolute_paths(cfg: SweepConfig) -> SweepConfig:
 
 
 # ------------------------------------------------------------------------------------------------
+# Placement: what each trial asks of the cluster, checked before any trial starts
+
+
+class PlacementError(ConfigError):
+    """A sweep's trials can never be placed on the cluster it is attached to."""
+
+
+def trial_bundles(cfg: SweepConfig) -> list[dict[str, float]]:
+    """The resource bundles of one trial: one bundle in the trial process, or a driver + one per DDP worker.
+    Each bundle must fit on a single node."""
+    r = cfg.resources
+    worker = {"CPU": r.cpu, **({"GPU": r.gpu} if r.gpu else {})}
+    return [worker] if r.workers == 1 else [{"CPU": r.driver_cpu}] + [worker] * r.workers
+
+
+def trial_count(cfg: SweepConfig) -> int:
+    return len(cfg.grid()) * cfg.num_samples
+
+
+def plan_lines(cfg: SweepConfig) -> list[str]:
+    """A human-readable plan: every grid point, the trial's resources, and the total."""
+    bundles = trial_bundles(cfg)
+    storage = cfg.storage_path or os.environ.get("EDP_CHECKPOINT_URI") or "runs/ray"
+    per_trial = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    lines = [f"sweep {cfg.name}: {trial_count(cfg)} trial(s) = {len(cfg.variants)} variant(s) x "
+             f"{len(cfg.seeds)} seed(s) x {cfg.num_samples} sample(s); metric {cfg.metric} ({cfg.mode})",
+             f"per trial: {bundles} (total CPU {per_trial['CPU']:g}, GPU {per_trial['GPU']:g}); "
+             f"max_concurrent_trials {cfg.max_concurrent_trials or 'unlimited'}; storage {storage}"]
+    for v in cfg.variants:
+        for seed in cfg.seeds:
+            model = cfg.trial_config(v.name, seed, {}).model
+            sets = ", ".join(f"{k}={val}" for k, val in v.set.items()) or "-"
+            lines.append(f"  {v.name:<20} seed {seed:<3} model {model:<12} set: {sets}")
+    if cfg.search:
+        lines.append("  search: " + ", ".join(f"{k}~{s.type}" for k, s in cfg.search.items()))
+    return lines
+
+
+def _cpu_quantity(q: str | float) -> float:
+    """A Kubernetes CPU quantity ("4", "500m", 2) in CPUs."""
+    q = str(q)
+    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def node_types_from_env() -> list[dict]:
+    """The node types an autoscaling cluster can add (EDP_NODE_TYPES, set by the chart): a cluster that scales
+    from zero has no GPU node until a trial asks for one, so the placement check counts these too."""
+    raw = os.environ.get("EDP_NODE_TYPES", "").strip()
+    if not raw:
+        return []
+    try:
+        types = json.loads(raw)
+        return [{"group": t.get("group", "?"), "max": int(t.get("max", 1)), "CPU": _cpu_quantity(t["CPU"]),
+                 "GPU": float(t.get("GPU", 0))} for t in types]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise PlacementError(f"EDP_NODE_TYPES is not a JSON list of {{group, max, CPU, GPU}}: {e}") from None
+
+
+def check_placement(cfg: SweepConfig, nodes: list[dict], node_types: list[dict] | None = None) -> str:
+    """Raise PlacementError when some bundle of a trial fits on no alive node (`ray.nodes()` entries) and on no
+    node type the cluster can scale to; otherwise return a one-line summary of how many trials fit at once."""
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", False)]
+    types = node_types_from_env() if node_types is None else node_types
+    capacities = alive + [{"CPU": t["CPU"], "GPU": t["GPU"]} for t in types]
+    for bundle in trial_bundles(cfg):
+        if not any(all(cap.get(k, 0.0) >= need for k, need in bundle.items()) for cap in capacities):
+            have = [{k: cap[k] for k in ("CPU", "GPU") if cap.get(k)} for cap in capacities]
+            raise PlacementError(
+                f"sweep {cfg.name}: a trial needs {bundle} on one node, but no node of this cluster has it "
+                f"(nodes and node types: {have}); lower resources.cpu/resources.gpu in the sweep file, or add "
+                f"nodes that provide them (e.g. the chart's GPU worker group: ray.workerGroups.gpu.enabled=true)")
+    totals = {k: sum(cap.get(k, 0.0) for cap in alive) + sum(t[k] * t["max"] for t in types) for k in ("CPU", "GPU")}
+    need = {k: sum(b.get(k, 0.0) for b in trial_bundles(cfg)) for k in ("CPU", "GPU")}
+    at_once = min(int(totals[k] // need[k]) for k in need if need[k])
+    if cfg.max_concurrent_trials:
+        at_once = min(at_once, cfg.max_concurrent_trials)
+    scaled = f" (+ {sum(t['max'] for t in types)} autoscaled node(s))" if types else ""
+    return (f"fits: {len(alive)} node(s){scaled}, CPU {totals['CPU']:g}, GPU {totals['GPU']:g} in all; "
+            f"up to {at_once} trial(s) at once")
+
+
+# ------------------------------------------------------------------------------------------------
 # Trial (runs in a Tune trial actor)
+
+
+def _run_id_from_checkpoint(checkpoint, run_id_file: Path) -> None:
+    """A trial resumed on another node (or by a new driver) continues the MLflow run its checkpoint names."""
+    if checkpoint is None or run_id_file.exists():
+        return
+    with checkpoint.as_directory() as d:
+        if (Path(d) / RUN_ID_FILE).exists():
+            run_id_file.parent.mkdir(parents=True, exist_ok=True)
+            run_id_file.write_text((Path(d) / RUN_ID_FILE).read_text())
 
 
 def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
@@ -244,6 +340,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
     variant, seed = config["trial"]["variant"], config["trial"]["seed"]
     search = config.get("search", {})
     work = Path(sw.work_dir) / sw.name / trial_id
+    _run_id_from_checkpoint(ray.tune.get_checkpoint(), work / RUN_ID_FILE)
     cfg = sw.trial_config(variant, seed, search, out_dir=str(work))
     tracking = sw.tracking.model_copy(update={"uri": tracking_uri})
     run_id = start_run(tracking, tracking.experiment or sw.name, f"{variant}-s{seed}-{trial_id}",
@@ -274,7 +371,9 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
 # Driver
 
 
-def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
+def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool = False):
+    """The Tuner of `cfg`; with `resume`, the experiment in storage is restored instead (finished trials are kept,
+    unfinished and errored ones continue from their last checkpoint) when storage holds one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -290,6 +389,11 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
         s = cfg.scheduler
         scheduler = ASHAScheduler(time_attr="step", max_t=s.max_t, grace_period=s.grace_period,
                                   reduction_factor=s.reduction_factor)
+    path = f"{storage_path.rstrip('/')}/{cfg.name}"
+    if resume and tune.Tuner.can_restore(path, storage_filesystem=storage_filesystem):
+        print(f"resuming the Tune experiment at {cfg.storage_path.rstrip('/')}/{cfg.name}", flush=True)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_filesystem)
     grid = cfg.grid()
     param_space = {"trial": tune.grid_search(grid) if len(grid) > 1 else grid[0],
                    "search": {k: spec.to_tune() for k, spec in cfg.search.items()}}
@@ -303,6 +407,18 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str):
     )
 
 
+def unfinished_parent(c, experiment: str, name: str, storage: str) -> str | None:
+    """The newest parent run of sweep `name` (same storage) that did not finish: its driver died or failed, and
+    a re-submission continues it. A finished sweep submitted again starts a new parent run."""
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = c.search_runs([exp.experiment_id], f"tags.kind = 'sweep' and tags.sweep = '{name}' and "
+                         f"tags.storage = '{storage}' and attributes.status != 'FINISHED'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def run_sweep(cfg: SweepConfig) -> dict:
     """Prepare data, open the parent run, run every trial, then log the ablation table and the best child."""
     import yaml
@@ -310,22 +426,35 @@ def run_sweep(cfg: SweepConfig) -> dict:
     from trainers.data.prepare import DataConfig, prepare
 
     t0 = time.perf_counter()
-    cfg = with_absolute_paths(cfg)
+    ensure_ray()
+    import ray
+
+    nodes = ray.nodes()
+    print(check_placement(cfg, nodes), flush=True)  # never wait forever on trials that cannot be placed
+    storage = resolve_storage(cfg.storage_path, nodes)
+    base = copy.deepcopy(cfg.base)
+    if storage.startswith("s3://"):  # trials on other nodes fetch the driver's prepared data instead of re-parsing
+        base.setdefault("data", {}).setdefault("shared_cache", f"{storage.rstrip('/')}/prepared")
+    cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "base": base}))
     for data in {c.data.model_dump_json(): c.data for c in
                  (cfg.trial_config(v.name, cfg.seeds[0], {}) for v in cfg.variants)}.values():
         prepare(DataConfig.model_validate(data.model_dump()))  # warm the cache once, fail early on bad data
-    ensure_ray()
     uri = cfg.tracking.resolved_uri()
     experiment = cfg.tracking.experiment or cfg.name
-    parent = start_run(cfg.tracking, experiment, cfg.name, tags={"sweep": cfg.name, "kind": "sweep"})
     c = client(uri)
-    c.log_text(parent, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "sweep.yaml")
-    c.log_param(parent, "variants", ",".join(v.name for v in cfg.variants))
-    c.log_param(parent, "seeds", ",".join(map(str, cfg.seeds)))
-    c.log_param(parent, "metric", cfg.metric)
+    parent = unfinished_parent(c, experiment, cfg.name, cfg.storage_path)  # a retried job after its driver died
+    if parent is None:
+        parent = start_run(cfg.tracking, experiment, cfg.name,
+                           tags={"sweep": cfg.name, "kind": "sweep", "storage": cfg.storage_path})
+        c.log_text(parent, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "sweep.yaml")
+        c.log_param(parent, "variants", ",".join(v.name for v in cfg.variants))
+        c.log_param(parent, "seeds", ",".join(map(str, cfg.seeds)))
+        c.log_param(parent, "metric", cfg.metric)
+    else:
+        c.update_run(parent, status="RUNNING")
     ok = False
     try:
-        results = tuner(cfg, parent, uri).fit()
+        results = tuner(cfg, parent, uri, resume=True).fit()
         errors = [str(r.error) for r in results if r.error]
         for run in c.search_runs([c.get_run(parent).info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):

@@ -24,7 +24,7 @@ def run_job(build: Callable[[], T], run: Callable[[T], int]) -> int:
 
     try:
         return run(cfg)
-    except DataError as e:
+    except (ConfigError, DataError) as e:  # ConfigError here: e.g. trials that fit no node of the cluster
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -22,7 +22,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="sweep YAML (cluster/configs/sweeps/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a sweep field (dotted), e.g. base.max_steps=100; repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the trials and their resources, check they fit the cluster at RAY_ADDRESS "
+                        "(when set), and exit without running anything")
     return p.parse_args(argv)
+
+
+def dry_run(cfg) -> int:
+    """Print the plan and check placement: on the cluster at RAY_ADDRESS when set, else on the node types in
+    EDP_NODE_TYPES when set; exit 2 when trials can never run."""
+    import os
+
+    from cluster.sweep import check_placement, plan_lines
+
+    print("\n".join(plan_lines(cfg)))
+    if not os.environ.get("RAY_ADDRESS"):
+        if os.environ.get("EDP_NODE_TYPES"):  # a chart's pod before its cluster exists: check its node types
+            print(check_placement(cfg, []) + " (EDP_NODE_TYPES)")
+        else:
+            print("not attached to a cluster (RAY_ADDRESS unset): placement not checked")
+        return 0
+    import ray
+
+    ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, log_to_driver=False)
+    print(check_placement(cfg, ray.nodes()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: summary[k] for k in ("parent_run_id", "best_run_id", "trials", "errors", "wall_s")}))
         return 1 if summary["errors"] else 0
 
-    return run_job(lambda: load_sweep(args.config, args.overrides), run)
+    return run_job(lambda: load_sweep(args.config, args.overrides), dry_run if args.dry_run else run)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ each with the message it must fail with on its first line).
 import base64
 import functools
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -206,8 +210,8 @@ def test_gpu_sweep_renders_one_rayjob_per_sweep_on_gpu_workers(rendered):
     assert set(jobs) == {"edp-empathy-platform-escm-ablation", "edp-empathy-platform-iamm-search"}
     job = jobs["edp-empathy-platform-iamm-search"]
     assert job["entrypoint"] == \
-        "cd /home/ray/app && python -m cluster.jobs.sweep --config cluster/configs/sweeps/iamm_search.yaml" \
-        " --num-samples 16"
+        "cd /home/ray/app && python -m cluster.jobs.sweep --config cluster/configs/sweeps/iamm-hparams.yaml" \
+        " '--set' 'num_samples=16' '--set' 'seeds=[0,1]'"
     lifecycle = (job["shutdownAfterJobFinishes"], job["ttlSecondsAfterFinished"], job["backoffLimit"])
     assert lifecycle == (True, 600, 1)
     (group,) = job["rayClusterSpec"]["workerGroupSpecs"]
@@ -215,6 +219,87 @@ def test_gpu_sweep_renders_one_rayjob_per_sweep_on_gpu_workers(rendered):
     assert group["groupName"] == "gpu" and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def _env(container: dict) -> dict:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("value_set", VALUE_SETS)
+def test_every_rayjob_entrypoint_runs_with_the_jobs_own_parser_and_fits_its_cluster(rendered, value_set):
+    """The rendered entrypoint, run by a shell from the repo root (the image's workdir) with `--dry-run`: the job's
+    argparse, the sweep file's loading and validation, and the placement check against the node types the RayJob's
+    cluster can have (EDP_NODE_TYPES, as its pods see it)."""
+    jobs = of_kind(rendered[value_set], "RayJob")
+    for job in jobs:
+        entrypoint = job["spec"]["entrypoint"]
+        workdir = shlex.split(entrypoint)[1]
+        (head,) = [c for _, _, c in containers(job) if c["name"] == "ray-head"]
+        env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+               "PYTHONPATH": str(REPO), "EDP_NODE_TYPES": _env(head)["EDP_NODE_TYPES"]}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run(["bash", "-c", entrypoint.replace(f"cd {workdir}", f"cd {REPO}", 1) + " --dry-run"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, f"{job['metadata']['name']}: {entrypoint}\n{proc.stderr[-3000:]}"
+        assert "trial(s)" in proc.stdout and "fits:" in proc.stdout, proc.stdout
+    if value_set == "gpu-sweep":
+        assert len(jobs) == 2
+
+
+def test_a_gpu_sweep_on_a_cpu_only_rayjob_cluster_is_refused_before_it_starts(chart):
+    values = load_values("gpu-sweep")
+    values["ray"]["workerGroups"] = {"cpu": {"enabled": True}, "gpu": {"enabled": False}}
+    job = of_kind(render_docs(chart, values), "RayJob")[0]
+    (head,) = [c for _, _, c in containers(job) if c["name"] == "ray-head"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EDP_NODE_TYPES": _env(head)["EDP_NODE_TYPES"]}
+    env.pop("RAY_ADDRESS", None)
+    args = shlex.split(job["spec"]["entrypoint"])[4:]  # after `cd <workdir> && python`
+    proc = subprocess.run([sys.executable, *args, "--dry-run"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "no node of this cluster has it" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_documented_sweep_files_exist():
+    """Every sweep file named in values.yaml, the README and the test value sets is one the image ships."""
+    texts = [(CHART_DIR / "values.yaml").read_text(), (REPO / "README.md").read_text(),
+             *(p.read_text() for p in (HERE / "values").glob("*.yaml"))]
+    named = {m for t in texts for m in re.findall(r"cluster/configs/sweeps/([A-Za-z0-9_.-]+\.ya?ml)", t)}
+    missing = sorted(n for n in named if not (REPO / "cluster" / "configs" / "sweeps" / n).is_file())
+    assert named and not missing, missing
+
+
+# KubeRay release that introduced each field/value the chart can render (KubeRay release notes).
+KUBERAY_SINCE = {"authOptions": (1, 5, 1), "submissionMode=SidecarMode": (1, 5, 0),
+                 "upgradeStrategy=NewClusterWithIncrementalUpgrade": (1, 5, 0), "upgradeStrategy": (1, 3, 0)}
+
+
+def _kuberay_features(doc: dict) -> set[str]:
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+    found = {"authOptions"} if "authOptions" in cluster else set()
+    if spec.get("submissionMode") == "SidecarMode":
+        found.add("submissionMode=SidecarMode")
+    if "upgradeStrategy" in spec:
+        found |= {"upgradeStrategy", f"upgradeStrategy={spec['upgradeStrategy']['type']}"} & set(KUBERAY_SINCE)
+    return found
+
+
+def test_required_kuberay_version_covers_every_field_the_chart_renders(chart):
+    required = re.search(r"kuberay-operator>=([\d.]+)", yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+                         ["annotations"]["empathy-platform/requires"]).group(1)
+    required = tuple(int(x) for x in required.split("."))
+    widest = load_values("gpu-sweep")
+    widest.update(rayCluster={"enabled": True}, serve={"enabled": True, "upgradeStrategy": {
+        "type": "NewClusterWithIncrementalUpgrade"}})
+    widest["sweeps"]["submissionMode"] = "SidecarMode"
+    features = {f for doc in render_docs(chart, widest) if doc["kind"] in KUBERAY_KINDS for f in _kuberay_features(doc)}
+    assert {"authOptions", "submissionMode=SidecarMode"} <= features
+    assert required >= max(KUBERAY_SINCE[f] for f in features), (required, features)
+
+
+def test_readme_build_tag_is_the_charts_default_image_tag(chart):
+    (tag,) = re.findall(r"docker build -f cluster/docker/Dockerfile -t \S+?:(\S+)", (REPO / "README.md").read_text())
+    assert tag == chart.values["image"]["tag"]
 
 
 def test_rayservice_takes_its_upgrade_strategy_from_values(chart):
@@ -270,6 +355,18 @@ def test_seaweedfs_replaces_the_external_endpoint_everywhere(rendered):
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == s3_secret["metadata"]["name"]
         if "AWS_ENDPOINT_URL" in env:
             assert env["AWS_ENDPOINT_URL"]["value"] == endpoint
+
+
+def test_seaweedfs_mode_creates_its_bucket_with_the_shipped_script(rendered):
+    (job,) = of_kind(rendered["seaweedfs"], "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    script = (CHART_DIR / "files" / "scripts" / "create_bucket.py").read_text()
+    # the script is tested against SeaweedFS in tests/integration/test_s3.py
+    assert c["command"] == ["python", "-c", script, load_values("seaweedfs")["s3"]["bucket"]]
+    assert _env(c)["AWS_ENDPOINT_URL"] == "http://edp-empathy-platform-seaweedfs.ml.svc:8333"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "ray"  # NetworkPolicy
+    assert not of_kind(rendered["default"], "Job")
 
 
 def test_ray_pods_get_tracking_uri_and_checkpoint_location(rendered):
@@ -351,13 +448,43 @@ def test_monitoring_is_off_by_default(rendered):
     assert not [d for d in rendered["default"] if d["kind"] in MONITORING_KINDS + ("ConfigMap",)]
 
 
-def test_chart_test_hooks_probe_mlflow_and_serve(rendered):
+def test_chart_test_hooks_probe_readiness_and_the_model_check_is_separate(chart, rendered):
     hooks = {p["metadata"]["name"]: p for p in of_kind(rendered["default"], "Pod")}
     assert set(hooks) == {"edp-empathy-platform-test-mlflow", "edp-empathy-platform-test-serve"}
     for pod in hooks.values():
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     serve_url = hooks["edp-empathy-platform-test-serve"]["spec"]["containers"][0]["command"][-1]
-    assert serve_url == "http://edp-empathy-platform-serve-serve-svc.ml.svc:8000/healthz"
+    assert serve_url == "http://edp-empathy-platform-serve-serve-svc.ml.svc:8000/-/healthz"  # the Serve proxy
+    promoted = of_kind(render_docs(chart, {"serve": {"testPromotedModel": True}}), "Pod")
+    model = next(p for p in promoted if p["metadata"]["name"].endswith("-test-serve-model"))
+    assert model["spec"]["containers"][0]["command"][-1].endswith(":8000/healthz")  # 503 until a model loads
+
+
+def test_chart_test_check_exits_by_http_status(rendered):
+    """The hook pod's command, run for real against a local server: 200 passes, 503 (no model yet) fails."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200 if self.path == "/ok" else 503)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (pod,) = [p for p in of_kind(rendered["default"], "Pod") if p["metadata"]["name"].endswith("-test-serve")]
+        command = pod["spec"]["containers"][0]["command"]
+        assert command[0] == "python"
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        ok = subprocess.run([sys.executable, *command[1:-1], f"{base}/ok"], capture_output=True, timeout=30)
+        bad = subprocess.run([sys.executable, *command[1:-1], f"{base}/healthz"], capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert ok.returncode == 0 and bad.returncode != 0
 
 
 # ---------- bad values ----------

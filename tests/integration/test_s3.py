@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,86 @@ def test_load_splits_from_s3(s3_env, bucket, tmp_path):
     assert {s: len(r.conversations) for s, r in reports.items()} == {"train": 5, "valid": 2}
     assert all(not r.invalid for r in reports.values())
     assert reports["valid"].conversations[0].emotion == "afraid"
+
+
+def test_the_charts_bucket_hook_creates_the_bucket_once_the_server_answers(s3_env, tmp_path):
+    """helm/.../files/scripts/create_bucket.py (the SeaweedFS hook Job's script, rendered verbatim) against real S3:
+    it creates a missing bucket, is idempotent, and fails with the endpoint named when nothing answers in time."""
+    import subprocess
+    import sys
+
+    chart = Path(__file__).resolve().parents[2] / "helm" / "empathy-platform"
+    script = chart / "files" / "scripts" / "create_bucket.py"
+    name = f"edp-hook-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_env.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+    first = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
+    again = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
+    assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
+    assert f"bucket {name} created" in first.stdout and f"bucket {name} exists" in again.stdout
+    s3_env.client().head_bucket(Bucket=name)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    down = subprocess.run([sys.executable, str(script), name, "1"], capture_output=True, text=True,
+                          env={**env, "AWS_ENDPOINT_URL": dead}, timeout=60)
+    assert down.returncode == 1 and "not reachable" in down.stderr
+
+
+def test_a_published_directory_is_fetched_whole_or_not_at_all(s3_env, bucket, tmp_path):
+    from trainers.data.remote import fetch_dir, publish_dir
+
+    src = tmp_path / "entry"
+    (src / "sub").mkdir(parents=True)
+    (src / "train.pkl").write_bytes(os.urandom(3000))
+    (src / "sub" / "vectors.npy").write_bytes(b"v" * 10)
+    (src / "manifest.json").write_text('{"key": "k"}')
+    uri = f"s3://{bucket}/prepared/k"
+    endpoint = s3_env.endpoint_url
+    assert not fetch_dir(uri, tmp_path / "absent", endpoint_url=endpoint)  # nothing published yet
+    assert not (tmp_path / "absent").exists()
+    client, _ = counting_client(s3_env.endpoint_url)
+    order = []
+    client.meta.events.register("before-parameter-build.s3.PutObject", lambda params, **_: order.append(params["Key"]))
+    assert publish_dir(src, uri, client=client) == 3
+    assert order[-1] == "prepared/k/manifest.json"  # the completion marker goes up last
+    assert publish_dir(src, uri, client=client) == 0 and len(order) == 3  # complete already: nothing re-sent
+    got = tmp_path / "copy"
+    assert fetch_dir(uri, got, endpoint_url=endpoint)
+    assert sorted(p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()) == \
+        ["manifest.json", "sub/vectors.npy", "train.pkl"]
+    assert (got / "train.pkl").read_bytes() == (src / "train.pkl").read_bytes()
+    assert fetch_dir(uri, got, endpoint_url=endpoint)  # already there (another trial won the race): kept, no error
+    assert not list(tmp_path.glob(".copy.fetch-*"))
+
+
+def test_a_node_fetches_a_prepared_entry_another_node_published_and_never_rebuilds_it(
+        s3_env, bucket, prepared_sample, tmp_path, monkeypatch):
+    """Node A (the driver) publishes its entry; node B (an empty cache) fetches it and never runs spaCy."""
+    import shutil
+
+    from trainers.config import load_config
+    from trainers.data import prepare as prep
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
+    shared = f"s3://{bucket}/ckpt/prepared"
+    node_a = tmp_path / "a"
+    shutil.copytree(prepared_sample.path, node_a / prepared_sample.path.name)  # A prepared it earlier, locally
+    a = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(node_a), shared_cache=shared))
+    assert a.cache_hit and a.manifest["key"] == prepared_sample.manifest["key"]
+    keys = keys_of(s3_env, bucket, f"ckpt/prepared/{a.manifest['key']}/")
+    assert {"manifest.json", "vocab.json", "train.pkl", "valid.pkl"} <= {k.rsplit("/", 1)[1] for k in keys}
+
+    def no_spacy(*args, **kwargs):
+        raise AssertionError("node B re-ran the spaCy pipeline for an entry that exists in S3")
+
+    monkeypatch.setattr(prep.ann, "load_pipeline", no_spacy)
+    b = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(tmp_path / "b"),
+                                 shared_cache=shared))
+    assert b.cache_hit and b.path == tmp_path / "b" / a.manifest["key"]
+    assert len(b.split("train").examples) == len(prepared_sample.split("train").examples)
+    assert b.vocab.itos == prepared_sample.vocab.itos
+
+
+def keys_of(server, bucket: str, prefix: str) -> list[str]:
+    pages = server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]

@@ -199,6 +199,9 @@ def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, buck
     assert any(k.endswith("tuner.pkl") for k in keys), keys[:20]
     trials = {k.split("/")[2] for k in keys if k.endswith("/checkpoint.pt")}
     assert len(trials) == 3, keys  # every trial checkpointed into the bucket
+    # the driver's prepared data is published beside the checkpoints, under its cache key, for other nodes
+    assert f"sweeps/prepared/{prepared_sample.manifest['key']}/manifest.json" in \
+        keys_under(s3_server.client(), bucket, "sweeps/prepared/")
 
     # one trial of 2 DDP workers: its TorchTrainer is built inside the trial actor, which has no AWS_*
     # settings, so the storage it writes to must be the one resolved on the driver

@@ -46,3 +46,53 @@ def test_smoke_sweep_nests_children_and_logs_the_table(ray_local, mlflow_server,
     table = c.download_artifacts(parent.info.run_id, "ablation_table.md", str(tmp_path))
     text = Path(table).read_text()
     assert "| Model | Acc | PPL | Dist-1 | Dist-2 |" in text and "| escm (n=1) |" in text
+
+
+def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server, prepared_sample, tmp_path):
+    """The job's driver is SIGKILLed (with its Ray) after the first trial finished; the same command again (a RayJob
+    retry) restores the Tune experiment from storage under the same MLflow parent, and no finished trial re-runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    experiment = f"resume-{uuid.uuid4().hex[:6]}"
+    cmd = [sys.executable, "-m", "cluster.jobs.sweep", "--config", str(SMOKE),
+           "--set", f"base.data.cache_dir={prepared_sample.path.parent}", "--set", f"storage_path={tmp_path}/ray",
+           "--set", f"work_dir={tmp_path}/work", "--set", f"tracking.uri={mlflow_server}",
+           "--set", f"tracking.experiment={experiment}", "--set", "tracking.log_model=false",
+           "--set", "base.max_steps=40", "--set", "base.eval_every=10", "--set", "max_concurrent_trials=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(SMOKE.parents[3])
+    c = client(mlflow_server)
+
+    def children() -> list:
+        exp = c.get_experiment_by_name(experiment)
+        runs = c.search_runs([exp.experiment_id]) if exp else []
+        return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+    first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r.info.status == "FINISHED" for r in children()):
+            assert first.poll() is None and time.monotonic() < deadline, "no trial finished before the kill"
+            time.sleep(1)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+        first.wait()
+    done_before = {r.info.run_id: r.info.end_time for r in children() if r.info.status == "FINISHED"}
+    assert len(done_before) < 3, "every trial finished before the kill: nothing left to resume"
+
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming the Tune experiment" in second.stdout
+    runs = children()
+    assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1  # one parent, kept across the retry
+    assert sorted(r.data.tags["variant"] for r in runs) == ["escm", "escm-no_vr", "transformer"]  # none twice
+    for run_id, end_time in done_before.items():  # finished trials were not run again
+        assert c.get_run(run_id).info.end_time == end_time
+    assert all(r.info.status == "FINISHED" for r in runs)
+    exp = c.get_experiment_by_name(experiment)
+    parents = [r for r in c.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"

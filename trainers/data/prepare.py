@@ -14,6 +14,7 @@ Entry layout:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -54,6 +55,8 @@ class DataConfig(StrictModel):
     knowledge: Literal["none", "precomputed", "comet"] = "none"
     knowledge_path: str | None = Field(None, description="jsonl (precomputed) or checkpoint dir/s3:// (comet)")
     s3_endpoint_url: str | None = None
+    shared_cache: str | None = Field(None, description="s3:// prefix where entries are published and fetched, so "
+                                     "the nodes of a cluster share one preparation (runtime only, not hashed)")
     n_process: int = Field(1, ge=1, le=64, description="spaCy worker processes (runtime only, not hashed)")
     parse_batch_size: int = Field(256, ge=1, description="spaCy nlp.pipe batch size (not hashed)")
 
@@ -71,7 +74,7 @@ class DataConfig(StrictModel):
         return str(EMBEDDED_SAMPLE) if self.source == "sample" else self.source
 
     def hashed_settings(self) -> dict:
-        runtime = {"cache_dir", "n_process", "parse_batch_size", "s3_endpoint_url", "source"}
+        runtime = {"cache_dir", "n_process", "parse_batch_size", "s3_endpoint_url", "shared_cache", "source"}
         return {k: v for k, v in self.model_dump().items() if k not in runtime}
 
 
@@ -158,7 +161,8 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
     key = cache_key(cfg, source_files, pipeline_version)
     root = Path(cfg.cache_dir).expanduser()
     entry = root / key
-    if (entry / "manifest.json").exists():
+    if (entry / "manifest.json").exists() or _fetch_shared(cfg, key, entry):
+        _publish_shared(cfg, key, entry)  # a driver's earlier local entry becomes visible to the other nodes
         manifest = json.loads((entry / "manifest.json").read_text())
         manifest["timings"]["cache_hit_s"] = round(time.perf_counter() - t0, 3)
         return Prepared(entry, manifest, Vocab.load(entry / "vocab.json"), cache_hit=True)
@@ -214,7 +218,30 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_shared(cfg, key, entry)
     return Prepared(entry, manifest, vocab, cache_hit=False)
+
+
+def _publish_shared(cfg: DataConfig, key: str, entry: Path) -> None:
+    """Publish entry `key` to `cfg.shared_cache/<key>/` (manifest last) unless it is complete there already."""
+    if cfg.shared_cache:
+        from trainers.data.remote import publish_dir
+
+        publish_dir(entry, f"{cfg.shared_cache.rstrip('/')}/{key}", endpoint_url=cfg.s3_endpoint_url)
+
+
+def _fetch_shared(cfg: DataConfig, key: str, entry: Path) -> bool:
+    """Fetch entry `key` from `cfg.shared_cache` when another node published it; one fetch per node at a time
+    (the trials of a node wait on a file lock and then find the entry on disk)."""
+    if not cfg.shared_cache:
+        return False
+    from trainers.data.remote import fetch_dir
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.parent / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return (entry / "manifest.json").exists() or fetch_dir(
+            f"{cfg.shared_cache.rstrip('/')}/{key}", entry, endpoint_url=cfg.s3_endpoint_url)
 
 
 def _pipeline_version(name: str) -> str:

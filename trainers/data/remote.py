@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -127,6 +128,53 @@ def fetch_s3_prefix(
     except ValueError as e:  # e.g. a malformed endpoint URL, found while building the client
         raise DataError(f"cannot use S3 endpoint {endpoint_url!r} for {uri}: {e}") from e
     except Exception as e:  # botocore errors -> one clear DataError
+        raise _s3_error(e, uri, bucket, client) from e
+
+
+def publish_dir(local: Path, uri: str, *, endpoint_url: str | None = None, client=None,
+                last: str = "manifest.json") -> int:
+    """Upload every file under `local` to `uri/<relative path>`; the file named `last` goes up last, so a reader
+    that sees it sees a complete copy. A copy already complete in S3 is left as it is. Returns the number of
+    objects written."""
+    bucket, prefix = parse_s3_uri(uri.rstrip("/"))
+    files = sorted((p for p in Path(local).rglob("*") if p.is_file()), key=lambda p: (p.name == last, str(p)))
+    try:
+        client = client or s3_client(endpoint_url)
+        if f"{prefix}/{last}" in _list_objects(client, bucket, f"{prefix}/{last}"):
+            return 0
+        for path in files:
+            key = f"{prefix}/{path.relative_to(local).as_posix()}" if prefix else path.relative_to(local).as_posix()
+            client.upload_file(str(path), bucket, key)
+        return len(files)
+    except Exception as e:  # botocore errors -> one clear DataError
+        raise _s3_error(e, uri, bucket, client) from e
+
+
+def fetch_dir(uri: str, dest: Path, *, endpoint_url: str | None = None, client=None,
+              complete_when: str = "manifest.json") -> bool:
+    """Download a directory published by `publish_dir` into `dest` (a temp dir beside it, then one rename).
+    Returns False, and writes nothing, when `uri/<complete_when>` does not exist (not published, or not yet)."""
+    bucket, prefix = parse_s3_uri(uri.rstrip("/"))
+    dest = Path(dest)
+    try:
+        client = client or s3_client(endpoint_url)
+        listed = _list_objects(client, bucket, f"{prefix}/")
+        if f"{prefix}/{complete_when}" not in listed:
+            return False
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.fetch-"))
+        try:
+            for key in listed:
+                _download_object(client, bucket, key, _local_path(tmp, key[len(prefix) + 1:], uri))
+            os.rename(tmp, dest)
+        except OSError:
+            if not dest.exists():
+                raise
+        finally:  # renamed away, or another process placed the same entry first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
+    except (DataError, OSError):
+        raise
+    except Exception as e:
         raise _s3_error(e, uri, bucket, client) from e
 
 

@@ -96,9 +96,25 @@ app.kubernetes.io/component: ray
   value: /home/ray/app
 - name: EDP_CHECKPOINT_URI
   value: {{ printf "s3://%s/%s" .Values.s3.bucket .Values.s3.checkpointPrefix | quote }}
+- name: EDP_NODE_TYPES
+  value: {{ include "edp.nodeTypes" . | quote }}
 {{- with .Values.ray.env }}
 {{ toYaml . }}
 {{- end }}
+{{- end }}
+
+{{/* The worker node types the cluster can have (JSON), so a sweep on a cluster that autoscales from zero can
+check that its trials fit a node type before any such node exists (cluster.sweep.check_placement). */}}
+{{- define "edp.nodeTypes" -}}
+{{- $types := list }}
+{{- range $name, $g := .Values.ray.workerGroups }}
+{{- $max := ternary $g.maxReplicas $g.replicas $.Values.ray.autoscaler.enabled }}
+{{- if and $g.enabled (gt (int $max) 0) }}
+{{- $lim := $g.resources.limits }}
+{{- $types = append $types (dict "group" $name "max" (int $max) "CPU" (toString (default $lim.cpu (get (default (dict) $g.rayStartParams) "num-cpus"))) "GPU" (int (default 0 (get $lim "nvidia.com/gpu")))) }}
+{{- end }}
+{{- end }}
+{{- toJson $types }}
 {{- end }}
 
 {{/* Pod template of one Ray node. Args: dict "root" $ "kind" (head|worker) "group" <values> "probes" bool. */}}
@@ -132,6 +148,14 @@ spec:
         {{- toYaml .group.resources | nindent 8 }}
       env:
         {{- include "edp.rayEnv" $root | nindent 8 }}
+        {{- if and (eq .kind "head") $root.Values.monitoring.enabled }}
+        {{- with $root.Values.monitoring }}
+        # The Ray dashboard's metrics views query Prometheus and embed Grafana panels.
+        - {name: RAY_PROMETHEUS_HOST, value: {{ .prometheusHost | quote }}}
+        - {name: RAY_GRAFANA_HOST, value: {{ .grafana.host | quote }}}
+        - {name: RAY_GRAFANA_IFRAME_HOST, value: {{ default .grafana.host .grafana.iframeHost | quote }}}
+        {{- end }}
+        {{- end }}
       ports:
         {{- if eq .kind "head" }}
         - {name: gcs-server, containerPort: 6379}
