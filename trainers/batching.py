@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainers.data.collate import EncodedExample, encode_escm, pad_escm, pad_iamm
+from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
 from trainers.data.prepare import PreparedSplit
 
 
@@ -34,7 +34,7 @@ class TensorSplit:
                  max_target: int, bucket_width: int, iamm: bool = False):
         self.split = split
         self.encoded: list[EncodedExample] = [
-            encode_escm(split, i, vocab_size, max_context, max_target) for i in range(len(split.examples))
+            encode_example(split, ex, vocab_size, max_context, max_target) for ex in split.features
         ]
         lengths = np.array([len(e.context_ids) for e in self.encoded])
         key = np.ceil(lengths / bucket_width).astype(int)

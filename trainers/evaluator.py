@@ -96,7 +96,7 @@ class Evaluator:
         return {
             "conv_id": ex.conv_id, "turn": ex.turn, "context": list(ex.context), "situation": ex.situation,
             "reference": ex.target, "generated": " ".join(tokens), "generated_tokens": tokens,
-            "reference_tokens": list(split.tokens[split.target[i]]), "gold_emotion": ex.emotion,
+            "reference_tokens": list(split.tokens[split.features[i].target]), "gold_emotion": ex.emotion,
             "predicted_emotion": None if pred is None else EMOTIONS[pred],
             "predicted_prob": None if probs is None else float(probs[pred]),
         }

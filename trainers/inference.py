@@ -1,8 +1,10 @@
 """`Responder`: a trained checkpoint answering dialogue contexts, batched (MLflow pyfunc and Ray Serve use it).
 
 Preprocessing is the training pipeline's: the same spaCy pipeline (from the checkpoint's data
-config), the same vocabulary (stored in the checkpoint), the same encoding (`encode_escm`) and
-padding. A request without a situation uses its first turn as the situation (IAMM's eq. 3 input).
+config), the same vocabulary (stored in the checkpoint), the same featurisation (`features`), encoding
+(`collate.encode_example`) and padding. A request has no target and no gold emotion; without a
+situation its first turn stands in (IAMM's eq. 3 input). Path: app -> schemas -> inference ->
+features -> collate -> model -> decoding.
 
     responder = Responder.from_checkpoint("runs/escm/checkpoints/best.pt")
     responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
@@ -19,11 +21,10 @@ import torch
 from trainers import checkpoint as ckpt
 from trainers.checkpoint import InferenceConfig
 from trainers.data import annotate as ann
-from trainers.data.collate import encode_escm, pad_escm, pad_iamm
+from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
 from trainers.data.emotions import EMOTIONS
+from trainers.data.features import example_texts, featurize, featurize_texts
 from trainers.data.knowledge import build_knowledge
-from trainers.data.prepare import PreparedSplit, build_split
-from trainers.data.records import Example, LoadReport
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, resolve_device
 
@@ -61,23 +62,20 @@ class Responder:
     def model_name(self) -> str:
         return self.cfg.model
 
-    def _split(self, requests: list[Request]) -> PreparedSplit:
-        examples = [
-            Example(f"request:{i}", len(r.context), tuple(r.context), "", EMOTIONS[0], r.situation or r.context[0])
-            for i, r in enumerate(requests)
-        ]
-        texts = sorted({t for e in examples for t in (*e.context, e.situation) if t})
+    def encode(self, requests: list[Request]) -> list[EncodedExample]:
+        """Annotate and featurise the requests' distinct texts once, then encode each request as training does."""
+        texts = list(dict.fromkeys(t for r in requests for t in example_texts(r.context, r.situation or None)))
         table = dict(zip(texts, ann.annotate(texts, self.nlp)))
-        table[""] = ann.Annotation((), (), (), (), (0,))
-        return build_split("request", LoadReport(), examples, table, self.vocab, self.knowledge, self.nlp)
+        features = featurize_texts(texts, table, self.vocab, self.knowledge, self.nlp)
+        index = {t: i for i, t in enumerate(texts)}
+        return [encode_example(features, featurize(r.context, r.situation or None, None, index), len(self.vocab),
+                               self.cfg.max_context, self.cfg.max_target) for r in requests]
 
     @torch.inference_mode()
     def respond(self, requests: list[Request | dict]) -> list[dict]:
         """Answer a batch of requests in one padded batch (ESCM eqs. 15/19 or IAMM eqs. 25/33)."""
         reqs = [r if isinstance(r, Request) else Request(list(r["context"]), r.get("situation")) for r in requests]
-        split = self._split(reqs)
-        encoded = [encode_escm(split, i, len(self.vocab), self.cfg.max_context, self.cfg.max_target)
-                   for i in range(len(reqs))]
+        encoded = self.encode(reqs)
         batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(reqs)):

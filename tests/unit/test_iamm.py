@@ -415,10 +415,10 @@ def test_overfits_32_examples():
 
 def test_real_collated_batch(prepared_sample):
     """pad_iamm output of the prepared embedded sample (knowledge backend `none`) runs end to end."""
-    from trainers.data.collate import encode_escm, pad_iamm
+    from trainers.data.collate import encode_example, pad_iamm
 
     split, Vr = prepared_sample.split("train"), len(prepared_sample.vocab)
-    b = pad_iamm([encode_escm(split, i, Vr) for i in range(8)])
+    b = pad_iamm([encode_example(split, split.features[i], Vr) for i in range(8)])
     assert ((b["utt_mask"].sum((1, 2)) + 1) == b["context_mask"].sum(1)).all()  # H_c alignment premise
     assert not b["knowledge_mask"].any()
     torch.manual_seed(0)

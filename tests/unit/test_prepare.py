@@ -10,7 +10,7 @@ import torch
 
 from trainers.config import load_config
 from trainers.data import prepare as prep
-from trainers.data.collate import DEP_SELF, encode_escm, pad_escm, pad_iamm
+from trainers.data.collate import DEP_SELF, encode_example, pad_escm, pad_iamm
 from trainers.data.prepare import DataConfig, prepare
 from trainers.data.records import DataError
 from trainers.data.vocab import CLS, EOS, UNK
@@ -80,7 +80,7 @@ def test_invalid_rows_fail_or_are_skipped_and_counted(tmp_path, sample_dir):
 
 def test_escm_collation_shapes_masks_and_copy_ids(prepared_sample):
     split, V = prepared_sample.split("train"), len(prepared_sample.vocab)
-    encoded = [encode_escm(split, i, V) for i in range(8)]
+    encoded = [encode_example(split, split.features[i], V) for i in range(8)]
     b = pad_escm(encoded)
     B, L = b["context_ids"].shape
     assert b["context_dep"].shape == (B, L, L) and torch.equal(b["context_dep"], b["context_dep"].transpose(1, 2))
@@ -99,18 +99,16 @@ def test_escm_collation_shapes_masks_and_copy_ids(prepared_sample):
 
 
 def test_copyable_oov_gets_extended_id():
-    from trainers.data.prepare import PreparedSplit
-    from trainers.data.records import Example
+    from trainers.data.features import ExampleFeatures, TextFeatures
 
     # context "my zorp died" / target "sorry about your zorp and blix": zorp and blix are OOV (UNK = 1)
     tokens = [("my", "zorp", "died"), ("sorry", "about", "your", "zorp", "and", "blix"), ("sit",)]
     ids = [[10, UNK, 11], [12, 13, 14, UNK, 15, UNK], [16]]
-    split = PreparedSplit(
-        name="t", texts=["a", "b", "c"], tokens=tokens, ids=ids, pos=[[2] * len(t) for t in tokens],
+    texts = TextFeatures(
+        texts=["a", "b", "c"], tokens=tokens, ids=ids, pos=[[2] * len(t) for t in tokens],
         heads=[[2, 2, 2], list(range(6)), [0]], deps=[[3] * len(t) for t in tokens], sents=[[0]] * 3,
-        knowledge=[{}] * 3, examples=[Example("c1", 1, ("a",), "b", "sad", "c")], context=[[0]], target=[1],
-        situation=[2])
-    e = encode_escm(split, 0, vocab_size=100)
+        knowledge=[{}] * 3)
+    e = encode_example(texts, ExampleFeatures(context=(0,), situation=2, target=1, emotion=3), vocab_size=100)
     assert e.oov == ["zorp"]
     assert e.context_ext_ids.tolist() == [CLS, 10, 100, 11]
     assert e.target_ext_ids.tolist() == [12, 13, 14, 100, 15, UNK, EOS]   # blix is not in the context: UNK
@@ -121,17 +119,17 @@ def test_copyable_oov_gets_extended_id():
 
 def test_truncation_keeps_recent_turns(prepared_sample):
     split, V = prepared_sample.split("train"), len(prepared_sample.vocab)
-    i = max(range(len(split.examples)), key=lambda k: len(split.context[k]))
-    full = encode_escm(split, i, V)
-    cut = encode_escm(split, i, V, max_context=len(split.ids[split.context[i][-1]]) + 3)
-    assert len(cut.turns) == 1 and len(full.turns) == len(split.context[i])
+    ex = max(split.features, key=lambda f: len(f.context))
+    full = encode_example(split, ex, V)
+    cut = encode_example(split, ex, V, max_context=len(split.ids[ex.context[-1]]) + 3)
+    assert len(cut.turns) == 1 and len(full.turns) == len(ex.context)
     assert (cut.turns[0] == full.turns[-1]).all()
     assert cut.edges[:, :2].max() < len(cut.context_ids)
 
 
 def test_iamm_collation(prepared_sample):
     split, V = prepared_sample.split("train"), len(prepared_sample.vocab)
-    b = pad_iamm([encode_escm(split, i, V) for i in range(6)])
+    b = pad_iamm([encode_example(split, split.features[i], V) for i in range(6)])
     B, M, Lu = b["utt_ids"].shape
     assert b["knowledge_ids"].shape[:3] == (B, M + 1, 5)
     assert not b["knowledge_mask"].any()           # `none` backend: nothing to associate

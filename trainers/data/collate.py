@@ -1,8 +1,9 @@
 """Collation: prepared examples -> padded tensors with masks, per model family.
 
-Each example is first encoded once (`encode_escm` / `encode_iamm`: numpy arrays, pointer-generator
-OOV lists) and then padded into a batch (`pad_escm` / `pad_iamm`). The trainer encodes a split
-once and re-uses the arrays, so no per-example Python work is left inside a training step.
+Each example is first encoded once from its features (`encode_example`, shared by all three models:
+numpy arrays, pointer-generator OOV lists) and then padded into a batch per model family (`pad_escm`
+for the Transformer and ESCM, `pad_iamm`). The trainer encodes a split once and re-uses the arrays,
+so no per-example Python work is left inside a training step.
 
 ESCM / Transformer batch (B = batch, L = context length, T = target length, V = vocab size):
     context_ids      (B, L)    word ids; position 0 is [CLS]; turns concatenated; PAD = 0
@@ -13,7 +14,7 @@ ESCM / Transformer batch (B = batch, L = context length, T = target length, V = 
     context_mask     (B, L)    True at real tokens
     target_ids       (B, T)    response ids + EOS, PAD after
     target_ext_ids   (B, T)    as target_ids, OOV words copied from the context get V + k
-    emotion          (B,)      gold emotion id
+    emotion          (B,)      gold emotion id (absent from a batch of requests, which have none)
     max_oov          int       extended-vocabulary slots this batch needs
 
 IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 relations, K = phrases):
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from trainers.data.features import ExampleFeatures, TextFeatures
 from trainers.data.knowledge import RELATIONS
-from trainers.data.prepare import PreparedSplit
 from trainers.data.vocab import CLS, EOS, UNK
 
 STATE_CLS, STATE_SPEAKER, STATE_LISTENER = 1, 2, 3
@@ -50,7 +51,7 @@ class EncodedExample:
     edges: np.ndarray
     target_ids: np.ndarray
     target_ext_ids: np.ndarray
-    emotion: int
+    emotion: int | None
     oov: list[str]
     turns: list[np.ndarray]          # IAMM: token ids per turn (truncated like the context)
     turn_states: list[int]           # IAMM: STATE_SPEAKER / STATE_LISTENER per kept turn
@@ -58,15 +59,17 @@ class EncodedExample:
     knowledge: list[dict[str, list[list[int]]]]  # per turn, then the situation
 
 
-def encode_escm(split: PreparedSplit, i: int, vocab_size: int, max_context: int = 400,
-                max_target: int = 60) -> EncodedExample:
-    """Build example `i`'s context [CLS] ++ U_1 ++ ... ++ U_M (ESCM eq. 1 input) and its target.
+def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: int, max_context: int = 400,
+                   max_target: int = 60) -> EncodedExample:
+    """Encode one example for any of the three models: its context [CLS] ++ U_1 ++ ... ++ U_M (ESCM eq. 1
+    input) with speaker states, POS and dependency edges, IAMM's turns, situation and knowledge, its target.
 
-    Contexts longer than `max_context` keep their most recent turns (whole turns are dropped from the
-    start; a single over-long last turn is cut at its end). Targets are cut to `max_target` words + EOS.
+    `texts` holds the featurised texts `example` refers to. Contexts longer than `max_context` keep their
+    most recent turns (whole turns are dropped from the start; a single over-long last turn is cut at its
+    end). Targets are cut to `max_target` words + EOS; an example without a target (a request) gets EOS only.
     """
-    turns = split.context[i]
-    lengths = [len(split.ids[t]) for t in turns]
+    turns = example.context
+    lengths = [len(texts.ids[t]) for t in turns]
     first, budget = len(turns) - 1, max_context - 1 - lengths[-1]
     while first > 0 and budget - lengths[first - 1] >= 0:
         budget -= lengths[first - 1]
@@ -75,20 +78,20 @@ def encode_escm(split: PreparedSplit, i: int, vocab_size: int, max_context: int 
     turn_ids, turn_states = [], []
     for k in range(first, len(turns)):
         t = turns[k]
-        n = min(len(split.ids[t]), max_context - len(ids))
+        n = min(len(texts.ids[t]), max_context - len(ids))
         offset = len(ids)
-        ids += split.ids[t][:n]
-        toks += split.tokens[t][:n]
-        pos += split.pos[t][:n]
+        ids += texts.ids[t][:n]
+        toks += texts.tokens[t][:n]
+        pos += texts.pos[t][:n]
         turn_states.append(STATE_SPEAKER if k % 2 == 0 else STATE_LISTENER)
         state += [turn_states[-1]] * n
-        turn_ids.append(np.asarray(split.ids[t][:n], dtype=np.int64))
+        turn_ids.append(np.asarray(texts.ids[t][:n], dtype=np.int64))
         for a in range(n):
-            h = split.heads[t][a]
+            h = texts.heads[t][a]
             edges.append((offset + a, offset + a, DEP_SELF))
             if h != a and h < n:
-                edges.append((offset + a, offset + h, split.deps[t][a]))
-                edges.append((offset + h, offset + a, split.deps[t][a]))
+                edges.append((offset + a, offset + h, texts.deps[t][a]))
+                edges.append((offset + h, offset + a, texts.deps[t][a]))
     oov: list[str] = []
     ext = []
     for w, tok in zip(ids, toks):
@@ -98,14 +101,13 @@ def encode_escm(split: PreparedSplit, i: int, vocab_size: int, max_context: int 
             ext.append(vocab_size + oov.index(tok))
         else:
             ext.append(w)
-    tgt = split.target[i]
-    tgt_ids = split.ids[tgt][:max_target] + [EOS]
-    tgt_ext = [
-        vocab_size + oov.index(tok) if w == UNK and tok in oov else w
-        for w, tok in zip(split.ids[tgt][:max_target], split.tokens[tgt][:max_target])
-    ] + [EOS]
-    sit = split.situation[i]
-    know = [split.knowledge[t] for t in turns[first:]] + [split.knowledge[sit]]
+    tgt_words = [] if example.target is None else texts.ids[example.target][:max_target]
+    tgt_tokens = [] if example.target is None else texts.tokens[example.target][:max_target]
+    tgt_ids = tgt_words + [EOS]
+    tgt_ext = [vocab_size + oov.index(tok) if w == UNK and tok in oov else w
+               for w, tok in zip(tgt_words, tgt_tokens)] + [EOS]
+    sit = example.situation
+    know = [texts.knowledge[t] for t in turns[first:]] + [texts.knowledge[sit]]
     return EncodedExample(
         context_ids=np.asarray(ids, dtype=np.int64),
         context_ext_ids=np.asarray(ext, dtype=np.int64),
@@ -114,11 +116,11 @@ def encode_escm(split: PreparedSplit, i: int, vocab_size: int, max_context: int 
         edges=np.asarray(edges, dtype=np.int64).reshape(-1, 3),
         target_ids=np.asarray(tgt_ids, dtype=np.int64),
         target_ext_ids=np.asarray(tgt_ext, dtype=np.int64),
-        emotion=split.examples[i].emotion_id,
+        emotion=example.emotion,
         oov=oov,
         turns=turn_ids,
         turn_states=turn_states,
-        situation_ids=np.asarray(split.ids[sit][:max_context], dtype=np.int64),
+        situation_ids=np.asarray(texts.ids[sit][:max_context], dtype=np.int64),
         knowledge=know,
     )
 
@@ -153,8 +155,9 @@ def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
         "context_mask": ctx != 0,
         "target_ids": _pad([e.target_ids for e in batch], target_len),
         "target_ext_ids": _pad([e.target_ext_ids for e in batch], target_len),
-        "emotion": torch.tensor([e.emotion for e in batch], dtype=torch.long),
         "max_oov": max(len(e.oov) for e in batch),
+        **({} if any(e.emotion is None for e in batch)
+           else {"emotion": torch.tensor([e.emotion for e in batch], dtype=torch.long)}),
     }
 
 

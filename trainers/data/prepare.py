@@ -9,7 +9,8 @@ Entry layout:
     manifest.json      settings, key, source files + hashes, counts, timings, substitutions
     vocab.json         the vocabulary artifact shared by training and serving
     vectors.npy        (V, 300) float32 embedding initialisation
-    <split>.pkl        PreparedSplit: distinct texts with token ids / POS / heads / deps, examples
+    <split>.pkl        PreparedSplit: distinct texts with their features (token ids, POS, heads, deps,
+                       knowledge), examples and their features (indices into the texts)
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pydantic import Field, field_validator
 
 from trainers.config import StrictModel
 from trainers.data import annotate as ann
-from trainers.data.knowledge import RELATIONS, build_knowledge
+from trainers.data.features import ExampleFeatures, TextFeatures, example_texts, featurize, featurize_texts
+from trainers.data.knowledge import build_knowledge
 from trainers.data.records import DataError, Example, InvalidRecord, examples_from
 from trainers.data.sources import EMBEDDED_SAMPLE, discover, load_splits
 from trainers.data.vocab import Vocab
@@ -79,28 +81,12 @@ class DataConfig(StrictModel):
 
 
 @dataclass
-class PreparedSplit:
-    """One split, compact: distinct texts annotated once, examples refer to them by index.
-
-    texts[i] is utterance or situation text i; ids[i] its vocab ids; oov[i] its words outside the
-    vocabulary (for the pointer-generator extended vocabulary); pos/heads/deps its parse (ids as in
-    `annotate.POS_TAGS` / `DEP_LABELS`); sents[i] its sentence start indices.
-    knowledge[i] (IAMM) maps relation -> list of token-id lists (empty with the `none` backend).
-    """
+class PreparedSplit(TextFeatures):
+    """One split, compact: distinct texts featurised once (`TextFeatures`), examples refer to them by index."""
 
     name: str
-    texts: list[str]
-    tokens: list[tuple[str, ...]]
-    ids: list[list[int]]
-    pos: list[list[int]]
-    heads: list[list[int]]
-    deps: list[list[int]]
-    sents: list[list[int]]
-    knowledge: list[dict[str, list[list[int]]]]
     examples: list[Example]
-    context: list[list[int]]      # per example: text indices of the context turns
-    target: list[int]             # per example: text index of the response
-    situation: list[int]          # per example: text index of the situation
+    features: list[ExampleFeatures]  # per example, parallel to `examples`
     invalid: list[InvalidRecord] = field(default_factory=list)
     num_conversations: int = 0
 
@@ -312,41 +298,14 @@ def _write_vectors(cfg: DataConfig, vocab: Vocab, out: Path, progress: Progress)
 
 
 def build_split(name, report, examples, table, vocab: Vocab, knowledge, nlp) -> PreparedSplit:
-    """Encode `examples` with `vocab` from the annotation `table` (text -> Annotation) into a PreparedSplit."""
-    index: dict[str, int] = {}
-    for ex in examples:
-        for t in (*ex.context, ex.target, ex.situation):
-            index.setdefault(t, len(index))
-    texts = list(index)
-    annotations = [table[t] for t in texts]
-    pos_id = {p: i + 2 for i, p in enumerate(ann.POS_TAGS)}
-    dep_id = {d: i + 2 for i, d in enumerate(ann.DEP_LABELS)}
-    unknown_dep = dep_id["dep"]
-    know = _knowledge_ids(texts, knowledge, vocab, nlp)
+    """Featurise `examples` with `vocab` from the annotation `table` (text -> Annotation) into a PreparedSplit."""
+    texts = list(dict.fromkeys(t for ex in examples for t in example_texts(ex.context, ex.situation, ex.target)))
+    index = {t: i for i, t in enumerate(texts)}
     return PreparedSplit(
+        **vars(featurize_texts(texts, table, vocab, knowledge, nlp)),
         name=name,
-        texts=texts,
-        tokens=[a.tokens for a in annotations],
-        ids=[vocab.encode(a.tokens) for a in annotations],
-        pos=[[pos_id.get(p, pos_id["X"]) for p in a.pos] for a in annotations],
-        heads=[list(a.heads) for a in annotations],
-        deps=[[dep_id.get(d, unknown_dep) for d in a.deps] for a in annotations],
-        sents=[list(a.sent_starts) for a in annotations],
-        knowledge=know,
         examples=examples,
-        context=[[index[t] for t in ex.context] for ex in examples],
-        target=[index[ex.target] for ex in examples],
-        situation=[index[ex.situation] for ex in examples],
+        features=[featurize(ex.context, ex.situation, ex.target, index, ex.emotion_id) for ex in examples],
         invalid=list(report.invalid),
         num_conversations=len(report.conversations),
     )
-
-
-def _knowledge_ids(texts: list[str], knowledge, vocab: Vocab, nlp) -> list[dict[str, list[list[int]]]]:
-    """Relation texts per text (IAMM eqs. 4-7 inputs), tokenised like every other text."""
-    if not knowledge.available:
-        return [{} for _ in texts]
-    inferred = knowledge.infer(texts)
-    phrases = sorted({p for rel in inferred for r in RELATIONS for p in rel.get(r, [])})
-    ids = dict(zip(phrases, (vocab.encode(t) for t in ann.tokenize(phrases, nlp))))
-    return [{r: [ids[p] for p in rel.get(r, [])] for r in RELATIONS} for rel in inferred]
