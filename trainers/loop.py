@@ -37,7 +37,7 @@ from trainers.data.prepare import DataConfig, Prepared, PreparedSplit
 from trainers.decoding import DecodeConfig, decode, ids_to_tokens
 from trainers.metrics import MetricAccumulator
 from trainers.models import build_model
-from trainers.models.common import noam_lambda
+from trainers.models.common import Output, Targets, noam_lambda
 
 CHECKPOINT_FORMAT = "edp-checkpoint/1"
 METRIC_MODES = {"valid_ppl": "min", "valid_loss": "min", "valid_acc": "max", "valid_dist1": "max",
@@ -230,9 +230,9 @@ class Evaluator:
         for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
             batch = data.rows_batch(k, rows)
             with self._autocast():
-                out = model(batch)
-            logits = out["emotion_logits"]
-            acc.add(nll_sum=out["nll_sum"].float(), num_tokens=out["num_tokens"],
+                out = model(batch, Targets.of(batch))
+            logits = out.emotion_logits
+            acc.add(nll_sum=out.nll_sum.float(), num_tokens=out.num_tokens,
                     emotion_pred=None if logits is None else logits.argmax(-1),
                     emotion_gold=None if logits is None else batch["emotion"])
         metrics = acc.compute()
@@ -252,7 +252,7 @@ class Evaluator:
         for k, rows in data.plan(self.cfg.eval_batch_size, 0, 0, shuffle=False):
             batch = data.rows_batch(k, rows)
             with self._autocast():
-                logits = self.model.eval().encode(batch).get("emotion_logits")
+                logits = self.model.eval().encode(batch).emotion_logits
             if logits is None:
                 return [], []
             pred += logits.argmax(-1).tolist()
@@ -275,7 +275,7 @@ class Evaluator:
                 with self._autocast():
                     state = model.encode(batch)
                     ids = decode(model, batch, dcfg, state=state)
-                    logits = state.get("emotion_logits")
+                    logits = state.emotion_logits
                 oovs = [data.encoded[i].oov for i in chunk]
                 tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
                 probs = None if logits is None else torch.softmax(logits.float(), -1)
@@ -388,12 +388,12 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict) -> Output:
         self.model.train()
         with autocast(self.cfg, self.device):
-            out = self.model(batch)
+            out = self.model(batch, Targets.of(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
@@ -418,7 +418,7 @@ class Trainer:
                 k, rows = batches[self.position]
                 out = self.train_step(self.train_data.rows_batch(k, rows))
                 self.position += 1
-                running.append(out["loss"].detach())
+                running.append(out.loss.detach())
                 if self.step % cfg.log_every == 0:
                     dt = time.perf_counter() - t_last
                     loss = torch.stack(running).mean().item()
