@@ -353,3 +353,42 @@ def test_target_log_prob_equals_the_full_distribution_at_the_target():
     want = full.gather(1, target[:, None]).squeeze(1)
     assert torch.allclose(gen.log_prob_of(s, copy_logits, ext, target), want, atol=1e-6)
     assert want[1] > math.log(1e-6) and want[3] > math.log(1e-6)  # a copied OOV and a generated-only word
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_closed_form_label_smoothing_equals_the_materialised_loss(seed):
+    """PointerGenerator.smoothed_nll (the training path with label smoothing) gives the loss, NLL and gradients
+    of `label_smoothed_nll` over the full (N, V + max_oov) mixture: source words repeated, copied OOV targets,
+    targets both generated and copied, masked (PAD) source positions, a [CLS]-like special copied."""
+    from trainers.models.common import NEG_INF, PointerGenerator
+    from trainers.tokens import PAD
+
+    g = torch.Generator().manual_seed(seed)
+    V, max_oov, N, L = 12, 3, 9, 7
+    torch.manual_seed(seed)
+    gen = PointerGenerator(8, vocab_size=V)
+    s = torch.randn(N, 8, generator=g, requires_grad=True)
+    ext = torch.randint(4, V + max_oov, (N, L), generator=g)
+    ext[:, 1] = ext[:, 0]  # a repeated source word
+    ext[:, 2] = 4  # [CLS]
+    ext[:, 3] = V + torch.arange(N) % max_oov  # an OOV word in every row
+    ext[: N // 2, -2:] = PAD  # padded source positions
+    logits = torch.randn(N, L, generator=g).masked_fill(ext == PAD, NEG_INF).requires_grad_()
+    target = torch.cat([ext[:3, 0], ext[3:5, 3], torch.randint(4, V, (N - 5,), generator=g)])  # copied OOVs 3, 4
+    eps = 0.1
+
+    def grads(loss):
+        gen.zero_grad()
+        s.grad = logits.grad = None
+        loss.backward()
+        return [s.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in gen.parameters()]
+
+    full = gen(s[:, None], logits[:, None], ext, max_oov)[:, 0]  # (N, V + max_oov)
+    want = label_smoothed_nll(full, target, V, eps)
+    want_grads = grads(want[0])
+    got = gen.smoothed_nll(s, logits, ext, target, eps)
+    got_grads = grads(got[0])
+    assert torch.allclose(got[0], want[0], rtol=1e-5) and torch.allclose(got[1], want[1], rtol=1e-5)
+    assert int(got[2]) == int(want[2]) == N
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

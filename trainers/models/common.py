@@ -35,6 +35,7 @@ from trainers.tokens import CLS, LSN, PAD, SIT, SOS, SPK, STATE_PAD, UNK
 
 NUM_EMOTIONS = 32  # == trainers.data.emotions.NUM_EMOTIONS
 NEG_INF = -1e9  # finite "minus infinity" for masked scores (no NaN on fully masked rows)
+LOG_P_MIN = math.log(1e-20)  # log-probabilities are clamped here (a target the model cannot produce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +281,58 @@ class PointerGenerator(nn.Module):
         return (p_gen * P_vocab + (1.0 - p_gen) * P_copy).clamp_min(1e-20).log()
 
 
+    def smoothed_nll(self, s, copy_logits, ext_ids, target, eps: float):
+        """`label_smoothed_nll` of the mixture at N targets without building the (N, V + max_oov) distribution.
+
+        s (N, d), copy_logits (N, L) masked, ext_ids (N, L), target (N,) non-PAD extended ids
+        -> (loss_sum, nll_sum, N). With g = p_gen, q = softmax(W s + b) over the V words, a =
+        softmax(copy_logits) and C_w = sum_{l: ext_ids[l] = w} a_l, the mixture is P(w) = g q_w + (1 - g) C_w.
+        C_w = 0 for every w that is not one of the L source ids, where log P(w) = log g + log q_w, so
+
+            sum_{w < V} log P(w) = V log g + sum_w log q_w + sum_{u in U} [log P(u) - log g - log q_u]
+
+        with U the distinct in-vocabulary source ids and log P(u) = logaddexp(log g + log q_u,
+        log(1 - g) + log C_u). The smoothing sum of `label_smoothed_nll` is this minus log P(PAD) and, for
+        y < V, log P(y). Only log q (N, V) is built: the rest are reductions over V and values at the L + 2
+        ids U, y, PAD (U and its C_u from one sort of the source ids). Same values and gradients as the
+        materialised version, except where that one clamps P(w) at 1e-20 before the log: the smoothing terms
+        here are exact there (the target's NLL keeps the clamp). With eps > 0 training keeps every word
+        near eps / V, far above 1e-20.
+        """
+        V, L = self.vocab_size, ext_ids.size(1)
+        x = self.p_gen(s).float().squeeze(-1)  # (N,)
+        log_g, log_1mg = F.logsigmoid(x)[:, None], F.logsigmoid(-x)[:, None]  # log p_gen, log(1 - p_gen)
+        log_q = self.proj(s).log_softmax(-1, dtype=torch.float32)  # (N, V)
+        a = copy_logits.float().softmax(-1)  # (N, L)
+        ids, order = ext_ids.sort(-1)  # runs of equal source ids
+        new_run = torch.ones_like(ids, dtype=torch.bool)
+        new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = new_run.long().cumsum(1) - 1  # (N, L) run of each sorted position
+        C_U = torch.zeros_like(a).scatter_add(1, run, a.gather(1, order))  # column r: C of run r
+        U = torch.zeros_like(ids).scatter(1, run, ids)  # column r: the id of run r
+        in_U = (torch.arange(L, device=ids.device) <= run[:, -1:]) & (U < V)  # (N, L)
+        C_y = (a * (ext_ids == target[:, None])).sum(-1, keepdim=True)
+        C_pad = (a * (ext_ids == PAD)).sum(-1, keepdim=True)
+        at = torch.cat([U, target[:, None], torch.full_like(target[:, None], PAD)], 1).clamp_max(V - 1)
+        log_q_at = log_q.gather(1, at)  # (N, L + 2)
+        in_vocab = torch.cat([in_U, target[:, None] < V, torch.ones_like(in_U[:, :1])], 1)
+        log_P = _mixture_log_prob(log_g, log_1mg, log_q_at, torch.cat([C_U, C_y, C_pad], 1), in_vocab)
+        log_P_U, log_P_y, log_P_pad = log_P[:, :L], log_P[:, L], log_P[:, L + 1]
+        total = V * log_g[:, 0] + log_q.sum(-1) + torch.where(in_U, log_P_U - log_g - log_q_at[:, :L], 0.0).sum(-1)
+        y_in = target < V
+        smooth = total - log_P_pad - torch.where(y_in, log_P_y, 0.0)  # sum over S (see label_smoothed_nll)
+        lp_y = log_P_y.clamp_min(LOG_P_MIN)
+        loss = -(1 - eps) * lp_y - eps * smooth / ((V - 1) - y_in.long())
+        return loss.sum(), -lp_y.sum(), target.new_tensor(target.numel())
+
+def _mixture_log_prob(log_g, log_1mg, log_q, C, in_vocab):
+    """log(g q [in_vocab] + (1 - g) C) from log g, log(1 - g), log q and C >= 0: -inf where both parts are 0,
+    with finite gradients everywhere (the log of C is taken only where C > 0)."""
+    has_copy = C > 0
+    log_copy = torch.where(has_copy, log_1mg + torch.where(has_copy, C, 1.0).log(), -math.inf)
+    return torch.where(in_vocab, torch.logaddexp(log_g + log_q, log_copy), log_copy)
+
+
 def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int = PAD):
     """Label-smoothed token NLL over the extended vocabulary, PAD targets ignored.
 
@@ -449,8 +502,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
         """Teacher-forced generation loss sums over the non-PAD targets -> (loss_sum, nll_sum, num_tokens).
 
         With `pack_targets` (training) the output layer, the step's largest cost, runs only at the N real
-        target tokens (one host sync for N), and without label smoothing only log P(y) is computed
-        (`PointerGenerator.log_prob_of`): no (N, V + max_oov) distribution is built. Same values either way."""
+        target tokens (one host sync for N) and no (N, V + max_oov) distribution is built: without label
+        smoothing only log P(y) is computed (`PointerGenerator.log_prob_of`), with it the smoothing sum is
+        taken in closed form (`PointerGenerator.smoothed_nll`). Same values either way."""
         s, copy_logits = self._decoder_states(enc, ys)
         ext, max_oov = enc.ext_ids, enc.max_oov
         eps = self.cfg.label_smoothing
@@ -462,8 +516,7 @@ class PointerGeneratorSeq2Seq(nn.Module):
         if eps == 0:
             nll = -self.generator.log_prob_of(s, copy_logits, ext, target).sum()
             return nll, nll, target.new_tensor(target.numel())
-        log_probs = self.generator(s[:, None], copy_logits[:, None], ext, max_oov)[:, 0]  # (N, V + max_oov)
-        return label_smoothed_nll(log_probs, target, self.vocab_size, eps)
+        return self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
 
     def forward(self, batch, targets: Targets | None = None) -> Output:
         """The encoding of `batch`; with `targets`, also the losses (teacher forcing)."""
