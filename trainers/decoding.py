@@ -1,9 +1,9 @@
 """Batched response decoding: greedy, beam search and sampling.
 
 Works with any model that offers the two-call decoding interface
-    state = model.encode(batch)                  # dict[str, Tensor | int], tensors batch-first
+    state = model.encode(batch)                  # an Encoding (trainers.models.common), tensors batch-first
     log_probs = model.decode_step(state, ys)     # ys (B, t) extended ids so far, ys[:, 0] = SOS
-                                                 # -> (B, V_ext), V_ext = V + state["max_oov"]
+                                                 # -> (B, V_ext), V_ext = V + state.max_oov
 Every function returns the generated extended ids (B, <= max_len), without the SOS, with EOS kept
 and PAD after it. The only Python loop is over time steps; examples and beams are batched.
 
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.data.vocab import EOS, PAD, SOS
+from trainers.models.common import Encoding
+from trainers.tokens import EOS, PAD, SOS
 
-State = dict[str, "torch.Tensor | int"]
 STRATEGIES = ("greedy", "beam", "sample")
 
 
@@ -53,7 +53,7 @@ class DecodeConfig:
 
 
 def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None,
-           state: State | None = None) -> torch.Tensor:
+           state: Encoding | None = None) -> torch.Tensor:
     """Decode `batch` with the strategy named by `cfg`; `state` is `model.encode(batch)` when the caller
     already has it (e.g. for the emotion logits), so the encoder does not run twice."""
     if cfg.strategy == "greedy":
@@ -65,18 +65,6 @@ def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | N
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _batch_size_and_device(state: State) -> tuple[int, torch.device]:
-    for v in state.values():
-        if isinstance(v, torch.Tensor):
-            return v.size(0), v.device
-    raise ValueError("model.encode(batch) returned no tensor; cannot tell the batch size")
-
-
-def _reorder(state: State, index: torch.Tensor) -> State:
-    """Pick rows `index` of every batch-first tensor of the state; ints are shared."""
-    return {k: v.index_select(0, index) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
 
 class _eval_mode:
     """Put an nn.Module in eval mode (no dropout) for the duration, then restore its mode."""
@@ -98,7 +86,7 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
 
 
-def _next_log_probs(model, state: State, ys: torch.Tensor) -> torch.Tensor:
+def _next_log_probs(model, state: Encoding, ys: torch.Tensor) -> torch.Tensor:
     """The model's next-token log-probs (B, V_ext), with the ids the model lists in `never_generate`
     (structural tokens such as a copied [CLS]) banned."""
     log_probs = model.decode_step(state, ys).float()
@@ -109,12 +97,12 @@ def _next_log_probs(model, state: State, ys: torch.Tensor) -> torch.Tensor:
 
 
 def _step_loop(model, batch: dict, max_len: int,
-               pick: Callable[[torch.Tensor], torch.Tensor], state: State | None = None) -> torch.Tensor:
+               pick: Callable[[torch.Tensor], torch.Tensor], state: Encoding | None = None) -> torch.Tensor:
     """One token per step for every example: `pick` maps log-probs (B, V_ext) to ids (B,)."""
     _check_max_len(max_len)
     with torch.inference_mode(), _eval_mode(model):
         state = model.encode(batch) if state is None else state
-        B, device = _batch_size_and_device(state)
+        B, device = state.memory.size(0), state.memory.device
         ys = torch.full((B, 1), SOS, dtype=torch.long, device=device)       # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)          # (B,)
         for _ in range(max_len):
@@ -131,7 +119,7 @@ def _step_loop(model, batch: dict, max_len: int,
 
 # ----------------------------------------------------------------------------- greedy / sampling
 
-def greedy(model, batch: dict, max_len: int = 30, state: State | None = None) -> torch.Tensor:
+def greedy(model, batch: dict, max_len: int = 30, state: Encoding | None = None) -> torch.Tensor:
     """Arg-max token at every step. Returns (B, <= max_len) extended ids."""
     return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1), state)
 
@@ -160,7 +148,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, generator: torch.Generator | None = None,
-           state: State | None = None) -> torch.Tensor:
+           state: Encoding | None = None) -> torch.Tensor:
     """Ancestral sampling from softmax(log_probs / temperature), after top-k / top-p filtering."""
     DecodeConfig(strategy="sample", max_len=max_len, top_k=top_k, top_p=top_p, temperature=temperature)
 
@@ -180,7 +168,7 @@ def _gnmt_length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
-                length_penalty: float = 1.0, state: State | None = None) -> torch.Tensor:
+                length_penalty: float = 1.0, state: Encoding | None = None) -> torch.Tensor:
     """Batched beam search; returns the best hypothesis per example, (B, <= max_len).
 
     Hypotheses are ranked by sum of log-probs / lp(length) with the GNMT penalty (`length_penalty`
@@ -196,9 +184,8 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
     K = beam_size
     with torch.inference_mode(), _eval_mode(model):
         state = model.encode(batch) if state is None else state
-        B, device = _batch_size_and_device(state)
-        state = {k: v.repeat_interleave(K, dim=0) if isinstance(v, torch.Tensor) else v
-                 for k, v in state.items()}                                 # rows b*K .. b*K+K-1
+        B, device = state.memory.size(0), state.memory.device
+        state = state.select_rows(torch.arange(B, device=device).repeat_interleave(K))  # rows b*K .. b*K+K-1
         ys = torch.full((B * K, 1), SOS, dtype=torch.long, device=device)   # (B*K, 1)
         scores = torch.zeros(B, K, device=device)                           # summed log-probs
         scores[:, 1:] = -math.inf                                           # one live beam at t = 0
@@ -224,7 +211,7 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
             lengths = cand_len.index_select(0, origin)
             finished = finished.index_select(0, origin) | (next_ids == EOS)
             ys = torch.cat([ys.index_select(0, origin), next_ids.unsqueeze(1)], dim=1)
-            state = _reorder(state, origin)
+            state = state.select_rows(origin)
             if bool(finished.all()):
                 break
 

@@ -14,6 +14,7 @@ from trainers.data.emotions import EMOTIONS
 from trainers.decoding import DecodeConfig, decode, ids_to_tokens
 from trainers.device import autocast
 from trainers.metrics import MetricAccumulator
+from trainers.models.common import Targets
 
 
 class Evaluator:
@@ -37,9 +38,9 @@ class Evaluator:
         for k, rows in data.plan(self.batch_size, 0, 0, shuffle=False):
             batch = data.rows_batch(k, rows)
             with self._autocast():
-                out = model(batch)
-            logits = out["emotion_logits"]
-            acc.add(nll_sum=out["nll_sum"].float(), num_tokens=out["num_tokens"],
+                out = model(batch, Targets.of(batch))
+            logits = out.emotion_logits
+            acc.add(nll_sum=out.nll_sum.float(), num_tokens=out.num_tokens,
                     emotion_pred=None if logits is None else logits.argmax(-1),
                     emotion_gold=None if logits is None else batch["emotion"])
         metrics = acc.compute()
@@ -59,7 +60,7 @@ class Evaluator:
         for k, rows in data.plan(self.batch_size, 0, 0, shuffle=False):
             batch = data.rows_batch(k, rows)
             with self._autocast():
-                logits = self.model.eval().encode(batch).get("emotion_logits")
+                logits = self.model.eval().encode(batch).emotion_logits
             if logits is None:
                 return [], []
             pred += logits.argmax(-1).tolist()
@@ -82,7 +83,7 @@ class Evaluator:
                 with self._autocast():
                     state = model.encode(batch)
                     ids = decode(model, batch, self.decode_config, state=state)
-                    logits = state.get("emotion_logits")
+                    logits = state.emotion_logits
                 oovs = [data.encoded[i].oov for i in chunk]
                 tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, oovs)
                 probs = None if logits is None else torch.softmax(logits.float(), -1)

@@ -79,11 +79,11 @@ class Responder:
         batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(reqs)):
-            state, extras = self.model.encode(batch, extras=True)  # one encoder pass for everything below
-            ids = decode(self.model, batch, self.cfg.decode_config(), state=state)
-            evidence = self._evidence(batch, encoded, extras)
+            enc = self.model.encode(batch)  # one encoder pass for everything below
+            ids = decode(self.model, batch, self.cfg.decode_config(), state=enc)
+            evidence = self._evidence(batch, encoded, enc)
         tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, [e.oov for e in encoded])
-        logits = state.get("emotion_logits")
+        logits = enc.emotion_logits
         probs = None if logits is None else torch.softmax(logits.float(), -1).cpu()
         out = []
         for j, toks in enumerate(tokens):
@@ -95,18 +95,18 @@ class Responder:
                         "emotion_top": top, "evidence": evidence[j], "tokens_generated": len(toks)})
         return out
 
-    def _evidence(self, batch, encoded, extras: dict) -> list[list[dict]]:
+    def _evidence(self, batch, encoded, enc) -> list[list[dict]]:
         """ESCM: the most strongly correlated word pairs (GCN p_ij); IAMM: the top associated words."""
         V = len(self.vocab)
         words = [[self.vocab.itos[i] if i < V else e.oov[i - V] for i in e.context_ext_ids.tolist()] for e in encoded]
         if self.cfg.model == "escm" and hasattr(self.model, "evidence") and not self.model.cfg.no_dcgcn:
-            ev = self.model.evidence(batch, extras=extras)
+            ev = self.model.evidence(batch, encoding=enc)
             return [[{"pair": [words[b][i], words[b][j]], "weight": round(float(s), 4)}
                      for (i, j), s in zip(ev["pairs"][b].tolist(), ev["scores"][b].tolist()) if i >= 0]
                     for b in range(len(encoded))]
         if self.cfg.model == "iamm" and hasattr(self.model, "associated_words"):
             return [[{**a, "word": self._word_of(a, e)} for a in assoc]
-                    for assoc, e in zip(self.model.associated_words(batch, extras), encoded)]
+                    for assoc, e in zip(self.model.associated_words(batch, enc), encoded)]
         return [[] for _ in encoded]
 
     def _word_of(self, assoc: dict, e) -> str:

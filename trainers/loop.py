@@ -32,6 +32,7 @@ from trainers.device import autocast, resolve_device
 from trainers.evaluator import Evaluator
 from trainers.metrics import METRIC_MODES
 from trainers.models import build_model
+from trainers.models.common import Output, Targets
 from trainers.optim import build_optimizer
 
 
@@ -165,12 +166,12 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> dict:
+    def train_step(self, batch: dict) -> Output:
         self.model.train()
         with autocast(self.cfg.bf16, self.device):
-            out = self.model(batch)
+            out = self.model(batch, Targets.of(batch))
         self.optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        out.loss.backward()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip, foreach=True)
         self.optimizer.step()
@@ -195,7 +196,7 @@ class Trainer:
                 k, rows = batches[self.position]
                 out = self.train_step(self.train_data.rows_batch(k, rows))
                 self.position += 1
-                running.append(out["loss"].detach())
+                running.append(out.loss.detach())
                 if self.step % cfg.log_every == 0:
                     dt = time.perf_counter() - t_last
                     loss = torch.stack(running).mean().item()

@@ -23,6 +23,7 @@ from trainers.config import load_config
 from trainers.data.collate import pad_escm, pad_iamm
 from trainers.loop import TrainConfig, Trainer
 from trainers.models import MODELS, build_model
+from trainers.models.common import Targets
 
 
 def _time_steps(step, batches, warmup: int, steps: int) -> float:
@@ -60,9 +61,9 @@ def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, s
 
     def step(b):
         model.train()
-        out = model(b)
+        out = model(b, Targets.of(b))
         opt.zero_grad()
-        out["loss"].backward()
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
 
@@ -71,7 +72,7 @@ def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, s
 
 def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) -> float:
     """IAMM: share of the forward pass spent inside the information association modules (eqs. 8-18)."""
-    from trainers.models.iamm import InformationAssociation
+    from trainers.models.association import InformationAssociation
 
     spent, starts = [0.0], {}
     modules = [m for m in trainer.raw_model.modules() if isinstance(m, InformationAssociation)]
@@ -85,7 +86,7 @@ def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) 
         for p in plan:
             b = trainer.train_data.rows_batch(*p)
             t0 = time.perf_counter()
-            trainer.raw_model(b)
+            trainer.raw_model(b, Targets.of(b))
             total += time.perf_counter() - t0
     for h in hooks:
         h.remove()

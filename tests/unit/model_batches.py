@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-PAD, UNK, SOS, EOS, CLS = 0, 1, 2, 3, 4
+from trainers.tokens import CLS, EOS, PAD, UNK
+
 FIRST_WORD = 8 + 32  # specials, then the 32 emotion words
 EMOTION_WORD_IDS = list(range(8, 40))
 

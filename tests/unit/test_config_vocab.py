@@ -8,7 +8,8 @@ from trainers.config import ConfigError, load_config, parse_overrides
 from trainers.data.emotions import EMOTIONS
 from trainers.data.prepare import DataConfig
 from trainers.data.records import DataError
-from trainers.data.vocab import EOS, PAD, SPECIALS, UNK, Vocab
+from trainers.data.vocab import Vocab
+from trainers.tokens import EOS, PAD, SPECIALS, UNK
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from trainers.data.vocab import EOS, PAD, SOS, UNK
 from trainers.decoding import (
     DecodeConfig,
     beam_search,
@@ -17,6 +16,8 @@ from trainers.decoding import (
     sample,
     top_k_top_p_filter,
 )
+from trainers.models.common import Encoding
+from trainers.tokens import EOS, PAD, SOS, UNK
 
 A, B_ = 4, 5          # the two ordinary words of the fake vocabulary
 V = 6                 # PAD UNK SOS EOS a b
@@ -32,19 +33,19 @@ class TableModel(nn.Module):
         self.calls, self.longest_ys = 0, 0
         self.seen_inference_mode, self.seen_training = [], []
 
-    def encode(self, batch):
-        return {"table_id": batch["table_id"], "memory": batch["table_id"].float().unsqueeze(1),
-                "max_oov": batch["max_oov"]}
+    def encode(self, batch):  # one memory position per example, "copying" its table id
+        table_id = batch["table_id"][:, None]                # (B, 1)
+        return Encoding(table_id.float()[..., None], table_id >= 0, table_id, batch["max_oov"])
 
     def decode_step(self, state, ys):
         assert ys.dim() == 2 and bool((ys[:, 0] == SOS).all())
-        assert state["memory"].size(0) == ys.size(0)        # state rows follow the (beam-expanded) batch
+        assert state.memory.size(0) == ys.size(0)          # state rows follow the (beam-expanded) batch
         self.calls += 1
         self.longest_ys = max(self.longest_ys, ys.size(1))
         self.seen_inference_mode.append(torch.is_inference_mode_enabled())
         self.seen_training.append(self.training)
-        lp = self.log_tables[state["table_id"], ys[:, -1]]  # (B, V_ext)
-        assert lp.size(-1) == V + state["max_oov"]
+        lp = self.log_tables[state.ext_ids[:, 0], ys[:, -1]]  # (B, V_ext)
+        assert lp.size(-1) == V + state.max_oov
         return lp
 
 

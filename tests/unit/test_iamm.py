@@ -7,9 +7,11 @@ import time
 import pytest
 import torch
 
-from trainers.models.iamm import IAMM, IAMMConfig, InformationAssociation, iterate_associations
+from trainers.models.association import InformationAssociation, iterate_associations
+from trainers.models.common import Targets
+from trainers.models.iamm import IAMM, IAMMConfig
+from trainers.tokens import CLS, EOS, PAD, SOS, UNK
 
-PAD, UNK, SOS, EOS, CLS = 0, 1, 2, 3, 4
 FIRST_WORD = 40
 V = 80
 R = 5
@@ -149,8 +151,8 @@ def test_no_knowledge_is_visible_in_the_config_and_model():
     assert not any(n.startswith(("iam_ik.", "enc_cs", "an_cs.")) for n in names)
     b = make_batch(knowledge=False)
     assert not b["knowledge_mask"].any()
-    out = m(b)
-    assert torch.isfinite(out["loss"])
+    out = m(b, Targets.of(b))
+    assert torch.isfinite(out.loss)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,19 +162,19 @@ def test_no_knowledge_is_visible_in_the_config_and_model():
 def test_forward_shapes_and_finite():
     m = tiny()
     b = make_batch(B=4, seed=1)
-    out = m(b)
+    out = m(b, Targets.of(b))
     B = 4
-    assert out["emotion_logits"].shape == (B, 32)
-    assert torch.allclose(out["emotion_logits"].exp().sum(-1), torch.ones(B), atol=1e-5)
-    for k in ("loss", "gen_loss", "emo_loss", "emo_loss_c", "emo_loss_s", "emo_loss_a", "emo_loss_cs"):
-        assert out[k].dim() == 0 and torch.isfinite(out[k]), k
-    assert torch.allclose(out["loss"], out["gen_loss"] + out["emo_loss"])
-    assert torch.allclose(out["emo_loss"], out["emo_loss_c"] + out["emo_loss_s"] + out["emo_loss_a"]
-                          + out["emo_loss_cs"])
-    assert int(out["num_tokens"]) == int((b["target_ids"] != PAD).sum())
-    a = out["associated"]
+    assert out.emotion_logits.shape == (B, 32)
+    assert torch.allclose(out.emotion_logits.exp().sum(-1), torch.ones(B), atol=1e-5)
+    assert list(out.emo_losses) == ["c", "s", "cs", "a"]  # P_c, P_s, P_cs, P_a (eqs. 20-23)
+    for k, v in [("loss", out.loss), ("gen_loss", out.gen_loss), ("emo_loss", out.emo_loss), *out.emo_losses.items()]:
+        assert v.dim() == 0 and torch.isfinite(v), k
+    assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
+    assert torch.allclose(out.emo_loss, sum(out.emo_losses.values()))
+    assert int(out.num_tokens) == int((b["target_ids"] != PAD).sum())
+    a = out.encoding.extras["associated"]
     assert a["ids"].shape == a["weights"].shape == a["positions"].shape == (B, m.cfg.num_associated)
-    out["loss"].backward()
+    out.loss.backward()
     for n, p in m.named_parameters():
         assert p.grad is not None, n  # every built component takes part in the loss
 
@@ -194,10 +196,10 @@ def test_padding_does_not_change_outputs():
         p[k] = pad(b[k], 0, 3)
     p["context_dep"] = pad(b["context_dep"], 0, 3, 3)
     with torch.no_grad():
-        o1, o2 = m(b), m(p)
-    assert torch.allclose(o1["emotion_logits"], o2["emotion_logits"], atol=1e-5)
-    assert torch.allclose(o1["nll_sum"], o2["nll_sum"], atol=1e-4)
-    a1, a2 = o1["associated"], o2["associated"]
+        o1, o2 = m(b, Targets.of(b)), m(p, Targets.of(p))
+    assert torch.allclose(o1.emotion_logits, o2.emotion_logits, atol=1e-5)
+    assert torch.allclose(o1.nll_sum, o2.nll_sum, atol=1e-4)
+    a1, a2 = o1.encoding.extras["associated"], o2.encoding.extras["associated"]
     assert torch.equal(a1["ids"], a2["ids"]) and torch.allclose(a1["weights"], a2["weights"], atol=1e-5)
     # equal weights (e.g. repeated UNKs) may come in another order: compare the sets of positions
     assert torch.equal(a1["positions"].sort(-1).values, a2["positions"].sort(-1).values)
@@ -224,11 +226,11 @@ def test_packed_targets_give_the_same_loss():
     m = tiny().eval()
     b = make_batch(B=3, seed=9)
     with torch.no_grad():
-        packed = m(b)
+        packed = m(b, Targets.of(b))
         m.cfg.pack_targets = False
-        full = m(b)
-    assert torch.allclose(packed["loss"], full["loss"], atol=1e-5)
-    assert torch.allclose(packed["nll_sum"], full["nll_sum"], atol=1e-4)
+        full = m(b, Targets.of(b))
+    assert torch.allclose(packed.loss, full.loss, atol=1e-5)
+    assert torch.allclose(packed.nll_sum, full.nll_sum, atol=1e-4)
 
 
 def test_encode_decode_step_matches_teacher_forcing():
@@ -238,10 +240,10 @@ def test_encode_decode_step_matches_teacher_forcing():
         state = m.encode(b)
         ys = torch.cat([torch.full_like(b["target_ext_ids"][:, :1], SOS), b["target_ext_ids"][:, :2]], 1)
         lp = m.decode_step(state, ys)
-        full = m._decode(state, ys)
+        full = m.generator(*m._decoder_states(state, ys), state.ext_ids, state.max_oov)
     assert lp.shape == (3, V + b["max_oov"])
     assert torch.allclose(lp, full[:, -1], atol=1e-5)
-    assert all(torch.is_tensor(v) and v.size(0) == 3 for v in state.values() if not isinstance(v, int))
+    assert state.memory.size(0) == state.selected.size(0) == state.selected_mask.size(0) == 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,8 +263,8 @@ def test_each_ablation_removes_its_parameters_and_changes_the_output(flag, prefi
     b = make_batch(B=3, seed=5)
     full.eval(), abl.eval()
     with torch.no_grad():
-        o1, o2 = full(b), abl(b)
-    assert not torch.allclose(o1["loss"], o2["loss"])
+        o1, o2 = full(b, Targets.of(b)), abl(b, Targets.of(b))
+    assert not torch.allclose(o1.loss, o2.loss)
     assert f"w/o {flag[3:].upper()}" in abl.cfg.notes and full.cfg.notes == "full IAMM"
 
 
@@ -296,10 +298,11 @@ def test_memory_recurrence_feeds_earlier_associations_forward():
     mask = torch.ones(B, M, Lu, dtype=torch.bool)
     Xs, ms = torch.randn(B, 4, 8), torch.ones(B, 4, dtype=torch.bool)
     tm = torch.ones(B, M, dtype=torch.bool)
-    V1, ok1, _, tr = iterate_associations(iam, X, mask, Xs, ms, tm)
+    mem1 = iterate_associations(iam, X, mask, Xs, ms, tm)
+    V1, tr = mem1.V, mem1.trace
     X2 = X.clone()
     X2[:, 0] = torch.randn(B, Lu, 8)
-    V2, ok2, _, _ = iterate_associations(iam, X2, mask, Xs, ms, tm)
+    V2 = iterate_associations(iam, X2, mask, Xs, ms, tm).V
     n = 2 * 1 * 2
     L = tr["memory_lengths"]
     assert V1.shape[1] == L[-1] == n * 7
@@ -402,14 +405,14 @@ def test_overfits_32_examples():
     t0 = time.time()
     first = None
     for _step in range(200):
-        out = m(b)
-        first = first or (out["loss"].item(), out["gen_loss"].item())
-        if out["loss"].item() < 0.3 * first[0] and out["gen_loss"].item() < 0.3 * first[1]:
+        out = m(b, Targets.of(b))
+        first = first or (out.loss.item(), out.gen_loss.item())
+        if out.loss.item() < 0.3 * first[0] and out.gen_loss.item() < 0.3 * first[1]:
             break
         opt.zero_grad()
-        out["loss"].backward()
+        out.loss.backward()
         opt.step()
-    assert out["loss"].item() < 0.3 * first[0] and out["gen_loss"].item() < 0.3 * first[1], (first, _step)
+    assert out.loss.item() < 0.3 * first[0] and out.gen_loss.item() < 0.3 * first[1], (first, _step)
     assert time.time() - t0 < 30
 
 
@@ -423,8 +426,8 @@ def test_real_collated_batch(prepared_sample):
     assert not b["knowledge_mask"].any()
     torch.manual_seed(0)
     m = IAMM(IAMMConfig(**TINY, has_knowledge=False), Vr)
-    out = m(b)
-    assert torch.isfinite(out["loss"]) and out["emotion_logits"].shape == (8, 32)
+    out = m(b, Targets.of(b))
+    assert torch.isfinite(out.loss) and out.emotion_logits.shape == (8, 32)
     for i, ws in enumerate(m.associated_words(b)):
         assert ws
         for w in ws:

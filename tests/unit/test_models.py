@@ -9,7 +9,7 @@ import torch
 
 from tests.unit.model_batches import EMOTION_WORD_IDS, UNK, collate, make_batch, make_example
 from trainers.models import MODELS, build_model, config_for
-from trainers.models.common import label_smoothed_nll
+from trainers.models.common import Targets, label_smoothed_nll
 
 V = 60
 VARIANTS = [("transformer", {}), ("escm", {}), ("escm", {"no_desv": True}), ("escm", {"no_dcgcn": True}),
@@ -28,12 +28,15 @@ def tiny(name="escm", seed=0, **overrides):
 # ---------------------------------------------------------------------------------------------- table
 
 
-def test_special_ids_match_data_package():
-    from trainers.data import vocab
-    from trainers.data.emotions import NUM_EMOTIONS
+def test_special_ids_are_the_vocabulary_positions_of_their_tokens():
+    from trainers import tokens
+    from trainers.data.emotions import EMOTIONS, NUM_EMOTIONS
+    from trainers.data.vocab import Vocab
     from trainers.models import common
-    names = ("PAD", "UNK", "SOS", "EOS", "CLS", "SPK", "LSN", "SIT")
-    assert [getattr(common, n) for n in names] == [getattr(vocab, n) for n in names]
+    vocab = Vocab.build([["hello"]])
+    for name in ("PAD", "UNK", "SOS", "EOS", "CLS", "SPK", "LSN", "SIT"):
+        assert vocab.stoi[f"[{name}]"] == getattr(tokens, name)
+    assert vocab.emotion_ids() == list(range(len(tokens.SPECIALS), len(tokens.SPECIALS) + len(EMOTIONS)))
     assert common.NUM_EMOTIONS == NUM_EMOTIONS
 
 
@@ -76,33 +79,32 @@ def test_emotion_word_ids_validated():
 def test_forward_encode_decode_shapes(name, overrides):
     m, b = tiny(name, **overrides), make_batch(4, V, seed=3)
     B, T = b["target_ids"].shape
-    out = m(b)
-    assert out["loss"].shape == () and torch.isfinite(out["loss"])
-    assert torch.allclose(out["loss"], out["gen_loss"] + out["emo_loss"])
-    assert int(out["num_tokens"]) == int((b["target_ids"] != 0).sum())
+    out = m(b, Targets.of(b))
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
+    assert int(out.num_tokens) == int((b["target_ids"] != 0).sum())
     if name == "transformer":
-        assert out["emotion_logits"] is None and float(out["emo_loss"]) == 0.0
+        assert out.emotion_logits is None and float(out.emo_loss) == 0.0
     else:
-        assert out["emotion_logits"].shape == (B, 32) and float(out["emo_loss"].detach()) > 0
+        assert out.emotion_logits.shape == (B, 32) and float(out.emo_loss.detach()) > 0
         # softmax(emotion_logits) is (P_ctx + P_cor) / 2: a distribution
-        assert torch.allclose(out["emotion_logits"].exp().sum(-1), torch.ones(B), atol=1e-5)
+        assert torch.allclose(out.emotion_logits.exp().sum(-1), torch.ones(B), atol=1e-5)
     state = m.encode(b)
-    for k, v in state.items():
-        if torch.is_tensor(v):
-            assert v.size(0) == B, k
+    assert state.memory.size(0) == state.mask.size(0) == state.ext_ids.size(0) == B
+    assert all(v.shape == (B, 32) for v in state.head_logits.values())
     ys = torch.full((B, 1), 2, dtype=torch.long)
     lp = m.decode_step(state, ys)
     assert lp.shape == (B, V + b["max_oov"])
     assert torch.allclose(lp.logsumexp(-1), torch.zeros(B), atol=1e-4)
-    # beam-style expansion: every tensor in the state can be repeat_interleaved on dim 0
-    beam = {k: v.repeat_interleave(3, 0) if torch.is_tensor(v) else v for k, v in state.items()}
+    # beam-style expansion: the encoding's rows can be repeated
+    beam = state.select_rows(torch.arange(B).repeat_interleave(3))
     lp3 = m.decode_step(beam, ys.repeat_interleave(3, 0))
     assert torch.allclose(lp3[::3], lp, atol=1e-5)
 
 
 def test_decode_step_matches_teacher_forcing_and_nll_sum():
     m, b = tiny("escm"), make_batch(3, V, seed=5)
-    out, state = m(b), m.encode(b)
+    out, state = m(b, Targets.of(b)), m.encode(b)
     tgt, tgt_ext = b["target_ids"], b["target_ext_ids"]
     ys = torch.full((3, 1), 2, dtype=torch.long)
     nll = torch.zeros(())
@@ -111,7 +113,7 @@ def test_decode_step_matches_teacher_forcing_and_nll_sum():
         keep = tgt_ext[:, t] != 0
         nll = nll - (lp.gather(1, tgt_ext[:, t:t + 1]).squeeze(1) * keep).sum()
         ys = torch.cat([ys, tgt_ext[:, t:t + 1]], dim=1)  # extended ids fed back (mapped to UNK inside)
-    assert torch.allclose(nll, out["nll_sum"], rtol=1e-4)
+    assert torch.allclose(nll, out.nll_sum, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["transformer", "escm"])
@@ -120,29 +122,29 @@ def test_padding_does_not_change_real_positions(name):
     exs = [make_example(g, V) for _ in range(3)]
     m = tiny(name)
     b, b_pad = collate(exs), collate(exs, pad_ctx=5, pad_tgt=3)
-    out, out_pad = m(b), m(b_pad)
+    out, out_pad = m(b, Targets.of(b)), m(b_pad, Targets.of(b_pad))
     for k in ("loss", "nll_sum", "num_tokens"):
-        assert torch.allclose(out[k].float(), out_pad[k].float(), atol=1e-5), k
+        assert torch.allclose(getattr(out, k).float(), getattr(out_pad, k).float(), atol=1e-5), k
     s, s_pad = m.encode(b), m.encode(b_pad)
     L = b["context_ids"].size(1)
     real = b["context_mask"][..., None]
-    assert torch.allclose(s["memory"] * real, s_pad["memory"][:, :L] * real, atol=1e-5)
+    assert torch.allclose(s.memory * real, s_pad.memory[:, :L] * real, atol=1e-5)
     # one example alone equals the same example inside a padded batch
     alone = m.encode(collate(exs[:1]))
     n = len(exs[0]["words"])
-    assert torch.allclose(alone["memory"][0, :n], s_pad["memory"][0, :n], atol=1e-5)
+    assert torch.allclose(alone.memory[0, :n], s_pad.memory[0, :n], atol=1e-5)
     if name == "escm":
-        assert torch.allclose(out["emotion_logits"], out_pad["emotion_logits"], atol=1e-5)
-        assert torch.allclose(alone["emotion_logits"][0], s_pad["emotion_logits"][0], atol=1e-5)
+        assert torch.allclose(out.emotion_logits, out_pad.emotion_logits, atol=1e-5)
+        assert torch.allclose(alone.emotion_logits[0], s_pad.emotion_logits[0], atol=1e-5)
 
 
 def test_mixed_precision_forward_backward_is_finite():
     """bf16 autocast (as a GPU trainer would use): padded rows must not turn into NaN."""
     m, b = tiny("escm").train(), make_batch(4, V, seed=8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(b)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"])
+        out = m(b, Targets.of(b))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
 
 
@@ -173,7 +175,7 @@ def test_ablation_removes_parameters_and_changes_output(flag):
     abl.load_state_dict({k: v for k, v in full.state_dict().items()
                          if k in sd_abl and sd_abl[k].shape == v.shape}, strict=False)
     b = make_batch(4, V, seed=7)
-    assert not torch.allclose(full(b)["emotion_logits"], abl(b)["emotion_logits"], atol=1e-4)
+    assert not torch.allclose(full(b, Targets.of(b)).emotion_logits, abl(b, Targets.of(b)).emotion_logits, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- learning
@@ -187,13 +189,13 @@ def test_overfits_32_examples(name, overrides):
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     first = None
     for _ in range(80):
-        loss = m(b)["loss"]
+        loss = m(b, Targets.of(b)).loss
         first = float(loss.detach()) if first is None else first
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        final = float(m(b)["loss"])
+        final = float(m(b, Targets.of(b)).loss)
     assert final < 0.25 * first, (first, final)
 
 
@@ -232,7 +234,7 @@ def test_pointer_learns_to_copy_an_oov_word():
     m = build_model("transformer", V, EMOTION_WORD_IDS, flavour="tiny", label_smoothing=0.0)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     for _ in range(60):
-        loss = m(b)["loss"]
+        loss = m(b, Targets.of(b)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -268,7 +270,7 @@ def test_label_smoothed_nll_by_hand():
 def test_gcn_attends_only_to_dependency_neighbours(cls_edges):
     m, b = tiny("escm", cls_edges=cls_edges), make_batch(4, V, seed=6)
     with torch.no_grad():
-        p = m._encode(b)["_gcn_p"]  # (B, L, L), eq. 8
+        p = m.encode(b).extras["gcn_p"]  # (B, L, L), eq. 8
     mask, L = b["context_mask"], b["context_ids"].size(1)
     allowed = b["context_dep"] > 0
     if cls_edges:
@@ -286,8 +288,8 @@ def test_evidence_returns_dependency_pairs():
     m, b = tiny("escm"), make_batch(4, V, seed=9)
     ev = m.evidence(b, k=3)
     assert ev["pairs"].shape == (4, 3, 2) and ev["scores"].shape == (4, 3)
-    _, extras = m.encode(b, extras=True)  # the serving path: the decoding pass's own GCN attention
-    same = m.evidence(b, k=3, extras=extras)
+    enc = m.encode(b)  # the serving path: the decoding pass's own GCN attention
+    same = m.evidence(b, k=3, encoding=enc)
     assert torch.equal(same["pairs"], ev["pairs"]) and torch.allclose(same["scores"], ev["scores"])
     for i in range(4):
         prev = 2.0
@@ -309,11 +311,11 @@ def test_packed_output_layer_gives_the_same_loss(name):
     packed = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny")
     full = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny", pack_targets=False)
     full.load_state_dict(packed.state_dict())
-    a, b = packed(batch), full(batch)
+    a, b = packed(batch, Targets.of(batch)), full(batch, Targets.of(batch))
     for key in ("loss", "nll_sum", "num_tokens"):
-        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-5, atol=1e-5), key
-    a["loss"].backward()
-    b["loss"].backward()
+        assert torch.allclose(getattr(a, key).float(), getattr(b, key).float(), rtol=1e-5, atol=1e-5), key
+    a.loss.backward()
+    b.loss.backward()
     ga = dict(packed.named_parameters())["generator.proj.weight"].grad
     gb = dict(full.named_parameters())["generator.proj.weight"].grad
     assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6)
@@ -333,3 +335,42 @@ def test_target_log_prob_equals_the_full_distribution_at_the_target():
     want = full.gather(1, target[:, None]).squeeze(1)
     assert torch.allclose(gen.log_prob_of(s, copy_logits, ext, target), want, atol=1e-6)
     assert want[1] > math.log(1e-6) and want[3] > math.log(1e-6)  # a copied OOV and a generated-only word
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_closed_form_label_smoothing_equals_the_materialised_loss(seed):
+    """PointerGenerator.smoothed_nll (the training path with label smoothing) gives the loss, NLL and gradients
+    of `label_smoothed_nll` over the full (N, V + max_oov) mixture: source words repeated, copied OOV targets,
+    targets both generated and copied, masked (PAD) source positions, a [CLS]-like special copied."""
+    from trainers.models.common import NEG_INF, PointerGenerator
+    from trainers.tokens import PAD
+
+    g = torch.Generator().manual_seed(seed)
+    V, max_oov, N, L = 12, 3, 9, 7
+    torch.manual_seed(seed)
+    gen = PointerGenerator(8, vocab_size=V)
+    s = torch.randn(N, 8, generator=g, requires_grad=True)
+    ext = torch.randint(4, V + max_oov, (N, L), generator=g)
+    ext[:, 1] = ext[:, 0]  # a repeated source word
+    ext[:, 2] = 4  # [CLS]
+    ext[:, 3] = V + torch.arange(N) % max_oov  # an OOV word in every row
+    ext[: N // 2, -2:] = PAD  # padded source positions
+    logits = torch.randn(N, L, generator=g).masked_fill(ext == PAD, NEG_INF).requires_grad_()
+    target = torch.cat([ext[:3, 0], ext[3:5, 3], torch.randint(4, V, (N - 5,), generator=g)])  # copied OOVs 3, 4
+    eps = 0.1
+
+    def grads(loss):
+        gen.zero_grad()
+        s.grad = logits.grad = None
+        loss.backward()
+        return [s.grad.clone(), logits.grad.clone()] + [p.grad.clone() for p in gen.parameters()]
+
+    full = gen(s[:, None], logits[:, None], ext, max_oov)[:, 0]  # (N, V + max_oov)
+    want = label_smoothed_nll(full, target, V, eps)
+    want_grads = grads(want[0])
+    got = gen.smoothed_nll(s, logits, ext, target, eps)
+    got_grads = grads(got[0])
+    assert torch.allclose(got[0], want[0], rtol=1e-5) and torch.allclose(got[1], want[1], rtol=1e-5)
+    assert int(got[2]) == int(want[2]) == N
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

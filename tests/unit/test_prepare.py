@@ -13,7 +13,7 @@ from trainers.data import prepare as prep
 from trainers.data.collate import DEP_SELF, encode_example, pad_escm, pad_iamm
 from trainers.data.prepare import DataConfig, prepare
 from trainers.data.records import DataError
-from trainers.data.vocab import CLS, EOS, UNK
+from trainers.tokens import CLS, EOS, UNK
 
 
 def cfg(tmp_path, **kw):

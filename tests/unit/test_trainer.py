@@ -47,7 +47,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, prepared_sample):
     losses = {}
     for _ in range(9):
         k, rows = straight._my_batches(straight.epoch)[straight.position]
-        loss = straight.train_step(straight.train_data.rows_batch(k, rows))["loss"].item()
+        loss = straight.train_step(straight.train_data.rows_batch(k, rows)).loss.item()
         losses[straight.step] = loss  # train_step has advanced .step to this step's number
         straight.position += 1
 
@@ -61,7 +61,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, prepared_sample):
     assert resumed.step == 6
     for step in (7, 8, 9):
         k, rows = resumed._my_batches(resumed.epoch)[resumed.position]
-        loss = resumed.train_step(resumed.train_data.rows_batch(k, rows))["loss"].item()
+        loss = resumed.train_step(resumed.train_data.rows_batch(k, rows)).loss.item()
         resumed.position += 1
         assert loss == pytest.approx(losses[step], rel=1e-5, abs=1e-6)
 

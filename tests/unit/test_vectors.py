@@ -9,7 +9,7 @@ import pytest
 
 from trainers.data.records import DataError
 from trainers.data.vectors import OOV_STD, load_vectors, token_oov_rate
-from trainers.data.vocab import SPECIALS
+from trainers.tokens import SPECIALS
 
 DIM = 4
 GLOVE = {

@@ -34,9 +34,8 @@ import torch
 
 from trainers.data.features import ExampleFeatures, TextFeatures
 from trainers.data.knowledge import RELATIONS
-from trainers.data.vocab import CLS, EOS, UNK
+from trainers.tokens import CLS, EOS, STATE_CLS, STATE_LISTENER, STATE_SPEAKER, UNK
 
-STATE_CLS, STATE_SPEAKER, STATE_LISTENER = 1, 2, 3
 POS_CLS, DEP_SELF = 1, 1
 
 

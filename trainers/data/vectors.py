@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from trainers.data.records import DataError
-from trainers.data.vocab import PAD, SPECIALS
+from trainers.tokens import PAD, SPECIALS
 
 SPACY_SOURCE = "spacy"
 OOV_STD = 0.1  # std of the random rows for words without a vector

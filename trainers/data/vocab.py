@@ -1,7 +1,7 @@
 """The word vocabulary shared by training and serving, saved as a JSON artifact.
 
 Tokens are the annotator's (spaCy) tokens, lower-cased. Ids 0..7 are the special tokens
-below; the 32 emotion words always follow them, so the emotion-word embeddings E_e of
+of trainers.tokens; the 32 emotion words always follow them, so the emotion-word embeddings E_e of
 ESCM (eq. 3) exist whatever the frequency cut-off.
 """
 
@@ -14,9 +14,7 @@ from pathlib import Path
 
 from trainers.data.emotions import EMOTIONS
 from trainers.data.records import DataError
-
-PAD, UNK, SOS, EOS, CLS, SPK, LSN, SIT = range(8)
-SPECIALS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]", "[CLS]", "[SPK]", "[LSN]", "[SIT]")
+from trainers.tokens import EOS, PAD, SOS, SPECIALS, UNK
 
 
 class Vocab:

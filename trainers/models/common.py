@@ -18,21 +18,23 @@ paper is silent; read, not copied):
 - Generation loss: NLL per non-PAD target token over the extended vocabulary, averaged over tokens, with
   optional label smoothing (see `label_smoothed_nll`).
 
-Models import only torch; special token ids mirror trainers.data.vocab (a unit test checks they agree).
+Models import only torch (and the dependency-free special-token table, trainers.tokens).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-PAD, UNK, SOS, EOS, CLS, SPK, LSN, SIT = range(8)  # == trainers.data.vocab
+from trainers.tokens import CLS, LSN, PAD, SIT, SOS, SPK, STATE_PAD, UNK
+
 NUM_EMOTIONS = 32  # == trainers.data.emotions.NUM_EMOTIONS
 NEG_INF = -1e9  # finite "minus infinity" for masked scores (no NaN on fully masked rows)
+LOG_P_MIN = math.log(1e-20)  # log-probabilities are clamped here (a target the model cannot produce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,6 +280,58 @@ class PointerGenerator(nn.Module):
         return (p_gen * P_vocab + (1.0 - p_gen) * P_copy).clamp_min(1e-20).log()
 
 
+    def smoothed_nll(self, s, copy_logits, ext_ids, target, eps: float):
+        """`label_smoothed_nll` of the mixture at N targets without building the (N, V + max_oov) distribution.
+
+        s (N, d), copy_logits (N, L) masked, ext_ids (N, L), target (N,) non-PAD extended ids
+        -> (loss_sum, nll_sum, N). With g = p_gen, q = softmax(W s + b) over the V words, a =
+        softmax(copy_logits) and C_w = sum_{l: ext_ids[l] = w} a_l, the mixture is P(w) = g q_w + (1 - g) C_w.
+        C_w = 0 for every w that is not one of the L source ids, where log P(w) = log g + log q_w, so
+
+            sum_{w < V} log P(w) = V log g + sum_w log q_w + sum_{u in U} [log P(u) - log g - log q_u]
+
+        with U the distinct in-vocabulary source ids and log P(u) = logaddexp(log g + log q_u,
+        log(1 - g) + log C_u). The smoothing sum of `label_smoothed_nll` is this minus log P(PAD) and, for
+        y < V, log P(y). Only log q (N, V) is built: the rest are reductions over V and values at the L + 2
+        ids U, y, PAD (U and its C_u from one sort of the source ids). Same values and gradients as the
+        materialised version, except where that one clamps P(w) at 1e-20 before the log: the smoothing terms
+        here are exact there (the target's NLL keeps the clamp). With eps > 0 training keeps every word
+        near eps / V, far above 1e-20.
+        """
+        V, L = self.vocab_size, ext_ids.size(1)
+        x = self.p_gen(s).float().squeeze(-1)  # (N,)
+        log_g, log_1mg = F.logsigmoid(x)[:, None], F.logsigmoid(-x)[:, None]  # log p_gen, log(1 - p_gen)
+        log_q = self.proj(s).log_softmax(-1, dtype=torch.float32)  # (N, V)
+        a = copy_logits.float().softmax(-1)  # (N, L)
+        ids, order = ext_ids.sort(-1)  # runs of equal source ids
+        new_run = torch.ones_like(ids, dtype=torch.bool)
+        new_run[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = new_run.long().cumsum(1) - 1  # (N, L) run of each sorted position
+        C_U = torch.zeros_like(a).scatter_add(1, run, a.gather(1, order))  # column r: C of run r
+        U = torch.zeros_like(ids).scatter(1, run, ids)  # column r: the id of run r
+        in_U = (torch.arange(L, device=ids.device) <= run[:, -1:]) & (U < V)  # (N, L)
+        C_y = (a * (ext_ids == target[:, None])).sum(-1, keepdim=True)
+        C_pad = (a * (ext_ids == PAD)).sum(-1, keepdim=True)
+        at = torch.cat([U, target[:, None], torch.full_like(target[:, None], PAD)], 1).clamp_max(V - 1)
+        log_q_at = log_q.gather(1, at)  # (N, L + 2)
+        in_vocab = torch.cat([in_U, target[:, None] < V, torch.ones_like(in_U[:, :1])], 1)
+        log_P = _mixture_log_prob(log_g, log_1mg, log_q_at, torch.cat([C_U, C_y, C_pad], 1), in_vocab)
+        log_P_U, log_P_y, log_P_pad = log_P[:, :L], log_P[:, L], log_P[:, L + 1]
+        total = V * log_g[:, 0] + log_q.sum(-1) + torch.where(in_U, log_P_U - log_g - log_q_at[:, :L], 0.0).sum(-1)
+        y_in = target < V
+        smooth = total - log_P_pad - torch.where(y_in, log_P_y, 0.0)  # sum over S (see label_smoothed_nll)
+        lp_y = log_P_y.clamp_min(LOG_P_MIN)
+        loss = -(1 - eps) * lp_y - eps * smooth / ((V - 1) - y_in.long())
+        return loss.sum(), -lp_y.sum(), target.new_tensor(target.numel())
+
+def _mixture_log_prob(log_g, log_1mg, log_q, C, in_vocab):
+    """log(g q [in_vocab] + (1 - g) C) from log g, log(1 - g), log q and C >= 0: -inf where both parts are 0,
+    with finite gradients everywhere (the log of C is taken only where C > 0)."""
+    has_copy = C > 0
+    log_copy = torch.where(has_copy, log_1mg + torch.where(has_copy, C, 1.0).log(), -math.inf)
+    return torch.where(in_vocab, torch.logaddexp(log_g + log_q, log_copy), log_copy)
+
+
 def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int = PAD):
     """Label-smoothed token NLL over the extended vocabulary, PAD targets ignored.
 
@@ -302,7 +356,9 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder-decoder base with the shared model interface
+# The model interface: a typed encoding, the training targets, the outputs
+
+CONTEXT_KEYS = ("context_ids", "context_ext_ids", "context_state", "context_mask", "max_oov")
 
 
 def require(batch: dict, *keys: str) -> None:
@@ -311,13 +367,74 @@ def require(batch: dict, *keys: str) -> None:
         raise ValueError(f"batch lacks {missing}; see the batch contract in trainers/data/collate.py")
 
 
-class PointerGeneratorSeq2Seq(nn.Module):
-    """Word/state embeddings, decoder and pointer-generator; subclasses implement `_encode`.
+@dataclass
+class Encoding:
+    """What `encode(batch)` returns: the decoder's memory, the pointer's source ids, the emotion heads'
+    logits and the encoder's analysis outputs. Tensors are batch-first."""
 
-    Interface used by decoding and the trainer:
-      forward(batch) -> {"loss", "gen_loss", "emo_loss", "emotion_logits", "num_tokens", "nll_sum"}
-      encode(batch) -> state dict (tensors batch-first; "max_oov" an int)
-      decode_step(state, ys) -> log-probs (B, V + max_oov) of the next token after ys (B, t).
+    memory: torch.Tensor  # (B, L, d_mem) what the decoder attends to (H_ctx; ESCM H_ctx ++ H_cor; IAMM H_c)
+    mask: torch.Tensor  # (B, L) bool, True at real positions
+    ext_ids: torch.Tensor  # (B, L) extended ids of the memory positions: the words the pointer copies
+    max_oov: int  # extended-vocabulary slots this batch needs
+    emotion_logits: torch.Tensor | None = None  # (B, E) the emotion prediction (log-probs); None: no head
+    head_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # (B, E) per head, one CE loss each
+    extras: dict = field(default_factory=dict)  # analysis only (ESCM "gcn_p"; IAMM "associated", "trace")
+
+    def select_rows(self, index: torch.Tensor) -> Encoding:
+        """The encoding of batch rows `index` (beams expanded or reordered). `extras` describe the batch as
+        encoded and are not carried over."""
+        def pick(v):
+            if isinstance(v, dict):
+                return {k: t.index_select(0, index) for k, t in v.items()}
+            return v.index_select(0, index) if isinstance(v, torch.Tensor) else v
+        return replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self) if f.name != "extras"},
+                       extras={})
+
+
+@dataclass
+class Targets:
+    """What the training losses compare against (as nanoGPT's `forward(idx, targets)`)."""
+
+    ids: torch.Tensor  # (B, T) response word ids + EOS, PAD after (OOV words are UNK)
+    ext_ids: torch.Tensor  # (B, T) the same in extended ids: OOV words copied from the context get V + k
+    emotion: torch.Tensor | None = None  # (B,) gold emotion ids; None: no emotion loss
+
+    @classmethod
+    def of(cls, batch: dict) -> Targets:
+        """The targets of a collated batch (trainers/data/collate.py)."""
+        require(batch, "target_ids", "target_ext_ids")
+        return cls(batch["target_ids"], batch["target_ext_ids"], batch.get("emotion"))
+
+
+@dataclass
+class Output:
+    """`forward(batch, targets)`: the encoding and, when targets were given, the losses (ESCM eq. 21, IAMM
+    eq. 35: loss = gen_loss + emo_loss)."""
+
+    encoding: Encoding
+    loss: torch.Tensor | None = None
+    gen_loss: torch.Tensor | None = None  # generation loss per non-PAD target token (label-smoothed if set)
+    emo_loss: torch.Tensor | None = None  # sum of `emo_losses`; 0 without emotion heads or gold emotions
+    emo_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # cross-entropy per emotion head
+    nll_sum: torch.Tensor | None = None  # unsmoothed summed NLL of the targets (detached), for perplexity
+    num_tokens: torch.Tensor | None = None  # non-PAD target tokens
+
+    @property
+    def emotion_logits(self) -> torch.Tensor | None:
+        return self.encoding.emotion_logits
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder-decoder base
+
+
+class PointerGeneratorSeq2Seq(nn.Module):
+    """Word/state embeddings, decoder and pointer-generator; subclasses implement `encode`.
+
+    Interface used by decoding, the trainer and serving:
+      encode(batch) -> Encoding
+      decode_step(enc, ys) -> log-probs (B, V + max_oov) of the next token after ys (B, t) extended ids
+      forward(batch, targets=None) -> Output: the encoding, and the losses when `targets` are given.
     """
 
     never_generate = (PAD, SOS, CLS, SPK, LSN, SIT)  # structural tokens decoding must not emit
@@ -328,7 +445,7 @@ class PointerGeneratorSeq2Seq(nn.Module):
             raise ValueError(f"vocab_size must exceed the special ids (> {CLS}), got {vocab_size}")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embedding = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
-        self.state_embedding = nn.Embedding(cfg.num_states, cfg.emb_dim, padding_idx=0)
+        self.state_embedding = nn.Embedding(cfg.num_states, cfg.emb_dim, padding_idx=STATE_PAD)
         for emb in (self.embedding, self.state_embedding):
             nn.init.normal_(emb.weight, std=cfg.emb_dim ** -0.5)  # x sqrt(emb_dim) -> unit scale
             emb.weight.data[emb.padding_idx].zero_()
@@ -352,49 +469,26 @@ class PointerGeneratorSeq2Seq(nn.Module):
         E_c = self.embed(batch["context_ids"]) if E_c is None else E_c
         return E_c + self.state_embedding(batch["context_state"]) * math.sqrt(self.cfg.emb_dim)
 
-    def _encode(self, batch) -> dict:
-        """-> {"memory" (B, L, d_mem), "memory_mask" (B, L)} (+ model extras, e.g. emotion losses)."""
+    def encode(self, batch) -> Encoding:
         raise NotImplementedError
 
-    def encode(self, batch, extras: bool = False):
-        """-> the decoding state; with `extras`, (state, extras): the encoder's analysis outputs, e.g. ESCM's
-        "gcn_p" or IAMM's "associated", for `evidence` / `associated_words` without a second encoder pass."""
-        require(batch, "context_ids", "context_ext_ids", "context_state", "context_mask", "max_oov")
-        enc = self._encode(batch)
-        state = self._decoding_state(batch, enc)
-        return (state, {k[1:]: v for k, v in enc.items() if k.startswith("_")}) if extras else state
-
-    def encoder_extras(self, batch) -> dict:
-        """`encode(batch, extras=True)[1]` without the training losses (a gold "emotion" is ignored)."""
-        return self.encode({k: v for k, v in batch.items() if k != "emotion"}, extras=True)[1]
-
-    @staticmethod
-    def _decoding_state(batch, enc) -> dict:  # the encoding's public tensors + what the pointer needs
-        state = {k: v for k, v in enc.items() if not k.startswith("_")}
-        state["context_ext_ids"], state["max_oov"] = batch["context_ext_ids"], int(batch["max_oov"])
-        return state
-
-    def _decoder_states(self, state, ys):
+    def _decoder_states(self, enc: Encoding, ys):
         """ys (B, t) extended ids -> decoder states s (B, t, d), copy logits (B, t, L); IAMM overrides."""
-        return self.decoder(self.embed(ys), state["memory"], state["memory_mask"])
+        return self.decoder(self.embed(ys), enc.memory, enc.mask)
 
-    def _decode(self, state, ys):  # ys (B, t) extended ids -> log-probs (B, t, V + max_oov)
-        s, copy_logits = self._decoder_states(state, ys)
-        return self.generator(s, copy_logits, state["context_ext_ids"], state["max_oov"])
+    def decode_step(self, enc: Encoding, ys):
+        s, copy_logits = self._decoder_states(enc, ys)
+        return self.generator(s[:, -1:], copy_logits[:, -1:], enc.ext_ids, enc.max_oov)[:, 0]
 
-    def decode_step(self, state, ys):
-        s, copy_logits = self._decoder_states(state, ys)
-        log_probs = self.generator(s[:, -1:], copy_logits[:, -1:], state["context_ext_ids"], state["max_oov"])
-        return log_probs[:, 0]
-
-    def generation_loss(self, state, ys, tgt_ext):
+    def generation_loss(self, enc: Encoding, ys, tgt_ext):
         """Teacher-forced generation loss sums over the non-PAD targets -> (loss_sum, nll_sum, num_tokens).
 
         With `pack_targets` (training) the output layer, the step's largest cost, runs only at the N real
-        target tokens (one host sync for N), and without label smoothing only log P(y) is computed
-        (`PointerGenerator.log_prob_of`): no (N, V + max_oov) distribution is built. Same values either way."""
-        s, copy_logits = self._decoder_states(state, ys)
-        ext, max_oov = state["context_ext_ids"], state["max_oov"]
+        target tokens (one host sync for N) and no (N, V + max_oov) distribution is built: without label
+        smoothing only log P(y) is computed (`PointerGenerator.log_prob_of`), with it the smoothing sum is
+        taken in closed form (`PointerGenerator.smoothed_nll`). Same values either way."""
+        s, copy_logits = self._decoder_states(enc, ys)
+        ext, max_oov = enc.ext_ids, enc.max_oov
         eps = self.cfg.label_smoothing
         if not self.cfg.pack_targets:
             return label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
@@ -404,22 +498,17 @@ class PointerGeneratorSeq2Seq(nn.Module):
         if eps == 0:
             nll = -self.generator.log_prob_of(s, copy_logits, ext, target).sum()
             return nll, nll, target.new_tensor(target.numel())
-        log_probs = self.generator(s[:, None], copy_logits[:, None], ext, max_oov)[:, 0]  # (N, V + max_oov)
-        return label_smoothed_nll(log_probs, target, self.vocab_size, eps)
+        return self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
 
-    def forward(self, batch) -> dict:
-        return self._outputs(batch, self._encode(batch))
-
-    def _outputs(self, batch, enc) -> dict:
-        """Losses and emotion logits of a training batch, given its encoding `enc` (from `_encode`)."""
-        require(batch, "target_ids", "target_ext_ids")
-        state = self._decoding_state(batch, enc)
-        tgt = batch["target_ids"]
-        ys = torch.cat([torch.full_like(tgt[:, :1], SOS), tgt[:, :-1]], dim=1)  # teacher forcing, (B, T)
-        loss_sum, nll_sum, n = self.generation_loss(state, ys, batch["target_ext_ids"])
+    def forward(self, batch, targets: Targets | None = None) -> Output:
+        """The encoding of `batch`; with `targets`, also the losses (teacher forcing)."""
+        enc = self.encode(batch)
+        if targets is None:
+            return Output(enc)
+        ys = torch.cat([torch.full_like(targets.ids[:, :1], SOS), targets.ids[:, :-1]], dim=1)  # (B, T)
+        loss_sum, nll_sum, n = self.generation_loss(enc, ys, targets.ext_ids)
         gen_loss = loss_sum / n.clamp_min(1)
-        emo_loss = enc.get("_emo_loss", gen_loss.new_zeros(()))
-        out = {"loss": gen_loss + emo_loss, "gen_loss": gen_loss, "emo_loss": emo_loss,
-               "emotion_logits": enc.get("emotion_logits"), "num_tokens": n, "nll_sum": nll_sum.detach()}
-        out.update({k[1:]: v for k, v in enc.items() if k.startswith("_emo_loss_")})
-        return out
+        emo_losses = {} if targets.emotion is None else {
+            name: F.cross_entropy(logits.float(), targets.emotion) for name, logits in enc.head_logits.items()}
+        emo_loss = sum(emo_losses.values()) if emo_losses else gen_loss.new_zeros(())
+        return Output(enc, gen_loss + emo_loss, gen_loss, emo_loss, emo_losses, nll_sum.detach(), n)

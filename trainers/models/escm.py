@@ -58,10 +58,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trainers.models.common import (
+    CONTEXT_KEYS,
     NEG_INF,
     NUM_EMOTIONS,
     EmotionHead,
     Encoder,
+    Encoding,
     ModelConfig,
     PointerGeneratorSeq2Seq,
     require,
@@ -167,38 +169,35 @@ class ESCM(PointerGeneratorSeq2Seq):
         V_des = torch.cat([self.w_ce(E_dot), self.w_s(H_ctx)], dim=-1)  # (B, L, E + d_s), eqs. 4, 2, 5
         return self.enc_des(V_des, mask)
 
-    def _encode(self, batch) -> dict:
-        require(batch, "context_pos", "context_dep")
+    def encode(self, batch) -> Encoding:
+        require(batch, *CONTEXT_KEYS, "context_pos", "context_dep")
         mask = batch["context_mask"]
         E_c, E_e = self.embed_many(batch["context_ids"], self.emotion_word_ids)  # (B, L, emb), (E, emb)
         H_ctx = self.enc_ctx(self.embed_context(batch, E_c), mask)  # (B, L, d), eq. 1
         H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(E_c, E_e, H_ctx, mask)
-        out = {}
+        extras = {}
         if self.cfg.no_dcgcn:
             H_cor = H_des
         else:
-            H_cor, out["_gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
-        logits_ctx, logits_cor = self.head_ctx(H_ctx, mask), self.head_cor(H_cor, mask)
-        log_P = torch.stack([logits_ctx.log_softmax(-1), logits_cor.log_softmax(-1)])
-        out["emotion_logits"] = torch.logsumexp(log_P, 0) - math.log(2.0)  # log((P_ctx + P_cor) / 2), eq. 15
-        out["memory"] = torch.cat([H_ctx, H_cor], dim=-1)  # (B, L, d + d_cor), eq. 18
-        out["memory_mask"] = mask
-        if "emotion" in batch:
-            out["_emo_loss_ctx"] = F.cross_entropy(logits_ctx, batch["emotion"])  # eq. 16
-            out["_emo_loss_cor"] = F.cross_entropy(logits_cor, batch["emotion"])  # eq. 17
-            out["_emo_loss"] = out["_emo_loss_ctx"] + out["_emo_loss_cor"]
-        return out
+            H_cor, extras["gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
+        heads = {"ctx": self.head_ctx(H_ctx, mask), "cor": self.head_cor(H_cor, mask)}  # eqs. 14-17
+        log_P = torch.stack([logits.log_softmax(-1) for logits in heads.values()])
+        return Encoding(
+            memory=torch.cat([H_ctx, H_cor], dim=-1),  # (B, L, d + d_cor), eq. 18
+            mask=mask, ext_ids=batch["context_ext_ids"], max_oov=int(batch["max_oov"]),
+            emotion_logits=torch.logsumexp(log_P, 0) - math.log(2.0),  # log((P_ctx + P_cor) / 2), eq. 15
+            head_logits=heads, extras=extras)
 
     @torch.no_grad()
-    def evidence(self, batch, k: int = 5, extras: dict | None = None) -> dict:
+    def evidence(self, batch, k: int = 5, encoding: Encoding | None = None) -> dict:
         """Top-k correlated word pairs per example from the GCN attention p_ij (eq. 8).
 
-        `extras` from `encode(batch, extras=True)` saves an encoder pass. Self loops and [CLS] pairs are left
-        out. Returns {"pairs": (B, k, 2) long positions (i, j) into the context, -1 where an example has
-        fewer than k edges; "scores": (B, k) p_ij (0 there)}."""
+        `encoding`, the batch's `encode(batch)` when the caller has it, saves an encoder pass. Self loops and
+        [CLS] pairs are left out. Returns {"pairs": (B, k, 2) long positions (i, j) into the context, -1 where
+        an example has fewer than k edges; "scores": (B, k) p_ij (0 there)}."""
         if self.cfg.no_dcgcn:
             raise ValueError("evidence needs the GCN, which no_dcgcn removes")
-        p = (self.encoder_extras(batch) if extras is None else extras)["gcn_p"]  # (B, L, L)
+        p = (self.encode(batch) if encoding is None else encoding).extras["gcn_p"]  # (B, L, L)
         B, L, _ = p.shape
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)

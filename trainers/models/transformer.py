@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.models.common import Encoder, ModelConfig, PointerGeneratorSeq2Seq
+from trainers.models.common import CONTEXT_KEYS, Encoder, Encoding, ModelConfig, PointerGeneratorSeq2Seq, require
 
 
 @dataclass
@@ -23,7 +23,8 @@ class TransformerSeq2Seq(PointerGeneratorSeq2Seq):
         super().__init__(cfg, vocab_size, d_mem=cfg.d_model)
         self.enc_ctx = Encoder(cfg.emb_dim, cfg.d_model, cfg)
 
-    def _encode(self, batch) -> dict:
+    def encode(self, batch) -> Encoding:
+        require(batch, *CONTEXT_KEYS)
         mask = batch["context_mask"]
         H_ctx = self.enc_ctx(self.embed_context(batch), mask)  # (B, L, d)
-        return {"memory": H_ctx, "memory_mask": mask}
+        return Encoding(H_ctx, mask, batch["context_ext_ids"], int(batch["max_oov"]))
