@@ -27,8 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.sweep import load_sweep, run_sweep
-    from cluster.tracking import table_markdown
+    from cluster.mlflow.reports import table_markdown
+    from cluster.ray.tune import load_sweep, run_sweep
 
     def run(cfg) -> int:
         summary = run_sweep(cfg)

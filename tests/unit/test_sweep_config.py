@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.sweep import SweepConfig, load_sweep
-from cluster.tracking import ablation_table, table_csv, table_markdown
+from cluster.mlflow.reports import ablation_table, table_csv, table_markdown
+from cluster.ray.tune import SweepConfig, load_sweep
 from trainers.config import ConfigError
 
 SWEEPS = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "sweeps"
