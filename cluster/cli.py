@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from cluster.console import console, plain, prepare_with_summary, rich_progress
 from trainers.config import ConfigError, load_config
 from trainers.data.records import DataError
 
@@ -23,7 +21,6 @@ app = typer.Typer(help="Empathetic response generation platform: data, training,
                   no_args_is_help=True, pretty_exceptions_enable=False)
 data_app = typer.Typer(help="Download, validate and prepare EMPATHETIC-DIALOGUES.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console()
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotted.key=value (repeatable)")]
@@ -32,63 +29,6 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override: dotte
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     raise typer.Exit(2)
-
-
-def rich_progress() -> tuple[Progress, callable]:
-    """A rich progress bar and the `(phase, done, total)` callback trainers.data.prepare expects."""
-    bar = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console, transient=False)
-    tasks: dict[str, int] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(phase, total=max(total, 1))
-        bar.update(tasks[phase], completed=done, total=max(total, 1))
-
-    return bar, update
-
-
-def prepare_with_summary(cfg) -> object:
-    from trainers.data.prepare import prepare
-
-    bar, update = rich_progress()
-    with bar:
-        prepared = prepare(cfg, progress=update)
-    print_summary(prepared)
-    return prepared
-
-
-def print_summary(prepared) -> None:
-    m = prepared.manifest
-    table = Table(title=f"prepared data ({'cache hit' if prepared.cache_hit else 'built'}): {prepared.path}")
-    table.add_column("split")
-    for col in ("conversations", "examples", "skipped", "distinct texts"):
-        table.add_column(col, justify="right")
-    for split, c in m["counts"].items():
-        table.add_row(split, str(c["conversations"]), str(c["examples"]), str(c["skipped"]), str(c["texts"]))
-    console.print(table)
-    vec = m["vectors"]
-    oov = "n/a" if vec["oov_rate"] is None else f"{vec['oov_rate']:.1%} of {m['vocab_size']} words ({vec['source']})"
-    t = m["timings"]
-    rows = [
-        ("source", m["source"]),
-        ("vocabulary", f"{m['vocab_size']} words (min_freq {m['settings']['min_freq']})"),
-        ("vectors OOV rate", oov),
-        ("parser", m["substitutions"]["parser"]),
-        ("knowledge", m["substitutions"]["knowledge"]["backend"]),
-        ("parse time", f"{t['parse_s']:.1f} s for {t['parsed_texts']} texts"
-                       f" ({t['parsed_texts'] / max(t['parse_s'], 1e-9):.0f} texts/s)"),
-        ("total time", f"{t.get('cache_hit_s', t['total_s']):.2f} s" + (" (cache hit)" if prepared.cache_hit else "")),
-    ]
-    info = Table(show_header=False)
-    for k, v in rows:
-        info.add_row(k, str(v))
-    console.print(info)
-    for split, bad in m["invalid"].items():
-        for line in bad[:5]:
-            console.print(f"[yellow]skipped[/] {split}: {line}")
-        if len(bad) > 5:
-            console.print(f"[yellow]... and {len(bad) - 5} more skipped in {split}[/]")
 
 
 @data_app.command("prepare")
@@ -174,19 +114,18 @@ def train(
     config: ConfigOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Train one model. `--local` runs the plain-PyTorch trainer in this process."""
+    """Train one model: Ray Train (TorchTrainer, DDP), or with `--local` the plain-PyTorch trainer in this process."""
+    if not local:  # what `python -m cluster.jobs.train` runs, from the same config builder
+        from cluster.jobs import run_job
+        from cluster.jobs import train as train_job
+
+        raise typer.Exit(run_job(lambda: train_job.build_config(
+            config, overrides, model=model, data=data, out=out, device=device, max_steps=max_steps,
+            workers=workers, gpus_per_worker=gpus_per_worker, resume=False if no_resume else None), train_job.run))
+    if workers is not None or gpus_per_worker is not None:
+        _fail("--workers and --gpus-per-worker are Ray Train options: drop them or drop --local")
     from trainers import train as local_train
 
-    if not local:  # Ray Train (TorchTrainer, DDP): cluster.jobs.train, in this process
-        from cluster.jobs import train as ray_train_job
-
-        argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
-                *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
-                *(["--max-steps", str(max_steps)] if max_steps else []),
-                *(["--workers", str(workers)] if workers else []),
-                *(["--gpus-per-worker", str(gpus_per_worker)] if gpus_per_worker is not None else []),
-                *[a for o in overrides or [] for a in ("--set", o)]]
-        raise typer.Exit(ray_train_job.main(argv))
     argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
             *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
             *(["--device", device] if device else []), *(["--max-steps", str(max_steps)] if max_steps else []),
@@ -205,6 +144,7 @@ def evaluate(
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
 ) -> None:
     """Evaluate a checkpoint on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU + predictions."""
+    from cluster.console import print_evaluation
     from trainers.evaluate import evaluate_checkpoint
 
     try:
@@ -212,11 +152,7 @@ def evaluate(
                                      decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid)
     except (ConfigError, DataError, ValueError) as e:
         _fail(str(e))
-    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped)")
-    for k in result["metrics"]:
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
-    console.print(table)
+    print_evaluation(result, split)
     console.print(f"wrote {out}/metrics.json and {out}/predictions.jsonl")
 
 
@@ -224,31 +160,24 @@ def evaluate(
 def sweep(
     config: Annotated[Path, typer.Option("--config", "-c", help="sweep YAML (cluster/configs/sweeps/)")],
     overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the trials, their resources and whether they "
+                                          "fit the cluster at RAY_ADDRESS; run nothing")] = False,
 ) -> None:
     """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
-    from cluster.sweep import load_sweep, run_sweep
-    from cluster.tracking import TABLE_METRICS
+    from cluster.console import print_sweep
+    from cluster.jobs.sweep import dry_run as print_plan
+    from cluster.ray.tune import load_sweep, run_sweep
 
     try:
         cfg = load_sweep(config, overrides)  # validated before Ray starts
+        if dry_run:
+            raise typer.Exit(print_plan(cfg))
         summary = run_sweep(cfg)
     except (ConfigError, DataError) as e:
         _fail(str(e))
-    table = Table(title=f"sweep {cfg.name}: {summary['trials']} trials in {summary['wall_s']:.0f} s")
-    table.add_column("variant")
-    for col in TABLE_METRICS:
-        table.add_column(col, justify="right")
-    for r in summary["rows"]:
-        table.add_row(r["variant"], *(f"{r[c]:.2f} ± {r[c + '_std']:.2f}" for c in TABLE_METRICS))
-    console.print(table)
-    console.print(f"parent run {summary['parent_run_id']} ({summary['tracking_uri']}); "
-                  f"best child {summary['best_run_id']}")
+    print_sweep(cfg.name, summary)
     if summary["errors"]:
         _fail(f"{len(summary['errors'])} trial(s) failed: {summary['errors'][0]}")
-
-
-def _plain(line: str) -> None:
-    console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
@@ -265,12 +194,12 @@ def promote(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
-    from cluster.promote import PromotionError
-    from cluster.promote import promote as do_promote
+    from cluster.mlflow.promotion import PromotionError
+    from cluster.mlflow.promotion import promote as do_promote
 
     try:
         decision = do_promote(experiment, metric, mode, where, name=name, force=force,
-                              tracking_uri=tracking_uri, log=_plain)
+                              tracking_uri=tracking_uri, log=plain)
     except (PromotionError, ValueError) as e:
         _fail(str(e))
     console.print(f"[bold]{decision.action}[/]: {name} champion is v{decision.version}")
@@ -284,11 +213,11 @@ def rollback(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Move alias `champion` back to `previous`."""
-    from cluster.promote import PromotionError
-    from cluster.promote import rollback as do_rollback
+    from cluster.mlflow.promotion import PromotionError
+    from cluster.mlflow.promotion import rollback as do_rollback
 
     try:
-        do_rollback(name, tracking_uri=tracking_uri, log=_plain)
+        do_rollback(name, tracking_uri=tracking_uri, log=plain)
     except PromotionError as e:
         _fail(str(e))
 
@@ -309,7 +238,8 @@ def serve(
 
     from pydantic import ValidationError
 
-    from cluster import serve_local
+    from cluster.local import serve as serve_local
+    from cluster.mlflow.runs import resolve_tracking_uri
     from trainers.config import parse_overrides
 
     try:
@@ -318,9 +248,7 @@ def serve(
     except (ConfigError, ValidationError, OSError) as e:
         _fail(str(e))
     if not spec.args.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
-        from cluster.promote import resolve_tracking_uri
-
-        spec.args["mlflow_tracking_uri"] = resolve_tracking_uri(None)  # the local sweeps' embedded store
+        spec.args["mlflow_tracking_uri"] = resolve_tracking_uri()  # the local sweeps' embedded store
     url = serve_local.run(spec, port=port, address=address, metrics_port=metrics_port)
     console.print(f"serving models:/{name}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); Ctrl-C stops")
     try:
@@ -348,15 +276,16 @@ def stack_up(
     num_cpus: Annotated[int, typer.Option("--num-cpus", min=1, help="CPUs the Ray head offers")] = 2,
 ) -> None:
     """Start Ray head, MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write the env file."""
-    from cluster import stack
+    from cluster.console import stack_table
+    from cluster.local import stack
 
     start = time.perf_counter()
     try:
-        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=_plain)
+        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=plain)
         rows = stack.status(state_dir)
     except (ValueError, stack.StackError) as e:
         _fail(str(e))
-    console.print(stack.status_table(rows))
+    console.print(stack_table(rows))
     root, url = stack.Stack.at(state_dir).root, {r.name: r.url for r in rows}
     console.print(f"stack up in {time.perf_counter() - start:.1f} s. Ray dashboard {url['ray']}, MLflow UI "
                   f"{url['mlflow']}, S3 {url['s3']}, Prometheus {url['prometheus']}, Serve (once deployed) "
@@ -369,11 +298,11 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(state_dir: StateDirOpt = None) -> None:
     """Stop what `edp stack up` started (its recorded process groups); data and logs stay."""
-    from cluster import stack
+    from cluster.local import stack
 
     start = time.perf_counter()
     try:
-        stopped = stack.down(state_dir, log=_plain)
+        stopped = stack.down(state_dir, log=plain)
     except stack.StackError as e:
         _fail(str(e))
     console.print(f"stack down in {time.perf_counter() - start:.1f} s" if stopped else "nothing to stop")
@@ -382,15 +311,43 @@ def stack_down(state_dir: StateDirOpt = None) -> None:
 @stack_app.command("status")
 def stack_status(state_dir: StateDirOpt = None) -> None:
     """Service, URL, pid and health of each service of the stack (exit 1 unless all four are healthy)."""
-    from cluster import stack
+    from cluster.console import stack_table
+    from cluster.local import stack
 
     try:
         rows = stack.status(state_dir)
     except stack.StackError as e:
         _fail(str(e))
-    console.print(stack.status_table(rows))
+    console.print(stack_table(rows))
     if not all(r.healthy for r in rows[:4]):
         raise typer.Exit(1)
+
+
+@stack_app.command("logs")
+def stack_logs(
+    service: Annotated[str, typer.Argument(help="s3 | mlflow | ray | prometheus")],
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="how many of the last lines")] = 40,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing what is appended (Ctrl-C stops)")]
+    = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Print the last lines of a stack service's log (and with -f, what it writes next)."""
+    import sys
+
+    from cluster.local import stack
+    from cluster.local.processes import log_tail
+
+    try:
+        path = stack.log_file(service, state_dir)
+    except stack.StackError as e:
+        _fail(str(e))
+    if lines:
+        print(log_tail(path, lines), flush=True)
+    if follow:
+        try:
+            stack.follow(path, lambda chunk: (sys.stdout.write(chunk), sys.stdout.flush()))
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()
@@ -402,7 +359,8 @@ def metrics(
     """Request rate and p50/p95/p99 latency of the Serve app by route, from Prometheus."""
     import re
 
-    from cluster import stack_metrics as sm
+    from cluster import prometheus as sm
+    from cluster.console import print_latency
 
     if not re.fullmatch(r"\d+[smhd]", window):
         _fail(f"--window {window!r} is not a PromQL duration like 30s, 1m, 5m")
@@ -418,12 +376,7 @@ def metrics(
                       f"Ray scrape targets up: {up}/{total}. Send requests to the Serve app: Ray exports them after "
                       "~10-15 s, Prometheus scrapes every 5 s.", soft_wrap=True)
         return
-    table = Table(title=f"request latency over the last {window} ({url})")
-    for col in ("source", "route", "req/s", "p50 ms", "p95 ms", "p99 ms"):
-        table.add_column(col, justify="left" if col in ("source", "route") else "right")
-    for r in rows:
-        table.add_row(r.source, r.route, f"{r.rate:.2f}", sm.fmt_ms(r.p50), sm.fmt_ms(r.p95), sm.fmt_ms(r.p99))
-    console.print(table)
+    print_latency(rows, window, url)
 
 
 @app.command()
@@ -434,14 +387,15 @@ def demo(
 ) -> None:
     """The whole loop on this machine: stack up, data, sweep (ray job), promote, serve, requests, latency."""
     from cluster import demo as demo_loop
-    from cluster.promote import PromotionError
-    from cluster.stack import StackError
+    from cluster.console import print_demo
+    from cluster.local.stack import StackError
+    from cluster.mlflow.promotion import PromotionError
 
     try:
         result = demo_loop.run(data, state_dir, console, requests)
     except (ConfigError, DataError, StackError, PromotionError, demo_loop.DemoError) as e:
         _fail(str(e))
-    demo_loop.report(result, console)
+    print_demo(result)
 
 
 if __name__ == "__main__":

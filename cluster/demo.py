@@ -7,7 +7,8 @@
 4. promote the best child run to `models:/<name>@champion` (refused when worse than the current one);
 5. deploy the Serve app (the same Serve config file as the chart's RayService) on the stack's Ray;
 6. send real HTTP requests, then read p50/p99 latency back from Prometheus with PromQL;
-7. print the runs, the champion and why, example responses, latency, the URLs, and how to stop.
+7. return a `DemoResult` (runs, the champion and why, example responses, latency, timings, URLs), which
+   `cluster.console.print_demo` prints with how to stop the stack.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+
+from cluster.console import prepare_with_summary
+from cluster.local import stack
+from cluster.local.processes import http_ok
+from cluster.mlflow.promotion import Decision, promote
+from cluster.polling import poll_until
+from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_query
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
@@ -47,19 +54,28 @@ class DemoError(RuntimeError):
 
 
 @dataclass
+class TrialRun:
+    """One child run of the demo sweep, with its final valid metrics (None: not logged)."""
+    variant: str
+    run_id: str
+    valid_acc: float | None
+    valid_ppl: float | None
+    valid_dist1: float | None
+    valid_dist2: float | None
+
+
+@dataclass
 class DemoResult:
-    urls: dict[str, str]
-    runs: list[dict] = field(default_factory=list)
-    decision: object = None
-    responses: list[tuple[dict, dict]] = field(default_factory=list)
-    latency: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    urls: dict[str, str]                                                 # stack service -> base URL
+    runs: list[TrialRun] = field(default_factory=list)
+    decision: Decision | None = None                                     # the promotion of the best run
+    responses: list[tuple[dict, dict]] = field(default_factory=list)     # (request body, answer) examples
+    latency: dict[str, float | str] = field(default_factory=dict)        # p50, p99 (ms) and the PromQL
+    timings: dict[str, float] = field(default_factory=dict)              # step -> seconds
 
 
 def run(data: str | None = None, state_dir: Path | None = None, console: Console | None = None,
         requests: int = 60, ports: dict[str, int] | None = None, sweep_set: list[str] | None = None) -> DemoResult:
-    from cluster import stack
-
     console = console or Console()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -75,7 +91,6 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"
-    from cluster.cli import prepare_with_summary
     from trainers.config import load_config
     from trainers.data.prepare import DataConfig
 
@@ -86,8 +101,6 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     start = time.perf_counter()
     result.runs = submit_sweep(source, env, console, sweep_set or [])
     lap("sweep (ray job)", start)
-
-    from cluster.promote import promote
 
     start = time.perf_counter()
     # the champion is one of the papers' models (the baseline has no emotion head and no evidence to show)
@@ -117,13 +130,13 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
 
 
 def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: list[str],
-                 timeout: float = 1800) -> list[dict]:
+                 timeout: float = 1800) -> list[TrialRun]:
     """`ray job submit --working-dir <project> -- python -m cluster.jobs.sweep --config demo.yaml`, then
     the sweep's child runs (variant, model, metrics) from MLflow."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from cluster.sweep import load_sweep
-    from cluster.tracking import client as mlflow_client
+    from cluster.mlflow.runs import client as mlflow_client
+    from cluster.ray.tune import load_sweep
 
     data_source = source if source == "sample" or "://" in source else str(Path(source).resolve())
     overrides = [f"base.data.source={data_source}", *sweep_set]
@@ -141,23 +154,23 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
 
     mlflow = mlflow_client(env["MLFLOW_TRACKING_URI"])
     total = len(sweep.grid()) * sweep.num_samples
-    deadline = time.monotonic() + timeout
     with Progress(TextColumn("  sweep trials"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("trials", total=total)
-        while True:
+
+        def finished() -> JobStatus | None:
             status = jobs.get_job_status(job_id)
             bar.update(task, completed=len(_children(mlflow, since_ms)))
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                break
-            if time.monotonic() > deadline:
-                jobs.stop_job(job_id)
-                raise DemoError(f"the sweep job {job_id} did not finish within {timeout:.0f} s")
-            time.sleep(2)
+            return status if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) else None
+
+        status = poll_until(finished, timeout, 2)
+    if status is None:
+        jobs.stop_job(job_id)
+        raise DemoError(f"the sweep job {job_id} did not finish within {timeout:.0f} s")
     if status != JobStatus.SUCCEEDED:
         raise DemoError(f"the sweep job {job_id} {status}:\n{jobs.get_job_logs(job_id)[-3000:]}")
-    return [{"variant": r.data.tags.get("variant", r.info.run_name), "run_id": r.info.run_id,
-             **{k: r.data.metrics.get(k) for k in ("valid_acc", "valid_ppl", "valid_dist1", "valid_dist2")}}
+    return [TrialRun(r.data.tags.get("variant", r.info.run_name), r.info.run_id,
+                     *(r.data.metrics.get(k) for k in ("valid_acc", "valid_ppl", "valid_dist1", "valid_dist2")))
             for r in _children(mlflow, since_ms)]
 
 
@@ -188,14 +201,8 @@ def deploy(env: dict[str, str], ports: dict[str, int]) -> str:
 
 
 def _wait_ready(base: str, timeout: float = 180) -> None:
-    from cluster.local_services import http_ok
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if http_ok(f"{base}/healthz", timeout=5):
-            return
-        time.sleep(1)
-    raise DemoError(f"the Serve app at {base} did not become healthy within {timeout:.0f} s")
+    if not poll_until(lambda: http_ok(f"{base}/healthz", timeout=5), timeout, 1):
+        raise DemoError(f"the Serve app at {base} did not become healthy within {timeout:.0f} s")
 
 
 def post(base: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
@@ -220,73 +227,25 @@ def send_requests(base: str, n: int, console: Console) -> list[tuple[dict, dict]
 
 
 def wait_for_series(url: str, timeout: float = 90) -> None:
-    from cluster.stack_metrics import Prometheus, parse_vector, series_query
-
-    prom, deadline = Prometheus(url), time.monotonic() + timeout
-    while not parse_vector(prom.query(series_query(LATENCY_METRIC))) and time.monotonic() < deadline:
-        time.sleep(2)
+    prom = Prometheus(url)
+    poll_until(lambda: parse_vector(prom.query(series_query(LATENCY_METRIC))), timeout, 2)
     time.sleep(6)  # one more scrape interval, so the measured requests land after the first sample
 
 
-def latency_from_prometheus(url: str, timeout: float = 90) -> dict[str, float]:
-    """p50/p99 of Serve's HTTP latency for /v1/respond over the last 5 minutes, once Prometheus has it."""
-    from cluster.stack_metrics import Prometheus, parse_vector, quantile_query
-
+def latency_from_prometheus(url: str, timeout: float = 90) -> dict[str, float | str]:
+    """p50/p99 of Serve's HTTP latency for /v1/respond over the last 5 minutes, once Prometheus has it
+    (what it has after `timeout` s otherwise)."""
     prom = Prometheus(url)
-    metric = LATENCY_METRIC
-    deadline = time.monotonic() + timeout
-    while True:
-        out = {}
+    out: dict[str, float | str] = {}
+
+    def both() -> bool:
         for name, q in (("p50", 0.5), ("p99", 0.99)):
-            values = parse_vector(prom.query(quantile_query(metric, q, "5m")))
+            values = parse_vector(prom.query(quantile_query(LATENCY_METRIC, q, "5m")))
             found = [v for route, v in values.items() if "respond" in route and not math.isnan(v)]
             if found:
                 out[name] = found[0]
-        if len(out) == 2 or time.monotonic() > deadline:
-            out["query"] = quantile_query(metric, 0.99, "5m")
-            return out
-        time.sleep(3)
+        return len(out) == 2
 
-
-def report(result: DemoResult, console: Console) -> None:
-    runs = Table(title="sweep `demo`: one MLflow parent run, one nested child run per trial")
-    for col in ("variant", "valid Acc", "valid PPL", "Dist-1", "Dist-2", "run"):
-        runs.add_column(col, justify="right" if col != "variant" else "left")
-    fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.2f}"  # noqa: E731
-    for r in sorted(result.runs, key=lambda r: r["valid_ppl"] if r["valid_ppl"] is not None else math.inf):
-        runs.add_row(r["variant"], fmt(r["valid_acc"], 100), fmt(r["valid_ppl"]), fmt(r["valid_dist1"], 100),
-                     fmt(r["valid_dist2"], 100), r["run_id"][:8])
-    console.print(runs)
-    d = result.decision
-    console.print(f"[bold]champion[/]: models:/{REGISTERED_NAME}@champion -> version {d.version} ({d.action})")
-    for line in d.lines:
-        console.print(f"  {line}")
-    examples = Table(title="example responses from POST /v1/respond", show_lines=True)
-    for col in ("context", "response", "emotion (top prob)", "evidence"):
-        examples.add_column(col, overflow="fold")
-    for body, answer in result.responses:
-        top = answer["emotion_top"][0] if answer.get("emotion_top") else None
-        ev = ", ".join(_evidence_text(e) for e in answer.get("evidence", [])[:3])
-        examples.add_row(" / ".join(body["context"]), answer["response"],
-                         f"{top['label']} ({top['prob']:.2f})" if top else "-", ev or "-")
-    console.print(examples)
-    lat = result.latency
-    if "p50" in lat:
-        console.print(f"[bold]latency[/] (Prometheus, Serve HTTP, /v1/respond): p50 {lat['p50']:.0f} ms, "
-                      f"p99 {lat['p99']:.0f} ms  [dim]{lat['query']}[/]")
-    else:
-        console.print("[yellow]latency: Prometheus has no samples yet; try `edp metrics` in a minute[/]")
-    steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items())
-    console.print(f"[bold]time[/]: {steps}")
-    urls = Table(title="the stack is still running", show_header=False)
-    for name, label in (("ray", "Ray dashboard"), ("mlflow", "MLflow UI"), ("serve", "Serve endpoint"),
-                        ("prometheus", "Prometheus"), ("s3", "S3 (SeaweedFS)")):
-        urls.add_row(label, result.urls[name] + ("/v1/respond" if name == "serve" else ""))
-    urls.add_row("stop it", "edp stack down   (or: .venv/bin/edp stack down)")
-    console.print(urls)
-
-
-def _evidence_text(e: dict) -> str:
-    if "pair" in e:
-        return f"{e['pair'][0]}~{e['pair'][1]}"
-    return str(e.get("word", e))
+    poll_until(both, timeout, 3)
+    out["query"] = quantile_query(LATENCY_METRIC, 0.99, "5m")
+    return out

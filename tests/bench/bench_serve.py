@@ -2,8 +2,8 @@
 
 ESCM trained one step (paper-sized on the prepared ED vocabulary when real data is given, the tiny
 flavour on the embedded sample otherwise; replies capped at 30 tokens, which an untrained model uses up)
-is logged and registered in a throwaway MLflow server (`cluster.local_services`), promoted to `champion`
-and served as `edp serve` does (`cluster.serve_local.from_config` + `run`, Serve config
+is logged and registered in a throwaway MLflow server (`cluster.local.services`), promoted to `champion`
+and served as `edp serve` does (`cluster.local.serve.from_config` + `run`, Serve config
 cluster/configs/serve/escm.yaml) on a local Ray (2 CPUs) at 127.0.0.1: two applications side by side,
 `@serve.batch` on (the config's max_batch_size) and off (1), each pinned to one replica with 1 CPU
 (autoscaling off, so batching is the only difference). Load: a fixed number of POST /v1/respond requests
@@ -117,7 +117,8 @@ def scale_up(spec, port: int, clients: int = 32, deadline_s: float = 120.0) -> d
     `clients` concurrent clients: seconds until Serve reports 2 RUNNING replicas, requests and failures."""
     import threading
 
-    from cluster import serve_local
+    from cluster.local import serve as serve_local
+    from cluster.polling import poll_until
 
     auto = {**spec.deployment_options["autoscaling_config"], "min_replicas": 1, "max_replicas": 2}
     spec.deployment_options = {**spec.deployment_options, "autoscaling_config": auto,
@@ -147,21 +148,13 @@ def scale_up(spec, port: int, clients: int = 32, deadline_s: float = 120.0) -> d
                 await asyncio.gather(*(loop(i) for i in range(clients)))
         asyncio.run(main())
 
-    idle_deadline = time.monotonic() + deadline_s
-    while running() != 1:
-        if time.monotonic() > idle_deadline:
-            raise RuntimeError(f"{spec.app_name}: no single RUNNING replica within {deadline_s:.0f} s: "
-                               f"{serve_local.replica_states(spec.app_name)}")
-        time.sleep(0.2)
+    if not poll_until(lambda: running() == 1, deadline_s, 0.2):
+        raise RuntimeError(f"{spec.app_name}: no single RUNNING replica within {deadline_s:.0f} s: "
+                           f"{serve_local.replica_states(spec.app_name)}")
     t0 = time.monotonic()
     thread = threading.Thread(target=load, daemon=True)
     thread.start()
-    up_s = None
-    while time.monotonic() - t0 < deadline_s:
-        if running() >= 2:
-            up_s = time.monotonic() - t0
-            break
-        time.sleep(0.2)
+    up_s = time.monotonic() - t0 if poll_until(lambda: running() >= 2, deadline_s, 0.2) else None
     stop.set()
     thread.join(timeout=120)
     return {"up_s": up_s, "clients": clients, "autoscaling": auto, **done}
@@ -172,8 +165,9 @@ def run(data: str = "sample", requests: int = 160, concurrencies: tuple[int, ...
     import ray
     from ray import serve
 
-    from cluster import serve_local
-    from cluster.local_services import free_port, start_mlflow
+    from cluster.local import serve as serve_local
+    from cluster.local.processes import free_port
+    from cluster.local.services import start_mlflow
     from tests.integration.registry_models import register_champion, train_tiny
     from trainers.config import load_config
     from trainers.data.prepare import DataConfig, prepare

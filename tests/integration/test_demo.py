@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import demo, stack
-from cluster.local_services import free_ports
-from cluster.stack_metrics import Prometheus, parse_vector
+from cluster import demo
+from cluster.local import stack
+from cluster.local.processes import free_ports
+from cluster.prometheus import Prometheus, parse_vector
 from trainers.data.emotions import EMOTIONS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -40,7 +41,7 @@ def test_whole_loop_on_the_sample(tmp_path):
     try:
         result = demo.run("sample", tmp_path / "stack", requests=12, ports=ports,
                           sweep_set=["base.max_steps=40", "base.eval_every=20"])
-        assert sorted(r["variant"] for r in result.runs) == sorted(
+        assert sorted(r.variant for r in result.runs) == sorted(
             ["transformer", "escm", "escm-no_dcgcn", "iamm", "iamm-no_ws"])
         assert result.decision.action == "promoted" and result.decision.version == "1"
         for _body, answer in result.responses:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster.ray_train import RayTrainConfig, run_train
-from cluster.tracking import RUN_ID_FILE, client
+from cluster.mlflow.runs import RUN_ID_FILE, client
+from cluster.ray.train import RayTrainConfig, run_train
+from tests.integration.ray_failures import MARKER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,14 +62,14 @@ def test_two_worker_ddp_reports_checkpoints_and_logs(ray_local, mlflow_server, p
 
 
 def test_killed_worker_resumes_from_checkpoint_in_the_same_run(ray_local, mlflow_server, prepared_sample,
-                                                                tmp_path):
-    cfg = _config(tmp_path, prepared_sample, mlflow_server, max_failures=1, inject_failure_at_step=6)
+                                                                worker_fails_once, tmp_path):
+    cfg = _config(tmp_path, prepared_sample, mlflow_server, max_failures=1)
     cfg.tracking.log_model = False
     result = run_train(cfg)
     m = result["metrics"]
     assert m["step"] == 8  # the same final step count as an uninterrupted run
     assert m["resumed_from_step"] == 4  # resumed from the step-4 checkpoint, not from 0
-    assert (tmp_path / "out" / ".failure_injected").read_text() == "6"
+    assert (tmp_path / "out" / MARKER).read_text() == str(worker_fails_once) == "6"
 
     c = client(mlflow_server)
     runs = c.search_runs([c.get_experiment_by_name(cfg.tracking.experiment).experiment_id])

@@ -59,7 +59,7 @@ FILES = {
 
 def test_fetch_mirrors_prefix_then_hits_cache(s3_env, bucket, tmp_path):
     put(s3_env, bucket, FILES)
-    client, calls = counting_client(s3_env.endpoint_url)
+    client, calls = counting_client(s3_env.url)
     root = fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, client=client)
 
     assert root == tmp_path / bucket / "ed"
@@ -81,7 +81,7 @@ def test_fetch_mirrors_prefix_then_hits_cache(s3_env, bucket, tmp_path):
 
 def test_only_changed_objects_are_downloaded_again(s3_env, bucket, tmp_path):
     put(s3_env, bucket, FILES)
-    client, calls = counting_client(s3_env.endpoint_url)
+    client, calls = counting_client(s3_env.url)
     root = fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, client=client)
     valid_ino = (root / "ed_valid.jsonl").stat().st_ino
 
@@ -99,18 +99,18 @@ def test_only_changed_objects_are_downloaded_again(s3_env, bucket, tmp_path):
 
 def test_a_locally_damaged_file_is_downloaded_again(s3_env, bucket, tmp_path):
     put(s3_env, bucket, FILES)
-    root = fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.endpoint_url)
+    root = fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.url)
     (root / "ed_valid.jsonl").write_bytes(b"cut")  # other size
     (root / "ed_train.jsonl").write_bytes(b"edited!!\n")  # same size, other mtime
     os.utime(root / "ed_train.jsonl", ns=(10**18, 10**18))
-    fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.endpoint_url)
+    fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.url)
     assert (root / "ed_valid.jsonl").read_bytes() == FILES["ed/ed_valid.jsonl"]
     assert (root / "ed_train.jsonl").read_bytes() == FILES["ed/ed_train.jsonl"]
 
 
 def test_single_object_uri_returns_the_file(s3_env, bucket, tmp_path):
     put(s3_env, bucket, FILES)
-    path = fetch_s3_prefix(f"s3://{bucket}/ed/ed_valid.jsonl", tmp_path, endpoint_url=s3_env.endpoint_url)
+    path = fetch_s3_prefix(f"s3://{bucket}/ed/ed_valid.jsonl", tmp_path, endpoint_url=s3_env.url)
     assert path == tmp_path / bucket / "ed" / "ed_valid.jsonl"
     assert path.read_bytes() == FILES["ed/ed_valid.jsonl"]
     assert not (path.parent / "ed_train.jsonl").exists()
@@ -118,12 +118,12 @@ def test_single_object_uri_returns_the_file(s3_env, bucket, tmp_path):
 
 def test_whole_bucket_and_endpoint_from_environment(s3_env, bucket, tmp_path, monkeypatch):
     put(s3_env, bucket, {"a.txt": b"A", "d/b.txt": b"B"})
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env.url)
     root = fetch_s3_prefix(f"s3://{bucket}", tmp_path / "one")
     assert root == tmp_path / "one" / bucket and (root / "d" / "b.txt").read_bytes() == b"B"
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
     assert (fetch_s3_prefix(f"s3://{bucket}/", tmp_path / "two") / "a.txt").read_bytes() == b"A"
 
 
@@ -137,7 +137,7 @@ def test_wrong_credentials_give_a_clear_error(s3_env, bucket, tmp_path, monkeypa
         key = "AKIAUNKNOWNKEY000000"
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
     with pytest.raises(DataError) as err:
-        fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.endpoint_url)
+        fetch_s3_prefix(f"s3://{bucket}/ed", tmp_path, endpoint_url=s3_env.url)
     msg = str(err.value)
     assert f"S3 rejected the credentials for s3://{bucket}/ed" in msg
     assert f"AWS_ACCESS_KEY_ID={key[:4]}…" in msg and key not in msg and s3_env.secret_key not in msg
@@ -146,13 +146,13 @@ def test_wrong_credentials_give_a_clear_error(s3_env, bucket, tmp_path, monkeypa
 
 def test_missing_bucket(s3_env, tmp_path):
     with pytest.raises(DataError, match="bucket 'edp-no-such-bucket' does not exist"):
-        fetch_s3_prefix("s3://edp-no-such-bucket/ed", tmp_path, endpoint_url=s3_env.endpoint_url)
+        fetch_s3_prefix("s3://edp-no-such-bucket/ed", tmp_path, endpoint_url=s3_env.url)
 
 
 def test_prefix_without_objects(s3_env, bucket, tmp_path):
     put(s3_env, bucket, FILES)
     with pytest.raises(DataError, match=f"no objects under s3://{bucket}/nothing-here"):
-        fetch_s3_prefix(f"s3://{bucket}/nothing-here", tmp_path, endpoint_url=s3_env.endpoint_url)
+        fetch_s3_prefix(f"s3://{bucket}/nothing-here", tmp_path, endpoint_url=s3_env.url)
 
 
 def test_unreachable_endpoint_is_named(s3_env, tmp_path):
@@ -180,7 +180,7 @@ def test_load_splits_from_s3(s3_env, bucket, tmp_path):
     valid = b"".join(conversation(f"hit:9{i}_conv:9{i}", "afraid", 4) for i in range(2))
     put(s3_env, bucket, {"ed/ed_train.jsonl": train, "ed/ed_valid.jsonl": valid})
 
-    reports = load_splits(f"s3://{bucket}/ed", cache_dir=tmp_path, endpoint_url=s3_env.endpoint_url)
+    reports = load_splits(f"s3://{bucket}/ed", cache_dir=tmp_path, endpoint_url=s3_env.url)
     assert {s: len(r.conversations) for s, r in reports.items()} == {"train": 5, "valid": 2}
     assert all(not r.invalid for r in reports.values())
     assert reports["valid"].conversations[0].emotion == "afraid"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, client, end_run, start_run
+from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, end_run, start_run
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,13 +58,13 @@ def bucket(s3_server):
 @pytest.fixture(scope="module")
 def s3_mlflow(s3_server, bucket, tmp_path_factory):
     """An MLflow server proxying artifacts to s3://<bucket>/mlflow; S3 credentials only in its env."""
-    from cluster.local_services import start_mlflow
+    from cluster.local.services import start_mlflow
 
     t0 = time.perf_counter()
     service = start_mlflow(tmp_path_factory.mktemp("mlflow-s3"), artifacts_destination=f"s3://{bucket}/mlflow",
                            env={"AWS_ACCESS_KEY_ID": s3_server.access_key,
                                 "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-                                "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint_url,
+                                "MLFLOW_S3_ENDPOINT_URL": s3_server.url,
                                 "AWS_DEFAULT_REGION": "us-east-1"})
     print(f"\nMLflow server with S3 artifact proxy up in {time.perf_counter() - t0:.1f} s")
     yield service
@@ -127,19 +127,20 @@ def test_mlflow_run_artifacts_and_model_land_in_s3_and_load_back(s3_server, buck
 
 @pytest.mark.slow
 def test_ray_train_checkpoints_to_s3_and_resumes_from_there(s3_server, bucket, s3_mlflow, ray_local,
-                                                            prepared_sample, monkeypatch, tmp_path):
+                                                            prepared_sample, worker_fails_once, monkeypatch,
+                                                            tmp_path):
     import torch
 
-    from cluster.ray_train import RayTrainConfig, run_train
+    from cluster.ray.train import RayTrainConfig, run_train
 
     # S3 endpoint and credentials on the driver only (the Ray workers of `ray_local` never had them)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
     name = f"s3-ddp-{uuid.uuid4().hex[:6]}"
     cfg = RayTrainConfig.model_validate({
-        "name": name, "storage_path": f"s3://{bucket}/ray", "max_failures": 1, "inject_failure_at_step": 6,
+        "name": name, "storage_path": f"s3://{bucket}/ray", "max_failures": 1,
         "train": {"model": "escm", "model_overrides": {"flavour": "tiny"}, "device": "cpu", "max_steps": 8,
                   "eval_every": 4, "log_every": 1, "warmup": 20, "lr_factor": 2.0, "batch_size": 8,
                   "eval_generate": 2, "num_samples": 1, "out_dir": str(tmp_path / "out"),
@@ -152,7 +153,7 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(s3_server, bucket, s
 
     m = result["metrics"]
     assert m["step"] == 8 and m["resumed_from_step"] == 4  # resumed from the step-4 checkpoint, not from 0
-    assert (tmp_path / "out" / ".failure_injected").read_text() == "6"
+    assert (tmp_path / "out" / ".failure_injected").read_text() == str(worker_fails_once) == "6"
     assert result["checkpoint"].startswith(f"{bucket}/ray/{name}/")  # a path on the S3 filesystem
 
     s3 = s3_server.client()
@@ -180,9 +181,9 @@ def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, buck
                                                                  prepared_sample, monkeypatch, tmp_path):
     """The smoke sweep with storage_path s3://: Tune's experiment state and every trial's checkpoints land in
     the bucket, with the endpoint and keys known to the driver only."""
-    from cluster.sweep import load_sweep, run_sweep
+    from cluster.ray.tune import load_sweep, run_sweep
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
@@ -220,7 +221,7 @@ def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, buck
 
 def test_ray_storage_filesystem_takes_endpoint_and_keys_from_the_driver(s3_server, bucket, monkeypatch, tmp_path):
     """What Ray ships to its controller and workers works in a process with no AWS_* settings."""
-    from cluster.ray_train import storage_location
+    from cluster.ray.train import storage_location
 
     assert storage_location("runs/ray") == (None, str(Path("runs/ray").resolve()))
     for name in [k for k in os.environ if k.startswith("AWS_")]:
@@ -228,9 +229,9 @@ def test_ray_storage_filesystem_takes_endpoint_and_keys_from_the_driver(s3_serve
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    host = s3_server.endpoint_url.removeprefix("http://")
+    host = s3_server.url.removeprefix("http://")
     with monkeypatch.context() as m:
-        m.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)
+        m.setenv("AWS_ENDPOINT_URL", s3_server.url)
         from_env = storage_location(f"s3://{bucket}/ray")
     from_query = storage_location(f"s3://{bucket}/ray?endpoint_override={host}&scheme=http")
     write = ("import pickle, sys, pyarrow.fs; fs, path = pickle.loads(sys.stdin.buffer.read()); "

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cluster.local_services import free_port
+from cluster.local.processes import free_port
+from cluster.polling import poll_until
 from tests.integration.registry_models import register_champion
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -49,12 +49,9 @@ def register(mlflow: str, ckpt, name: str, acc: float, force: bool = False) -> s
 
 def wait_until(predicate, timeout: float, what, step: float = 0.5):
     """Poll `predicate` until truthy; fail naming `what` (a string, or a callable giving one)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
+    value = poll_until(predicate, timeout, step)
+    if value:
+        return value
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
 

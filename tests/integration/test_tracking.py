@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
+from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
 
 pytestmark = pytest.mark.integration
 RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence"}

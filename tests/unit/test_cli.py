@@ -60,3 +60,44 @@ def test_train_bad_config_and_missing_checkpoint(tmp_path):
     assert train_entry.main(["--out", str(tmp_path), "--set", "batch_size=0"]) == 2
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--data", "sample"])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_train_builds_the_ray_config_of_the_job_entrypoint(monkeypatch, tmp_path):
+    """`edp train` and `python -m cluster.jobs.train` build the same RayTrainConfig: --device and --no-resume
+    reach it; Ray Train options with --local are refused."""
+    from cluster.jobs import train as train_job
+
+    built = []
+    monkeypatch.setattr(train_job, "run", lambda cfg: built.append(cfg) or 0)
+    options = ["--model", "escm", "--data", "sample", "--out", str(tmp_path), "--device", "cpu", "--max-steps", "3",
+               "--workers", "2", "--gpus-per-worker", "0", "--no-resume", "--set", "train.batch_size=4"]
+    result = runner.invoke(app, ["train", *options])
+    assert result.exit_code == 0, result.output
+    assert built[0] == train_job.config_from_args(train_job.parse_args(options))
+    cfg = built[0]
+    assert (cfg.train.device, cfg.train.max_steps, cfg.train.batch_size, cfg.train.out_dir) == (
+        "cpu", 3, 4, str(tmp_path))
+    assert cfg.scaling.workers == 2 and cfg.resume is False
+    assert train_job.build_config().resume is True
+
+    result = runner.invoke(app, ["train", "--local", "--workers", "2"])
+    assert result.exit_code == 2 and "--workers and --gpus-per-worker are Ray Train options" in result.output
+    result = runner.invoke(app, ["train", "--set", "scaling.workers=0"])
+    assert result.exit_code == 2 and built[1:] == []
+
+
+def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
+    from cluster.jobs import train as train_job
+    from cluster.mlflow.runs import RUN_ID_FILE
+    from cluster.ray.train import forget_run
+
+    cfg = train_job.build_config(name="r1", out=tmp_path / "out", storage_path=str(tmp_path / "ray"), resume=False)
+    stored, other = tmp_path / "ray" / "r1" / "checkpoint_000001", tmp_path / "ray" / "r2"
+    stored.mkdir(parents=True)
+    other.mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / RUN_ID_FILE).write_text("abc")
+    forget_run(cfg)
+    assert not (tmp_path / "ray" / "r1").exists() and other.exists()
+    assert not (tmp_path / "out" / RUN_ID_FILE).exists()
+    forget_run(cfg)  # nothing stored: nothing to do

@@ -149,7 +149,7 @@ def test_app_args_auth_and_tracking_uri(monkeypatch):
 
 
 def test_local_serve_spec_from_the_serve_config():
-    from cluster.serve_local import from_config
+    from cluster.local.serve import from_config
 
     overrides = {"max_batch_size": 1, "mlflow_tracking_uri": None}
     spec = from_config(SERVE_CONFIGS[0], "my-model", "challenger", overrides)

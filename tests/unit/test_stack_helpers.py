@@ -7,14 +7,17 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster import local_services as ls
-from cluster import stack as st
+from cluster.local import processes as ps
+from cluster.local import services as ls
+from cluster.local import stack as st
+from cluster.polling import poll_until
 
 
 def test_parse_ports():
@@ -34,7 +37,7 @@ def test_check_ports_names_the_taken_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        ports = {**dict(zip(st.DEFAULT_PORTS, ls.free_ports(len(st.DEFAULT_PORTS)), strict=True)), "mlflow": taken}
+        ports = {**dict(zip(st.DEFAULT_PORTS, ps.free_ports(len(st.DEFAULT_PORTS)), strict=True)), "mlflow": taken}
         with pytest.raises(st.StackError, match=f"port {taken} \\(mlflow\\) on 127.0.0.1 is already in use"):
             st.check_ports(ports, {"mlflow"})
         st.check_ports(ports, {"s3", "ray", "prometheus"})  # not ours to start: not checked
@@ -98,15 +101,15 @@ def test_terminate_a_tree_escalates_to_sigkill_and_reaches_other_sessions():
                               start_new_session=True)
     try:
         child = int(leader.stdout.readline())
-        tree = ls.process_tree(set(), {leader.pid})
-        assert {leader.pid, child} <= tree
-        assert ls.process_tree(set(), {leader.pid}, not_before=ls.proc_start(leader.pid) + 10**6) == set()
+        tree = ps.process_tree(leader.pid)
+        assert {leader.pid, child} <= {p.pid for p in tree}
+        assert ps.process_tree(leader.pid, not_before=ps.proc_start(leader.pid) + 10**6) == []
         t0 = time.monotonic()
-        assert ls.terminate(tree, timeout=0.5) == set()
+        assert ps.terminate(tree, timeout=0.5) == []
         assert time.monotonic() - t0 < 5
         leader.wait(timeout=5)
         assert leader.returncode == -9  # ignored SIGTERM, so SIGKILL
-        assert not ls.is_running(child)
+        assert not ps.is_running(child)
     finally:
         for pid in (leader.pid,):
             try:
@@ -117,5 +120,44 @@ def test_terminate_a_tree_escalates_to_sigkill_and_reaches_other_sessions():
 
 def test_is_running_checks_the_start_time():
     me = os.getpid()
-    assert ls.is_running(me) and ls.is_running(me, ls.proc_start(me))
-    assert not ls.is_running(me, ls.proc_start(me) + 1)
+    assert ps.is_running(me) and ps.is_running(me, ps.proc_start(me))
+    assert not ps.is_running(me, ps.proc_start(me) + 1)
+
+
+def test_logs_of_a_stopped_service_and_follow(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    with pytest.raises(st.StackError, match="no log of mlflow yet"):
+        st.log_file("mlflow", tmp_path)
+    with pytest.raises(st.StackError, match="unknown service 'mlfow'"):
+        st.log_file("mlfow", tmp_path)
+    log = tmp_path / "mlflow" / "mlflow.log"  # where `up` writes it: readable after `down` too
+    log.parent.mkdir()
+    log.write_text("".join(f"line {i}\n" for i in range(50)))
+    assert st.log_file("mlflow", tmp_path) == log
+    out = CliRunner().invoke(app, ["stack", "logs", "mlflow", "-n", "3", "--state-dir", str(tmp_path)])
+    assert out.exit_code == 0 and out.output.splitlines() == ["line 47", "line 48", "line 49"]
+    out = CliRunner().invoke(app, ["stack", "logs", "ray", "--state-dir", str(tmp_path)])
+    assert out.exit_code == 2 and "no log of ray yet" in out.output
+
+    seen: list[str] = []
+    follower = threading.Thread(target=st.follow, args=(log, seen.append, lambda: "new 2\n" in "".join(seen), 0.05))
+    follower.start()
+    time.sleep(0.2)
+    with log.open("a") as f:
+        f.write("new 1\n")
+        f.flush()
+        f.write("new 2\n")
+    follower.join(timeout=5)
+    assert not follower.is_alive() and "".join(seen) == "new 1\nnew 2\n"  # only what came after
+
+
+def test_poll_until_returns_the_first_truthy_answer_or_none_at_the_deadline():
+    answers = iter([None, 0, "ready"])
+    assert poll_until(lambda: next(answers), timeout=5, interval=0.01) == "ready"
+    calls = []
+    t0 = time.monotonic()
+    assert poll_until(lambda: calls.append(1), timeout=0.2, interval=0.05) is None
+    assert 0.2 <= time.monotonic() - t0 < 1 and len(calls) >= 3

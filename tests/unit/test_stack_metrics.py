@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from cluster import stack_metrics as sm
-from cluster.local_services import free_port
+from cluster import prometheus as sm
+from cluster.local.processes import free_port
 
 
 def vector(*items: tuple[dict, str]) -> dict:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.sweep import SweepConfig, load_sweep
-from cluster.tracking import ablation_table, table_csv, table_markdown
+from cluster.mlflow.reports import ablation_table, table_csv, table_markdown
+from cluster.ray.tune import SweepConfig, load_sweep
 from trainers.config import ConfigError
 
 SWEEPS = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "sweeps"
@@ -115,7 +115,7 @@ HEAD = {"Alive": True, "Resources": {"memory": 1e10}}  # the chart's head: num-c
 
 
 def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
-    from cluster.sweep import PlacementError, check_placement
+    from cluster.ray.tune import PlacementError, check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")  # 1 CPU + 0.25 GPU per trial
     with pytest.raises(PlacementError, match=r"needs \{'CPU': 1.0, 'GPU': 0.25\} on one node.*resources.gpu"):
@@ -123,7 +123,7 @@ def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
 
 
 def test_placement_counts_node_types_an_autoscaler_can_add():
-    from cluster.sweep import check_placement
+    from cluster.ray.tune import check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")
     gpu_type = {"group": "gpu", "max": 2, "CPU": 8.0, "GPU": 1.0}
@@ -133,7 +133,7 @@ def test_placement_counts_node_types_an_autoscaler_can_add():
 
 
 def test_node_types_parse_kubernetes_cpu_quantities(monkeypatch):
-    from cluster.sweep import PlacementError, node_types_from_env
+    from cluster.ray.tune import PlacementError, node_types_from_env
 
     monkeypatch.setenv("EDP_NODE_TYPES", '[{"group": "cpu", "max": 3, "CPU": "500m", "GPU": 0}]')
     assert node_types_from_env() == [{"group": "cpu", "max": 3, "CPU": 0.5, "GPU": 0.0}]
@@ -143,7 +143,7 @@ def test_node_types_parse_kubernetes_cpu_quantities(monkeypatch):
 
 
 def test_storage_defaults_to_the_checkpoint_uri_and_refuses_local_paths_on_several_nodes(monkeypatch):
-    from cluster.ray_train import resolve_storage
+    from cluster.ray.train import resolve_storage
 
     monkeypatch.delenv("EDP_CHECKPOINT_URI", raising=False)
     monkeypatch.delenv("EDP_NODE_TYPES", raising=False)
@@ -166,3 +166,16 @@ def test_dry_run_prints_every_trial_and_starts_nothing(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "6 trial(s) = 6 variant(s) x 1 seed(s)" in out and "placement not checked" in out
     assert all(f"{v} " in out for v in ("no_desv", "no_dcgcn", "no_vr", "no_vp", "no_vdes"))
+
+
+def test_edp_sweep_dry_run_is_the_jobs_dry_run(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("EDP_NODE_TYPES", '[{"group": "cpu", "max": 2, "CPU": "4", "GPU": 0}]')
+    result = CliRunner().invoke(app, ["sweep", "--config", str(SWEEPS / "escm-ablation.yaml"), "--dry-run"])
+    assert result.exit_code == 2 and "no node of this cluster has it" in str(result.output) + str(result.exception)
+    result = CliRunner().invoke(app, ["sweep", "--config", str(SWEEPS / "smoke.yaml"), "--dry-run"])
+    assert result.exit_code == 0 and "3 trial(s)" in result.output and "up to 2 trial(s) at once" in result.output

@@ -1,69 +1,67 @@
-"""MLflow tracking: one experiment per sweep, a parent run per sweep, one nested child run per trial.
+"""MLflow runs: one experiment per sweep, a parent run per sweep, one nested child run per trial.
 
 Tune's stock MLflow callback does not nest runs, so this module does it by hand:
 
     sweep driver   start_run(cfg, experiment, name)                  -> parent run id
     trial driver   start_run(..., parent_run_id=..., run_id_file=...) -> child run id (reused on retry)
     rank-0 worker  RunLogger(uri, run_id): log_setup -> log_eval (every evaluation) -> log_final
-    sweep driver   log_ablation_table(...) on the parent, tag the best child
+    sweep driver   cluster.mlflow.reports.finish_parent(...): the ablation table on the parent, the best child
 
 Only rank 0 of a training run ever builds a `RunLogger`. A retried trial finds its run id in the
 trial directory (or in the checkpoint it resumes from) and continues the same run.
 The tracking URI comes from the config, else `MLFLOW_TRACKING_URI`, else an embedded sqlite store
-(`sqlite:///<state_dir>/mlflow.db`, artifacts under `<state_dir>/artifacts`).
+(`sqlite:///<state_dir>/mlflow.db`, artifacts under `<state_dir>/artifacts`): `resolve_tracking_uri`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import subprocess
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field
 
+from cluster.mlflow.reports import confusion_figure, loss_figure
+from services.registry import client
 from trainers.config import StrictModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_ID_FILE = "mlflow_run_id"
-TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0),
-                 "Dist-1": ("valid_dist1", 100.0), "Dist-2": ("valid_dist2", 100.0)}  # papers' layout: x100
+EMBEDDED_STATE_DIR = "~/.cache/edp/mlflow"
+
+
+def resolve_tracking_uri(uri: str | None = None, state_dir: str = EMBEDDED_STATE_DIR) -> str:
+    """`uri`, else MLFLOW_TRACKING_URI, else the embedded sqlite store in `state_dir` (created)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    state = Path(state_dir).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state / 'mlflow.db'}"
 
 
 class TrackingConfig(StrictModel):
     """Where runs go. `uri` wins over MLFLOW_TRACKING_URI, which wins over the embedded sqlite store."""
 
     uri: str | None = Field(None, description="MLflow tracking URI (http://..., sqlite:///..., file:...)")
-    state_dir: str = Field("~/.cache/edp/mlflow", description="embedded store: sqlite db + local artifacts")
+    state_dir: str = Field(EMBEDDED_STATE_DIR, description="embedded store: sqlite db + local artifacts")
     experiment: str | None = Field(None, description="experiment name (default: the sweep / run name)")
     log_model: bool = Field(True, description="log the pyfunc model (and safetensors weights) per run")
 
     def resolved_uri(self) -> str:
-        if self.uri:
-            return self.uri
-        if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
-        state = Path(self.state_dir).expanduser().resolve()
-        state.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{state / 'mlflow.db'}"
+        return resolve_tracking_uri(self.uri, self.state_dir)
 
     def artifact_root(self) -> str | None:
         """Local artifact root for the embedded store (None: the server decides)."""
         if not self.resolved_uri().startswith("sqlite:"):
             return None
         return (Path(self.state_dir).expanduser().resolve() / "artifacts").as_uri()
-
-
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
 
 
 def ensure_experiment(cfg: TrackingConfig, name: str) -> str:
@@ -239,132 +237,3 @@ def _now_ms() -> int:
 
 def _finite(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-# ------------------------------------------------------------------------------------------------
-# Plots (matplotlib, Agg)
-
-
-def confusion_figure(trainer):
-    """Row-normalised emotion confusion matrix on the valid split (teacher-forced encoder predictions)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from trainers.data.emotions import EMOTIONS
-    from trainers.metrics import confusion_matrix
-
-    pred, gold = trainer.evaluator.emotion_predictions(trainer.valid_data)
-    if not pred:
-        return None
-    cm = confusion_matrix(pred, gold).astype(float)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(9, 8))
-    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(EMOTIONS)), EMOTIONS, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(EMOTIONS)), EMOTIONS, fontsize=6)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    acc = sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
-    ax.set_title(f"emotion confusion ({trainer.cfg.model}, valid, n={len(gold)}, acc={acc:.3f})"
-                 if gold else f"{trainer.cfg.model} has no emotion classifier")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
-def loss_figure(history: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
-    valid = [(h["step"], h["valid_loss"]) for h in history if "valid_loss" in h]
-    for points, label in ((train, "train loss"), (valid, "valid loss")):
-        if points:
-            ax.plot(*zip(*points), marker="o" if label.startswith("valid") else None, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("NLL per token")
-    ax.legend()
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
-
-
-# ------------------------------------------------------------------------------------------------
-# Parent run: the ablation table and the best child
-
-
-def child_runs(uri: str, parent_run_id: str) -> list:
-    c = client(uri)
-    parent = c.get_run(parent_run_id)
-    return c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                         max_results=10000)
-
-
-def final_value(metrics: dict, key: str) -> float | None:
-    """The final (best-weights) value of `key`; the last evaluation's for a trial stopped early."""
-    v = metrics.get(f"final_{key}", metrics.get(key))
-    return v if v is not None and math.isfinite(v) else None
-
-
-def ablation_table(children: list, variants: list[str] | None = None) -> list[dict]:
-    """Rows = variants (tag `variant`), cols Acc / PPL / Dist-1 / Dist-2 as mean and std over seeds."""
-    groups: dict[str, list] = defaultdict(list)
-    for run in children:
-        groups[run.data.tags.get("variant", run.info.run_name)].append(run.data.metrics)
-    order = [v for v in (variants or []) if v in groups] + sorted(set(groups) - set(variants or []))
-    rows = []
-    for variant in order:
-        row: dict[str, Any] = {"variant": variant, "seeds": len(groups[variant])}
-        for col, (key, scale) in TABLE_METRICS.items():
-            vals = [v * scale for m in groups[variant] if (v := final_value(m, key)) is not None]
-            mean = sum(vals) / len(vals) if vals else float("nan")
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            row[col], row[f"{col}_std"] = mean, std
-        rows.append(row)
-    return rows
-
-
-def table_csv(rows: list[dict]) -> str:
-    import csv
-
-    buf = io.StringIO()
-    cols = ["variant", "seeds", *(c for col in TABLE_METRICS for c in (col, f"{col}_std"))]
-    writer = csv.DictWriter(buf, fieldnames=cols)
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
-def table_markdown(rows: list[dict]) -> str:
-    head = "| Model | " + " | ".join(TABLE_METRICS) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE_METRICS) + 1)]
-    for r in rows:
-        cells = [f"{r[c]:.2f} ± {r[f'{c}_std']:.2f}" if math.isfinite(r[c]) else "n/a" for c in TABLE_METRICS]
-        lines.append(f"| {r['variant']} (n={r['seeds']}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str]) -> dict:
-    """Log the ablation table (CSV + markdown) on the parent and tag the best child by final `metric`."""
-    c = client(uri)
-    children = child_runs(uri, parent_run_id)
-    rows = ablation_table(children, variants)
-    c.log_text(parent_run_id, table_csv(rows), "ablation_table.csv")
-    c.log_text(parent_run_id, table_markdown(rows), "ablation_table.md")
-    scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
-    best = None
-    if scored:
-        value, best = (min if mode == "min" else max)(scored, key=lambda vr: vr[0])
-        c.set_tag(parent_run_id, "best_child_run_id", best.info.run_id)
-        c.set_tag(parent_run_id, "best_metric", f"{metric}={value:.6g}")
-        c.log_metric(parent_run_id, f"best_{metric}", value)
-        c.set_tag(best.info.run_id, "best_in_sweep", "true")
-    return {"rows": rows, "best_run_id": best.info.run_id if best else None, "children": len(children)}

@@ -126,7 +126,7 @@ def default_prometheus_url(state_dir: Path | None = None) -> str:
     """$EDP_PROMETHEUS_URL, else the local stack's Prometheus (its state file), else 127.0.0.1:9090."""
     if os.environ.get("EDP_PROMETHEUS_URL"):
         return os.environ["EDP_PROMETHEUS_URL"]
-    from cluster.stack import Stack, StackError
+    from cluster.local.stack import Stack, StackError
 
     try:
         record = Stack.at(state_dir).load()["services"].get("prometheus")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "serve" / "escm.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "escm.yaml"
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""Start and stop the real local services the platform talks to, on 127.0.0.1.
+"""Start the real local services the platform talks to, on 127.0.0.1.
 
 MLflow server, SeaweedFS S3 (`weed mini`), a Ray head (`ray start --head`) and Prometheus. Used by
-`edp stack` and by the integration tests, so both run the same commands. Each service runs in its
-own process group with its log in a file; stopping ends the group and every descendant (Ray's
-workers start their own sessions), SIGTERM first, SIGKILL for whatever lingers.
+`edp stack` and by the integration tests, so both run the same commands; each is a `Service`
+(cluster.local.processes) that `stop()` ends with all its descendants.
 """
 
 from __future__ import annotations
@@ -12,204 +11,23 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
-
-
-@dataclass
-class Service:
-    name: str
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def stop(self, timeout: float = 15.0) -> None:
-        stop_process_group(self.proc.pid, timeout)
-        self.proc.wait(timeout=timeout)
-
-    def log_tail(self, n: int = 40) -> str:
-        return log_tail(self.log, n)
-
-
-def log_tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "<no log>"
-
-
-# ---- processes (read from /proc: no psutil in the venv) ---------------------------------------------
-
-@dataclass(frozen=True)
-class Proc:
-    pid: int
-    ppid: int
-    pgid: int
-    state: str  # R, S, D, Z (zombie), ...
-    start: int  # clock ticks after boot: (pid, start) names one process even if the pid is reused
-
-
-def proc_table() -> dict[int, Proc]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        rest = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
-        table[int(entry)] = Proc(int(entry), int(rest[1]), int(rest[2]), rest[0], int(rest[19]))
-    return table
-
-
-def proc_start(pid: int) -> int | None:
-    """The start time of `pid` (see Proc.start), None when there is no such process."""
-    p = proc_table().get(pid)
-    return None if p is None else p.start
-
-
-def is_running(pid: int, start: int | None = None) -> bool:
-    """True if `pid` exists, is not a zombie and (when `start` is given) is the process started then."""
-    p = proc_table().get(pid)
-    return p is not None and p.state not in "ZX" and (start is None or p.start == start)
-
-
-def process_tree(pids: set[int] = frozenset(), pgids: set[int] = frozenset(),
-                 not_before: int | None = None) -> set[int]:
-    """`pids`, the members of process groups `pgids` and all their descendants (live, not zombies).
-
-    `not_before`: ignore group members started before this time (a recycled group id).
-    """
-    table = proc_table()
-    children: dict[int, list[int]] = {}
-    for p in table.values():
-        children.setdefault(p.ppid, []).append(p.pid)
-    todo = [p.pid for p in table.values()
-            if p.pid in pids or (p.pgid in pgids and (not_before is None or p.start >= not_before))]
-    found: set[int] = set()
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, []))
-    return {pid for pid in found if table[pid].state not in "ZX"}
-
-
-def terminate(pids: set[int], timeout: float = 15.0) -> set[int]:
-    """SIGTERM `pids`, SIGKILL the ones still running after `timeout` s; returns any that survive that."""
-    table = proc_table()
-    starts = {pid: table[pid].start for pid in pids if pid in table}
-
-    def running(candidates: set[int]) -> set[int]:
-        now = proc_table()
-        return {pid for pid in candidates
-                if pid in now and now[pid].state not in "ZX" and now[pid].start == starts[pid]}
-
-    left = running(set(starts))
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        for pid in left:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while left and time.monotonic() < deadline:
-            time.sleep(0.1)
-            left = running(left)
-        if not left:
-            break
-    return left
-
-
-def stop_process_group(pid: int, timeout: float = 15.0) -> None:
-    """Stop the process group of `pid` and every descendant: SIGTERM, SIGKILL after `timeout` s."""
-    terminate(process_tree({pid}, {pid}), timeout)
-
-
-# ---- ports ------------------------------------------------------------------------------------------
-
-def port_free(port: int, host: str = HOST) -> bool:
-    """True if nothing listens on host:port (SO_REUSEADDR: a closing socket in TIME_WAIT does not count)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once so the kernel hands out different ones)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    """Poll `url` until it answers 2xx; fail with the log tail if the process dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: process exited with {proc.returncode}:\n{log_tail(log)}")
-        if http_ok(url):
-            return
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not answer within {timeout:.0f} s:\n{log_tail(log)}")
-
-
-def http_ok(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return 200 <= r.status < 300
-    except OSError:
-        return False
-
-
-def _when_healthy(name: str, proc: subprocess.Popen, url: str, health_path: str, log: Path, timeout: float,
-                  stop_timeout: float = 15.0) -> Service:
-    """The started `proc` as a Service once `url + health_path` answers; stopped (and re-raised) if it never does."""
-    try:
-        wait_http(f"{url}{health_path}", proc, log, timeout)
-    except BaseException:
-        stop_process_group(proc.pid, timeout=stop_timeout)
-        raise
-    return Service(name, proc, url, log)
-
-
-def spawn(name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None, base_env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `cmd` in a new session (its own process group), stdout and stderr appended to `log`."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
-                                env={**(os.environ if base_env is None else base_env), **(env or {})},
-                                start_new_session=True)
-
-
-def venv_bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
+from cluster.local.processes import (
+    HOST,
+    Service,
+    free_port,
+    free_ports,
+    port_free,
+    spawn,
+    venv_bin,
+    when_healthy,
+)
+from cluster.polling import poll_until
 
 # ---- MLflow -----------------------------------------------------------------------------------------
 
@@ -225,8 +43,8 @@ def start_mlflow(state_dir: Path, port: int | None = None, artifacts_destination
            "--backend-store-uri", f"sqlite:///{state_dir / 'mlflow.db'}",
            "--artifacts-destination", artifacts_destination or str(state_dir / "artifacts")]
     log = state_dir / "mlflow.log"
-    proc = spawn("mlflow", cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
-    return _when_healthy("mlflow", proc, f"http://{HOST}:{port}", "/health", log, timeout)
+    proc = spawn(cmd, log, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})})
+    return when_healthy("mlflow", proc, f"http://{HOST}:{port}", "/health", log, timeout)
 
 
 # ---- SeaweedFS S3 -----------------------------------------------------------------------------------
@@ -253,22 +71,6 @@ class S3Service(Service):
     secret_key: str = ""
     ports: dict[str, int] = field(default_factory=dict)
     startup_s: float = 0.0
-
-    @property
-    def endpoint_url(self) -> str:
-        return self.url
-
-    @property
-    def process(self) -> subprocess.Popen:
-        return self.proc
-
-    @property
-    def log_path(self) -> Path:
-        return self.log
-
-    @property
-    def data_dir(self) -> Path:
-        return self.log.parent
 
     def client(self, access_key: str | None = None, secret_key: str | None = None):
         """A boto3 S3 client for this server (path-style); other keys give a client that is refused."""
@@ -336,7 +138,7 @@ def _start_weed(weed: str, data_dir: Path, port: int | None, access_key: str, se
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ACCESS_KEY_ID=access_key, AWS_SECRET_ACCESS_KEY=secret_key)
     t0 = time.monotonic()
-    proc = spawn("s3", args, data_dir / "weed.log", cwd=data_dir, base_env=env)
+    proc = spawn(args, data_dir / "weed.log", cwd=data_dir, base_env=env)
     server = S3Service("s3", proc, f"http://{HOST}:{ports['s3']}", data_dir / "weed.log",
                        access_key, secret_key, ports)
     try:
@@ -351,7 +153,9 @@ def _start_weed(weed: str, data_dir: Path, port: int | None, access_key: str, se
 def _wait_s3(server: S3Service, t0: float, timeout: float) -> None:
     """Until the S3 port answers a signed ListBuckets (the filer behind it is then up too)."""
     client, last = None, None
-    while time.monotonic() - t0 < timeout:
+
+    def answered() -> bool:
+        nonlocal client, last
         if server.proc.poll() is not None:
             raise RuntimeError(f"weed mini exited with {server.proc.returncode}:\n{server.log_tail()}")
         try:
@@ -359,11 +163,13 @@ def _wait_s3(server: S3Service, t0: float, timeout: float) -> None:
                 pass
             client = client or server.client()
             client.list_buckets()
-            return
+            return True
         except Exception as e:  # not up yet
             last = e
-            time.sleep(0.1)
-    raise RuntimeError(f"weed mini S3 not ready after {timeout:g} s ({last}):\n{server.log_tail()}")
+            return False
+
+    if not poll_until(answered, timeout - (time.monotonic() - t0), 0.1):
+        raise RuntimeError(f"weed mini S3 not ready after {timeout:g} s ({last}):\n{server.log_tail()}")
 
 
 # ---- Ray head ---------------------------------------------------------------------------------------
@@ -408,8 +214,8 @@ def start_ray_head(state_dir: Path, ports: dict[str, int], num_cpus: int = 2, en
            "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]), **(env or {})}
     log = state_dir / "ray.log"
     # cwd: job drivers start there; a directory named `ray` in it would shadow the package
-    proc = spawn("ray", cmd, log, env, cwd=state_dir, base_env=base)
-    return _when_healthy("ray", proc, f"http://{HOST}:{ports['dashboard']}", "/api/version", log, timeout,
+    proc = spawn(cmd, log, env, cwd=state_dir, base_env=base)
+    return when_healthy("ray", proc, f"http://{HOST}:{ports['dashboard']}", "/api/version", log, timeout,
                          stop_timeout=5)  # Ray ignores SIGTERM
 
 
@@ -447,5 +253,5 @@ def start_prometheus(state_dir: Path, port: int | None, targets: dict[str, list[
     cmd = [binary, f"--config.file={config}", f"--storage.tsdb.path={state_dir / 'data'}",
            f"--web.listen-address={HOST}:{port}", "--storage.tsdb.retention.time=7d"]
     log = state_dir / "prometheus.log"
-    proc = spawn("prometheus", cmd, log, cwd=state_dir)
-    return _when_healthy("prometheus", proc, f"http://{HOST}:{port}", "/-/ready", log, timeout)
+    proc = spawn(cmd, log, cwd=state_dir)
+    return when_healthy("prometheus", proc, f"http://{HOST}:{port}", "/-/ready", log, timeout)

@@ -6,7 +6,7 @@ Ray appears at four points only (the trainer itself stays plain PyTorch):
   3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
   4. `TorchTrainer(...).fit()` in `run_train`.
 `worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
-Only rank 0 logs to MLflow (`cluster.tracking.RunLogger`), into the run whose id the driver created.
+Only rank 0 logs to MLflow (`cluster.mlflow.runs.RunLogger`), into the run whose id the driver created.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cluster.tracking import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
+from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
 from trainers.config import ConfigError, StrictModel
 from trainers.loop import TrainConfig, Trainer
 
@@ -43,7 +42,7 @@ class RayTrainConfig(StrictModel):
                                      "(default: EDP_CHECKPOINT_URI, else runs/ray)")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    inject_failure_at_step: int | None = Field(None, ge=1, description="testing: last rank is SIGKILLed once here")
+    resume: bool = Field(True, description="continue the run of this name in storage_path (False: start afresh)")
 
 
 def resolve_storage(path: str | None, nodes: list[dict]) -> str:
@@ -61,8 +60,9 @@ def resolve_storage(path: str | None, nodes: list[dict]) -> str:
     return path
 
 
-def storage_uri(path: str) -> str:
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+def absolute(path: str) -> str:
+    """A local path made absolute on the driver (workers and trials run elsewhere); URIs and 'sample' as given."""
+    return path if "://" in path or path == "sample" else str(Path(path).expanduser().resolve())
 
 
 def storage_location(path: str) -> tuple[Any, str]:
@@ -75,7 +75,7 @@ def storage_location(path: str) -> tuple[Any, str]:
     and workers, whose environment may lack those variables (Train v2 passes its controller none).
     Local paths and other schemes are left to Ray (None).
     """
-    uri = storage_uri(path)
+    uri = absolute(path)
     if not uri.startswith("s3://"):
         return None, uri
     import pyarrow.fs
@@ -137,8 +137,6 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
                 (trainer.out / "checkpoints").mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(Path(d) / "best.pt", trainer.out / "checkpoints" / "best.pt")
         state["resumed_from"] = trainer.step
-    if config.get("inject_failure_at_step") and rank == world_size - 1:
-        _inject_failure(trainer, config["inject_failure_at_step"])
     if logger is not None:
         logger.log_setup(trainer, state["resumed_from"])
     result = trainer.train()
@@ -171,25 +169,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def _inject_failure(trainer: Trainer, at_step: int) -> None:
-    """Testing: the worker process kills itself (SIGKILL, no clean-up) once when `at_step` is reached;
-    a marker file makes the restarted worker group pass that step."""
-    marker = trainer.out / ".failure_injected"
-    step = trainer.train_step
-
-    def failing_step(batch):
-        if trainer.step + 1 == at_step and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(at_step))
-            # the controller polls workers' reports; a tiny model reaches this step milliseconds after the
-            # last checkpoint, so give it a moment to register that report, as any real failure would
-            time.sleep(3)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step(batch)
-
-    trainer.train_step = failing_step
-
-
 # ------------------------------------------------------------------------------------------------
 # Driver side
 
@@ -215,10 +194,6 @@ def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None
     )
 
 
-def absolute(path: str) -> str:
-    return path if "://" in path or path == "sample" else str(Path(path).expanduser().resolve())
-
-
 def with_absolute_paths(cfg: RayTrainConfig) -> RayTrainConfig:
     """Workers run in other directories: make the local paths absolute on the driver."""
     d = cfg.train.data
@@ -227,7 +202,21 @@ def with_absolute_paths(cfg: RayTrainConfig) -> RayTrainConfig:
     train = cfg.train.model_copy(update={"out_dir": absolute(cfg.train.out_dir), "data": data})
     tracking = cfg.tracking.model_copy(update={"state_dir": absolute(cfg.tracking.state_dir)})
     return cfg.model_copy(update={"train": train, "tracking": tracking,
-                                  "storage_path": storage_uri(cfg.storage_path)})
+                                  "storage_path": absolute(cfg.storage_path)})
+
+
+def forget_run(cfg: RayTrainConfig) -> None:
+    """Start afresh: drop Ray's record of the run named `cfg.name` (its checkpoints in storage_path, which Ray
+    Train would restore) and the MLflow run id in the output directory (a new MLflow run is created)."""
+    import pyarrow.fs
+
+    fs, path = storage_location(cfg.storage_path)
+    if fs is None:
+        fs, path = pyarrow.fs.FileSystem.from_uri(path) if "://" in path else (pyarrow.fs.LocalFileSystem(), path)
+    run_dir = f"{path.rstrip('/')}/{cfg.name}"
+    if fs.get_file_info(run_dir).type != pyarrow.fs.FileType.NotFound:
+        fs.delete_dir(run_dir)
+    (Path(cfg.train.out_dir) / RUN_ID_FILE).unlink(missing_ok=True)
 
 
 def ensure_ray() -> None:
@@ -255,11 +244,13 @@ def run_train(cfg: RayTrainConfig) -> dict:
     prepare(cfg.train.data)  # warm the cache (and fail on bad data) before any worker starts
     uri = cfg.tracking.resolved_uri()
     out = Path(cfg.train.out_dir)
+    if not cfg.resume:
+        forget_run(cfg)
     run_id = start_run(cfg.tracking, cfg.tracking.experiment or cfg.name, cfg.name,
                        tags={"model": cfg.train.model, "workers": str(cfg.scaling.workers)},
                        run_id_file=out / RUN_ID_FILE)
     loop_config = {"train": cfg.train.model_dump(), "run_id": run_id, "tracking_uri": uri,
-                   "log_model": cfg.tracking.log_model, "inject_failure_at_step": cfg.inject_failure_at_step}
+                   "log_model": cfg.tracking.log_model}
     ok = False
     try:
         result = torch_trainer(cfg, loop_config).fit()

@@ -6,7 +6,7 @@
 The file is validated completely BEFORE Ray starts: every variant x seed (and the search space's
 lower corner) must resolve to a valid `TrainConfig` with valid model overrides; errors name the field.
 
-One sweep = one MLflow experiment + parent run; each trial is a nested child run (cluster.tracking).
+One sweep = one MLflow experiment + parent run; each trial is a nested child run (cluster.mlflow.runs).
 A trial is a Tune function trainable: with `resources.workers == 1` it runs the Trainer in the trial
 process (fractional CPU / GPU from the config, so several pack on one GPU); with more workers it runs
 a TorchTrainer inside the trial and reports back through `TuneReportCallback` (Train v2 cannot be
@@ -24,18 +24,20 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.ray_train import (
+from cluster.mlflow.reports import finish_parent
+from cluster.mlflow.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
+from cluster.ray.train import (
     RayTrainConfig,
     Scaling,
+    absolute,
     ensure_ray,
     resolve_storage,
     storage_location,
-    storage_uri,
     torch_trainer,
     worker_loop,
 )
-from cluster.tracking import RUN_ID_FILE, TrackingConfig, client, end_run, finish_parent, start_run
 from trainers.config import ConfigError, StrictModel, load_config
+from trainers.config import _merge as merge
 from trainers.loop import TrainConfig
 from trainers.metrics import METRIC_MODES
 
@@ -166,8 +168,8 @@ class SweepConfig(StrictModel):
 
     def trial_config(self, variant: str, seed: int, search: dict[str, Any], out_dir: str | None = None
                      ) -> TrainConfig:
-        tree = _merge(copy.deepcopy(self.base), _nest(self.variant(variant).set))
-        tree = _merge(tree, _nest({**search, "seed": seed, **({"out_dir": out_dir} if out_dir else {})}))
+        tree = merge(copy.deepcopy(self.base), _nest(self.variant(variant).set))
+        tree = merge(tree, _nest({**search, "seed": seed, **({"out_dir": out_dir} if out_dir else {})}))
         return TrainConfig.model_validate(tree)
 
     def grid(self) -> list[dict]:
@@ -204,20 +206,9 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
     """Read and validate a sweep file (ConfigError naming the field on any problem)."""
     return load_config(SweepConfig, path, overrides)
-
-
-def _absolute(p: str) -> str:
-    return p if "://" in p or p == "sample" else str(Path(p).expanduser().resolve())
 
 
 def with_absolute_paths(cfg: SweepConfig) -> SweepConfig:
@@ -226,12 +217,12 @@ def with_absolute_paths(cfg: SweepConfig) -> SweepConfig:
     data = base.setdefault("data", {})
     for key in ("cache_dir", "knowledge_path"):
         if data.get(key):
-            data[key] = _absolute(data[key])
+            data[key] = absolute(data[key])
     if data.get("source") and Path(data["source"]).expanduser().exists():
-        data["source"] = _absolute(data["source"])
-    tracking = cfg.tracking.model_copy(update={"state_dir": _absolute(cfg.tracking.state_dir)})
-    return cfg.model_copy(update={"base": base, "storage_path": storage_uri(cfg.storage_path),
-                                  "work_dir": _absolute(cfg.work_dir), "tracking": tracking})
+        data["source"] = absolute(data["source"])
+    tracking = cfg.tracking.model_copy(update={"state_dir": absolute(cfg.tracking.state_dir)})
+    return cfg.model_copy(update={"base": base, "storage_path": absolute(cfg.storage_path),
+                                  "work_dir": absolute(cfg.work_dir), "tracking": tracking})
 
 
 # ------------------------------------------------------------------------------------------------

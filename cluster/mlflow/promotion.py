@@ -9,7 +9,7 @@
     rollback("escm"): `champion` goes back to `previous` (and `previous` is cleared).
 
 Every step prints what it compared. The model a version points at is the run's logged model (the pyfunc
-model of cluster.tracking) or else its `model/` artifact directory: see services/registry.py.
+model of cluster.mlflow.runs) or else its `model/` artifact directory: see services/registry.py.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cluster.mlflow.runs import resolve_tracking_uri
 from services.registry import RegistryError, client, lookup
 
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -49,13 +50,6 @@ def _better(a: float, b: float, mode: str) -> bool:
 def _say(decision: Decision, log: Callable[[str], None], line: str) -> None:
     decision.lines.append(line)
     log(line)
-
-
-def resolve_tracking_uri(tracking_uri: str | None) -> str:
-    """Explicit URI, else MLFLOW_TRACKING_URI, else the sweeps' embedded store (cluster.tracking)."""
-    from cluster.tracking import TrackingConfig
-
-    return TrackingConfig(uri=tracking_uri).resolved_uri()
 
 
 def child_runs(c, experiment: str, metric: str, mode: str, where: str | None) -> list:

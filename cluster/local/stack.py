@@ -25,9 +25,12 @@ import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from cluster import local_services as ls
+from cluster.local import processes as ps
+from cluster.local import services as ls
+from cluster.polling import poll_until
 
 SERVICES = ("s3", "mlflow", "ray", "prometheus")  # start order; `down` goes in reverse
 DEFAULT_PORTS = {
@@ -40,7 +43,9 @@ OWNER = {"ray_gcs": "ray", "ray_dashboard": "ray", "ray_metrics": "ray", "ray_cl
 # picked free at `up` (Ray's defaults, 52365 44227 44217, are taken by any `ray.init()` on the machine)
 INTERNAL_PORTS = ("ray_agent", "ray_dashboard_metrics", "ray_autoscaler_metrics")
 STATE_FILE, ENV_FILE, CREDENTIALS_FILE = "stack.json", "env", "credentials.json"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+LOG_FILES = {"s3": "s3/weed.log", "mlflow": "mlflow/mlflow.log", "ray": "ray/ray.log",
+             "prometheus": "prometheus/prometheus.log"}  # under the state dir
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 RAY_STOP_TIMEOUT_S = 3.0  # Ray's processes ignore SIGTERM: SIGKILL soon after
 
 
@@ -80,8 +85,8 @@ def check_ports(ports: dict[str, int], services: set[str]) -> None:
         clash = [other for other, p in ports.items() if p == port and other != name]
         if clash:
             problems.append(f"port {port} is given to both {name} and {clash[0]}")
-        elif not ls.port_free(port):
-            problems.append(f"port {port} ({name}) on {ls.HOST} is already in use")
+        elif not ps.port_free(port):
+            problems.append(f"port {port} ({name}) on {ps.HOST} is already in use")
     if problems:
         raise StackError("; ".join(sorted(set(problems)))
                          + ". Stop what uses it or pick other ports, e.g. --ports mlflow=5001,s3=8334")
@@ -132,7 +137,7 @@ class Stack:
 
 
 def urls(ports: dict[str, int]) -> dict[str, str]:
-    h = ls.HOST
+    h = ps.HOST
     return {"ray": f"http://{h}:{ports['ray_dashboard']}", "mlflow": f"http://{h}:{ports['mlflow']}",
             "s3": f"http://{h}:{ports['s3']}", "prometheus": f"http://{h}:{ports['prometheus']}",
             "serve": f"http://{h}:{ports['serve_http']}"}
@@ -149,7 +154,7 @@ def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
     return {"MLFLOW_TRACKING_URI": u["mlflow"], "RAY_ADDRESS": u["ray"], "AWS_ENDPOINT_URL": u["s3"],
             "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
             "EDP_HOME": str(PROJECT_ROOT), "EDP_PROMETHEUS_URL": u["prometheus"], "EDP_SERVE_URL": u["serve"],
-            "EDP_RAY_GCS_ADDRESS": f"{ls.HOST}:{ports['ray_gcs']}", "EDP_STACK_DIR": str(stack.root)}
+            "EDP_RAY_GCS_ADDRESS": f"{ps.HOST}:{ports['ray_gcs']}", "EDP_STACK_DIR": str(stack.root)}
 
 
 def write_env_file(stack: Stack, env: dict[str, str]) -> Path:
@@ -175,16 +180,16 @@ def healthy(name: str, url: str, stack: Stack) -> bool:
         except Exception:
             return False
     path = {"ray": "/api/version", "mlflow": "/health", "prometheus": "/-/ready", "serve": "/-/healthz"}[name]
-    return ls.http_ok(url + path)
+    return ps.http_ok(url + path)
 
 
 def running(record: dict | None) -> bool:
-    return bool(record) and ls.is_running(record["pid"], record["start"])
+    return bool(record) and ps.is_running(record["pid"], record["start"])
 
 
 # ---- up / down / status -----------------------------------------------------------------------------
 
-def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int) -> ls.Service:
+def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int) -> ps.Service:
     root = stack.root
     if name == "s3":
         return ls.start_seaweedfs(root / "s3", ports["s3"], *stack.credentials(), attempts=3)
@@ -198,7 +203,7 @@ def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], 
         ray_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "EDP_RAY_GCS_ADDRESS", "EDP_STACK_DIR")}
         return ls.start_ray_head(root / "ray", ray_ports, num_cpus=num_cpus, env=ray_env)
     if name == "prometheus":
-        targets = [f"{ls.HOST}:{ports[p]}" for p in ("ray_metrics", "ray_dashboard_metrics", "ray_autoscaler_metrics")]
+        targets = [f"{ps.HOST}:{ports[p]}" for p in ("ray_metrics", "ray_dashboard_metrics", "ray_autoscaler_metrics")]
         return ls.start_prometheus(root / "prometheus", ports["prometheus"], {"ray": targets})
     raise ValueError(f"unknown service {name!r}")
 
@@ -218,19 +223,15 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
     else:
         all_ports = {**DEFAULT_PORTS, **(ports or {})}
         # internal ports: the last ones again when free (Prometheus keeps the same scrape targets)
-        fresh = iter(ls.free_ports(len(INTERNAL_PORTS)))
+        fresh = iter(ps.free_ports(len(INTERNAL_PORTS)))
         for name in INTERNAL_PORTS:
             last = state["ports"].get(name)
-            all_ports[name] = last if last and last not in all_ports.values() and ls.port_free(last) else next(fresh)
+            all_ports[name] = last if last and last not in all_ports.values() and ps.port_free(last) else next(fresh)
     env = stack_env(stack, all_ports)
 
     for name in sorted(alive):  # running but unhealthy: give it a moment (it may still be starting)
         url = state["services"][name]["url"]
-        deadline = time.monotonic() + 30
-        ok = healthy(name, url, stack)
-        while not ok and time.monotonic() < deadline:
-            time.sleep(0.5)
-            ok = healthy(name, url, stack)
+        ok = poll_until(partial(healthy, name, url, stack), 30, 0.5)
         log(f"{name}: already running (pid {state['services'][name]['pid']})"
             + ("" if ok else ", but not healthy: see its log"))
     for name in SERVICES:  # recorded but dead: clear what is left of it
@@ -252,7 +253,7 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
     state["ports"] = all_ports
     started, errors = _start_all(todo, stack, all_ports, env, num_cpus, log)
     for name, service in started.items():
-        state["services"][name] = {"pid": service.proc.pid, "start": ls.proc_start(service.proc.pid),
+        state["services"][name] = {"pid": service.proc.pid, "start": ps.proc_start(service.proc.pid),
                                    "url": service.url, "log": str(service.log), "started_at": time.time()}
         if isinstance(service, ls.S3Service):
             state["services"][name]["ports"] = service.ports
@@ -268,7 +269,7 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
 
 
 def _start_all(todo: list[str], stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int,
-               log) -> tuple[dict[str, ls.Service], dict[str, str]]:
+               log) -> tuple[dict[str, ps.Service], dict[str, str]]:
     """Start `todo` side by side (each waits for its own health check); returns (started, errors)."""
     started, errors = {}, {}
     with ThreadPoolExecutor(len(todo)) as pool:
@@ -287,11 +288,11 @@ def _start_all(todo: list[str], stack: Stack, ports: dict[str, int], env: dict[s
 
 def _stop_record(record: dict, log, timeout: float = 15.0) -> int:
     """Stop the process group `up` recorded and all its descendants; returns how many processes ended."""
-    pids = ls.process_tree(set(), {record["pid"]}, not_before=record["start"])
-    survivors = ls.terminate(pids, timeout)
+    procs = ps.process_tree(record["pid"], not_before=record["start"])
+    survivors = ps.terminate(procs, timeout)
     if survivors:
-        log(f"could not stop pids {sorted(survivors)}")
-    return len(pids) - len(survivors)
+        log(f"could not stop pids {sorted(p.pid for p in survivors)}")
+    return len(procs) - len(survivors)
 
 
 def down(state_dir: Path | None = None, log=print) -> dict[str, int]:
@@ -336,18 +337,27 @@ def status(state_dir: Path | None = None) -> list[ServiceStatus]:
     return rows
 
 
-def status_table(rows: list[ServiceStatus], title: str = "edp stack"):
-    """A rich table: service, URL, pid, healthy."""
-    from rich.table import Table
+# ---- logs -------------------------------------------------------------------------------------------
 
-    table = Table(title=title)
-    for col in ("service", "URL", "pid", "healthy"):
-        table.add_column(col)
-    for r in rows:
-        pid = str(r.pid) if r.pid else "-"
-        if r.name == "serve":
-            health = "[green]yes[/]" if r.healthy else "[dim]not deployed[/]"
-        else:
-            health = "[green]yes[/]" if r.healthy else ("[red]no[/]" if r.running else "[dim]stopped[/]")
-        table.add_row(r.name, r.url, pid, health)
-    return table
+def log_file(name: str, state_dir: Path | None = None) -> Path:
+    """The log of service `name`: the one `up` recorded, else where `up` writes it (logs outlive `down`)."""
+    if name not in SERVICES:
+        raise StackError(f"unknown service {name!r}: one of {', '.join(SERVICES)}")
+    stack = Stack.at(state_dir)
+    record = stack.load()["services"].get(name)
+    path = Path(record["log"]) if record else stack.root / LOG_FILES[name]
+    if not path.exists():
+        raise StackError(f"{path}: no log of {name} yet (start the stack with `edp stack up`)")
+    return path
+
+
+def follow(path: Path, write, stop=lambda: False, interval: float = 0.5) -> None:
+    """Pass what is appended to `path` from now on to `write` until `stop()` is true (`tail -f`)."""
+    with path.open(errors="replace") as f:
+        f.seek(0, os.SEEK_END)
+        while not stop():
+            chunk = f.read()
+            if chunk:
+                write(chunk)
+            else:
+                time.sleep(interval)

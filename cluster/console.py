@@ -1,0 +1,173 @@
+"""Rich output of the `edp` commands and the demo: one console, progress bars and the tables they print.
+
+Everything here renders results; nothing computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def plain(line: str) -> None:
+    """Print `line` as it is (no markup, no highlighting, no wrapping): log lines, commands, URLs."""
+    console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def rich_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
+    """A rich progress bar and the `(phase, done, total)` callback trainers.data.prepare expects."""
+    bar = Progress(TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=False)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=max(total, 1))
+        bar.update(tasks[phase], completed=done, total=max(total, 1))
+
+    return bar, update
+
+
+def prepare_with_summary(cfg):
+    """`trainers.data.prepare.prepare(cfg)` with a progress bar, then its summary tables."""
+    from trainers.data.prepare import prepare
+
+    bar, update = rich_progress()
+    with bar:
+        prepared = prepare(cfg, progress=update)
+    print_prepared(prepared)
+    return prepared
+
+
+def print_prepared(prepared) -> None:
+    m = prepared.manifest
+    table = Table(title=f"prepared data ({'cache hit' if prepared.cache_hit else 'built'}): {prepared.path}")
+    table.add_column("split")
+    for col in ("conversations", "examples", "skipped", "distinct texts"):
+        table.add_column(col, justify="right")
+    for split, c in m["counts"].items():
+        table.add_row(split, str(c["conversations"]), str(c["examples"]), str(c["skipped"]), str(c["texts"]))
+    console.print(table)
+    vec = m["vectors"]
+    oov = "n/a" if vec["oov_rate"] is None else f"{vec['oov_rate']:.1%} of {m['vocab_size']} words ({vec['source']})"
+    t = m["timings"]
+    rows = [
+        ("source", m["source"]),
+        ("vocabulary", f"{m['vocab_size']} words (min_freq {m['settings']['min_freq']})"),
+        ("vectors OOV rate", oov),
+        ("parser", m["substitutions"]["parser"]),
+        ("knowledge", m["substitutions"]["knowledge"]["backend"]),
+        ("parse time", f"{t['parse_s']:.1f} s for {t['parsed_texts']} texts"
+                       f" ({t['parsed_texts'] / max(t['parse_s'], 1e-9):.0f} texts/s)"),
+        ("total time", f"{t.get('cache_hit_s', t['total_s']):.2f} s" + (" (cache hit)" if prepared.cache_hit else "")),
+    ]
+    info = Table(show_header=False)
+    for k, v in rows:
+        info.add_row(k, str(v))
+    console.print(info)
+    for split, bad in m["invalid"].items():
+        for line in bad[:5]:
+            console.print(f"[yellow]skipped[/] {split}: {line}")
+        if len(bad) > 5:
+            console.print(f"[yellow]... and {len(bad) - 5} more skipped in {split}[/]")
+
+
+def print_evaluation(result: dict, split: str) -> None:
+    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped)")
+    for k in result["metrics"]:
+        table.add_column(k, justify="right")
+    table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
+    console.print(table)
+
+
+def print_sweep(name: str, summary: dict) -> None:
+    """The ablation table (mean ± std over seeds) and the parent / best child runs of a finished sweep."""
+    from cluster.mlflow.reports import TABLE_METRICS
+
+    table = Table(title=f"sweep {name}: {summary['trials']} trials in {summary['wall_s']:.0f} s")
+    table.add_column("variant")
+    for col in TABLE_METRICS:
+        table.add_column(col, justify="right")
+    for r in summary["rows"]:
+        table.add_row(r["variant"], *(f"{r[c]:.2f} ± {r[c + '_std']:.2f}" for c in TABLE_METRICS))
+    console.print(table)
+    console.print(f"parent run {summary['parent_run_id']} ({summary['tracking_uri']}); "
+                  f"best child {summary['best_run_id']}")
+
+
+def stack_table(rows, title: str = "edp stack") -> Table:
+    """Service, URL, pid and health of each `cluster.local.stack.ServiceStatus` row."""
+    table = Table(title=title)
+    for col in ("service", "URL", "pid", "healthy"):
+        table.add_column(col)
+    for r in rows:
+        pid = str(r.pid) if r.pid else "-"
+        if r.name == "serve":
+            health = "[green]yes[/]" if r.healthy else "[dim]not deployed[/]"
+        else:
+            health = "[green]yes[/]" if r.healthy else ("[red]no[/]" if r.running else "[dim]stopped[/]")
+        table.add_row(r.name, r.url, pid, health)
+    return table
+
+
+def print_latency(rows, window: str, url: str) -> None:
+    """Rate and p50/p95/p99 per route (`cluster.prometheus.RouteLatency` rows)."""
+    from cluster.prometheus import fmt_ms
+
+    table = Table(title=f"request latency over the last {window} ({url})")
+    for col in ("source", "route", "req/s", "p50 ms", "p95 ms", "p99 ms"):
+        table.add_column(col, justify="left" if col in ("source", "route") else "right")
+    for r in rows:
+        table.add_row(r.source, r.route, f"{r.rate:.2f}", fmt_ms(r.p50), fmt_ms(r.p95), fmt_ms(r.p99))
+    console.print(table)
+
+
+def print_demo(result, out: Console = console) -> None:
+    """The demo's runs, champion and why, example responses, latency, timings and the URLs to look at."""
+    runs = Table(title="sweep `demo`: one MLflow parent run, one nested child run per trial")
+    for col in ("variant", "valid Acc", "valid PPL", "Dist-1", "Dist-2", "run"):
+        runs.add_column(col, justify="right" if col != "variant" else "left")
+    fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.2f}"  # noqa: E731
+    for r in sorted(result.runs, key=lambda r: r.valid_ppl if r.valid_ppl is not None else math.inf):
+        runs.add_row(r.variant, fmt(r.valid_acc, 100), fmt(r.valid_ppl), fmt(r.valid_dist1, 100),
+                     fmt(r.valid_dist2, 100), r.run_id[:8])
+    out.print(runs)
+    d = result.decision
+    out.print(f"[bold]champion[/]: models:/{d.name}@champion -> version {d.version} ({d.action})")
+    for line in d.lines:
+        out.print(f"  {line}")
+    examples = Table(title="example responses from POST /v1/respond", show_lines=True)
+    for col in ("context", "response", "emotion (top prob)", "evidence"):
+        examples.add_column(col, overflow="fold")
+    for body, answer in result.responses:
+        top = answer["emotion_top"][0] if answer.get("emotion_top") else None
+        ev = ", ".join(_evidence_text(e) for e in answer.get("evidence", [])[:3])
+        examples.add_row(" / ".join(body["context"]), answer["response"],
+                         f"{top['label']} ({top['prob']:.2f})" if top else "-", ev or "-")
+    out.print(examples)
+    lat = result.latency
+    if "p50" in lat:
+        out.print(f"[bold]latency[/] (Prometheus, Serve HTTP, /v1/respond): p50 {lat['p50']:.0f} ms, "
+                  f"p99 {lat['p99']:.0f} ms  [dim]{lat['query']}[/]")
+    else:
+        out.print("[yellow]latency: Prometheus has no samples yet; try `edp metrics` in a minute[/]")
+    steps = ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items())
+    out.print(f"[bold]time[/]: {steps}")
+    urls = Table(title="the stack is still running", show_header=False)
+    for name, label in (("ray", "Ray dashboard"), ("mlflow", "MLflow UI"), ("serve", "Serve endpoint"),
+                        ("prometheus", "Prometheus"), ("s3", "S3 (SeaweedFS)")):
+        urls.add_row(label, result.urls[name] + ("/v1/respond" if name == "serve" else ""))
+    urls.add_row("stop it", "edp stack down   (or: .venv/bin/edp stack down)")
+    out.print(urls)
+
+
+def _evidence_text(e: dict) -> str:
+    if "pair" in e:
+        return f"{e['pair'][0]}~{e['pair'][1]}"
+    return str(e.get("word", e))

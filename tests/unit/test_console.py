@@ -1,0 +1,57 @@
+"""The tables `edp sweep`, `edp metrics` and `edp demo` print, rendered from results of the right shape."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+
+from cluster import console as out
+from cluster.demo import DemoResult, TrialRun
+from cluster.mlflow.promotion import Decision
+from cluster.prometheus import RouteLatency
+
+URLS = {name: f"http://127.0.0.1:{port}" for name, port in
+        (("ray", 8265), ("mlflow", 5000), ("s3", 8333), ("prometheus", 9090), ("serve", 8000))}
+
+
+def recording(monkeypatch) -> Console:
+    rec = Console(record=True, width=200)
+    monkeypatch.setattr(out, "console", rec)
+    return rec
+
+
+def test_sweep_table(monkeypatch):
+    rec = recording(monkeypatch)
+    row = {"variant": "escm", "seeds": 2, **{c: 1.5 for c in ("Acc", "PPL", "Dist-1", "Dist-2")},
+           **{f"{c}_std": 0.25 for c in ("Acc", "PPL", "Dist-1", "Dist-2")}}
+    out.print_sweep("smoke", {"trials": 2, "wall_s": 12.0, "rows": [row], "parent_run_id": "p1",
+                              "tracking_uri": "sqlite:///x.db", "best_run_id": "c1"})
+    text = rec.export_text()
+    assert "sweep smoke: 2 trials in 12 s" in text and "1.50 ± 0.25" in text and "best child c1" in text
+
+
+def test_latency_table(monkeypatch):
+    rec = recording(monkeypatch)
+    out.print_latency([RouteLatency("serve", "/v1/respond", 2.5, 10.0, 20.0, math.nan)], "1m", "http://p:9090")
+    text = rec.export_text()
+    assert "/v1/respond" in text and "2.50" in text and "10.0" in text and " - " in text
+
+
+def test_demo_report(monkeypatch):
+    rec = Console(record=True, width=200)
+    decision = Decision("promoted", "edp-demo", version="1", lines=["decision: promote"])
+    result = DemoResult(URLS, runs=[TrialRun("escm", "abcdef123456", 0.25, 40.0, 0.1, 0.3),
+                                    TrialRun("transformer", "0123456789ab", None, None, None, None)],
+                        decision=decision,
+                        responses=[({"context": ["I got the job!"]},
+                                    {"response": "congratulations", "emotion_top": [{"label": "joyful", "prob": 0.5}],
+                                     "evidence": [{"pair": ["got", "job"]}, {"word": "job"}]})],
+                        latency={"p50": 30.0, "p99": 90.0, "query": "histogram_quantile(0.99, ...)"},
+                        timings={"stack up": 10.0, "total": 100.0})
+    out.print_demo(result, rec)
+    text = rec.export_text()
+    assert text.index("escm") < text.index("transformer")  # best PPL first, runs without metrics last
+    assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
+    assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
+    assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text
