@@ -4,7 +4,7 @@ Preprocessing is the training pipeline's: the same spaCy pipeline (from the chec
 config), the same vocabulary (stored in the checkpoint), the same encoding (`encode_escm`) and
 padding. A request without a situation uses its first turn as the situation (IAMM's eq. 3 input).
 
-    responder = Responder.from_checkpoint("runs/escm/checkpoints/best.pt")
+    responder = Responder.from_bundle("bundle/")   # trainers.model_bundle; or from_checkpoint("best.pt")
     responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
     -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...],
          "evidence": [...], "tokens_generated": 9}]
@@ -56,6 +56,13 @@ class Responder:
 
         cfg, model, vocab = load_checkpoint(path, device)
         return cls(cfg, model, vocab, device)
+
+    @classmethod
+    def from_bundle(cls, path, device: str = "cpu") -> Responder:
+        """From a serving bundle directory: safetensors + JSON, nothing unpickled (what the registry serves)."""
+        from trainers.model_bundle import load_bundle
+
+        return cls(*load_bundle(path, device), device)
 
     @property
     def model_name(self) -> str:
