@@ -144,7 +144,8 @@ def recipe(params: dict[str, str]) -> str:
     """The run's resolved training config (its `config.*` params) as compact JSON, for a version tag."""
     text = json.dumps({k.removeprefix("config."): v for k, v in sorted(params.items()) if k.startswith("config.")},
                       separators=(",", ":"))
-    return text if len(text) <= MAX_TAG_CHARS else text[:MAX_TAG_CHARS - 12] + "...(config.yaml)"
+    cut = "...(cut: the run's config.yaml has it all)"
+    return text if len(text) <= MAX_TAG_CHARS else text[:MAX_TAG_CHARS - len(cut)] + cut
 
 
 def version_tags(run, experiment: str, metric: str, mode: str) -> dict[str, str]:
