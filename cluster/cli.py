@@ -133,27 +133,53 @@ def train(
     raise typer.Exit(local_train.main(argv))
 
 
+TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
+
+
 @app.command()
 def evaluate(
-    checkpoint: Annotated[str, typer.Option("--checkpoint", help="trainer checkpoint (.pt)")],
     data: Annotated[str, typer.Option("--data", help="dir, .jsonl, official CSV dir/.tar.gz, s3://")],
+    checkpoint: Annotated[str | None, typer.Option(
+        "--checkpoint", help="a local training checkpoint (.pt) or a serving bundle directory")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="a registered version: models:/<name>@<alias> or models:/<name>/<version>")] = None,
     split: Annotated[str, typer.Option("--split", help="split name in the source")] = "valid",
     out: Annotated[Path, typer.Option("--out", help="where metrics.json and predictions.jsonl go")] = Path("eval"),
     device: Annotated[str, typer.Option("--device")] = "cpu",
     strategy: Annotated[str | None, typer.Option("--strategy", help="greedy | beam | sample")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+    tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Evaluate a checkpoint on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU + predictions."""
+    """Evaluate a checkpoint or a registered model on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU."""
     from cluster.console import print_evaluation
-    from trainers.evaluate import evaluate_checkpoint
+    from services.registry import RegistryError
 
+    if (checkpoint is None) == (model is None):
+        _fail("give exactly one of --checkpoint (a local file or bundle) and --model (models:/<name>@<alias>)")
     try:
-        result = evaluate_checkpoint(checkpoint, data, split, out, device=device,
-                                     decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid)
-    except (ConfigError, DataError, ValueError) as e:
+        result = _evaluate(checkpoint, model, tracking_uri, data, split, out, device=device,
+                           decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid)
+    except (ConfigError, DataError, ValueError, RegistryError) as e:
         _fail(str(e))
     print_evaluation(result, split)
     console.print(f"wrote {out}/metrics.json and {out}/predictions.jsonl")
+
+
+def _evaluate(checkpoint: str | None, model: str | None, tracking_uri: str | None, *args, **kwargs) -> dict:
+    """Evaluate a local checkpoint/bundle, or a registered version's bundle (never unpickled) downloaded here."""
+    from trainers.evaluate import evaluate_checkpoint
+
+    if model is None:
+        return evaluate_checkpoint(checkpoint, *args, **kwargs)
+    from cluster.mlflow.runs import resolve_tracking_uri
+    from services import registry
+
+    resolved = registry.resolve(model, resolve_tracking_uri(tracking_uri))
+    try:
+        label = f"{model} (version {resolved.version}, run {resolved.run_id})"
+        return evaluate_checkpoint(resolved.bundle, *args, label=label, **kwargs)
+    finally:
+        registry.discard(resolved)
 
 
 @app.command()
@@ -180,7 +206,6 @@ def sweep(
         _fail(f"{len(summary['errors'])} trial(s) failed: {summary['errors'][0]}")
 
 
-TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
 
 
 @app.command()
@@ -188,9 +213,12 @@ def promote(
     experiment: Annotated[str, typer.Option("--experiment", help="the sweep's MLflow experiment")],
     metric: Annotated[str, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")],
     name: Annotated[str, typer.Option("--name", help="registered model name")],
-    mode: Annotated[str, typer.Option("--mode", help="max | min: which direction is better")] = "max",
+    mode: Annotated[str | None, typer.Option(
+        "--mode", help="max | min: overrides the metric's own direction (valid_ppl min, valid_acc max, ...)")] = None,
     where: Annotated[str | None, typer.Option("--where", help="filter: \"params.model = 'escm'\"")] = None,
-    force: Annotated[bool, typer.Option("--force", help="promote even if worse than the champion")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="promote even if worse than the champion or measured on other data")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the ranking and the decision only")] = False,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
@@ -198,11 +226,12 @@ def promote(
     from cluster.mlflow.promotion import promote as do_promote
 
     try:
-        decision = do_promote(experiment, metric, mode, where, name=name, force=force,
+        decision = do_promote(experiment, metric, mode, where, name=name, force=force, dry_run=dry_run,
                               tracking_uri=tracking_uri, log=plain)
     except (PromotionError, ValueError) as e:
         _fail(str(e))
-    console.print(f"[bold]{decision.action}[/]: {name} champion is v{decision.version}")
+    console.print(f"[bold]{decision.action}[/]: {name} champion is "
+                  + (f"v{decision.version}" if decision.version else "none") + (" (dry run)" if dry_run else ""))
     if decision.action == "refused":
         raise typer.Exit(1)
 

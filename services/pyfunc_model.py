@@ -1,19 +1,35 @@
-"""MLflow pyfunc model (models-from-code): a trainer checkpoint answering the HTTP endpoint's JSON.
+"""MLflow pyfunc model (models-from-code): a serving bundle answering the HTTP endpoint's JSON.
 
     model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
     model.predict([{"context": ["I passed my driving test!"], "situation": None}])
     -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...], "evidence": [...]}]
 
-Logged by `cluster.tracking.log_pyfunc_model` with the checkpoint as the artifact `checkpoint` and
-`trainers/` + `services/` as code paths. Imports stay minimal: the heavy ones happen in load_context.
+    mlflow models predict -m runs:/<run_id>/model -t json --env-manager local \
+        -i <(echo '{"inputs": [{"context": ["I passed my driving test!"]}]}')
+
+Logged by `cluster.mlflow.runs.log_pyfunc_model` with the bundle (trainers.model_bundle: safetensors + JSON,
+never unpickled) as the artifact `bundle`, `SIGNATURE` and `INPUT_EXAMPLE`, and `trainers/` + `services/`
+as code paths. The signature is the HTTP schema's (services.schemas.RespondRequest / RespondResponse, less
+the registry's `model` field). Imports stay minimal: the heavy ones happen in load_context.
 """
 
 from __future__ import annotations
 
 import mlflow
+from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Object, Property, Schema
 
 RESPONSE_KEYS = ("response", "emotion", "emotion_top", "evidence")
+INPUT_EXAMPLE = [{"context": ["I finally passed my driving test today!"], "situation": None}]
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(Array(DataType.string), "context"),
+                   ColSpec(DataType.string, "situation", required=False)]),
+    outputs=Schema([ColSpec(DataType.string, "response"), ColSpec(DataType.string, "emotion", required=False),
+                    ColSpec(Array(Object([Property("label", DataType.string), Property("prob", DataType.double)])),
+                        "emotion_top"),
+                    ColSpec(Array(AnyType()), "evidence")]),
+)
 
 
 def _requests(model_input) -> list[dict]:
@@ -38,12 +54,12 @@ def _requests(model_input) -> list[dict]:
 
 
 class ResponderModel(PythonModel):
-    """Wraps `trainers.inference.Responder`; loads the checkpoint once and warms it up."""
+    """Wraps `trainers.inference.Responder`; loads the bundle once and warms it up."""
 
     def load_context(self, context) -> None:
         from trainers.inference import Responder
 
-        self.responder = Responder.from_checkpoint(context.artifacts["checkpoint"], device="cpu")
+        self.responder = Responder.from_bundle(context.artifacts["bundle"], device="cpu")
         self.responder.warm_up()
 
     def predict(self, context, model_input, params=None) -> list[dict]:

@@ -1,15 +1,17 @@
-"""Resolve `models:/<name>@<alias>` in the MLflow registry to a local trainer checkpoint and load a Responder.
+"""Resolve `models:/<name>@<alias>` in the MLflow registry to a local serving bundle and load a Responder.
 
-Contract with whoever registers versions (cluster.promote, or by hand):
+Contract with whoever registers versions (cluster.mlflow.promotion, or by hand):
 
 - A model version's `source` is either a logged model (`models:/m-...`, e.g. the pyfunc model of
-  services/pyfunc_model.py logged by cluster.tracking.log_pyfunc_model, whose checkpoint sits under
-  `artifacts/`) or a run artifact directory (`runs:/<run_id>/model`) holding `checkpoint.pt`.
+  services/pyfunc_model.py logged by cluster.mlflow.runs.log_pyfunc_model, whose bundle sits under
+  `artifacts/bundle/`) or a run artifact directory (`runs:/<run_id>/model`) holding a bundle.
+- A bundle (trainers.model_bundle) is `model.safetensors` + `config.json` + `vocab.json`: weights, the
+  resolved config and the vocabulary, so the preprocessing is the training run's (same spaCy pipeline,
+  same vocabulary). It is read with JSON and safetensors only: no pickle from the registry is ever
+  loaded, so a `*.pt`/`*.pkl` in a version is refused, never unpickled.
 - The version's `run_id` names the training run (kept as the tag `run_id` too).
-- The serving side downloads the version's files and loads the first edp trainer checkpoint it finds
-  (`checkpoint.pt`, then `best.pt`, then the newest other `*.pt`); if the source holds none it falls
-  back to the run's `model/` artifacts. The checkpoint carries config, vocabulary and weights, so the
-  preprocessing is the training run's (same spaCy pipeline, same vocabulary).
+- The serving side downloads the version's files and loads the shallowest bundle it finds; if the source
+  holds none it falls back to the run's `model/` artifacts.
 
     resolved = resolve("models:/escm@champion", tracking_uri)
     responder = load_responder(resolved)
@@ -24,11 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[\w.-]+)|/(?P<version>\d+))$")
-CHECKPOINT_PREFERENCE = ("checkpoint.pt", "best.pt")
 
 
 class RegistryError(RuntimeError):
-    """The registry has no such model/alias/version, or the version holds no usable checkpoint."""
+    """The registry has no such model/alias/version, or the version holds no serving bundle."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class ResolvedModel:
     version: str
     run_id: str | None
     source: str
-    checkpoint: Path        # local file inside local_dir
+    bundle: Path            # the serving bundle directory inside local_dir
     local_dir: Path         # this version's downloaded files (discard() removes them once loaded)
 
 
@@ -68,23 +69,15 @@ def lookup(c, name: str, alias: str | None = None, version: str | None = None):
         raise RegistryError(f"registered model {name!r} has no {what} ({e.error_code})") from e
 
 
-def find_checkpoint(root: Path) -> Path | None:
-    """The trainer checkpoint inside a downloaded model directory (see the module contract)."""
-    found = sorted((p for p in root.rglob("*.pt") if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
-    for preferred in CHECKPOINT_PREFERENCE:
-        named = [p for p in found if p.name == preferred]
-        if named:
-            return named[0]
-    return found[-1] if found else None
-
-
-def download_checkpoint(c, tracking_uri: str, mv, dst: Path) -> Path:
-    """Download the version's files into `dst`; return its checkpoint (fallback: the run's model/).
+def download_bundle(c, tracking_uri: str, mv, dst: Path) -> Path:
+    """Download the version's files into `dst`; return its bundle directory (fallback: the run's model/).
 
     The version's storage location comes from the registry (`get_model_version_download_uri`), so this
     needs no process-global registry URI (a Serve replica has only the tracking URI it was given).
     """
     from mlflow.artifacts import download_artifacts
+
+    from trainers.model_bundle import PICKLE_SUFFIXES, find_bundle
 
     tried = []
     locations = [lambda: c.get_model_version_download_uri(mv.name, mv.version)]
@@ -100,16 +93,17 @@ def download_checkpoint(c, tracking_uri: str, mv, dst: Path) -> Path:
         except Exception as e:  # noqa: BLE001 - try the next location, report all at the end
             tried.append(f"{uri}: {type(e).__name__}: {e}")
             continue
-        ckpt = find_checkpoint(target)
-        if ckpt is not None:
-            return ckpt
-        tried.append(f"{uri}: no *.pt file")
-    raise RegistryError(f"model {mv.name!r} version {mv.version} holds no trainer checkpoint; tried "
-                        + "; ".join(tried))
+        bundle = find_bundle(target)
+        if bundle is not None:
+            return bundle
+        pickles = sorted(p.name for p in target.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        tried.append(f"{uri}: no bundle" + (f" (pickled files, never loaded: {', '.join(pickles)})" if pickles else ""))
+    raise RegistryError(f"model {mv.name!r} version {mv.version} holds no serving bundle "
+                        "(model.safetensors + config.json + vocab.json); tried " + "; ".join(tried))
 
 
 def resolve(uri: str, tracking_uri: str, cache_dir: str | Path | None = None) -> ResolvedModel:
-    """`models:/name@alias` (or `/version`) -> version, run id and a local checkpoint path."""
+    """`models:/name@alias` (or `/version`) -> version, run id and a local bundle directory."""
     name, alias, version = parse_model_uri(uri)
     c = client(tracking_uri)
     return download(c, tracking_uri, lookup(c, name, alias, version), alias, cache_dir)
@@ -122,18 +116,19 @@ def download(c, tracking_uri: str, mv, alias: str | None = None,
     base.mkdir(parents=True, exist_ok=True)
     dst = Path(tempfile.mkdtemp(prefix=f"{mv.name}-v{mv.version}-", dir=base))
     try:
-        ckpt = download_checkpoint(c, tracking_uri, mv, dst)
+        bundle = download_bundle(c, tracking_uri, mv, dst)
     except BaseException:
         shutil.rmtree(dst, ignore_errors=True)
         raise
-    return ResolvedModel(mv.name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, ckpt, dst)
+    return ResolvedModel(mv.name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, bundle,
+                         dst)
 
 
 def load_responder(resolved: ResolvedModel, device: str = "cpu", warm_up: bool = True):
     """A warmed-up trainers.inference.Responder for a resolved version."""
     from trainers.inference import Responder
 
-    responder = Responder.from_checkpoint(resolved.checkpoint, device=device)
+    responder = Responder.from_bundle(resolved.bundle, device=device)
     if warm_up:
         responder.warm_up()
     return responder

@@ -1,9 +1,9 @@
-"""Evaluate a trained checkpoint on any ED-format source (jsonl dir/file, official CSV dir or tar.gz, s3://).
+"""Evaluate a trained checkpoint or serving bundle on any ED-format source (jsonl dir/file, official CSV dir or
+tar.gz, s3://).
 
 Writes `metrics.json` (Acc / PPL / Dist-1 / Dist-2 / BLEU) and `predictions.jsonl` (one line per
 example: conv_id, turn, gold and predicted emotion with its probability, generated response,
-reference). Decoding settings are the checkpoint's (the paper's greedy decoding by default)
-unless overridden.
+reference). Decoding settings are the run's (the paper's greedy decoding by default) unless overridden.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from trainers.data.vocab import Vocab
 from trainers.device import resolve_device
 from trainers.evaluator import Evaluator
 from trainers.loop import TrainConfig, tensor_split
+from trainers.model_bundle import load_bundle, save_bundle
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:
@@ -28,9 +29,25 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TrainConfig,
     return TrainConfig.model_validate(config), model, vocab
 
 
+def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A serving bundle (weights, config, vocabulary; no optimizer state) from a local training checkpoint."""
+    cfg, model, vocab = load_checkpoint(checkpoint, "cpu")
+    return save_bundle(out_dir, cfg, model, vocab, data_key=ckpt.load(checkpoint).get("data_key"))
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:
+    """A bundle directory (safetensors + JSON, never unpickled) or a local training checkpoint file."""
+    if not Path(path).is_dir():
+        return load_checkpoint(path, device)
+    config, model, vocab = load_bundle(path, device)
+    return TrainConfig.model_validate(config), model, vocab
+
+
 def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir: str | Path, *,
-                        device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False) -> dict:
-    cfg, model, vocab = load_checkpoint(checkpoint, device)
+                        device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
+                        label: str | None = None) -> dict:
+    """Metrics and predictions of `checkpoint` (a file or bundle; `label` names it in metrics.json) on a split."""
+    cfg, model, vocab = load_model(checkpoint, device)
     cfg = cfg.model_copy(update={"device": device, "decode": {**cfg.decode, **(decode or {})}})
     report = load_splits(source, splits=[split], skip_invalid=skip_invalid)[split]
     prepared = split_with_vocab(split, report, vocab, cfg.data)
@@ -42,7 +59,7 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir
     predictions = evaluator.generate(range(len(data)), data)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"checkpoint": str(checkpoint), "source": source, "split": split, "examples": len(data),
+    result = {"checkpoint": label or str(checkpoint), "source": source, "split": split, "examples": len(data),
               "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__, "metrics": metrics}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     with (out / "predictions.jsonl").open("w") as f:

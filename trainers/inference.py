@@ -6,7 +6,7 @@ config), the same vocabulary (stored in the checkpoint), the same featurisation 
 situation its first turn stands in (IAMM's eq. 3 input). Path: app -> schemas -> inference ->
 features -> collate -> model -> decoding.
 
-    responder = Responder.from_checkpoint("runs/escm/checkpoints/best.pt")
+    responder = Responder.from_bundle("bundle/")   # trainers.model_bundle; or from_checkpoint("best.pt")
     responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
     -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...],
          "evidence": [...], "tokens_generated": 9}]
@@ -56,6 +56,14 @@ class Responder:
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu") -> Responder:
         config, model, vocab = ckpt.load_model(path, device)
+        return cls(InferenceConfig.of_run(config), model, vocab, device)
+
+    @classmethod
+    def from_bundle(cls, path, device: str = "cpu") -> Responder:
+        """From a serving bundle directory: safetensors + JSON, nothing unpickled (what the registry serves)."""
+        from trainers.model_bundle import load_bundle
+
+        config, model, vocab = load_bundle(path, device)
         return cls(InferenceConfig.of_run(config), model, vocab, device)
 
     @property

@@ -28,6 +28,10 @@ import torch
 
 from trainers.data.emotions import NUM_EMOTIONS
 
+# What the valid_* figures mean (logged with every run; promotion compares only runs that share it): change it
+# whenever a definition above changes.
+METRIC_DEFINITION = "acc: per example; ppl: token-level; dist-n: corpus unique/total n-grams; bleu: corpus"
+
 PPL_LOG_CAP = 100.0  # the authors' exp(min(loss, 100)): keeps exp finite for a diverged model
 # Which way is better for each validation metric (early stopping, sweeps, promotion).
 METRIC_MODES = {"valid_ppl": "min", "valid_loss": "min", "valid_acc": "max", "valid_dist1": "max",

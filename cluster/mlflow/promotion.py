@@ -1,19 +1,27 @@
 """Registry promotion: the best child run of a sweep becomes the `champion` version of a registered model.
 
-    promote("escm-sweep", "valid_acc", "max", "params.model = 'escm'", name="escm")
+    promote("escm-sweep", "valid_ppl", where="params.model = 'escm'", name="escm")
+      0. the direction comes from the metric (trainers.loop.METRIC_MODES: valid_ppl min, valid_acc max,
+         final_<m> as <m>); `mode` only overrides it, and an unknown metric without `mode` is an error;
       1. search the sweep's FINISHED child runs (tag mlflow.parentRunId) matching `where`, best first;
-      2. compare the best one with the current champion on the same metric; refuse a worse one unless
+      2. compare only like with like: every ranked run and the champion must share the comparison key
+         (prepared-data key, evaluation split, metric definition), else refuse with the keys printed
+         unless `force`;
+      3. compare the best one with the current champion on the same metric; refuse a worse one unless
          `force` (a tie is not worse; the champion's own run is left as it is);
-      3. register the run's model as a new version (tags: run_id, experiment, metric.<k> for every
-         metric of the run), move alias `previous` to the replaced champion and `champion` to the new one.
+      4. register the run's model as a new version (tags: run_id, experiment, the comparison key, the
+         code version, the recipe, metric.<k> for every metric of the run), move alias `previous` to the
+         replaced champion and `champion` to the new one. `dry_run` prints steps 0-3 and registers nothing.
     rollback("escm"): `champion` goes back to `previous` (and `previous` is cleared).
 
 Every step prints what it compared. The model a version points at is the run's logged model (the pyfunc
-model of cluster.mlflow.runs) or else its `model/` artifact directory: see services/registry.py.
+model of cluster.mlflow.runs, holding a safetensors bundle) or else its `model/` artifact directory: see
+services/registry.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +33,9 @@ from services.registry import RegistryError, client, lookup
 
 CHAMPION, PREVIOUS = "champion", "previous"
 CHILD_FILTER = "tags.mlflow.parentRunId LIKE '%' and attributes.status = 'FINISHED'"
+COMPARISON_KEYS = ("data.key", "eval.split", "metric_definition")  # run params (cluster.mlflow.runs.log_setup)
+CODE_KEYS = ("code.git_commit", "code.trainers_sha256")
+MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 
 
 class PromotionError(RuntimeError):
@@ -33,7 +44,7 @@ class PromotionError(RuntimeError):
 
 @dataclass
 class Decision:
-    action: Literal["promoted", "refused", "unchanged", "rolled_back"]
+    action: Literal["promoted", "would_promote", "refused", "unchanged", "rolled_back"]
     name: str
     version: str | None = None            # the champion version after the decision
     previous_version: str | None = None   # what `previous` points at after the decision
@@ -41,6 +52,30 @@ class Decision:
     candidate_value: float | None = None
     champion_value: float | None = None
     lines: list[str] = field(default_factory=list)
+
+
+def metric_mode(metric: str, mode: str | None = None) -> str:
+    """`mode` when given, else the metric's direction from the trainer's table (`final_<m>` as `<m>`)."""
+    from trainers.metrics import METRIC_MODES
+
+    if mode is not None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        return mode
+    known = METRIC_MODES.get(metric.removeprefix("final_"))
+    if known is None:
+        raise PromotionError(f"unknown metric {metric!r}: which direction is better is not known; pass "
+                             f"--mode max|min, or use one of {', '.join(sorted(METRIC_MODES))} (or final_<metric>)")
+    return known
+
+
+def comparison_key(values: dict[str, str]) -> dict[str, str]:
+    """What makes two runs' metrics comparable, from run params or version tags ('?' where unrecorded)."""
+    return {k: values.get(k, "?") for k in COMPARISON_KEYS}
+
+
+def _show(key: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in key.items())
 
 
 def _better(a: float, b: float, mode: str) -> bool:
@@ -99,7 +134,29 @@ def _champion_value(c, mv, metric: str) -> float | None:
     return None
 
 
-def _register(c, name: str, run, source: tuple[str, str | None], experiment: str, metric: str):
+def recipe(params: dict[str, str]) -> str:
+    """The run's resolved training config (its `config.*` params) as compact JSON, for a version tag."""
+    text = json.dumps({k.removeprefix("config."): v for k, v in sorted(params.items()) if k.startswith("config.")},
+                      separators=(",", ":"))
+    cut = "...(cut: the run's config.yaml has it all)"
+    return text if len(text) <= MAX_TAG_CHARS else text[:MAX_TAG_CHARS - len(cut)] + cut
+
+
+def version_tags(run, experiment: str, metric: str, mode: str) -> dict[str, str]:
+    """What a version carries: its run, the metrics it was promoted on, comparison key, code, recipe."""
+    params = run.data.params
+    tags = {"run_id": run.info.run_id, "experiment": experiment, "promoted_metric": metric, "promoted_mode": mode,
+            "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""),
+            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **comparison_key(params), **{k: params[k] for k in CODE_KEYS if k in params},
+            "recipe": recipe(params),
+            **{f"metric.{k}": repr(float(v)) for k, v in run.data.metrics.items()}}
+    if "model" in params:
+        tags["model_type"] = params["model"]
+    return tags
+
+
+def _register(c, name: str, run, source: tuple[str, str | None], experiment: str, metric: str, mode: str):
     from mlflow.exceptions import MlflowException
 
     try:
@@ -107,23 +164,52 @@ def _register(c, name: str, run, source: tuple[str, str | None], experiment: str
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    tags = {"run_id": run.info.run_id, "experiment": experiment, "promoted_metric": metric,
-            "parent_run_id": run.data.tags.get("mlflow.parentRunId", ""),
-            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **{f"metric.{k}": repr(float(v)) for k, v in run.data.metrics.items()}}
-    if "model" in run.data.params:
-        tags["model_type"] = run.data.params["model"]
     uri, model_id = source
-    return c.create_model_version(name, uri, run_id=run.info.run_id, tags=tags, model_id=model_id,
-                                  description=f"best child of {experiment} by {metric}")
+    return c.create_model_version(name, uri, run_id=run.info.run_id, tags=version_tags(run, experiment, metric, mode),
+                                  model_id=model_id, description=f"best child of {experiment} by {metric} ({mode})")
 
 
-def promote(experiment: str, metric: str, mode: str, where: str | None = None, *, name: str,
-            force: bool = False, tracking_uri: str | None = None,
+def _champion_key(c, mv) -> dict[str, str]:
+    """The champion's comparison key: its version tags, else its run's params (versions before the tags)."""
+    key = comparison_key(mv.tags)
+    if "?" in key.values() and mv.run_id:
+        params = c.get_run(mv.run_id).data.params
+        key = {k: v if v != "?" else params.get(k, "?") for k, v in key.items()}
+    return key
+
+
+def _go_on(say: Callable[[str], None], force: bool, why: str) -> bool:
+    """Refuse (False) because of `why`, or say that --force overrides it (True)."""
+    if not force:
+        say(f"decision: refuse: {why} (use --force to promote anyway)")
+        return False
+    say(f"decision: {why}, but --force: promote")
+    return True
+
+
+def _with_model(c, runs: list, experiment: str, say: Callable[[str], None]):
+    """The best run that logged a model, and its model source."""
+    for run in runs:
+        source = model_source(c, run)
+        if source is not None:
+            return run, source
+        say(f"skip run {run.info.run_id}: it logged no model")
+    raise PromotionError(f"none of the {len(runs)} matching runs of {experiment!r} logged a model")
+
+
+def _rank(runs: list, metric: str, dry_run: bool) -> str:
+    label = lambda r: f"{r.info.run_name or r.info.run_id[:8]}={r.data.metrics[metric]:.6g}"  # noqa: E731
+    if dry_run:
+        return "".join(f"\n  {i}. {label(r)} run {r.info.run_id} ({_show(comparison_key(r.data.params))})"
+                       for i, r in enumerate(runs, 1))
+    return " " + ", ".join(label(r) for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+
+
+def promote(experiment: str, metric: str, mode: str | None = None, where: str | None = None, *, name: str,
+            force: bool = False, dry_run: bool = False, tracking_uri: str | None = None,
             log: Callable[[str], None] = print) -> Decision:
     """Register the best child run of `experiment` by `metric` and make it the champion (see module doc)."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+    mode = metric_mode(metric, mode)
     c = client(resolve_tracking_uri(tracking_uri))
     runs = child_runs(c, experiment, metric, mode, where)
     if not runs:
@@ -132,19 +218,18 @@ def promote(experiment: str, metric: str, mode: str, where: str | None = None, *
     decision = Decision("refused", name)
     say = lambda line: _say(decision, log, line)  # noqa: E731
     say(f"{len(runs)} child run(s) of {experiment!r}" + (f" matching {where!r}" if where else "")
-        + f", ranked by {metric} ({mode}): "
-        + ", ".join(f"{r.info.run_name or r.info.run_id[:8]}={r.data.metrics[metric]:.6g}" for r in runs[:5])
-        + (" ..." if len(runs) > 5 else ""))
-    for run in runs:
-        source = model_source(c, run)
-        if source is not None:
-            break
-        say(f"skip run {run.info.run_id}: it logged no model")
-    else:
-        raise PromotionError(f"none of the {len(runs)} matching runs of {experiment!r} logged a model")
-    value = run.data.metrics[metric]
+        + f", ranked by {metric} ({mode} is better):" + _rank(runs, metric, dry_run))
+    run, source = _with_model(c, runs, experiment, say)
+    value, key = run.data.metrics[metric], comparison_key(run.data.params)
     decision.candidate_run_id, decision.candidate_value = run.info.run_id, value
     say(f"candidate: run {run.info.run_id} ({run.info.run_name}) {metric}={value:.6g} model {source[0]}")
+    say(f"candidate measured on: {_show(key)}")
+    apart = [r for r in runs if comparison_key(r.data.params) != key]
+    if apart and not _go_on(say, force, f"not comparable: {len(apart)} ranked run(s) were measured on other "
+                                        f"data or metric definitions, e.g. run {apart[0].info.run_id} on "
+                                        f"{_show(comparison_key(apart[0].data.params))}, "
+                                        f"the candidate on {_show(key)}"):
+        return decision
 
     champion = _champion(c, name)
     if champion is None:
@@ -159,18 +244,25 @@ def promote(experiment: str, metric: str, mode: str, where: str | None = None, *
             decision.action = "unchanged"
             say(f"decision: the candidate run already is champion v{champion.version}; nothing to do")
             return decision
+        champ_key = _champion_key(c, champion)
+        if champ_key != key and not _go_on(say, force, "not comparable: the champion was measured on "
+                                                       f"{_show(champ_key)}, the candidate on {_show(key)}"):
+            return decision
         if champ_value is None or _better(champ_value, value, mode):
             why = ("the champion has no value to compare" if champ_value is None else
                    f"candidate {value:.6g} is worse than champion {champ_value:.6g} ({mode} is better)")
-            if not force:
-                say(f"decision: refuse: {why} (use --force to promote anyway)")
+            if not _go_on(say, force, why):
                 return decision
-            say(f"decision: {why}, but --force: promote")
         else:
             say(f"decision: candidate {value:.6g} is not worse than champion {champ_value:.6g} "
                 f"({mode} is better): promote")
 
-    mv = _register(c, name, run, source, experiment, metric)
+    if dry_run:
+        decision.action = "would_promote"
+        say(f"dry run: would register run {run.info.run_id} as a new version of {name} and move {CHAMPION}; "
+            "nothing registered")
+        return decision
+    mv = _register(c, name, run, source, experiment, metric, mode)
     if champion is not None:
         c.set_registered_model_alias(name, PREVIOUS, champion.version)
         decision.previous_version = str(champion.version)

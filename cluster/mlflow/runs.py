@@ -52,7 +52,7 @@ class TrackingConfig(StrictModel):
     uri: str | None = Field(None, description="MLflow tracking URI (http://..., sqlite:///..., file:...)")
     state_dir: str = Field(EMBEDDED_STATE_DIR, description="embedded store: sqlite db + local artifacts")
     experiment: str | None = Field(None, description="experiment name (default: the sweep / run name)")
-    log_model: bool = Field(True, description="log the pyfunc model (and safetensors weights) per run")
+    log_model: bool = Field(True, description="log the pyfunc model (with its safetensors bundle) per run")
 
     def resolved_uri(self) -> str:
         return resolve_tracking_uri(self.uri, self.state_dir)
@@ -138,9 +138,12 @@ class RunLogger:
         """Full resolved config, data key, code version and substitutions as params."""
         from mlflow.entities import Param
 
+        from trainers.metrics import METRIC_DEFINITION
+
         cfg, manifest = trainer.cfg, trainer.prepared.manifest
         params = {**flatten(cfg.model_dump(), "config."), **flatten(vars(trainer.raw_model.cfg), "model."),
                   "data.key": manifest["key"], "data.code_version": manifest.get("code_version", ""),
+                  "eval.split": "valid", "metric_definition": METRIC_DEFINITION,  # what valid_* metrics mean
                   **{f"substitution.{k}": v for k, v in flatten(manifest["substitutions"]).items()},
                   **code_version(), "world_size": trainer.world_size,
                   "model": cfg.model}  # short key for promotion filters: --where "params.model = 'escm'"
@@ -166,7 +169,7 @@ class RunLogger:
         self.last_step = step
 
     def log_final(self, trainer, result: dict) -> None:
-        """Final valid metrics; artifacts: vocab, samples, plots, safetensors weights; the pyfunc model."""
+        """Final valid metrics; artifacts: vocab, samples, plots; the pyfunc model with the serving bundle."""
         from mlflow.entities import Metric
 
         now = _now_ms()
@@ -188,31 +191,31 @@ class RunLogger:
             self._log_weights_and_model(trainer)
 
     def _log_weights_and_model(self, trainer) -> None:
+        """The pyfunc model around a serving bundle of the final (best) weights: safetensors + JSON."""
         import tempfile
 
         import mlflow
-        from safetensors.torch import save_file
 
-        best = trainer.out / "checkpoints" / "best.pt"
+        from trainers.model_bundle import save_bundle
+
         with tempfile.TemporaryDirectory() as tmp:
-            weights = Path(tmp) / "model.safetensors"
-            state = trainer.raw_model.state_dict()
-            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-            save_file(tensors, str(weights), metadata={"model": trainer.cfg.model, "step": str(trainer.step)})
-            self.client.log_artifact(self.run_id, str(weights), "weights")
-        if best.exists():
+            bundle = save_bundle(Path(tmp) / "bundle", trainer.cfg, trainer.raw_model, trainer.vocab,
+                                 data_key=trainer.prepared.manifest["key"])
             mlflow.set_tracking_uri(self.uri)
             with mlflow.start_run(run_id=self.run_id):
-                log_pyfunc_model(best)
+                log_pyfunc_model(bundle)
 
 
-def log_pyfunc_model(checkpoint: Path, name: str = "model"):
-    """Log `services/pyfunc_model.py` (models-from-code) with the checkpoint as its artifact."""
+def log_pyfunc_model(bundle: Path, name: str = "model"):
+    """Log `services/pyfunc_model.py` (models-from-code) with the serving bundle as its artifact `bundle`,
+    the HTTP schema as its signature and an input example."""
     import mlflow
+
+    from services.pyfunc_model import INPUT_EXAMPLE, SIGNATURE
 
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(REPO_ROOT / "services" / "pyfunc_model.py"),
-        artifacts={"checkpoint": str(checkpoint)},
+        artifacts={"bundle": str(bundle)}, signature=SIGNATURE, input_example=INPUT_EXAMPLE,
         code_paths=[str(REPO_ROOT / "trainers"), str(REPO_ROOT / "services")],
         pip_requirements=pinned_requirements(),
     )

@@ -1,16 +1,15 @@
 """Test helpers: a tiny trained checkpoint and sweeps of child runs logged to a real MLflow server.
 
 Until a sweep has produced them, the promotion and serving tests make their own child runs the way the
-tracking code does (parent run, nested children with metrics and a model): the model is the pyfunc model
-of services/pyfunc_model.py (via cluster.mlflow.runs.log_pyfunc_model) when that exists, else the checkpoint
-as the run artifact `model/checkpoint.pt` (the other layout services/registry.py accepts).
+tracking code does (parent run, nested children with metrics, the params promotion compares and a model):
+the model is the serving bundle exported from the checkpoint, inside the pyfunc model of
+services/pyfunc_model.py (via cluster.mlflow.runs.log_pyfunc_model) when that exists, else as the run artifact
+directory `model/` (the other layout services/registry.py accepts).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -40,14 +39,33 @@ def pyfunc_available() -> bool:
             and importlib.util.find_spec("cluster.mlflow.runs") is not None)
 
 
+def bundle_of(checkpoint: Path) -> Path:
+    """The serving bundle of a training checkpoint, exported once beside it (`<dir>/bundle-<name>/`)."""
+    from trainers.evaluate import export_bundle
+    from trainers.model_bundle import is_bundle
+
+    bundle = checkpoint.parent / f"bundle-{checkpoint.stem}"
+    return bundle if is_bundle(bundle) else export_bundle(checkpoint, bundle)
+
+
+def comparison_params(bundle: Path) -> dict[str, str]:
+    """The params a training run logs for promotion to compare like with like (cluster.mlflow.runs.log_setup)."""
+    from trainers.metrics import METRIC_DEFINITION
+    from trainers.model_bundle import read_config
+
+    return {"data.key": read_config(bundle)["data_key"], "eval.split": "valid",
+            "metric_definition": METRIC_DEFINITION}
+
+
 def log_child(c, experiment_id: str, parent_run_id: str, checkpoint: Path, metrics: dict[str, float],
               params: dict[str, str] | None = None, name: str = "trial", pyfunc: bool | None = None) -> str:
-    """A FINISHED child run with `metrics`, `params` and the model; returns its run id."""
+    """A FINISHED child run with `metrics`, `params` (over the comparison params) and the model; its run id."""
     import mlflow
 
+    bundle = bundle_of(checkpoint)
     run = c.create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id})
     run_id = run.info.run_id
-    for k, v in (params or {}).items():
+    for k, v in {**comparison_params(bundle), **(params or {})}.items():
         c.log_param(run_id, k, v)
     for k, v in metrics.items():
         c.log_metric(run_id, k, v)
@@ -56,11 +74,9 @@ def log_child(c, experiment_id: str, parent_run_id: str, checkpoint: Path, metri
 
         mlflow.set_tracking_uri(c.tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            log_pyfunc_model(checkpoint)
+            log_pyfunc_model(bundle)
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(checkpoint, Path(tmp) / "checkpoint.pt")
-            c.log_artifact(run_id, str(Path(tmp) / "checkpoint.pt"), "model")
+        c.log_artifacts(run_id, str(bundle), "model")
     c.set_terminated(run_id, "FINISHED")
     return run_id
 

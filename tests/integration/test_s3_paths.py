@@ -89,7 +89,7 @@ def test_mlflow_run_artifacts_and_model_land_in_s3_and_load_back(s3_server, buck
                       on_eval=lambda metrics, _: logger.log_eval(metrics, trainer.history))
     logger.log_setup(trainer, None)
     result = trainer.train()
-    logger.log_final(trainer, result)  # vocab, samples, plots, final metrics, weights, pyfunc model
+    logger.log_final(trainer, result)  # vocab, samples, plots, final metrics, pyfunc model with its bundle
     end_run(s3_mlflow.url, run_id)
     t_log = time.perf_counter() - t0
 
@@ -99,13 +99,15 @@ def test_mlflow_run_artifacts_and_model_land_in_s3_and_load_back(s3_server, buck
     run_prefix = f"mlflow/{run.info.experiment_id}/{run_id}/artifacts/"
     run_keys = {k.removeprefix(run_prefix) for k in keys_under(s3, bucket, run_prefix)}
     assert {"config.yaml", "vocab.json", "samples.jsonl", "final_metrics.json", "plots/loss_curve.png",
-            "plots/emotion_confusion.png", "weights/model.safetensors"} <= run_keys
+            "plots/emotion_confusion.png"} <= run_keys
     stored = json.loads(s3.get_object(Bucket=bucket, Key=run_prefix + "final_metrics.json")["Body"].read())
     assert stored == pytest.approx(result["final"], nan_ok=True)
     mlmodel = [k for k in keys_under(s3, bucket, "mlflow/") if k.endswith("/MLmodel")]
-    assert len(mlmodel) == 1, mlmodel  # the logged model, with its checkpoint artifact beside it
+    assert len(mlmodel) == 1, mlmodel  # the logged model, with its serving bundle beside it
     model_keys = keys_under(s3, bucket, mlmodel[0].removesuffix("MLmodel"))
-    assert any(k.endswith("/best.pt") for k in model_keys), model_keys
+    assert {f"artifacts/bundle/{f}" for f in ("model.safetensors", "config.json", "vocab.json")} <= {
+        k.removeprefix(mlmodel[0].removesuffix("MLmodel")) for k in model_keys}, model_keys
+    assert not any(k.endswith(".pt") for k in model_keys), model_keys
     assert any("/code/trainers/" in k for k in model_keys)
 
     # the model loads back through the server's proxy in a fresh process without any S3 credentials

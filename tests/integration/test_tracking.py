@@ -58,11 +58,28 @@ def test_child_logs_config_versions_substitutions_metrics_and_artifacts(logged_r
     assert [m.step for m in c.get_metric_history(run.info.run_id, "valid_ppl")] == [2, 4]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
     assert "final_valid_ppl" in run.data.metrics and "final_valid_acc" in run.data.metrics
+    assert p["eval.split"] == "valid" and p["metric_definition"].startswith("acc: per example; ppl: token-level")
     names = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "vocab.json", "samples.jsonl", "plots", "weights"} <= names
+    assert {"config.yaml", "vocab.json", "samples.jsonl", "plots"} <= names
     assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} == {
         "plots/emotion_confusion.png", "plots/loss_curve.png"}
-    assert [a.path for a in c.list_artifacts(run.info.run_id, "weights")] == ["weights/model.safetensors"]
+
+
+def test_pyfunc_model_holds_the_bundle_a_signature_and_an_input_example(logged_run):
+    from services.pyfunc_model import SIGNATURE
+    from services.schemas import RespondRequest, RespondResponse
+
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{logged_run['run_id']}/model",
+                                                     tracking_uri=logged_run["uri"]))
+    assert sorted(p.name for p in (local / "artifacts" / "bundle").iterdir()) == [
+        "config.json", "model.safetensors", "vocab.json"]
+    assert not list(local.rglob("*.pt")) and not list(local.rglob("*.pkl"))
+    info = mlflow.models.get_model_info(f"runs:/{logged_run['run_id']}/model")
+    assert info.signature == SIGNATURE and (local / "input_example.json").is_file()
+    # the signature is the HTTP schema's: same fields, same required ones (less the registry's `model`)
+    assert {c.name: c.required for c in SIGNATURE.inputs.inputs} == {
+        k: f.is_required() for k, f in RespondRequest.model_fields.items()}
+    assert {c.name for c in SIGNATURE.outputs.inputs} == set(RespondResponse.model_fields) - {"model"}
 
 
 def test_pyfunc_model_answers_the_http_json(logged_run):
@@ -81,3 +98,28 @@ def test_pyfunc_model_answers_the_http_json(logged_run):
     local = mlflow.artifacts.download_artifacts(f"runs:/{logged_run['run_id']}/model/requirements.txt")
     reqs = Path(local).read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in reqs and any(r.startswith("spacy==") for r in reqs)
+
+
+def test_mlflow_models_predict_answers_like_the_endpoint(logged_run, tmp_path):
+    """The `mlflow models predict` CLI on the logged model gives the Responder's (the endpoint's) answers."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from trainers.inference import Responder
+
+    requests = [{"context": ["I passed my driving test today!"], "situation": None},
+                {"context": ["My dog died.", "Oh no, I am sorry.", "Thanks."], "situation": "sad day"}]
+    (tmp_path / "in.json").write_text(json.dumps({"inputs": requests}))
+    mlflow_cli = Path(sys.executable).parent / "mlflow"
+    done = subprocess.run([str(mlflow_cli), "models", "predict", "-m", f"runs:/{logged_run['run_id']}/model",
+                           "-i", str(tmp_path / "in.json"), "-t", "json", "-o", str(tmp_path / "out.json"),
+                           "--env-manager", "local"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": logged_run["uri"]})
+    assert done.returncode == 0, done.stderr[-3000:]
+    predicted = json.loads((tmp_path / "out.json").read_text())["predictions"]
+    bundle = mlflow.artifacts.download_artifacts(f"runs:/{logged_run['run_id']}/model/artifacts/bundle",
+                                                 dst_path=str(tmp_path / "dl"), tracking_uri=logged_run["uri"])
+    expected = Responder.from_bundle(bundle).respond(requests)
+    assert predicted == [{k: e[k] for k in RESPONSE_KEYS} for e in expected]

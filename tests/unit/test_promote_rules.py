@@ -1,0 +1,38 @@
+"""Promotion rules without a server: the metric's direction, the comparison key, the recipe tag."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster.mlflow.promotion import MAX_TAG_CHARS, PromotionError, comparison_key, metric_mode, recipe
+from trainers.metrics import METRIC_MODES
+
+
+@pytest.mark.parametrize(("metric", "mode", "expected"), [
+    ("valid_ppl", None, "min"), ("valid_acc", None, "max"), ("final_valid_ppl", None, "min"),
+    ("valid_loss", None, "min"), ("valid_dist2", None, "max"), ("valid_ppl", "max", "max"), ("my_metric", "min", "min"),
+])
+def test_direction_comes_from_the_trainers_table_and_mode_overrides_it(metric, mode, expected):
+    assert metric_mode(metric, mode) == expected
+
+
+def test_unknown_metric_without_mode_lists_the_known_ones_and_bad_mode_fails():
+    with pytest.raises(PromotionError, match="unknown metric 'bleu'") as e:
+        metric_mode("bleu")
+    assert all(m in str(e.value) for m in METRIC_MODES) and "--mode" in str(e.value)
+    with pytest.raises(ValueError, match="mode must be 'max' or 'min'"):
+        metric_mode("valid_ppl", "up")
+
+
+def test_comparison_key_marks_what_a_run_did_not_record():
+    assert comparison_key({"data.key": "abc", "eval.split": "valid", "model": "escm"}) == {
+        "data.key": "abc", "eval.split": "valid", "metric_definition": "?"}
+
+
+def test_recipe_is_the_config_params_as_json_within_the_tag_limit():
+    params = {"config.model": "escm", "config.seed": "0", "model": "escm", "data.key": "abc"}
+    assert json.loads(recipe(params)) == {"model": "escm", "seed": "0"}
+    long = recipe({f"config.k{i}": "x" * 100 for i in range(100)})
+    assert len(long) <= MAX_TAG_CHARS and long.endswith("config.yaml has it all)")
