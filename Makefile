@@ -6,7 +6,8 @@
 # installs a month apart get the same versions. `make lock` regenerates all four after a pyproject edit
 # (tests/unit/test_lock.py fails until then). uv itself is bootstrapped into .venv from PyPI with pip.
 # torch is not installed from the lock (a lock resolved on Linux pins the CUDA build): pip installs it
-# first, the CPU build by default.
+# first, the CPU build by default, without its dependencies (the lock pins them; a TORCH_INDEX build gets
+# its own, e.g. the CUDA libraries).
 #
 #   TORCH_INDEX   pip index URL for torch. Empty (default): the CPU build (this platform's default
 #                 index). Set it to a CUDA wheel index (e.g. PyTorch's cu128 index) for GPU machines.
@@ -46,7 +47,7 @@ $(UV): | $(PY)
 	$(PIP) install uv==$(UV_VERSION)
 
 $(VENV)/.base: pyproject.toml Makefile uv.lock $(REQS)/demo.txt $(REQS)/spacy-models.txt | $(PY) $(UV)
-	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),--no-deps) torch==$(TORCH_VERSION)
 	$(UV_LOCKED) $(REQS)/demo.txt
 	$(UV_INSTALL) -e .
 	$(PIP) install --no-deps --ignore-requires-python --require-hashes -r $(REQS)/spacy-models.txt
