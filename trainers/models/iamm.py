@@ -259,7 +259,8 @@ class IAMM(PointerGeneratorSeq2Seq):
         memories, extras = [], {"trace": {}}
         if not cfg.no_ea:
             ek = explicit_memory(self.iam_ek, self.embed(batch["utt_ids"]), batch["utt_mask"],
-                                 self.embed(batch["situation_ids"]), batch["situation_mask"], turn_mask)
+                                 self.embed(batch["situation_ids"]), batch["situation_mask"], turn_mask,
+                                 batch["context_ids"].size(1))
             memories.append(ek)
             extras["associated"] = associated_words(ek.selections, batch, cfg.num_associated)
             extras["trace"]["explicit"] = ek.trace
