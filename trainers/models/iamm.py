@@ -18,7 +18,7 @@
 Interpretations (the authors' code, github.com/zhouzhouyang520/IAMM, src/models/IAMM/model.py, was read
 to settle what the paper leaves open; nothing was copied):
 
-- Eqs. 1-2: Enc_u runs on every turn separately (batched as B*M sequences) with word + timing signal +
+- Eqs. 1-2: Enc_u runs on every turn separately (batched as the real turns of the B*M slots) with word + timing signal +
   speaker/listener state embeddings; Enc_ctx runs on the concatenated real tokens of all turns, preceded
   by Enc_u's encoding of a lone [CLS]. The result is position-aligned with `context_ids` ([CLS] + turns),
   so the pointer-generator copies from `context_ext_ids` through Dec_c's cross-attention (eq. 33).
