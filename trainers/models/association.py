@@ -119,27 +119,37 @@ class AssociationMemory:
     #              "memory_real" (B, M) real entries stored per turn
 
 
-def sentence_pairs(iam: InformationAssociation, Y_u, mask_u, Y_s, mask_s):
+def sentence_pairs(iam: InformationAssociation, Y_u, mask_u, Y_s, mask_s, max_history: int | None = None):
     """E_sc and E_cc of eq. 16: the utterance-situation pairs of all M turns and the utterance-history pairs
     of turns 1..M-1 (turn i against turns 0..i-1), in one stacked IAM call.
 
     Y_u (B, M, Lu, 3 H d_h) projected turns, mask_u (B, M, Lu); Y_s (B, Ls, 3 H d_h), mask_s (B, Ls).
-    -> E (2M - 1, B, 2 H k1, d), valid (2M - 1, B, 2 H k1), selections (pairs in that order)."""
+    The history is the real tokens of turns 0..M-2 moved to the front (order kept) and cut to
+    `max_history` (a bound on real history tokens, e.g. the context length): the (M - 1) Lu padded turn
+    positions would make the pairs grow with the batch's longest turn times its most turns.
+    -> E (2M - 1, B, 2 H k1, d), valid (2M - 1, B, 2 H k1), selections (pairs in that order; the history
+    pairs' positions in o index the (M - 1) Lu turn positions)."""
     B, M, Lu, _ = Y_u.shape
     q, qm = Y_u.transpose(0, 1), mask_u.transpose(0, 1)  # (M, B, Lu, 3 H d_h), (M, B, Lu)
     y_o, m_o = [Y_s[None].expand(M, -1, -1, -1)], [mask_s[None].expand(M, -1, -1)]
     y_t, m_t = [q], [qm]
     if M > 1:
-        hist = Y_u[:, : M - 1].flatten(1, 2)  # (B, (M-1) Lu, .): turns 0..M-2 in place
-        turn_of = torch.arange((M - 1) * Lu, device=Y_u.device) // Lu
-        before = turn_of[None, None] < torch.arange(1, M, device=Y_u.device)[:, None, None]
-        y_o.append(hist[None].expand(M - 1, -1, -1, -1))
-        m_o.append(mask_u[:, : M - 1].flatten(1, 2)[None] & before)  # (M-1, B, (M-1) Lu): turns before i
+        turn_of = (torch.arange((M - 1) * Lu, device=Y_u.device) // Lu).expand(B, -1)  # (B, (M-1) Lu)
+        order = (~mask_u[:, : M - 1].flatten(1)).to(torch.uint8).argsort(dim=-1, stable=True)[:, :max_history]
+        hist = Y_u[:, : M - 1].flatten(1, 2).gather(1, order[..., None].expand(-1, -1, Y_u.size(-1)))
+        before = turn_of.gather(1, order)[None] < torch.arange(1, M, device=Y_u.device)[:, None, None]
+        y_o.append(hist[None].expand(M - 1, -1, -1, -1))  # (M-1, B, Lh, .)
+        m_o.append(mask_u[:, : M - 1].flatten(1).gather(1, order)[None] & before)  # turns before i
         y_t.append(q[1:])
         m_t.append(qm[1:])
     Lo = max(y.size(2) for y in y_o)
-    return iam(torch.cat(y_t), torch.cat(m_t), torch.cat([pad_to(y, Lo, 2) for y in y_o]),
-               torch.cat([pad_to(m, Lo, 2) for m in m_o]))
+    E, valid, sel = iam(torch.cat(y_t), torch.cat(m_t), torch.cat([pad_to(y, Lo, 2) for y in y_o]),
+                        torch.cat([pad_to(m, Lo, 2) for m in m_o]))
+    if M > 1:  # history positions back to turn positions
+        idx, w = sel["o"]
+        hist_idx = order[None].expand(M - 1, -1, -1).gather(2, idx[M:].flatten(2).clamp_max(order.size(1) - 1))
+        sel["o"] = (torch.cat([idx[:M], hist_idx.view_as(idx[M:])]), w)
+    return E, valid, sel
 
 
 def memory_pairs(iam: InformationAssociation, X_u, mask_u, E, valid):
@@ -169,22 +179,25 @@ def memory_pairs(iam: InformationAssociation, X_u, mask_u, E, valid):
     return torch.cat(mem, 1), torch.cat(mem_ok, 1), trace
 
 
-def iterate_associations(iam: InformationAssociation, X_u, mask_u, X_s, mask_s, turn_mask) -> AssociationMemory:
+def iterate_associations(iam: InformationAssociation, X_u, mask_u, X_s, mask_s, turn_mask,
+                         max_history: int | None = None) -> AssociationMemory:
     """The iterative association process over the turns, eqs. 16-18, for one branch.
 
     X_u (B, M, Lu, d) per-turn vectors (word embeddings or relation vectors), mask_u (B, M, Lu);
-    X_s (B, Ls, d) the situation's, mask_s (B, Ls); turn_mask (B, M)."""
+    X_s (B, Ls, d) the situation's, mask_s (B, Ls); turn_mask (B, M); max_history: see `sentence_pairs`."""
     mask_u = mask_u & turn_mask[..., None]
     Y_u, Y_s = iam.project(X_u, 0), iam.project(X_s, 0)  # sentence-pair projections, once per sentence
-    E, valid, selections = sentence_pairs(iam, Y_u, mask_u, Y_s, mask_s)
+    E, valid, selections = sentence_pairs(iam, Y_u, mask_u, Y_s, mask_s, max_history)
     V, V_valid, trace = memory_pairs(iam, X_u, mask_u, E, valid)
     return AssociationMemory(V, V_valid, selections, trace)
 
 
-def explicit_memory(iam: InformationAssociation, E_u, mask_u, E_s, mask_s, turn_mask) -> AssociationMemory:
+def explicit_memory(iam: InformationAssociation, E_u, mask_u, E_s, mask_s, turn_mask,
+                    context_len: int) -> AssociationMemory:
     """V_ek, eq. 16: the explicit pairs (E_w^i, E_s), (E_w^i, E_w^<i), (E_w^i, M_<i) over the word embeddings
-    E_u (B, M, Lu, d) of the turns and E_s (B, Ls, d) of the situation."""
-    return iterate_associations(iam, E_u, mask_u, E_s, mask_s, turn_mask)
+    E_u (B, M, Lu, d) of the turns and E_s (B, Ls, d) of the situation. The turns' real tokens are those
+    of the context ([CLS] + turns, `context_len` positions), which bounds every history."""
+    return iterate_associations(iam, E_u, mask_u, E_s, mask_s, turn_mask, max_history=context_len - 1)
 
 
 def implicit_memory(iam: InformationAssociation, H_cs, cs_mask, turn_mask) -> AssociationMemory:

@@ -18,7 +18,7 @@
 Interpretations (the authors' code, github.com/zhouzhouyang520/IAMM, src/models/IAMM/model.py, was read
 to settle what the paper leaves open; nothing was copied):
 
-- Eqs. 1-2: Enc_u runs on every turn separately (batched as B*M sequences) with word + timing signal +
+- Eqs. 1-2: Enc_u runs on every turn separately (batched as the real turns of the B*M slots) with word + timing signal +
   speaker/listener state embeddings; Enc_ctx runs on the concatenated real tokens of all turns, preceded
   by Enc_u's encoding of a lone [CLS]. The result is position-aligned with `context_ids` ([CLS] + turns),
   so the pointer-generator copies from `context_ext_ids` through Dec_c's cross-attention (eq. 33).
@@ -208,8 +208,10 @@ class IAMM(PointerGeneratorSeq2Seq):
         ids, umask = batch["utt_ids"], batch["utt_mask"]
         B, M, Lu = ids.shape
         s = math.sqrt(self.cfg.emb_dim)
-        x = self.embed(ids) + self.state_embedding(batch["utt_state"])[:, :, None] * s  # E_w + E_r
-        H_u = self.enc_u(x.flatten(0, 1), attendable(umask.flatten(0, 1))).view(B, M * Lu, -1)
+        x = (self.embed(ids) + self.state_embedding(batch["utt_state"])[:, :, None] * s).flatten(0, 1)  # E_w + E_r
+        real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
+        H = self.enc_u(x.index_select(0, real), umask.flatten(0, 1).index_select(0, real))  # (n, Lu, d)
+        H_u = H.new_zeros(B * M, Lu, H.size(-1)).index_copy(0, real, H).view(B, M * Lu, -1)
         cls_ids = ids.new_full((B, 1), CLS)
         cls = self.enc_u(self.embed(cls_ids) + self.state_embedding(torch.full_like(cls_ids, STATE_CLS)) * s,
                          torch.ones_like(cls_ids, dtype=torch.bool))  # (B, 1, d)
@@ -259,7 +261,8 @@ class IAMM(PointerGeneratorSeq2Seq):
         memories, extras = [], {"trace": {}}
         if not cfg.no_ea:
             ek = explicit_memory(self.iam_ek, self.embed(batch["utt_ids"]), batch["utt_mask"],
-                                 self.embed(batch["situation_ids"]), batch["situation_mask"], turn_mask)
+                                 self.embed(batch["situation_ids"]), batch["situation_mask"], turn_mask,
+                                 batch["context_ids"].size(1))
             memories.append(ek)
             extras["associated"] = associated_words(ek.selections, batch, cfg.num_associated)
             extras["trace"]["explicit"] = ek.trace
