@@ -189,8 +189,7 @@ def full_run(prepared, model: str, device: str, sizes: Sizes) -> dict:
         result = Trainer(cfg, prepared, log=lambda s: None).train()
         wall = time.perf_counter() - t0
     final = result["final"]
-    return {"model": model, "steps": result["step"], "max_steps": cfg.max_steps, "wall_s": wall,
-            "final": final, "valid": all(math.isfinite(v) for v in final.values())}
+    return {"model": model, "steps": result["step"], "max_steps": cfg.max_steps, "wall_s": wall, "final": final}
 
 
 # ---- 3. ablation grid through Ray Tune ---------------------------------------------------------------------
