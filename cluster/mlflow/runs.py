@@ -15,7 +15,6 @@ The tracking URI comes from the config, else `MLFLOW_TRACKING_URI`, else an embe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -96,11 +95,11 @@ def end_run(uri: str, run_id: str, ok: bool = True) -> None:
 
 
 def code_version() -> dict[str, str]:
-    """Git commit (when the checkout has one) and a hash of the trainers/ source that actually ran."""
-    h = hashlib.sha256()
-    for f in sorted((REPO_ROOT / "trainers").rglob("*.py")):
-        h.update(str(f.relative_to(REPO_ROOT)).encode() + f.read_bytes())
-    out = {"code.trainers_sha256": h.hexdigest()[:16]}
+    """Git commit (when the checkout has one) and the hash of the trainers/ source that actually ran (the one a
+    checkpoint records: `trainers.checkpoint.code_version`)."""
+    from trainers.checkpoint import code_version as trainers_sha256
+
+    out = {"code.trainers_sha256": trainers_sha256()}
     try:
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True,
                                 text=True, timeout=5)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -402,7 +400,6 @@ def test_overfits_32_examples():
     m = tiny()
     b = make_batch(B=32, seed=8)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-    t0 = time.time()
     first = None
     for _step in range(200):
         out = m(b, Targets.of(b))
@@ -413,7 +410,6 @@ def test_overfits_32_examples():
         out.loss.backward()
         opt.step()
     assert out.loss.item() < 0.3 * first[0] and out.gen_loss.item() < 0.3 * first[1], (first, _step)
-    assert time.time() - t0 < 30
 
 
 def test_real_collated_batch(prepared_sample):
