@@ -198,6 +198,7 @@ def full_run(prepared, model: str, device: str, sizes: Sizes) -> dict:
 
 def grid(prepared, device: str, sizes: Sizes, tmp: Path) -> dict:
     from cluster.sweep import SweepConfig, load_sweep, run_sweep
+
     from trainers.loop import TrainConfig
 
     gpu = sizes.grid_gpu if torch.device(device).type == "cuda" else 0
@@ -263,8 +264,9 @@ async def open_loop(url: str, rate: float, seconds: float) -> dict:
 
 
 def serving(prepared, device: str, sizes: Sizes, tmp: Path) -> dict:
-    from cluster import serve_local
     from cluster.local_services import free_port, start_mlflow
+
+    from cluster import serve_local
     from tests.integration.registry_models import register_champion, train_tiny
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
