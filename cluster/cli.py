@@ -302,15 +302,20 @@ def stack_up(
     ports: Annotated[list[str] | None, typer.Option(
         "--ports", help="NAME=PORT[,NAME=PORT...] (repeatable); names: ray_gcs ray_dashboard ray_metrics "
                         "ray_client serve_http mlflow s3 prometheus")] = None,
-    num_cpus: Annotated[int, typer.Option("--num-cpus", min=1, help="CPUs the Ray head offers")] = 2,
+    num_cpus: Annotated[int, typer.Option("--num-cpus", min=1, help="CPUs the Ray head offers (no --workers)")] = 2,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="worker nodes (own raylets) beside a 0-CPU head, "
+                                         "as the chart's cluster")] = 0,
+    worker_cpus: Annotated[float, typer.Option("--worker-cpus", min=0.1, help="CPUs of each worker node")] = 1.0,
 ) -> None:
-    """Start Ray head, MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write the env file."""
+    """Start Ray head (and --workers nodes), MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write
+    the env file."""
     from cluster.console import stack_table
     from cluster.local import stack
 
     start = time.perf_counter()
     try:
-        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=plain)
+        stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=plain, workers=workers,
+                 worker_cpus=worker_cpus)
         rows = stack.status(state_dir)
     except (ValueError, stack.StackError) as e:
         _fail(str(e))
@@ -320,7 +325,7 @@ def stack_up(
                   f"{url['mlflow']}, S3 {url['s3']}, Prometheus {url['prometheus']}, Serve (once deployed) "
                   f"{url['serve']}", soft_wrap=True)
     console.print(f"use it:  source {root / 'env'}\nstop it: edp stack down --state-dir {root}", soft_wrap=True)
-    if not all(r.healthy for r in rows[:4]):
+    if not all(r.healthy for r in rows if r.name != "serve"):
         raise typer.Exit(1)
 
 
@@ -339,7 +344,7 @@ def stack_down(state_dir: StateDirOpt = None) -> None:
 
 @stack_app.command("status")
 def stack_status(state_dir: StateDirOpt = None) -> None:
-    """Service, URL, pid and health of each service of the stack (exit 1 unless all four are healthy)."""
+    """Service (and worker node), URL, pid and health of the stack (exit 1 unless all are healthy)."""
     from cluster.console import stack_table
     from cluster.local import stack
 
@@ -348,7 +353,7 @@ def stack_status(state_dir: StateDirOpt = None) -> None:
     except stack.StackError as e:
         _fail(str(e))
     console.print(stack_table(rows))
-    if not all(r.healthy for r in rows[:4]):
+    if not all(r.healthy for r in rows if r.name != "serve"):
         raise typer.Exit(1)
 
 

@@ -143,7 +143,7 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     sweep = load_sweep(SWEEP, overrides)  # a bad --set fails here, before anything is submitted
     entrypoint = (f"python -m cluster.jobs.sweep --config {SWEEP.relative_to(PROJECT_ROOT)}"
                   + "".join(f" --set {o}" for o in overrides))
-    jobs = JobSubmissionClient(env["RAY_ADDRESS"])
+    jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
     job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(PROJECT_ROOT),
         "env_vars": {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "EDP_"))},
@@ -194,7 +194,7 @@ def deploy(env: dict[str, str], ports: dict[str, int]) -> str:
     app = config["applications"][0]
     app["args"].update(model_name=REGISTERED_NAME, model_alias="champion",
                        mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"])
-    ServeSubmissionClient(env["RAY_ADDRESS"]).deploy_applications(config)
+    ServeSubmissionClient(env["RAY_DASHBOARD_ADDRESS"]).deploy_applications(config)
     base = f"http://127.0.0.1:{ports['serve_http']}{app['route_prefix'].rstrip('/')}"
     _wait_ready(base)
     return base

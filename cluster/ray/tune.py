@@ -338,6 +338,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
                        parent_run_id=parent_run_id, run_id_file=work / RUN_ID_FILE,
                        tags={"variant": variant, "seed": str(seed), "trial_id": trial_id, "model": cfg.model,
                              **{f"search.{k}": str(v) for k, v in search.items()}})
+    client(tracking_uri).set_tag(run_id, "node_id", ray.get_runtime_context().get_node_id())  # where it (last) ran
     loop_config = {"train": cfg.model_dump(), "run_id": run_id, "tracking_uri": tracking_uri,
                    "log_model": tracking.log_model, "gpus_per_worker": sw.resources.gpu}
     ok = False
@@ -434,6 +435,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     experiment = cfg.tracking.experiment or cfg.name
     c = client(uri)
     parent = unfinished_parent(c, experiment, cfg.name, cfg.storage_path)  # a retried job after its driver died
+    resume = parent is not None
     if parent is None:
         parent = start_run(cfg.tracking, experiment, cfg.name,
                            tags={"sweep": cfg.name, "kind": "sweep", "storage": cfg.storage_path})
@@ -445,7 +447,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         c.update_run(parent, status="RUNNING")
     ok = False
     try:
-        results = tuner(cfg, parent, uri, resume=True).fit()
+        results = tuner(cfg, parent, uri, resume=resume).fit()
         errors = [str(r.error) for r in results if r.error]
         for run in c.search_runs([c.get_run(parent).info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):

@@ -109,7 +109,9 @@ def test_env_file_points_at_the_stack(stack):
                if line.startswith("export "))
     ports = stack["ports"]
     assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
-    assert env["RAY_ADDRESS"] == f"http://127.0.0.1:{ports['ray_dashboard']}"
+    assert env["RAY_ADDRESS"] == f"127.0.0.1:{ports['ray_gcs']}"  # what ray.init() attaches to
+    assert env["RAY_API_SERVER_ADDRESS"] == env["RAY_DASHBOARD_ADDRESS"] == f"http://127.0.0.1:{ports['ray_dashboard']}"
+    assert env["EDP_CHECKPOINT_URI"] == "s3://edp/checkpoints"
     assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{ports['s3']}"
     creds = json.loads((stack["dir"] / "credentials.json").read_text())
     assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == (creds["access_key"], creds["secret_key"])
