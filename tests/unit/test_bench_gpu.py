@@ -50,7 +50,7 @@ def test_quick_never_writes_benchmarks_md():
 def test_quick_run_on_cpu_measures_every_part(tmp_path):
     """Trainer steps, two full (tiny) runs, a 2-trial Ray Tune grid, one Serve replica under open-loop load."""
     out = tmp_path / "gpu.md"
-    assert bench_gpu.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    assert bench_gpu.main(["--quick", "--device", "cpu", "--data", "sample", "--out", str(out)]) == 0
     text = out.read_text()
     for model in bench_gpu.MODELS:
         assert f"| {model} | 16 | eager |" in text
