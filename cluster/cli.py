@@ -124,13 +124,15 @@ def train(
             workers=workers, gpus_per_worker=gpus_per_worker, resume=False if no_resume else None), train_job.run))
     if workers is not None or gpus_per_worker is not None:
         _fail("--workers and --gpus-per-worker are Ray Train options: drop them or drop --local")
-    from trainers import train as local_train
+    from trainers import train as local_train  # what `python -m trainers.train` runs, from the same builder
 
-    argv = [*(["--config", str(config)] if config else []), *(["--model", model] if model else []),
-            *(["--data", data] if data else []), *(["--out", str(out)] if out else []),
-            *(["--device", device] if device else []), *(["--max-steps", str(max_steps)] if max_steps else []),
-            *(["--no-resume"] if no_resume else []), *[a for o in overrides or [] for a in ("--set", o)]]
-    raise typer.Exit(local_train.main(argv))
+    try:
+        cfg = local_train.build_config(str(config) if config else None, overrides, model=model, data=data,
+                                       out_dir=str(out) if out else None, device=device, max_steps=max_steps)
+        result = local_train.run(cfg, resume=not no_resume)
+    except (ConfigError, DataError) as e:
+        _fail(str(e))
+    console.print({k: round(v, 4) for k, v in result["final"].items()})
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]

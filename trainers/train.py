@@ -34,27 +34,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from_args(args: argparse.Namespace):
+def build_config(config: str | None = None, overrides: list[str] | None = None, **fields):
+    """The run's TrainConfig from a YAML file, `--set` overrides and named fields (None: not given); `edp train
+    --local` builds it here too."""
     from trainers.loop import TrainConfig
 
-    data = {"source": args.data} if args.data else None
-    return load_config(TrainConfig, args.config, args.overrides, model=args.model, data=data, device=args.device,
-                       out_dir=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
-                       eval_every=args.eval_every, seed=args.seed)
+    data = {"source": fields.pop("data")} if fields.get("data") else None
+    fields.pop("data", None)
+    return load_config(TrainConfig, config, overrides, data=data, **fields)
+
+
+def config_from_args(args: argparse.Namespace):
+    return build_config(args.config, args.overrides, model=args.model, data=args.data, device=args.device,
+                        out_dir=args.out, max_steps=args.max_steps, batch_size=args.batch_size,
+                        eval_every=args.eval_every, seed=args.seed)
+
+
+def run(cfg, resume: bool = True) -> dict:
+    """Prepare the data (cached), build the Trainer, resume from the newest checkpoint in cfg.out_dir (unless
+    `resume` is False), train; returns the trainer's result."""
+    from trainers.data.prepare import prepare
+    from trainers.loop import Trainer
+
+    trainer = Trainer(cfg, prepare(cfg.data))
+    if resume:
+        trainer.resume()
+    return trainer.train()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config_from_args(args)
-        from trainers.data.prepare import prepare
-        from trainers.loop import Trainer
-
-        prepared = prepare(cfg.data)
-        trainer = Trainer(cfg, prepared)
-        if not args.no_resume:
-            trainer.resume()
-        result = trainer.train()
+        result = run(config_from_args(args), resume=not args.no_resume)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

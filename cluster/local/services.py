@@ -31,6 +31,7 @@ from cluster.local.processes import (
     when_healthy,
 )
 from cluster.polling import poll_until
+from trainers.data.remote import s3_client  # the one S3 client factory (explicit keys for a local server)
 
 # ---- MLflow -----------------------------------------------------------------------------------------
 
@@ -78,17 +79,6 @@ class S3Service(Service):
     def client(self, access_key: str | None = None, secret_key: str | None = None):
         """A boto3 S3 client for this server (path-style); other keys give a client that is refused."""
         return s3_client(self.url, access_key or self.access_key, secret_key or self.secret_key)
-
-
-def s3_client(endpoint_url: str, access_key: str, secret_key: str, timeout: float | None = None):
-    import boto3
-    from botocore.config import Config
-
-    return boto3.session.Session().client(
-        "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key, aws_secret_access_key=secret_key,
-        region_name="us-east-1",
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2},
-                      connect_timeout=timeout or 60, read_timeout=timeout or 60))
 
 
 def _weed_ports(s3_port: int | None) -> dict[str, int]:

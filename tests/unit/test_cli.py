@@ -86,6 +86,20 @@ def test_train_builds_the_ray_config_of_the_job_entrypoint(monkeypatch, tmp_path
     assert result.exit_code == 2 and built[1:] == []
 
 
+def test_local_train_builds_the_config_of_python_m_trainers_train(monkeypatch, tmp_path):
+    """`edp train --local` and `python -m trainers.train` build the same TrainConfig; --no-resume reaches the run;
+    a bad value exits 2 naming the field."""
+    runs = []
+    monkeypatch.setattr(train_entry, "run", lambda cfg, resume=True: runs.append((cfg, resume)) or {"final": {}})
+    options = ["--model", "iamm", "--data", "sample", "--out", str(tmp_path), "--device", "cpu", "--max-steps", "3",
+               "--set", "batch_size=4"]
+    result = runner.invoke(app, ["train", "--local", *options, "--no-resume"])
+    assert result.exit_code == 0, result.output
+    assert runs == [(train_entry.config_from_args(train_entry.parse_args(options)), False)]
+    result = runner.invoke(app, ["train", "--local", "--set", "batch_size=0"])
+    assert result.exit_code == 2 and "batch_size" in result.output and len(runs) == 1
+
+
 def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
     from cluster.jobs import train as train_job
     from cluster.mlflow.runs import RUN_ID_FILE

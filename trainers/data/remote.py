@@ -61,11 +61,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client with path-style addressing (SeaweedFS, MinIO) and few retries.
+def s3_client(endpoint_url: str | None = None, access_key: str | None = None, secret_key: str | None = None,
+              timeout: float | None = None):
+    """The project's one boto3 S3 client factory: path-style addressing (SeaweedFS, MinIO), few retries.
 
-    With `endpoint_url=None` boto3 itself reads AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL;
-    credentials come from the usual boto3 chain (env, profile, instance role, ...).
+    With `endpoint_url=None` boto3 itself reads AWS_ENDPOINT_URL_S3, then AWS_ENDPOINT_URL; credentials are the
+    keys given, else the usual boto3 chain (env, profile, instance role, ...). `timeout` bounds connect and read.
     """
     import boto3
     from botocore.config import Config
@@ -73,10 +74,12 @@ def s3_client(endpoint_url: str | None = None):
     config = Config(
         s3={"addressing_style": "path"},
         retries={"max_attempts": 3, "mode": "standard"},
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=timeout or 10,
+        read_timeout=timeout or 60,
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
+    keys = {"aws_access_key_id": access_key, "aws_secret_access_key": secret_key} if access_key else {}
+    region = {"region_name": "us-east-1"} if access_key else {}
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config, **keys, **region)
 
 
 def fetch_s3_prefix(
