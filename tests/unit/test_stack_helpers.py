@@ -58,9 +58,11 @@ def test_env_file(tmp_path):
     env = st.stack_env(stack, {**st.DEFAULT_PORTS, "mlflow": 5001})
     path = st.write_env_file(stack, {**env, "EDP_HOME": "/path with space/x"})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    out = subprocess.run(["sh", "-c", f". '{path}' && echo \"$MLFLOW_TRACKING_URI|$EDP_HOME|$RAY_ADDRESS\""],
+    out = subprocess.run(["sh", "-c", f". '{path}' && echo \"$MLFLOW_TRACKING_URI|$EDP_HOME|$RAY_ADDRESS|"
+                          f"$RAY_API_SERVER_ADDRESS|$EDP_CHECKPOINT_URI\""],
                          capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]})
-    assert out.stdout.strip() == "http://127.0.0.1:5001|/path with space/x|http://127.0.0.1:8265"
+    assert out.stdout.strip() == ("http://127.0.0.1:5001|/path with space/x|127.0.0.1:6379|http://127.0.0.1:8265|"
+                                  "s3://edp/checkpoints")
     assert env["AWS_ACCESS_KEY_ID"] == stack.credentials()[0]
 
 
