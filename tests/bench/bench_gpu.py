@@ -230,22 +230,18 @@ async def open_loop(url: str, rate: float, seconds: float) -> dict:
     """POST /v1/respond at a fixed `rate` (requests start on schedule, whatever is in flight)."""
     import httpx
 
-    from tests.bench.bench_serve import CONTEXTS
+    from tests.bench.bench_serve import timed_request
 
     latencies: list[float] = []
     errors = 0
 
     async def one(client, i: int) -> None:
         nonlocal errors
-        t = time.perf_counter()
-        try:
-            ok = (await client.post("/v1/respond", json=CONTEXTS[i % len(CONTEXTS)])).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
-            latencies.append(time.perf_counter() - t)
-        else:
+        seconds = await timed_request(client, i)
+        if seconds is None:
             errors += 1
+        else:
+            latencies.append(seconds)
 
     n = max(1, int(rate * seconds))
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)

@@ -76,6 +76,18 @@ def in_process(checkpoint: Path, batch: int, calls: int) -> dict:
             "tokens": statistics.mean(tokens), **quantiles(latencies)}
 
 
+async def timed_request(client, i: int) -> float | None:
+    """Seconds one POST /v1/respond of CONTEXTS[i] took; None when it failed (non-200 or a transport error)."""
+    import httpx
+
+    t = time.perf_counter()
+    try:
+        ok = (await client.post("/v1/respond", json=CONTEXTS[i % len(CONTEXTS)])).status_code == 200
+    except httpx.HTTPError:
+        ok = False
+    return time.perf_counter() - t if ok else None
+
+
 async def _load(url: str, requests: int, concurrency: int) -> tuple[list[float], int, float]:
     """`requests` POSTs, at most `concurrency` in flight: (latencies of the 200s, errors, wall s)."""
     import httpx
@@ -87,16 +99,11 @@ async def _load(url: str, requests: int, concurrency: int) -> tuple[list[float],
     async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal errors
         for i in queue:
-            t = time.perf_counter()
-            try:
-                r = await client.post("/v1/respond", json=CONTEXTS[i % len(CONTEXTS)])
-                ok = r.status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            if ok:
-                latencies.append(time.perf_counter() - t)
-            else:
+            seconds = await timed_request(client, i)
+            if seconds is None:
                 errors += 1
+            else:
+                latencies.append(seconds)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits, trust_env=False) as client:
