@@ -195,7 +195,7 @@ def test_the_charts_bucket_hook_creates_the_bucket_once_the_server_answers(s3_en
     chart = Path(__file__).resolve().parents[2] / "helm" / "empathy-platform"
     script = chart / "files" / "scripts" / "create_bucket.py"
     name = f"edp-hook-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3_env.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_env.url, "AWS_DEFAULT_REGION": "us-east-1"}
     first = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
     again = subprocess.run([sys.executable, str(script), name], capture_output=True, text=True, env=env, timeout=60)
     assert (first.returncode, again.returncode) == (0, 0), first.stderr + again.stderr
@@ -218,10 +218,10 @@ def test_a_published_directory_is_fetched_whole_or_not_at_all(s3_env, bucket, tm
     (src / "sub" / "vectors.npy").write_bytes(b"v" * 10)
     (src / "manifest.json").write_text('{"key": "k"}')
     uri = f"s3://{bucket}/prepared/k"
-    endpoint = s3_env.endpoint_url
+    endpoint = s3_env.url
     assert not fetch_dir(uri, tmp_path / "absent", endpoint_url=endpoint)  # nothing published yet
     assert not (tmp_path / "absent").exists()
-    client, _ = counting_client(s3_env.endpoint_url)
+    client, _ = counting_client(s3_env.url)
     order = []
     client.meta.events.register("before-parameter-build.s3.PutObject", lambda params, **_: order.append(params["Key"]))
     assert publish_dir(src, uri, client=client) == 3
@@ -244,7 +244,7 @@ def test_a_node_fetches_a_prepared_entry_another_node_published_and_never_rebuil
     from trainers.config import load_config
     from trainers.data import prepare as prep
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.endpoint_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
     shared = f"s3://{bucket}/ckpt/prepared"
     node_a = tmp_path / "a"
     shutil.copytree(prepared_sample.path, node_a / prepared_sample.path.name)  # A prepared it earlier, locally
