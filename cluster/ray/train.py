@@ -65,6 +65,11 @@ def absolute(path: str) -> str:
     return path if "://" in path or path == "sample" else str(Path(path).expanduser().resolve())
 
 
+def s3_endpoint() -> str | None:
+    """The driver's S3 endpoint (boto3's own variables), handed to workers whose environment may lack it."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def storage_location(path: str) -> tuple[Any, str]:
     """(pyarrow filesystem or None, path) for `RunConfig(storage_filesystem=..., storage_path=...)`.
 
@@ -238,10 +243,11 @@ def run_train(cfg: RayTrainConfig) -> dict:
     storage = resolve_storage(cfg.storage_path, ray.nodes())
     data = cfg.train.data
     if storage.startswith("s3://") and not data.shared_cache:  # workers fetch the driver's prepared data
-        data = data.model_copy(update={"shared_cache": f"{storage.rstrip('/')}/prepared"})
+        data = data.model_copy(update={"shared_cache": f"{storage.rstrip('/')}/prepared",
+                                       "s3_endpoint_url": data.s3_endpoint_url or s3_endpoint()})
     train = cfg.train.model_copy(update={"data": data})
     cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "train": train}))
-    prepare(cfg.train.data)  # warm the cache (and fail on bad data) before any worker starts
+    prepare(cfg.train.data, publish=True)  # warm (and publish) the cache, fail on bad data, before any worker
     uri = cfg.tracking.resolved_uri()
     out = Path(cfg.train.out_dir)
     if not cfg.resume:

@@ -32,6 +32,7 @@ from cluster.ray.train import (
     absolute,
     ensure_ray,
     resolve_storage,
+    s3_endpoint,
     storage_location,
     torch_trainer,
     worker_loop,
@@ -426,11 +427,14 @@ def run_sweep(cfg: SweepConfig) -> dict:
     storage = resolve_storage(cfg.storage_path, nodes)
     base = copy.deepcopy(cfg.base)
     if storage.startswith("s3://"):  # trials on other nodes fetch the driver's prepared data instead of re-parsing
-        base.setdefault("data", {}).setdefault("shared_cache", f"{storage.rstrip('/')}/prepared")
+        data = base.setdefault("data", {})
+        data.setdefault("shared_cache", f"{storage.rstrip('/')}/prepared")
+        data.setdefault("s3_endpoint_url", s3_endpoint())
     cfg = with_absolute_paths(cfg.model_copy(update={"storage_path": storage, "base": base}))
     for data in {c.data.model_dump_json(): c.data for c in
                  (cfg.trial_config(v.name, cfg.seeds[0], {}) for v in cfg.variants)}.values():
-        prepare(DataConfig.model_validate(data.model_dump()))  # warm the cache once, fail early on bad data
+        prepare(DataConfig.model_validate(data.model_dump()), publish=True)  # warm the cache once (and publish
+        # it for the other nodes), fail early on bad data
     uri = cfg.tracking.resolved_uri()
     experiment = cfg.tracking.experiment or cfg.name
     c = client(uri)

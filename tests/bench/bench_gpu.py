@@ -364,6 +364,8 @@ def run(data: str, device: str, sizes: Sizes, only: set[str], quick: bool) -> di
         from ray import serve
 
         gpus = {"num_gpus": 1} if torch.device(device).type == "cuda" else {}
+        if ray.is_initialized():  # e.g. a test session's Ray: this bench wants its own
+            ray.shutdown()
         ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False, **gpus)
         try:
             with tempfile.TemporaryDirectory(prefix="edp-bench-gpu-") as d:

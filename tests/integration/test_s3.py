@@ -248,7 +248,8 @@ def test_a_node_fetches_a_prepared_entry_another_node_published_and_never_rebuil
     shared = f"s3://{bucket}/ckpt/prepared"
     node_a = tmp_path / "a"
     shutil.copytree(prepared_sample.path, node_a / prepared_sample.path.name)  # A prepared it earlier, locally
-    a = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(node_a), shared_cache=shared))
+    a = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(node_a), shared_cache=shared),
+                     publish=True)
     assert a.cache_hit and a.manifest["key"] == prepared_sample.manifest["key"]
     keys = keys_of(s3_env, bucket, f"ckpt/prepared/{a.manifest['key']}/")
     assert {"manifest.json", "vocab.json", "train.pkl", "valid.pkl"} <= {k.rsplit("/", 1)[1] for k in keys}

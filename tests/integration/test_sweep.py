@@ -51,10 +51,13 @@ def test_smoke_sweep_nests_children_and_logs_the_table(ray_local, mlflow_server,
 def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server, prepared_sample, tmp_path):
     """The job's driver is SIGKILLed (with its Ray) after the first trial finished; the same command again (a RayJob
     retry) restores the Tune experiment from storage under the same MLflow parent, and no finished trial re-runs."""
+    import contextlib
     import os
     import signal
     import subprocess
     import sys
+
+    import psutil
 
     experiment = f"resume-{uuid.uuid4().hex[:6]}"
     cmd = [sys.executable, "-m", "cluster.jobs.sweep", "--config", str(SMOKE),
@@ -78,8 +81,14 @@ def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server
         while not any(r.info.status == "FINISHED" for r in children()):
             assert first.poll() is None and time.monotonic() < deadline, "no trial finished before the kill"
             time.sleep(1)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    finally:  # the driver and the whole Ray it started (some of Ray's processes start sessions of their own)
+        driver = psutil.Process(first.pid)
+        doomed = [driver, *driver.children(recursive=True)]
+        os.killpg(first.pid, signal.SIGKILL)
+        for p in doomed:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(doomed, timeout=30)
         first.wait()
     done_before = {r.info.run_id: r.info.end_time for r in children() if r.info.status == "FINISHED"}
     assert len(done_before) < 3, "every trial finished before the kill: nothing left to resume"

@@ -137,8 +137,10 @@ def cache_key(cfg: DataConfig, source_files: list[Path], pipeline_version: str) 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
-    """Prepare (or load from cache) the splits named in `cfg`; see the module docstring."""
+def prepare(cfg: DataConfig, progress: Progress | None = None, publish: bool = False) -> Prepared:
+    """Prepare (or load from cache) the splits named in `cfg`; see the module docstring. With `cfg.shared_cache`,
+    an entry missing here is fetched from there when another node published it, and with `publish` (the driver of
+    a cluster run) the entry is published there for the other nodes."""
     progress = progress or (lambda phase, done, total: None)
     t0 = time.perf_counter()
     local = _localize(cfg)
@@ -148,7 +150,8 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
     root = Path(cfg.cache_dir).expanduser()
     entry = root / key
     if (entry / "manifest.json").exists() or _fetch_shared(cfg, key, entry):
-        _publish_shared(cfg, key, entry)  # a driver's earlier local entry becomes visible to the other nodes
+        if publish:  # a driver's earlier local entry becomes visible to the other nodes
+            _publish_shared(cfg, key, entry)
         manifest = json.loads((entry / "manifest.json").read_text())
         manifest["timings"]["cache_hit_s"] = round(time.perf_counter() - t0, 3)
         return Prepared(entry, manifest, Vocab.load(entry / "vocab.json"), cache_hit=True)
@@ -204,7 +207,8 @@ def prepare(cfg: DataConfig, progress: Progress | None = None) -> Prepared:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish_shared(cfg, key, entry)
+    if publish:
+        _publish_shared(cfg, key, entry)
     return Prepared(entry, manifest, vocab, cache_hit=False)
 
 
