@@ -322,6 +322,21 @@ def _run_id_from_checkpoint(checkpoint, run_id_file: Path) -> None:
             run_id_file.write_text((Path(d) / RUN_ID_FILE).read_text())
 
 
+def _report_if_finished(run_id_file: Path, tracking_uri: str) -> bool:
+    """A trial whose MLflow run already FINISHED (its driver died before Tune recorded the trial as done) is not
+    trained again: its final metrics are reported to Tune as they were logged."""
+    import ray.tune
+
+    if not run_id_file.exists():
+        return False
+    run = client(tracking_uri).get_run(run_id_file.read_text().strip())
+    if run.info.status != "FINISHED":
+        return False
+    metrics = run.data.metrics
+    ray.tune.report({**metrics, **{k.removeprefix("final_"): v for k, v in metrics.items() if k.startswith("final_")}})
+    return True
+
+
 def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
     """One trial; `storage` is (filesystem, path) resolved on the driver (`storage_location`): a trial actor
     may lack the driver's S3 endpoint and credentials."""
@@ -333,6 +348,8 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
     search = config.get("search", {})
     work = Path(sw.work_dir) / sw.name / trial_id
     _run_id_from_checkpoint(ray.tune.get_checkpoint(), work / RUN_ID_FILE)
+    if _report_if_finished(work / RUN_ID_FILE, tracking_uri):
+        return
     cfg = sw.trial_config(variant, seed, search, out_dir=str(work))
     tracking = sw.tracking.model_copy(update={"uri": tracking_uri})
     run_id = start_run(tracking, tracking.experiment or sw.name, f"{variant}-s{seed}-{trial_id}",
