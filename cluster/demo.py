@@ -123,7 +123,7 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
 
     start = time.perf_counter()
     with console.status("reading latency back from Prometheus (waiting for a scrape) ..."):
-        result.latency = latency_from_prometheus(env["EDP_PROMETHEUS_URL"])
+        result.latency = latency_from_prometheus(env["EDP_PROMETHEUS_URL"], nudge=lambda: post(base, EXAMPLES[0]))
     lap("prometheus", start)
     timings["total"] = time.perf_counter() - t0
     return result
@@ -232,13 +232,20 @@ def wait_for_series(url: str, timeout: float = 90) -> None:
     time.sleep(6)  # one more scrape interval, so the measured requests land after the first sample
 
 
-def latency_from_prometheus(url: str, timeout: float = 90) -> dict[str, float | str]:
+def latency_from_prometheus(url: str, timeout: float = 180, nudge=None) -> dict[str, float | str]:
     """p50/p99 of Serve's HTTP latency for /v1/respond over the last 5 minutes, once Prometheus has it
-    (what it has after `timeout` s otherwise)."""
+    (what it has after `timeout` s otherwise). rate() needs the histogram to grow between two scrapes: when the
+    measured requests all fell before the series' first sample, `nudge()` (one more request) every 20 s gives
+    it that growth."""
     prom = Prometheus(url)
     out: dict[str, float | str] = {}
+    last_nudge = time.monotonic()
 
     def both() -> bool:
+        nonlocal last_nudge
+        if nudge is not None and time.monotonic() - last_nudge > 20:
+            nudge()
+            last_nudge = time.monotonic()
         for name, q in (("p50", 0.5), ("p99", 0.99)):
             values = parse_vector(prom.query(quantile_query(LATENCY_METRIC, q, "5m")))
             found = [v for route, v in values.items() if "respond" in route and not math.isnan(v)]
