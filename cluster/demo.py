@@ -17,6 +17,7 @@ import concurrent.futures as cf
 import json
 import math
 import os
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -142,7 +143,7 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     overrides = [f"base.data.source={data_source}", *sweep_set]
     sweep = load_sweep(SWEEP, overrides)  # a bad --set fails here, before anything is submitted
     entrypoint = (f"python -m cluster.jobs.sweep --config {SWEEP.relative_to(PROJECT_ROOT)}"
-                  + "".join(f" --set {o}" for o in overrides))
+                  + "".join(f" --set {shlex.quote(o)}" for o in overrides))  # the job server runs it in a shell
     jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
     job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(PROJECT_ROOT),
