@@ -8,6 +8,7 @@ descendant (Ray's workers start their own sessions): SIGTERM first, SIGKILL for 
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -147,17 +148,28 @@ def free_port() -> int:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all bound at once so the kernel hands out different ones)."""
-    socks = []
+    """n distinct free ports between 20000 and the kernel's ephemeral range.
+
+    The kernel's own pick (bind to port 0) comes from the ephemeral range, where any outgoing connection made
+    before our server starts can take it; Ray's workers use 10002-19999. Ports in between are free of both.
+    """
+    low, high = 20000, _ephemeral_low()
+    picked: list[int] = []
+    for port in random.Random().sample(range(low, high), k=min(high - low, 64 * n + 64)):
+        if port_free(port, HOST):
+            picked.append(port)
+            if len(picked) == n:
+                return picked
+    raise RuntimeError(f"fewer than {n} free ports in {low}-{high - 1}")
+
+
+def _ephemeral_low() -> int:
+    """First port of the kernel's ephemeral range (Linux; 32768 elsewhere, the common default)."""
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, 20000 + 1024)
 
 
 # ---- HTTP health ------------------------------------------------------------------------------------

@@ -20,6 +20,19 @@ from cluster.local import stack as st
 from cluster.polling import poll_until
 
 
+def test_free_ports_avoid_the_ephemeral_range_and_ports_in_use(monkeypatch):
+    """Ports come from below the kernel's ephemeral range, where outgoing connections cannot take them."""
+    monkeypatch.setattr(ps, "_ephemeral_low", lambda: 20000 + 1024)
+    busy = {20000 + i for i in range(0, 1024, 2)}
+    monkeypatch.setattr(ps, "port_free", lambda port, host=ps.HOST: port not in busy)
+    ports = ps.free_ports(100)
+    assert len(set(ports)) == 100
+    assert all(20000 <= p < 21024 and p not in busy for p in ports)
+    monkeypatch.setattr(ps, "port_free", lambda port, host=ps.HOST: False)
+    with pytest.raises(RuntimeError, match="fewer than 3 free ports"):
+        ps.free_ports(3)
+
+
 def test_parse_ports():
     assert st.parse_ports(["mlflow=5001, s3=8334", "ray-dashboard=8266"]) == {
         "mlflow": 5001, "s3": 8334, "ray_dashboard": 8266}
