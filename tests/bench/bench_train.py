@@ -7,16 +7,21 @@ for the encoder, fused Adam, bf16 autocast where the CPU has native bf16 (AVX512
 Yardstick, the straightforward implementation measured side by side: a torch DataLoader over the
 encoded examples with random batches collated per step (padded to the batch maximum), the same
 model in fp32 with the output layer's full distribution at every padded position (pack_targets=False),
-default Adam. Both run the paper-sized model (d=300) on the prepared vocabulary; ms/step is the mean over
-`steps` full batches after `warmup`.
+default Adam. Both run the paper-sized model (d=300) on the prepared vocabulary.
+Measured in rounds so that both loops see the same load on a shared machine: each round times the
+yardstick (`steps` batches of 16) and then the fast path at each batch size (`steps` x 16 examples, at
+least 2 batches), back to back, after one warm-up pass of `warmup` batches each. ms/step and examples/s are
+medians over the rounds; the speedup is the median of the rounds' own ratios (fast path examples/s over the
+same round's yardstick examples/s).
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from trainers.config import load_config
@@ -26,26 +31,25 @@ from trainers.models import MODELS, build_model
 from trainers.models.common import Targets
 
 
-def _time_steps(step, batches, warmup: int, steps: int) -> float:
-    for b in batches[:warmup]:
-        step(b)
+def _time_steps(step, batches) -> float:
     t0 = time.perf_counter()
-    for b in batches[warmup:warmup + steps]:
+    for b in batches:
         step(b)
-    return (time.perf_counter() - t0) / steps
+    return (time.perf_counter() - t0) / len(batches)
 
 
-def fast_path(trainer: Trainer, batch_size: int, warmup: int, steps: int) -> float:
-    plan = trainer.train_data.plan(batch_size, seed=0, epoch=0)
-    plan = [p for p in plan if len(p[1]) == batch_size][: warmup + steps]
+def fast_path(trainer: Trainer, batch_size: int, n: int):
+    """The trainer's step and `n` full batches of `batch_size` from its epoch plan."""
+    plan = [p for p in trainer.train_data.plan(batch_size, seed=0, epoch=0) if len(p[1]) == batch_size][:n]
 
     def step(p):
         return trainer.train_step(trainer.train_data.rows_batch(*p))
 
-    return _time_steps(step, plan, warmup, steps)
+    return step, plan
 
 
-def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, steps: int) -> float:
+def yardstick(trainer: Trainer, model_name: str, batch_size: int, n: int):
+    """The straightforward loop's step (fresh model, default Adam, fp32) and `n` DataLoader batches."""
     torch.manual_seed(0)
     vocab = trainer.vocab
     model = build_model(model_name, len(vocab), vocab.emotion_ids(), pack_targets=False)
@@ -56,7 +60,7 @@ def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, s
     batches = []
     for b in loader:
         batches.append(b)
-        if len(batches) == warmup + steps:
+        if len(batches) == n:
             break
 
     def step(b):
@@ -67,7 +71,7 @@ def yardstick(trainer: Trainer, model_name: str, batch_size: int, warmup: int, s
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
         opt.step()
 
-    return _time_steps(step, batches, warmup, steps)
+    return step, batches
 
 
 def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) -> float:
@@ -93,20 +97,34 @@ def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) 
     return spent[0] / total
 
 
-def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 3, steps: int = 40) -> list[dict]:
+def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 2, steps: int = 12,
+        rounds: int = 3) -> list[dict]:
     rows = []
     for name in models or [m for m in ("transformer", "escm", "iamm") if m in MODELS]:
         with tempfile.TemporaryDirectory() as out:
             cfg = load_config(TrainConfig, model=name, out_dir=out, device="cpu",
                               data={"source": prepared.manifest["source"]})
             trainer = Trainer(cfg, prepared, log=lambda s: None)
-            base = yardstick(trainer, name, 16, warmup, steps)
+            n = {bs: max(2, steps * 16 // bs) for bs in batch_sizes}
+            loops = {0: yardstick(trainer, name, 16, warmup + rounds * steps)}
+            loops.update({bs: fast_path(trainer, bs, warmup + rounds * n[bs]) for bs in batch_sizes})
+            n[0] = steps
+            load = [os.getloadavg()[0]]
+            for step, batches in loops.values():
+                _time_steps(step, batches[:warmup])
+            times = {k: [] for k in loops}  # seconds per step, one entry per round
+            for r in range(rounds):
+                for k, (step, batches) in loops.items():
+                    times[k].append(_time_steps(step, batches[warmup + r * n[k]: warmup + (r + 1) * n[k]]))
+            load.append(os.getloadavg()[0])
+            base = statistics.median(times[0])
             rows.append({"model": name, "variant": "yardstick (straightforward)", "batch": 16,
-                         "ms_per_step": base * 1e3, "examples_per_s": 16 / base})
+                         "ms_per_step": base * 1e3, "examples_per_s": 16 / base, "load": load})
             for bs in batch_sizes:
-                t = fast_path(trainer, bs, warmup, max(4, steps * 16 // bs))
+                t = statistics.median(times[bs])
+                ratios = [(bs / tf) / (16 / ty) for tf, ty in zip(times[bs], times[0], strict=True)]
                 rows.append({"model": name, "variant": "trainer fast path", "batch": bs, "ms_per_step": t * 1e3,
-                             "examples_per_s": bs / t, "speedup_vs_yardstick": (bs / t) / (16 / base)})
+                             "examples_per_s": bs / t, "speedup_vs_yardstick": statistics.median(ratios)})
             if name == "iamm":
                 rows[-1]["association_share"] = association_share(trainer)
     return rows
@@ -120,11 +138,12 @@ def as_markdown(rows: list[dict]) -> str:
                      f"{r['examples_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
     shares = [f"{r['model']}: information association modules take {r['association_share']:.0%} of the "
               "forward pass (batch 16)" for r in rows if "association_share" in r]
-    return "\n".join(lines + ([""] + shares if shares else []))
+    loads = "; ".join(f"{r['model']} {r['load'][0]:.1f} -> {r['load'][1]:.1f}" for r in rows if "load" in r)
+    return "\n".join(lines + [""] + shares + [f"Load average (1 min) before and after each model's rounds: {loads}."])
 
 
 if __name__ == "__main__":
     from trainers.data.prepare import DataConfig, prepare
 
     p = prepare(load_config(DataConfig))
-    print(as_markdown(run(p, batch_sizes=(16,), steps=int(np.int64(5)))))
+    print(as_markdown(run(p, batch_sizes=(16,), steps=5, rounds=1)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainers.batching import TensorSplit
+from trainers.batching import TensorSplit, sorted_in_pools
 from trainers.data.collate import pad_escm
 
 
@@ -41,3 +41,32 @@ def test_rows_batch_equals_padding_the_same_examples(prepared_sample):
     assert T <= batch["target_ids"].shape[1] <= -(-T // 8) * 8  # cut to the batch's longest, rounded up to 8
     assert torch.equal(batch["target_ids"][:, :T], ref["target_ids"]) and not batch["target_ids"][:, T:].any()
     assert np.array_equal(batch["emotion"].numpy(), ref["emotion"].numpy())
+
+
+def test_iamm_buckets_hold_one_turn_count(prepared_sample):
+    """IAMM's memory iterates over a batch's most turns: a bucket never mixes dialogues of different lengths."""
+    data = make_split(prepared_sample, iamm=True)
+    turns = [np.unique([len(data.encoded[i].turns) for i in b.rows]) for b in data.buckets]
+    assert all(len(t) == 1 for t in turns) and len({int(t[0]) for t in turns}) > 1
+    k, rows = data.plan(4, seed=0, epoch=0)[0]
+    batch = data.rows_batch(k, rows)
+    assert batch["turn_mask"].all() and batch["utt_ids"].shape[1] == turns[k][0]
+
+
+def test_sorted_in_pools_sorts_each_pool_and_keeps_the_rest():
+    order = np.array([5, 2, 7, 0, 3, 6, 1, 4])
+    key = np.array([9, 1, 8, 2, 7, 3, 6, 4])  # key of each row index
+    out = sorted_in_pools(order, key, 3)
+    assert out.tolist() == [5, 7, 2, 3, 6, 0, 1, 4]  # pools [5 2 7] [0 3 6] [1 4], each by key
+
+
+def test_shuffled_plan_pads_fewer_target_positions(prepared_sample):
+    """Sorting pools of batches by target length trims the decoder's padding; every example is still planned once."""
+    data = make_split(prepared_sample)
+
+    def positions(plan):
+        return sum(len(rows) * data.buckets[k].tgt_len[rows].max() for k, rows in plan)
+
+    pooled, random = data.plan(4, seed=3, epoch=0), data.plan(4, seed=3, epoch=0, sort_pool=1)
+    assert sorted(int(data.buckets[k].rows[r]) for k, rows in pooled for r in rows) == list(range(len(data)))
+    assert positions(pooled) < positions(random)
