@@ -9,6 +9,7 @@ Entry layout:
     manifest.json      settings, key, source files + hashes, counts, timings, substitutions
     vocab.json         the vocabulary artifact shared by training and serving
     vectors.npy        (V, 300) float32 embedding initialisation
+    vector_rows.npy    (V,) bool, True where vectors.npy holds a pre-trained vector
     <split>.pkl        PreparedSplit: distinct texts with their features (token ids, POS, heads, deps,
                        knowledge), examples and their features (indices into the texts)
 """
@@ -107,6 +108,11 @@ class Prepared:
 
     def vectors(self) -> np.ndarray | None:
         file = self.path / "vectors.npy"
+        return np.load(file) if file.exists() else None
+
+    def vector_rows(self) -> np.ndarray | None:
+        """(V,) bool: the rows of `vectors()` that hold a pre-trained vector (the others are random)."""
+        file = self.path / "vector_rows.npy"
         return np.load(file) if file.exists() else None
 
 
@@ -297,6 +303,7 @@ def _write_vectors(cfg: DataConfig, vocab: Vocab, out: Path, progress: Progress)
     progress("vectors", 0, 1)
     result = load_vectors(vocab.itos, cfg.vectors)
     np.save(out / "vectors.npy", result.matrix)
+    np.save(out / "vector_rows.npy", np.array([w in result.words_with_vectors for w in vocab.itos]))
     progress("vectors", 1, 1)
     return {"source": result.source_name, "oov_count": int(result.oov_count), "oov_rate": float(result.oov_rate)}
 

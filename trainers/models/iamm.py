@@ -70,7 +70,6 @@ Knowledge and ablations (config booleans; a flag removes its parameters, not jus
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -207,13 +206,12 @@ class IAMM(PointerGeneratorSeq2Seq):
         """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2."""
         ids, umask = batch["utt_ids"], batch["utt_mask"]
         B, M, Lu = ids.shape
-        s = math.sqrt(self.cfg.emb_dim)
-        x = (self.embed(ids) + self.state_embedding(batch["utt_state"])[:, :, None] * s).flatten(0, 1)  # E_w + E_r
+        x = (self.embed(ids) + self.embed_state(batch["utt_state"])[:, :, None]).flatten(0, 1)  # E_w + E_r
         real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
         H = self.enc_u(x.index_select(0, real), umask.flatten(0, 1).index_select(0, real))  # (n, Lu, d)
         H_u = H.new_zeros(B * M, Lu, H.size(-1)).index_copy(0, real, H).view(B, M * Lu, -1)
         cls_ids = ids.new_full((B, 1), CLS)
-        cls = self.enc_u(self.embed(cls_ids) + self.state_embedding(torch.full_like(cls_ids, STATE_CLS)) * s,
+        cls = self.enc_u(self.embed(cls_ids) + self.embed_state(torch.full_like(cls_ids, STATE_CLS)),
                          torch.ones_like(cls_ids, dtype=torch.bool))  # (B, 1, d)
         flat = torch.cat([cls, H_u], 1)
         flat_mask = torch.cat([torch.ones_like(cls_ids, dtype=torch.bool), umask.flatten(1)], 1)
