@@ -90,8 +90,9 @@ class TrainConfig(InferenceConfig):
 
 
 def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
-    """The run's model overrides; IAMM without a knowledge backend is built as the paper's "w/o IA" model
-    (no commonsense encoders: nothing to associate), never fed empty knowledge as if it were real."""
+    """The run's model overrides; IAMM without a knowledge backend is built without knowledge (no implicit
+    association and no commonsense emotion head: not the paper's "w/o IA" row, which keeps the latter), never fed
+    empty knowledge as if it were real."""
     overrides = dict(cfg.model_overrides)
     if cfg.model == "iamm" and prepared.manifest["substitutions"]["knowledge"].get("available") is False:
         overrides.setdefault("has_knowledge", False)

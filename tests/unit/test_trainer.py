@@ -37,7 +37,7 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps):
     assert len(samples) == 4 and {"context", "reference", "generated", "gold_emotion"} <= set(samples[0])
     if model != "transformer":
         assert "valid_acc" in metrics["final"] and samples[0]["predicted_emotion"] is not None
-    if model == "iamm":   # the sample has no knowledge backend: built as the paper's "w/o IA" model
+    if model == "iamm":   # the sample has no knowledge backend: built without knowledge
         assert trainer.raw_model.cfg.has_knowledge is False
 
 
