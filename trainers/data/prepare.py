@@ -54,6 +54,9 @@ class DataConfig(StrictModel):
     min_freq: int = Field(1, ge=1, description="words seen fewer times in train map to [UNK]")
     max_vocab: int | None = Field(None, ge=64)
     spacy_model: str = Field(ann.DEFAULT_PIPELINE, description="spaCy package name or model path")
+    contractions: Literal["keep", "expand"] = Field(
+        "keep", description="'expand': rewrite contractions to full words before spaCy, as the authors' "
+                            "preprocessing (\"don't\" -> \"do not\")")
     vectors: str = Field("spacy", description="'spacy' (en_core_web_md vectors), 'none', or a GloVe .txt path")
     knowledge: Literal["none", "precomputed", "comet"] = "none"
     knowledge_path: str | None = Field(None, description="jsonl (precomputed) or checkpoint dir/s3:// (comet)")
@@ -167,7 +170,7 @@ def prepare(cfg: DataConfig, progress: Progress | None = None, publish: bool = F
     load_s = time.perf_counter() - t0
 
     examples = {s: examples_from(r.conversations) for s, r in reports.items()}
-    nlp = ann.load_pipeline(cfg.spacy_model)
+    nlp = ann.load_pipeline(cfg.spacy_model, cfg.contractions)
     t1 = time.perf_counter()
     table = annotation_table([c for r in reports.values() for c in r.conversations], nlp, cfg, progress)
     parse_s = time.perf_counter() - t1
@@ -278,7 +281,7 @@ def annotation_table(conversations, nlp, cfg: DataConfig, progress: Progress | N
 
 def split_with_vocab(name: str, report, vocab: Vocab, cfg: DataConfig, nlp=None) -> PreparedSplit:
     """Annotate and encode one loaded split with an existing vocabulary (evaluation, serving); not cached."""
-    nlp = nlp or ann.load_pipeline(cfg.spacy_model)
+    nlp = nlp or ann.load_pipeline(cfg.spacy_model, cfg.contractions)
     table = annotation_table(report.conversations, nlp, cfg)
     knowledge = build_knowledge(cfg.knowledge, **({"path": cfg.knowledge_path} if cfg.knowledge_path else {}))
     return build_split(name, report, examples_from(report.conversations), table, vocab, knowledge, nlp)
