@@ -32,7 +32,7 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps):
     evals = [h for h in result["history"] if "valid_ppl" in h]
     assert [h["step"] for h in evals] == [steps // 2, steps]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(metrics["final"]) >= {"valid_ppl", "valid_dist1", "valid_dist2"}
+    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2"}
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"context", "reference", "generated", "gold_emotion"} <= set(samples[0])
     if model != "transformer":
