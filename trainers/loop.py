@@ -31,7 +31,7 @@ from trainers.checkpoint import InferenceConfig
 from trainers.data.prepare import Prepared
 from trainers.device import autocast, resolve_device
 from trainers.evaluator import Evaluator
-from trainers.metrics import METRIC_MODES
+from trainers.metrics import DEFINITIONS, GENERATION_METRICS, METRIC_MODES, SAMPLED
 from trainers.models import build_model
 from trainers.models.common import Output, Targets
 from trainers.optim import build_optimizer
@@ -68,7 +68,9 @@ class TrainConfig(InferenceConfig):
     select_ppl: float = Field(43.0, gt=0, description="reference rule: also keep a checkpoint with PPL below this")
     select_acc: float = Field(0.385, ge=0, description="... and emotion accuracy above this")
     log_every: int = Field(50, ge=1)
-    eval_generate: int = Field(256, ge=0, description="valid examples decoded per evaluation (0 = all)")
+    eval_generate: int = Field(256, ge=0, description="valid examples decoded per evaluation, their Dist/BLEU "
+                               "logged as *_sampled (0 = all: the papers' whole-split figures); the final "
+                               "evaluation always decodes the whole split")
     early_stop_metric: str = "valid_ppl"
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     keep_checkpoints: int = Field(2, ge=1)
@@ -86,6 +88,10 @@ class TrainConfig(InferenceConfig):
     def _check_early_stop(self) -> TrainConfig:
         if self.early_stop_metric not in METRIC_MODES:
             raise ValueError(f"early_stop_metric must be one of {sorted(METRIC_MODES)}")
+        metric, is_sampled = self.early_stop_metric, self.early_stop_metric.endswith(SAMPLED)
+        if metric.removesuffix(SAMPLED) in GENERATION_METRICS and is_sampled != (self.eval_generate > 0):
+            raise ValueError(f"early_stop_metric {metric} needs eval_generate "
+                             + ("> 0 (a sample of valid)" if is_sampled else "= 0 (the whole valid split)"))
         return self
 
 
@@ -266,22 +272,19 @@ class Trainer:
     def evaluate(self, generate: int = 0, data: TensorSplit | None = None) -> dict:
         return self.evaluator.evaluate(data or self.valid_data, generate)
 
-    def generate(self, indices, data: TensorSplit | None = None) -> list[dict]:
-        return self.evaluator.generate(indices, data or self.valid_data)
-
     def finish(self) -> dict:
-        """Final evaluation with the best weights, metrics.json and samples.jsonl (rank 0)."""
+        """Final evaluation with the best weights on the whole valid split, metrics.json and samples.jsonl (rank 0)."""
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
             self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
-        final = {f"valid_{k}": v for k, v in self.evaluate(self.cfg.eval_generate).items()}
+        evaluation = self.evaluator.run(self.valid_data, generate=0)
+        final = {f"valid_{k}": v for k, v in evaluation.metrics.items()}
         result = {"model": self.cfg.model, "step": self.step, "best": {self._selection_metric(): self.best},
-                  "final": final, "history": self.history}
+                  "final": final, "definitions": DEFINITIONS, "history": self.history}
         if self.rank == 0:
             (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
-            samples = self.generate(range(min(self.cfg.num_samples, len(self.valid_data))))
             with (self.out / "samples.jsonl").open("w") as f:
-                for s in samples:
+                for s in evaluation.generated[:self.cfg.num_samples]:
                     f.write(json.dumps({k: v for k, v in s.items() if not k.endswith("_tokens")}) + "\n")
         self.log("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
         return result

@@ -188,6 +188,7 @@ class RunLogger:
             self.client.log_figure(self.run_id, confusion, "plots/emotion_confusion.png")
         self.client.log_figure(self.run_id, loss_figure(result["history"]), "plots/loss_curve.png")
         self.client.log_text(self.run_id, json.dumps(result["final"], indent=1), "final_metrics.json")
+        self.client.log_text(self.run_id, json.dumps(result["definitions"], indent=1), "metric_definitions.json")
         if self.log_model:
             self._log_weights_and_model(trainer)
 

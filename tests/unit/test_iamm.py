@@ -169,7 +169,7 @@ def test_forward_shapes_and_finite():
         assert v.dim() == 0 and torch.isfinite(v), k
     assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
     assert torch.allclose(out.emo_loss, sum(out.emo_losses.values()))
-    assert int(out.num_tokens) == int((b["target_ids"] != PAD).sum())
+    assert out.num_tokens.tolist() == (b["target_ids"] != PAD).sum(1).tolist()
     a = out.encoding.extras["associated"]
     assert a["ids"].shape == a["weights"].shape == a["positions"].shape == (B, m.cfg.num_associated)
     out.loss.backward()

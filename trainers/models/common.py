@@ -315,7 +315,7 @@ class PointerGenerator(nn.Module):
         """`label_smoothed_nll` of the mixture at N targets without building the (N, V + max_oov) distribution.
 
         s (N, d), copy_logits (N, L) masked, ext_ids (N, L), target (N,) non-PAD extended ids
-        -> (loss_sum, nll_sum, N). With g = p_gen, q = softmax(W s + b) over the V words, a =
+        -> (loss_sum, token_nll (N,), N). With g = p_gen, q = softmax(W s + b) over the V words, a =
         softmax(copy_logits) and C_w = sum_{l: ext_ids[l] = w} a_l, the mixture is P(w) = g q_w + (1 - g) C_w.
         C_w = 0 for every w that is not one of the L source ids, where log P(w) = log g + log q_w, so
 
@@ -353,7 +353,7 @@ class PointerGenerator(nn.Module):
         smooth = total - log_P_pad - torch.where(y_in, log_P_y, 0.0)  # sum over S (see label_smoothed_nll)
         lp_y = log_P_y.clamp_min(LOG_P_MIN)
         loss = -(1 - eps) * lp_y - eps * smooth / ((V - 1) - y_in.long())
-        return loss.sum(), -lp_y.sum(), target.new_tensor(target.numel())
+        return loss.sum(), -lp_y, target.new_tensor(target.numel())
 
 def _mixture_log_prob(log_g, log_1mg, log_q, C, in_vocab):
     """log(g q [in_vocab] + (1 - g) C) from log g, log(1 - g), log q and C >= 0: -inf where both parts are 0,
@@ -370,11 +370,11 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
         loss = -(1 - eps) * log p[y] - eps / n * sum_{j in S} log p[j],
     S = base-vocabulary ids except PAD and y (n = |S|), as in the authors' LabelSmoothing (size - 2).
     The extended slots get no smoothing mass: they hold probability 0 outside the example's own copies.
-    Returns (loss_sum, nll_sum, num_tokens); nll_sum is the unsmoothed sum of -log p[y].
+    Returns (loss_sum, token_nll, num_tokens); token_nll (N,) is the unsmoothed -log p[y], 0 at PAD targets.
     """
     keep = target != pad
     lp_y = log_probs.gather(1, target[:, None]).squeeze(1)  # (N,)
-    nll = -(lp_y * keep).sum()
+    nll = -(lp_y * keep)
     if eps > 0:
         in_vocab = target < vocab_size
         s = log_probs[:, :vocab_size].sum(1) - log_probs[:, pad] - lp_y * in_vocab
@@ -382,7 +382,7 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
         loss = (-(1 - eps) * lp_y - eps * s / n) * keep
         loss_sum = loss.sum()
     else:
-        loss_sum = nll
+        loss_sum = nll.sum()
     return loss_sum, nll, keep.sum()
 
 
@@ -447,8 +447,8 @@ class Output:
     gen_loss: torch.Tensor | None = None  # generation loss per non-PAD target token (label-smoothed if set)
     emo_loss: torch.Tensor | None = None  # sum of `emo_losses`; 0 without emotion heads or gold emotions
     emo_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # cross-entropy per emotion head
-    nll_sum: torch.Tensor | None = None  # unsmoothed summed NLL of the targets (detached), for perplexity
-    num_tokens: torch.Tensor | None = None  # non-PAD target tokens
+    nll_sum: torch.Tensor | None = None  # (B,) per example: unsmoothed summed NLL of its targets (detached)
+    num_tokens: torch.Tensor | None = None  # (B,) per example: its non-PAD target tokens (EOS included)
 
     @property
     def emotion_logits(self) -> torch.Tensor | None:
@@ -523,7 +523,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
         return self.generator(s[:, -1:], copy_logits[:, -1:], enc.ext_ids, enc.max_oov)[:, 0]
 
     def generation_loss(self, enc: Encoding, ys, tgt_ext):
-        """Teacher-forced generation loss sums over the non-PAD targets -> (loss_sum, nll_sum, num_tokens).
+        """Teacher-forced generation loss over the non-PAD targets -> (loss_sum, nll (B,), num_tokens (B,)): the
+        label-smoothed loss summed over the batch, the unsmoothed NLL and the token count per example (the papers'
+        PPL averages each example's mean NLL, trainers.metrics).
 
         With `pack_targets` (training) the output layer, the step's largest cost, runs only at the N real
         target tokens (one host sync for N) and no (N, V + max_oov) distribution is built: without label
@@ -532,15 +534,19 @@ class PointerGeneratorSeq2Seq(nn.Module):
         s, copy_logits = self._decoder_states(enc, ys)
         ext, max_oov = enc.ext_ids, enc.max_oov
         eps = self.cfg.label_smoothing
+        num_tokens = (tgt_ext != PAD).sum(1)
         if not self.cfg.pack_targets:
-            return label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
-                                      tgt_ext.flatten(), self.vocab_size, eps)
+            loss_sum, token_nll, _ = label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
+                                                        tgt_ext.flatten(), self.vocab_size, eps)
+            return loss_sum, token_nll.view_as(tgt_ext).sum(1), num_tokens
         b, t = (tgt_ext != PAD).nonzero(as_tuple=True)  # (N,), (N,)
         s, copy_logits, ext, target = s[b, t], copy_logits[b, t], ext[b], tgt_ext[b, t]
         if eps == 0:
-            nll = -self.generator.log_prob_of(s, copy_logits, ext, target).sum()
-            return nll, nll, target.new_tensor(target.numel())
-        return self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
+            token_nll = -self.generator.log_prob_of(s, copy_logits, ext, target)
+            loss_sum = token_nll.sum()
+        else:
+            loss_sum, token_nll, _ = self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
+        return loss_sum, token_nll.new_zeros(len(tgt_ext)).index_add(0, b, token_nll), num_tokens
 
     def forward(self, batch, targets: Targets | None = None) -> Output:
         """The encoding of `batch`; with `targets`, also the losses (teacher forcing)."""
@@ -548,9 +554,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
         if targets is None:
             return Output(enc)
         ys = torch.cat([torch.full_like(targets.ids[:, :1], SOS), targets.ids[:, :-1]], dim=1)  # (B, T)
-        loss_sum, nll_sum, n = self.generation_loss(enc, ys, targets.ext_ids)
-        gen_loss = loss_sum / n.clamp_min(1)
+        loss_sum, nll, n = self.generation_loss(enc, ys, targets.ext_ids)
+        gen_loss = loss_sum / n.sum().clamp_min(1)
         emo_losses = {} if targets.emotion is None else {
             name: F.cross_entropy(logits.float(), targets.emotion) for name, logits in enc.head_logits.items()}
         emo_loss = sum(emo_losses.values()) if emo_losses else gen_loss.new_zeros(())
-        return Output(enc, gen_loss + emo_loss, gen_loss, emo_loss, emo_losses, nll_sum.detach(), n)
+        return Output(enc, gen_loss + emo_loss, gen_loss, emo_loss, emo_losses, nll.detach(), n)

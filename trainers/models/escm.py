@@ -40,9 +40,10 @@ was read to settle what the paper leaves open; nothing was copied):
       relation vocabulary), and the recipe pairs it with unscaled scores (`gcn_scaled` False, eq. 8 verbatim).
   Padded rows get p = 0.
 - Eq. 9: the code aggregates W_v H_des (the paper writes V_des); we follow the code, with the bias b_v.
-- Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). P_e = P_ctx + P_cor is
-  the paper's prediction rule (the code sums logits instead); `emotion_logits` = log((P_ctx + P_cor) / 2),
-  so argmax is the paper's prediction and softmax(emotion_logits) is a proper distribution.
+- Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). Eq. 15 adds the heads'
+  probabilities, P_e = P_ctx + P_cor; the code that produced the paper's Acc adds their logits, and so do we:
+  `emotion_logits` = log_softmax(logits_ctx + logits_cor), whose argmax is the reported prediction and whose
+  softmax is a proper distribution (the normalised product of the two heads' distributions).
 - Eq. 20: the generation loss is averaged over non-PAD target tokens (the code's NLLLoss mean), no label
   smoothing by default (the authors' ESCM uses none); targets are extended ids (copyable OOVs).
 
@@ -57,7 +58,6 @@ Ablations (Table 3) as config booleans; a flag removes its parameters, not just 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -239,11 +239,10 @@ class ESCM(PointerGeneratorSeq2Seq):
         else:
             H_cor, extras["gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
         heads = {"ctx": self.head_ctx(H_ctx, mask), "cor": self.head_cor(H_cor, mask)}  # eqs. 14-17
-        log_P = torch.stack([logits.log_softmax(-1) for logits in heads.values()])
         return Encoding(
             memory=torch.cat([H_ctx, H_cor], dim=-1),  # (B, L, d + d_cor), eq. 18
             mask=mask, ext_ids=batch["context_ext_ids"], max_oov=int(batch["max_oov"]),
-            emotion_logits=torch.logsumexp(log_P, 0) - math.log(2.0),  # log((P_ctx + P_cor) / 2), eq. 15
+            emotion_logits=(heads["ctx"] + heads["cor"]).log_softmax(-1),  # eq. 15 as the authors' code
             head_logits=heads, extras=extras)
 
     @torch.no_grad()
