@@ -62,7 +62,8 @@ class TrainConfig(InferenceConfig):
         "rescaled", description="word vectors rescaled to the model's init norm, or at their own scale with "
                                 "words without a vector ~ N(0, 0.01^2) (the authors')")
     eval_every: int = Field(500, ge=1)
-    eval_from: int = Field(0, ge=0, description="no evaluation before this step (the last step always evaluates)")
+    eval_from: int = Field(0, ge=0, description="no evaluation before this step (the last step always evaluates); "
+                                                  "before it, every eval_every steps saves a checkpoint only")
     selection: Literal["early_stop", "reference"] = Field(
         "early_stop", description="best checkpoint: by early_stop_metric with patience, or the authors' rule")
     select_ppl: float = Field(43.0, gt=0, description="reference rule: also keep a checkpoint with PPL below this")
@@ -226,10 +227,12 @@ class Trainer:
                              f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} ex/s")
                     self.history.append({"step": self.step, "train_loss": loss})
                     t_last, steps_last, running = time.perf_counter(), self.step, []
-                if (self.step % cfg.eval_every == 0 and self.step >= cfg.eval_from) or self.step == cfg.max_steps:
+                if self.step >= cfg.eval_from and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     stop = self._evaluate_and_checkpoint()
                     if stop:
                         break
+                elif self.step % cfg.eval_every == 0 and self.rank == 0:
+                    self.save_checkpoint()   # before eval_from: resumable without evaluating
             if self.position >= len(batches):
                 self.epoch, self.position = self.epoch + 1, 0
         return self.finish()

@@ -141,6 +141,7 @@ def test_paper_recipe_evaluates_on_its_schedule_and_keeps_by_the_reference_rule(
     history = trainer.train()
     assert [h["step"] for h in history if "valid_ppl" in h] == [8, 12, 16, 20]  # none before eval_from
     assert [step for step, tag in saved if tag == "best"] == [8, 16] and trainer.best == 42.8
+    assert [step for step, tag in saved if tag is None] == [4, 8, 12, 16, 20]  # resumable before eval_from too
 
 
 # ---- ESCM's two graphs (eq. 8) -----------------------------------------------------------------
