@@ -30,6 +30,7 @@ from cluster.console import prepare_with_summary
 from cluster.local import stack
 from cluster.local.processes import http_ok
 from cluster.mlflow.promotion import Decision, promote
+from cluster.mlflow.reports import TABLE_METRICS, final_value
 from cluster.polling import poll_until
 from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_query
 
@@ -61,8 +62,9 @@ class TrialRun:
     run_id: str
     valid_acc: float | None
     valid_ppl: float | None
-    valid_dist1: float | None
-    valid_dist2: float | None
+    valid_ppl_token: float | None
+    valid_dist_1: float | None
+    valid_dist_2: float | None
 
 
 @dataclass
@@ -171,7 +173,7 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     if status != JobStatus.SUCCEEDED:
         raise DemoError(f"the sweep job {job_id} {status}:\n{jobs.get_job_logs(job_id)[-3000:]}")
     return [TrialRun(r.data.tags.get("variant", r.info.run_name), r.info.run_id,
-                     *(r.data.metrics.get(k) for k in ("valid_acc", "valid_ppl", "valid_dist1", "valid_dist2")))
+                     *(final_value(r.data.metrics, key) for key, _ in TABLE_METRICS.values()))
             for r in _children(mlflow, since_ms)]
 
 

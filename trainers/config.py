@@ -46,10 +46,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated with `extra`; nested dicts merge key by key (`extra` wins)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -65,8 +66,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a YAML mapping, got {type(loaded).__name__}")
         data = loaded
-    data = _merge(data, {k: v for k, v in values.items() if v is not None})
-    data = _merge(data, parse_overrides(overrides or []))
+    data = deep_merge(data, {k: v for k, v in values.items() if v is not None})
+    data = deep_merge(data, parse_overrides(overrides or []))
     try:
         return cls.model_validate(data)
     except ValidationError as e:

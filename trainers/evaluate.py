@@ -1,9 +1,11 @@
 """Evaluate a trained checkpoint or serving bundle on any ED-format source (jsonl dir/file, official CSV dir or
 tar.gz, s3://).
 
-Writes `metrics.json` (Acc / PPL / Dist-1 / Dist-2 / BLEU) and `predictions.jsonl` (one line per
-example: conv_id, turn, gold and predicted emotion with its probability, generated response,
-reference). Decoding settings are the run's (the paper's greedy decoding by default) unless overridden.
+Writes `metrics.json` (Acc / PPL / PPL_token / Dist-1 / Dist-2 / BLEU over the whole split, and the `definitions`
+of each, trainers.metrics.DEFINITIONS) and `predictions.jsonl` (one line per example: conv_id, turn, gold and
+predicted emotion with its probability, generated response, reference, and the reference's teacher-forced summed
+NLL `nll_sum` over its `num_tokens` target tokens, EOS included: enough to recompute both PPLs). Decoding settings
+are the run's (the paper's greedy decoding by default) unless overridden.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from trainers.data.vocab import Vocab
 from trainers.device import resolve_device
 from trainers.evaluator import Evaluator
 from trainers.loop import TrainConfig, tensor_split
+from trainers.metrics import DEFINITIONS
 from trainers.model_bundle import load_bundle, save_bundle
 
 
@@ -55,15 +58,16 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir
     data = tensor_split(cfg, prepared, len(vocab), dev)
     evaluator = Evaluator(model, vocab, dev, batch_size=cfg.eval_batch_size, decode=cfg.decode_config(),
                           bf16=cfg.bf16)
-    metrics = evaluator.evaluate(data, generate=0)
-    predictions = evaluator.generate(range(len(data)), data)
+    evaluation = evaluator.run(data, generate=0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": label or str(checkpoint), "source": source, "split": split, "examples": len(data),
-              "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__, "metrics": metrics}
+              "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__, "metrics": evaluation.metrics,
+              "definitions": DEFINITIONS}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     with (out / "predictions.jsonl").open("w") as f:
-        for p in predictions:
-            f.write(json.dumps({k: p[k] for k in ("conv_id", "turn", "gold_emotion", "predicted_emotion",
-                                                  "predicted_prob", "generated", "reference")}) + "\n")
+        for p, nll, n in zip(evaluation.generated, evaluation.nll_sum, evaluation.num_tokens, strict=True):
+            record = {k: p[k] for k in ("conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
+                                        "generated", "reference")}
+            f.write(json.dumps({**record, "nll_sum": float(nll), "num_tokens": int(n)}) + "\n")
     return result

@@ -1,10 +1,13 @@
 """`Evaluator`: teacher-forced metrics and decoding over a `TensorSplit` (the trainer and `edp evaluate` use it).
 
-Metrics are the papers' (trainers.metrics): emotion accuracy, PPL from the pointer-generator NLL,
-Dist-1/2 and BLEU over the decoded responses.
+Metrics are the papers' (trainers.metrics.DEFINITIONS): per-example emotion accuracy, the per-example PPL of the
+pointer-generator mixture (and the token-level `ppl_token`), Dist-1/2 and BLEU over the decoded responses: of the
+whole split, or `_sampled` over its first examples when only those are decoded.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -13,8 +16,19 @@ from trainers.batching import TensorSplit
 from trainers.data.emotions import EMOTIONS
 from trainers.decoding import DecodeConfig, decode, ids_to_tokens
 from trainers.device import autocast
-from trainers.metrics import MetricAccumulator
+from trainers.metrics import MetricAccumulator, sampled
 from trainers.models.common import Targets
+
+
+@dataclass
+class Evaluation:
+    """One evaluation of a split: its metrics, each example's teacher-forced summed target NLL and target token
+    count (in the split's order) and the records of the decoded examples (`Evaluator.generate`)."""
+
+    metrics: dict[str, float]
+    nll_sum: np.ndarray  # (N,) float
+    num_tokens: np.ndarray  # (N,) int
+    generated: list[dict]
 
 
 class Evaluator:
@@ -28,30 +42,51 @@ class Evaluator:
     def _autocast(self):
         return autocast(self.bf16, self.device)
 
-    @torch.inference_mode()
     def evaluate(self, data: TensorSplit, generate: int = 0) -> dict:
-        """Teacher-forced loss/PPL and emotion accuracy on all of `data`, plus
-        Dist-1/2 and BLEU over the greedy/beam/sampled responses of its first `generate` examples (0 = all)."""
+        """The metrics of `run(data, generate)`."""
+        return self.run(data, generate).metrics
+
+    def run(self, data: TensorSplit, generate: int = 0) -> Evaluation:
+        """Teacher-forced loss/PPL and emotion accuracy on all of `data`; Dist-1/2 and BLEU over the decoded
+        responses of all of it (`generate` = 0: the primary names) or of its first `generate` examples (the
+        `_sampled` names and `sample_size`)."""
+        acc, nll_sum, num_tokens = self.teacher_forced(data)
+        n = len(data) if generate == 0 else min(generate, len(data))
+        generated = self.generate(range(n), data)
+        if generated:
+            acc.add(hypotheses=[g["generated_tokens"] for g in generated],
+                    references=[g["reference_tokens"] for g in generated])
+        metrics = acc.compute()
+        if generate:
+            generation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(("dist_", "bleu_"))}
+            metrics.update(sampled(generation, n))
+        return Evaluation(metrics, nll_sum, num_tokens, generated)
+
+    @torch.inference_mode()
+    def teacher_forced(self, data: TensorSplit) -> tuple[MetricAccumulator, np.ndarray, np.ndarray]:
+        """Under teacher forcing over all of `data`: an accumulator holding each example's target NLL, token count
+        and emotion prediction, and the NLL sums and token counts in `data`'s order."""
         model = self.model
         model.eval()
-        acc = MetricAccumulator()
+        nll_sum, num_tokens = np.zeros(len(data)), np.zeros(len(data), dtype=np.int64)
+        pred, gold = np.zeros(len(data), dtype=np.int64), np.zeros(len(data), dtype=np.int64)
+        has_emotion = True
         for k, rows in data.plan(self.batch_size, 0, 0, shuffle=False):
             batch = data.rows_batch(k, rows)
             with self._autocast():
                 out = model(batch, Targets.of(batch))
-            logits = out.emotion_logits
-            acc.add(nll_sum=out.nll_sum.float(), num_tokens=out.num_tokens,
-                    emotion_pred=None if logits is None else logits.argmax(-1),
-                    emotion_gold=None if logits is None else batch["emotion"])
-        metrics = acc.compute()
-        n = len(data) if generate == 0 else min(generate, len(data))
-        if n:
-            generated = self.generate(range(n), data)
-            gen_acc = MetricAccumulator()
-            gen_acc.add(hypotheses=[g["generated_tokens"] for g in generated],
-                        references=[g["reference_tokens"] for g in generated])
-            metrics.update({k: v for k, v in gen_acc.compute().items() if k.startswith(("dist", "bleu"))})
-        return metrics
+            index = data.buckets[k].rows[rows]
+            nll_sum[index] = out.nll_sum.float().cpu().numpy()
+            num_tokens[index] = out.num_tokens.cpu().numpy()
+            has_emotion = out.emotion_logits is not None
+            if has_emotion:
+                pred[index] = out.emotion_logits.argmax(-1).cpu().numpy()
+                gold[index] = batch["emotion"].cpu().numpy()
+        acc = MetricAccumulator()
+        acc.add(nll_sum=nll_sum, num_tokens=num_tokens)
+        if has_emotion:
+            acc.add(emotion_pred=pred, emotion_gold=gold)
+        return acc, nll_sum, num_tokens
 
     @torch.inference_mode()
     def emotion_predictions(self, data: TensorSplit) -> tuple[list[int], list[int]]:

@@ -47,7 +47,7 @@ class Responder:
         self.cfg, self.model, self.vocab, self.top_k = cfg, model.eval(), vocab, top_k
         self.device = resolve_device(device)
         self.model.to(self.device)
-        self.nlp = ann.load_pipeline(cfg.data.spacy_model)
+        self.nlp = ann.load_pipeline(cfg.data.spacy_model, cfg.data.contractions)
         kwargs = {"path": cfg.data.knowledge_path} if cfg.data.knowledge_path else {}
         if cfg.data.knowledge == "precomputed":
             kwargs["on_missing"] = "empty"  # unseen request text: nothing to associate, counted by the source

@@ -19,8 +19,9 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -30,16 +31,21 @@ from trainers.checkpoint import InferenceConfig
 from trainers.data.prepare import Prepared
 from trainers.device import autocast, resolve_device
 from trainers.evaluator import Evaluator
-from trainers.metrics import METRIC_MODES
+from trainers.metrics import DEFINITIONS, GENERATION_METRICS, METRIC_MODES, SAMPLED
 from trainers.models import build_model
 from trainers.models.common import Output, Targets
 from trainers.optim import build_optimizer
+from trainers.recipes import RECIPE_NAMES, apply_recipe
+from trainers.tokens import PAD
+
+OOV_EMBEDDING_STD = 0.01  # `embedding_init: vectors`: words without a vector ~ N(0, 0.01^2) (authors' code)
 
 
 class TrainConfig(InferenceConfig):
-    """Everything one training run needs (the inherited `InferenceConfig` fields too); defaults are the papers'
-    settings."""
+    """Everything one training run needs (the inherited `InferenceConfig` fields too). `recipe` fills in the
+    fields a run does not set (trainers.recipes); the defaults are the "platform" recipe."""
 
+    recipe: Literal[RECIPE_NAMES] = Field("platform", description="named bundle of settings: platform | paper")
     model_overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields, e.g. no_vr")
     out_dir: str = "runs/train"
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
@@ -52,9 +58,20 @@ class TrainConfig(InferenceConfig):
     adam_betas: tuple[float, float] = (0.9, 0.98)
     adam_eps: float = Field(1e-9, gt=0)
     grad_clip: float = Field(2.0, ge=0, description="max global grad norm; 0 disables")
+    embedding_init: Literal["rescaled", "vectors"] = Field(
+        "rescaled", description="word vectors rescaled to the model's init norm, or at their own scale with "
+                                "words without a vector ~ N(0, 0.01^2) (the authors')")
     eval_every: int = Field(500, ge=1)
+    eval_from: int = Field(0, ge=0, description="no evaluation before this step (the last step always evaluates); "
+                                                  "before it, every eval_every steps saves a checkpoint only")
+    selection: Literal["early_stop", "reference"] = Field(
+        "early_stop", description="best checkpoint: by early_stop_metric with patience, or the authors' rule")
+    select_ppl: float = Field(43.0, gt=0, description="reference rule: also keep a checkpoint with PPL below this")
+    select_acc: float = Field(0.385, ge=0, description="... and emotion accuracy above this")
     log_every: int = Field(50, ge=1)
-    eval_generate: int = Field(256, ge=0, description="valid examples decoded per evaluation (0 = all)")
+    eval_generate: int = Field(256, ge=0, description="valid examples decoded per evaluation, their Dist/BLEU "
+                               "logged as *_sampled (0 = all: the papers' whole-split figures); the final "
+                               "evaluation always decodes the whole split")
     early_stop_metric: str = "valid_ppl"
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     keep_checkpoints: int = Field(2, ge=1)
@@ -63,16 +80,26 @@ class TrainConfig(InferenceConfig):
     use_vectors: bool = Field(True, description="initialise word embeddings from the prepared vectors")
     num_samples: int = Field(100, ge=0, description="sample generations written at the end")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        return apply_recipe(data, cls.model_fields["model"].default) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check_early_stop(self) -> TrainConfig:
         if self.early_stop_metric not in METRIC_MODES:
             raise ValueError(f"early_stop_metric must be one of {sorted(METRIC_MODES)}")
+        metric, is_sampled = self.early_stop_metric, self.early_stop_metric.endswith(SAMPLED)
+        if metric.removesuffix(SAMPLED) in GENERATION_METRICS and is_sampled != (self.eval_generate > 0):
+            raise ValueError(f"early_stop_metric {metric} needs eval_generate "
+                             + ("> 0 (a sample of valid)" if is_sampled else "= 0 (the whole valid split)"))
         return self
 
 
 def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
-    """The run's model overrides; IAMM without a knowledge backend is built as the paper's "w/o IA" model
-    (no commonsense encoders: nothing to associate), never fed empty knowledge as if it were real."""
+    """The run's model overrides; IAMM without a knowledge backend is built without knowledge (no implicit
+    association and no commonsense emotion head: not the paper's "w/o IA" row, which keeps the latter), never fed
+    empty knowledge as if it were real."""
     overrides = dict(cfg.model_overrides)
     if cfg.model == "iamm" and prepared.manifest["substitutions"]["knowledge"].get("available") is False:
         overrides.setdefault("has_knowledge", False)
@@ -94,12 +121,7 @@ class Trainer:
         self.vocab = vocab
         self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(),
                                  **model_overrides(cfg, prepared)).to(self.device)
-        vectors = prepared.vectors() if cfg.use_vectors else None
-        if vectors is not None and self.model.embedding.weight.shape == vectors.shape:
-            with torch.no_grad():  # spaCy/GloVe init, rescaled to the embedding's x sqrt(d) convention
-                w = torch.from_numpy(vectors).to(self.device)
-                self.model.embedding.weight.copy_(w / w[1:].norm(dim=1).mean().clamp_min(1e-6)
-                                                  * self.model.embedding.weight[1:].norm(dim=1).mean())
+        init_word_embedding(self.model.embedding.weight, prepared if cfg.use_vectors else None, cfg.embedding_init)
         self.raw_model = self.model
         if wrap_model is not None:
             self.model = wrap_model(self.model)
@@ -205,10 +227,12 @@ class Trainer:
                              f"lr {self.scheduler.get_last_lr()[0]:.2e} {rate:.0f} ex/s")
                     self.history.append({"step": self.step, "train_loss": loss})
                     t_last, steps_last, running = time.perf_counter(), self.step, []
-                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                if self.step >= cfg.eval_from and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     stop = self._evaluate_and_checkpoint()
                     if stop:
                         break
+                elif self.step % cfg.eval_every == 0 and self.rank == 0:
+                    self.save_checkpoint()   # before eval_from: resumable without evaluating
             if self.position >= len(batches):
                 self.epoch, self.position = self.epoch + 1, 0
         return self.finish()
@@ -217,11 +241,9 @@ class Trainer:
         metrics = {"step": self.step, "epoch": self.epoch,
                    **{f"valid_{k}": v for k, v in self.evaluate(self.cfg.eval_generate).items()}}
         self.history.append(metrics)
-        value = metrics[self.cfg.early_stop_metric]
-        better = self.best is None or (value < self.best if METRIC_MODES[self.cfg.early_stop_metric] == "min"
-                                       else value > self.best)
+        better = self._selects(metrics)
         if better:
-            self.best, self.bad_evals = value, 0
+            self.best, self.bad_evals = metrics[self._selection_metric()], 0
         else:
             self.bad_evals += 1
         path = None
@@ -233,30 +255,68 @@ class Trainer:
                                     for k, v in metrics.items()))
         if self.on_eval is not None:
             self.on_eval(metrics, path)
-        return self.bad_evals >= self.cfg.patience
+        return self.cfg.selection == "early_stop" and self.bad_evals >= self.cfg.patience
+
+    def _selection_metric(self) -> str:
+        return "valid_ppl" if self.cfg.selection == "reference" else self.cfg.early_stop_metric
+
+    def _selects(self, metrics: dict) -> bool:
+        """Whether this evaluation's weights become `best.pt`. "early_stop": `early_stop_metric` improved.
+        "reference" (the authors' main.py, valid split only): PPL <= the best kept PPL (100 before any), or
+        PPL < select_ppl with emotion accuracy > select_acc (a model without an emotion head has accuracy 0)."""
+        cfg = self.cfg
+        if cfg.selection == "reference":
+            ppl, acc = metrics["valid_ppl"], metrics.get("valid_acc", 0.0)
+            return ppl <= (100.0 if self.best is None else self.best) or (ppl < cfg.select_ppl and acc > cfg.select_acc)
+        value = metrics[cfg.early_stop_metric]
+        return self.best is None or (value < self.best if METRIC_MODES[cfg.early_stop_metric] == "min"
+                                     else value > self.best)
 
     def evaluate(self, generate: int = 0, data: TensorSplit | None = None) -> dict:
         return self.evaluator.evaluate(data or self.valid_data, generate)
 
-    def generate(self, indices, data: TensorSplit | None = None) -> list[dict]:
-        return self.evaluator.generate(indices, data or self.valid_data)
-
     def finish(self) -> dict:
-        """Final evaluation with the best weights, metrics.json and samples.jsonl (rank 0)."""
+        """Final evaluation with the best weights on the whole valid split, metrics.json and samples.jsonl (rank 0)."""
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
             self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
-        final = {f"valid_{k}": v for k, v in self.evaluate(self.cfg.eval_generate).items()}
-        result = {"model": self.cfg.model, "step": self.step, "best": {self.cfg.early_stop_metric: self.best},
-                  "final": final, "history": self.history}
+        evaluation = self.evaluator.run(self.valid_data, generate=0)
+        final = {f"valid_{k}": v for k, v in evaluation.metrics.items()}
+        result = {"model": self.cfg.model, "step": self.step, "best": {self._selection_metric(): self.best},
+                  "final": final, "definitions": DEFINITIONS, "history": self.history}
         if self.rank == 0:
             (self.out / "metrics.json").write_text(json.dumps(result, indent=1))
-            samples = self.generate(range(min(self.cfg.num_samples, len(self.valid_data))))
             with (self.out / "samples.jsonl").open("w") as f:
-                for s in samples:
+                for s in evaluation.generated[:self.cfg.num_samples]:
                     f.write(json.dumps({k: v for k, v in s.items() if not k.endswith("_tokens")}) + "\n")
         self.log("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
         return result
+
+
+def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: str) -> None:
+    """Set the word embedding (V, emb) from the prepared word vectors (`prepared` None: no vectors).
+
+    "rescaled": the vectors scaled so that their mean row norm is the model's init's (unit scale after the
+    embedding's x sqrt(emb_dim)); without vectors the model's init stays. "vectors" (the authors'): the vectors
+    as they are, words without one (and every word without vectors) ~ N(0, 0.01^2); the PAD row stays zero."""
+    vectors = None if prepared is None else prepared.vectors()
+    if vectors is not None and tuple(weight.shape) != vectors.shape:
+        vectors = None  # a model with its own embedding size: keep its init
+    with torch.no_grad():
+        if how == "rescaled":
+            if vectors is not None:
+                w = torch.from_numpy(vectors).to(weight.device)
+                weight.copy_(w / w[1:].norm(dim=1).mean().clamp_min(1e-6) * weight[1:].norm(dim=1).mean())
+            return
+        fresh = torch.randn_like(weight) * OOV_EMBEDDING_STD
+        if vectors is not None:
+            rows = prepared.vector_rows()
+            if rows is None:
+                rows = np.ones(len(vectors), dtype=bool)
+            has = torch.from_numpy(rows).to(weight.device)
+            fresh = torch.where(has[:, None], torch.from_numpy(vectors).to(weight.device, weight.dtype), fresh)
+        fresh[PAD] = 0.0
+        weight.copy_(fresh)
 
 
 def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:

@@ -1,20 +1,29 @@
 """Evaluation metrics with the definitions of the papers (ESCM Sec. 4.3, IAMM Sec. 4.3).
 
-Both papers follow CEM (Sabour et al., 2022) and MoEL, whose evaluation code defines:
-  Acc     emotion classification accuracy over all examples (fraction here; tables show x100).
-  PPL     exp(mean token NLL of the reference responses under teacher forcing), PAD ignored.
-  Dist-n  corpus-level distinct n-grams (Li et al., 2016): the number of *unique* n-grams over
-          all generated responses divided by the *total* number of n-grams in them
-          (CEM's `calc_distinct_n`). Returned as a fraction; the tables report it x100.
-  BLEU    not in the papers' tables; corpus BLEU-1..4 for reference (see `bleu`).
+Both papers follow CEM (Sabour et al., 2022) and MoEL, whose evaluation code (read in the ESCM and IAMM
+repositories: `evaluate` in src/models/common.py, `train_one_batch(train=False)`, src/scripts/evaluate.py) defines
+the primary figures, named as in `DEFINITIONS`:
+  acc        emotion accuracy per example (fraction here; tables show x100). The prediction is the argmax of
+             the model's `emotion_logits`: for ESCM and IAMM the summed logits of the emotion heads, as the code
+             that produced the papers' Acc. (The code averages per-batch accuracies; we average per example,
+             which equals it when every batch is full.)
+  ppl        teacher-forced, exp(mean over examples of each example's mean NLL over its non-PAD target tokens,
+             EOS included), the NLL of the pointer-generator mixture: the code's per-example NLLLoss(mean)
+             averaged over the split, then exp. A short example weighs as much as a long one.
+  dist_n     corpus-level distinct n-grams (Li et al., 2016) of the greedy responses of the whole split:
+             |unique n-grams over all responses| / |n-grams over all responses| (CEM's `calc_distinct_n`), a
+             fraction (tables x100). The step limit is the run's `decode.max_len` (the authors' max_dec_step 50
+             lets greedy emit 51 tokens); metrics.json records the decoding used.
+Also reported:
+  ppl_token  exp(total NLL / total non-PAD target tokens): token-level, what this platform called PPL before.
+  loss       total NLL / total target tokens (log ppl_token).
+  bleu_n     corpus BLEU-1..4, not in the papers' tables (see `bleu`).
+  *_sampled  dist_n / bleu_n over the first `sample_size` examples only (training-time evaluations): not
+             comparable with the papers' figures (Dist-1 4.65 on 256 responses vs 0.82 on the whole split for
+             the same ESCM checkpoint), hence never under the primary name.
 
-Interpretations (recorded here as DESIGN.md asks):
-- PPL is token-level: exp(sum NLL / number of reference tokens, EOS included). The ESCM code's
-  test-time figure is exp of the mean over examples of each example's mean token NLL;
-  `MetricAccumulator` also reports that as "ppl_example" when given per-example sums.
-- Dist-n counts n-grams over the given token lists; CEM re-tokenises the detokenised strings
-  with nltk's word_tokenize, which gives the same tokens for spaCy-tokenised text up to rare
-  punctuation splits.
+Dist-n counts n-grams over the given token lists; CEM re-tokenises the detokenised strings with nltk's
+word_tokenize, which gives the same tokens for spaCy-tokenised text up to rare punctuation splits.
 """
 
 from __future__ import annotations
@@ -28,14 +37,27 @@ import torch
 
 from trainers.data.emotions import NUM_EMOTIONS
 
+DEFINITIONS = {
+    "acc": "per example: argmax of the emotion logits (ESCM, IAMM: summed head logits) == gold, averaged",
+    "ppl": "exp(mean over examples of each example's mean NLL over its non-PAD target tokens, EOS included), "
+           "teacher-forced pointer-generator mixture (papers, CEM/MoEL evaluation)",
+    "ppl_token": "exp(total NLL / total non-PAD target tokens, EOS included), teacher-forced (token-level)",
+    "loss": "total NLL / total non-PAD target tokens",
+    "dist_n": "corpus unique n-grams / all n-grams over the decoded responses of the whole split (papers)",
+    "bleu_n": "corpus BLEU-n, one reference per response, no smoothing",
+    "*_sampled": "the same over the first sample_size examples of the split only: not comparable with the papers",
+}
 # What the valid_* figures mean (logged with every run; promotion compares only runs that share it): change it
 # whenever a definition above changes.
-METRIC_DEFINITION = "acc: per example; ppl: token-level; dist-n: corpus unique/total n-grams; bleu: corpus"
+METRIC_DEFINITION = ("papers: acc per example (summed head logits); ppl exp(mean per-example NLL), ppl_token "
+                     "token-level; dist-n corpus over the whole split, *_sampled over a sample; bleu corpus")
 
 PPL_LOG_CAP = 100.0  # the authors' exp(min(loss, 100)): keeps exp finite for a diverged model
+SAMPLED = "_sampled"  # suffix of generation metrics computed over a sample of the split
+GENERATION_METRICS = ("valid_dist_1", "valid_dist_2", "valid_bleu_4")  # from decoded responses; all: higher better
 # Which way is better for each validation metric (early stopping, sweeps, promotion).
-METRIC_MODES = {"valid_ppl": "min", "valid_loss": "min", "valid_acc": "max", "valid_dist1": "max",
-                "valid_dist2": "max", "valid_bleu4": "max"}
+METRIC_MODES = {"valid_ppl": "min", "valid_ppl_token": "min", "valid_loss": "min", "valid_acc": "max",
+                **{k: "max" for k in GENERATION_METRICS}, **{k + SAMPLED: "max" for k in GENERATION_METRICS}}
 
 
 def _as_list(x) -> list:
@@ -56,11 +78,28 @@ def emotion_accuracy(pred_ids, gold_ids) -> float:
     return sum(int(p) == int(g) for p, g in zip(pred, gold, strict=True)) / len(gold)
 
 
-def perplexity(nll_sum: float, num_tokens: int) -> float:
-    """exp(total token NLL / total tokens), the exponent capped at PPL_LOG_CAP."""
+def token_perplexity(nll_sum: float, num_tokens: int) -> float:
+    """`ppl_token`: exp(total token NLL / total tokens), the exponent capped at PPL_LOG_CAP."""
     if num_tokens <= 0:
-        raise ValueError(f"perplexity: num_tokens must be > 0, got {num_tokens}")
+        raise ValueError(f"token_perplexity: num_tokens must be > 0, got {num_tokens}")
     return math.exp(min(float(nll_sum) / float(num_tokens), PPL_LOG_CAP))
+
+
+def example_perplexity(nll_sums: Sequence[float], num_tokens: Sequence[int]) -> float:
+    """`ppl`, the papers': exp(mean_i nll_sums[i] / num_tokens[i]), one term per example, exponent capped."""
+    if len(nll_sums) != len(num_tokens):
+        raise ValueError(f"example_perplexity: {len(nll_sums)} NLL sums for {len(num_tokens)} token counts")
+    if not nll_sums:
+        raise ValueError("example_perplexity: no examples")
+    if min(num_tokens) <= 0:
+        raise ValueError("example_perplexity: every example needs >= 1 target token (its EOS at least)")
+    mean_nll = float(np.mean([float(a) / int(n) for a, n in zip(nll_sums, num_tokens, strict=True)]))
+    return math.exp(min(mean_nll, PPL_LOG_CAP))
+
+
+def sampled(metrics: dict[str, float], sample_size: int) -> dict[str, float]:
+    """Generation metrics computed over `sample_size` examples of a split: `_sampled` names plus the size."""
+    return {**{k + SAMPLED: v for k, v in metrics.items()}, "sample_size": sample_size}
 
 
 def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
@@ -103,10 +142,10 @@ def bleu(hypotheses: list[list[str]], references: list[list[str]], max_n: int = 
     out = {}
     for n in range(1, max_n + 1):
         if any(matches[k] == 0 for k in range(n)):
-            out[f"bleu{n}"] = 0.0
+            out[f"bleu_{n}"] = 0.0
             continue
         log_p = sum(math.log(matches[k] / totals[k]) for k in range(n)) / n
-        out[f"bleu{n}"] = bp * math.exp(log_p)
+        out[f"bleu_{n}"] = bp * math.exp(log_p)
     return out
 
 
@@ -124,17 +163,17 @@ def confusion_matrix(pred, gold, num_classes: int = NUM_EMOTIONS) -> np.ndarray:
 
 
 class MetricAccumulator:
-    """Collects per-batch evaluation outputs; `compute()` gives the epoch's metrics.
+    """Collects per-batch evaluation outputs; `compute()` gives the metrics of everything added.
 
-    Keys of `compute()`: "loss" (mean token NLL), "ppl", "acc", "dist1", "dist2", "bleu1".."bleu4",
-    plus "ppl_example" when per-example NLLs were given. A group of keys is present only when
-    its inputs were collected (e.g. no "dist*"/"bleu*" for a validation pass without decoding).
+    Keys of `compute()` (see DEFINITIONS): "loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2",
+    "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no "dist_*"/"bleu_*"
+    for a validation pass without decoding).
     """
 
     def __init__(self, num_classes: int = NUM_EMOTIONS):
         self.num_classes = num_classes
-        self.nll_sum, self.num_tokens = 0.0, 0
-        self.example_mean_nll: list[float] = []
+        self.example_nll: list[float] = []
+        self.example_tokens: list[int] = []
         self.emotion_pred: list[int] = []
         self.emotion_gold: list[int] = []
         self.hypotheses: list[list[str]] = []
@@ -142,7 +181,8 @@ class MetricAccumulator:
 
     def add(self, nll_sum=None, num_tokens=None, emotion_pred=None, emotion_gold=None,
             hypotheses: list[list[str]] | None = None, references: list[list[str]] | None = None) -> None:
-        """Add one batch. nll_sum/num_tokens: scalars (batch totals) or (B,) per-example tensors."""
+        """Add one batch. nll_sum/num_tokens: per example, (B,) (a scalar is one example): each example's summed
+        target NLL and its number of target tokens."""
         if (nll_sum is None) != (num_tokens is None):
             raise ValueError("MetricAccumulator.add: give nll_sum and num_tokens together")
         if nll_sum is not None:
@@ -150,10 +190,8 @@ class MetricAccumulator:
             if len(nll) != len(ntok):
                 raise ValueError(f"MetricAccumulator.add: nll_sum has {len(nll)} entries, "
                                  f"num_tokens {len(ntok)}")
-            self.nll_sum += float(sum(nll))
-            self.num_tokens += int(sum(ntok))
-            if isinstance(nll_sum, torch.Tensor) and nll_sum.dim() == 1:
-                self.example_mean_nll += [a / b for a, b in zip(nll, ntok, strict=True) if b > 0]
+            self.example_nll += [float(v) for v in nll]
+            self.example_tokens += [int(n) for n in ntok]
         if (emotion_pred is None) != (emotion_gold is None):
             raise ValueError("MetricAccumulator.add: give emotion_pred and emotion_gold together")
         if emotion_pred is not None:
@@ -176,16 +214,16 @@ class MetricAccumulator:
 
     def compute(self) -> dict[str, float]:
         out: dict[str, float] = {}
-        if self.num_tokens > 0:
-            out["loss"] = self.nll_sum / self.num_tokens
-            out["ppl"] = perplexity(self.nll_sum, self.num_tokens)
-        if self.example_mean_nll:
-            out["ppl_example"] = math.exp(min(float(np.mean(self.example_mean_nll)), PPL_LOG_CAP))
+        if self.example_nll:
+            nll_sum, num_tokens = sum(self.example_nll), sum(self.example_tokens)
+            out["loss"] = nll_sum / num_tokens
+            out["ppl"] = example_perplexity(self.example_nll, self.example_tokens)
+            out["ppl_token"] = token_perplexity(nll_sum, num_tokens)
         if self.emotion_gold:
             out["acc"] = emotion_accuracy(self.emotion_pred, self.emotion_gold)
         if self.hypotheses:
-            out["dist1"] = distinct_n(self.hypotheses, 1)
-            out["dist2"] = distinct_n(self.hypotheses, 2)
+            out["dist_1"] = distinct_n(self.hypotheses, 1)
+            out["dist_2"] = distinct_n(self.hypotheses, 2)
             if len(self.references) == len(self.hypotheses):
                 out.update(bleu(self.hypotheses, self.references))
         return out

@@ -10,3 +10,6 @@ SPECIALS = ("[PAD]", "[UNK]", "[SOS]", "[EOS]", "[CLS]", "[SPK]", "[LSN]", "[SIT
 
 # Dialogue-state ids (`context_state`, `utt_state`): rows of the models' state embedding.
 STATE_PAD, STATE_CLS, STATE_SPEAKER, STATE_LISTENER = range(4)
+
+# Relation id of the self loops the ESCM symmetric graph adds (`context_dep` labels start at 2).
+DEP_SELF = 1

@@ -1,12 +1,14 @@
 """Registry promotion: the best child run of a sweep becomes the `champion` version of a registered model.
 
     promote("escm-sweep", "valid_ppl", where="params.model = 'escm'", name="escm")
-      0. the direction comes from the metric (trainers.loop.METRIC_MODES: valid_ppl min, valid_acc max,
-         final_<m> as <m>); `mode` only overrides it, and an unknown metric without `mode` is an error;
+      0. the direction comes from the metric (trainers.metrics.METRIC_MODES: valid_ppl and valid_ppl_token min,
+         valid_acc and valid_dist_<n>[_sampled] max, final_<m> as <m>); `mode` only overrides it, and an unknown
+         metric without `mode` is an error. Whole-split Dist-n exists only as final_valid_dist_<n>;
       1. search the sweep's FINISHED child runs (tag mlflow.parentRunId) matching `where`, best first;
       2. compare only like with like: every ranked run and the champion must share the comparison key
-         (prepared-data key, evaluation split, metric definition), else refuse with the keys printed
-         unless `force`;
+         (prepared-data key, evaluation split, metric definition: trainers.metrics.METRIC_DEFINITION, so a run
+         logged when valid_ppl was token-level is not ranked with one logging the papers' per-example PPL), else
+         refuse with the keys printed unless `force`;
       3. compare the best one with the current champion on the same metric; refuse a worse one unless
          `force` (a tie is not worse; the champion's own run is left as it is);
       4. register the run's model as a new version (tags: run_id, experiment, the comparison key, the

@@ -1,5 +1,8 @@
 """MLflow reports: the plots of a run and, on a sweep's parent run, the ablation table in the papers' layout
-(Acc / PPL / Dist-1 / Dist-2 per variant, mean and std over seeds) and the best child."""
+(Acc / PPL / PPL_token / Dist-1 / Dist-2 per variant, mean and std over seeds) and the best child.
+
+The table reads each child's final evaluation (best weights, whole valid split) under the papers' definitions
+(trainers.metrics.DEFINITIONS); PPL_token, the token-level perplexity, is not in the papers' tables."""
 
 from __future__ import annotations
 
@@ -10,8 +13,8 @@ from typing import Any
 
 from services.registry import client
 
-TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0),
-                 "Dist-1": ("valid_dist1", 100.0), "Dist-2": ("valid_dist2", 100.0)}  # papers' layout: x100
+TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_token": ("valid_ppl_token", 1.0),
+                 "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0)}  # papers' layout: x100
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ def final_value(metrics: dict, key: str) -> float | None:
 
 
 def ablation_table(children: list, variants: list[str] | None = None) -> list[dict]:
-    """Rows = variants (tag `variant`), cols Acc / PPL / Dist-1 / Dist-2 as mean and std over seeds."""
+    """Rows = variants (tag `variant`), cols Acc / PPL / PPL_token / Dist-1 / Dist-2 as mean and std over seeds."""
     groups: dict[str, list] = defaultdict(list)
     for run in children:
         groups[run.data.tags.get("variant", run.info.run_name)].append(run.data.metrics)

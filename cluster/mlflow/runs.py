@@ -145,11 +145,13 @@ class RunLogger:
                   "eval.split": "valid", "metric_definition": METRIC_DEFINITION,  # what valid_* metrics mean
                   **{f"substitution.{k}": v for k, v in flatten(manifest["substitutions"]).items()},
                   **code_version(), "world_size": trainer.world_size,
-                  "model": cfg.model}  # short key for promotion filters: --where "params.model = 'escm'"
+                  "model": cfg.model,  # short key for promotion filters: --where "params.model = 'escm'"
+                  "recipe": cfg.recipe}  # trainers.recipes: the named bundle of training settings
         existing = self.client.get_run(self.run_id).data.params
         todo = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]  # retry: already set
         for i in range(0, len(todo), 100):
             self.client.log_batch(self.run_id, params=todo[i:i + 100])
+        self.client.set_tag(self.run_id, "recipe", cfg.recipe)
         self.client.log_text(self.run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
         if resumed_from is not None:
             self.client.set_tag(self.run_id, "resumed_from_step", str(resumed_from))
@@ -186,6 +188,7 @@ class RunLogger:
             self.client.log_figure(self.run_id, confusion, "plots/emotion_confusion.png")
         self.client.log_figure(self.run_id, loss_figure(result["history"]), "plots/loss_curve.png")
         self.client.log_text(self.run_id, json.dumps(result["final"], indent=1), "final_metrics.json")
+        self.client.log_text(self.run_id, json.dumps(result["definitions"], indent=1), "metric_definitions.json")
         if self.log_model:
             self._log_weights_and_model(trainer)
 

@@ -38,7 +38,7 @@ from cluster.ray.train import (
     worker_loop,
 )
 from trainers.config import ConfigError, StrictModel, load_config
-from trainers.config import _merge as merge
+from trainers.config import deep_merge as merge
 from trainers.loop import TrainConfig
 from trainers.metrics import METRIC_MODES
 

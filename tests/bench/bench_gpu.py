@@ -309,14 +309,16 @@ def as_markdown(r: dict) -> str:
         lines.append("")
     if "full" in r:
         lines += ["### Full runs to the recipe's end", "",
-                  "| model | steps (of max) | wall s | target s | valid acc | valid ppl | dist-1 | dist-2 |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | steps (of max) | wall s | target s | valid acc | valid ppl | ppl_token | dist-1 "
+                  "| dist-2 |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for x in r["full"]:
             f = x["final"]
             lines.append(f"| {x['model']} | {x['steps']:,} ({x['max_steps']:,}) | {x['wall_s']:.0f} "
                          f"| {TARGET_S.get(x['model'], '')} | {f.get('valid_acc', math.nan):.4f} "
-                         f"| {f.get('valid_ppl', math.nan):.2f} | {f.get('valid_dist1', math.nan):.3f} "
-                         f"| {f.get('valid_dist2', math.nan):.3f} |")
+                         f"| {f.get('valid_ppl', math.nan):.2f} | {f.get('valid_ppl_token', math.nan):.2f} "
+                         f"| {f.get('valid_dist_1', math.nan):.3f} "
+                         f"| {f.get('valid_dist_2', math.nan):.3f} |")
         lines += ["", "Paper (ESCM): 2,734 s on a T4 to convergence.", ""]
     if "grid" in r:
         g = r["grid"]

@@ -16,6 +16,7 @@ from trainers.data.annotate import (  # noqa: E402
     ROOT_LABEL,
     Annotation,
     annotate,
+    expand_contractions,
     load_pipeline,
     tokenize,
 )
@@ -126,6 +127,22 @@ def test_contractions_split_like_spacy(tricky):
     assert by_text(tricky, "I won't go, y'all.").tokens[:3] == ("i", "wo", "n't")
     assert "'s" in by_text(tricky, "It's fine. It's really fine!").tokens
     assert "y'" in by_text(tricky, "I won't go, y'all.").tokens
+
+
+def test_expanding_contractions_follows_the_authors_rewrite(nlp):
+    assert expand_contractions("I'm sure Don't it’s isn't") == "I am sure Do not it is is not"
+    assert expand_contractions("Bit's rim'm can'tt") == "Bit's rim'm can'tt"  # whole words only
+    expanding = load_pipeline(contractions="expand")
+    texts = ["I can't believe it.", "I won't go, y'all.", "It's fine. It's really fine!"]
+    parsed = annotate(texts, expanding, batch_size=8)
+    assert parsed[0].tokens == ("i", "can", "not", "believe", "it", ".")
+    assert parsed[1].tokens[:4] == ("i", "will", "not", "go") and "y'" in parsed[1].tokens  # not in the list
+    assert parsed[2].tokens[:4] == ("it", "is", "fine", ".")
+    assert tokenize(texts, expanding) == [a.tokens for a in parsed]
+    for a in parsed:
+        check_well_formed(a)
+    with pytest.raises(ValueError, match="contractions"):
+        load_pipeline(contractions="split")
 
 
 def test_punctuation_runs(tricky):

@@ -10,7 +10,7 @@ RESULT = {
                "examples_per_s": 800.0},
               {"model": "escm", "batch": 4096, "mode": "cudagraphs", "oom": True}],
     "full": [{"model": "escm", "steps": 8, "max_steps": 8, "wall_s": 3.0,
-              "final": {"valid_acc": 0.1, "valid_ppl": 900.0, "valid_dist1": 0.2, "valid_dist2": 0.3}}],
+              "final": {"valid_acc": 0.1, "valid_ppl": 900.0, "valid_dist_1": 0.2, "valid_dist_2": 0.3}}],
     "grid": {"trials": 2, "variants": 2, "seeds": 1, "steps": 4, "wall_s": 20.0, "gpu": 0, "cpu": 0.9,
              "concurrent": 2, "projected_recipe_s": 67500.0, "recipe_steps": 13500},
     "serve": {"requests": 20, "errors": 0, "offered_per_s": 10, "served_per_s": 9.5, "p50_ms": 30.0,

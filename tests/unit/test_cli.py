@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 from typer.testing import CliRunner
 
 from cluster.cli import app
@@ -37,7 +39,7 @@ def test_validate_lists_invalid_records(tmp_path):
 
 def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample_dir):
     run = tmp_path / "run"
-    code = train_entry.main(["--model", "transformer", "--data", "sample", "--out", str(run), "--device", "cpu",
+    code = train_entry.main(["--model", "escm", "--data", "sample", "--out", str(run), "--device", "cpu",
                              "--max-steps", "4", "--eval-every", "4", "--set", "model_overrides.flavour=tiny",
                              "--set", f"data.cache_dir={prepared_sample.path.parent}", "--set", "eval_generate=2",
                              "--set", "num_samples=2"])
@@ -50,10 +52,21 @@ def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample
     trained = json.loads((run / "metrics.json").read_text())["final"]
     # the same preprocessing and weights: identical teacher-forced perplexity to the trainer's own evaluation
     assert abs(metrics["metrics"]["ppl"] - trained["valid_ppl"]) < 1e-3 * trained["valid_ppl"]
-    lines = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == metrics["examples"] == 50
-    assert set(json.loads(lines[0])) == {"conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
-                                         "generated", "reference"}
+    assert metrics["metrics"]["ppl_token"] == pytest.approx(trained["valid_ppl_token"], rel=1e-3)
+    assert set(metrics["definitions"]) >= {"acc", "ppl", "ppl_token", "dist_n"}
+    assert not any(k.endswith("_sampled") for k in metrics["metrics"])  # edp evaluate decodes the whole split
+    predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == metrics["examples"] == 50
+    assert set(predictions[0]) == {"conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
+                                   "generated", "reference", "nll_sum", "num_tokens"}
+    # anyone can recompute both perplexities and the accuracy from predictions.jsonl
+    nll, tokens = [p["nll_sum"] for p in predictions], [p["num_tokens"] for p in predictions]
+    assert all(n >= 1 for n in tokens)
+    assert math.exp(sum(a / n for a, n in zip(nll, tokens)) / len(nll)) == pytest.approx(metrics["metrics"]["ppl"])
+    assert math.exp(sum(nll) / sum(tokens)) == pytest.approx(metrics["metrics"]["ppl_token"])
+    assert math.exp(sum(nll) / sum(tokens)) != pytest.approx(metrics["metrics"]["ppl"])  # the definitions differ
+    acc = sum(p["predicted_emotion"] == p["gold_emotion"] for p in predictions) / len(predictions)
+    assert acc == pytest.approx(metrics["metrics"]["acc"])
 
 
 def test_train_bad_config_and_missing_checkpoint(tmp_path):

@@ -23,8 +23,8 @@ def recording(monkeypatch) -> Console:
 
 def test_sweep_table(monkeypatch):
     rec = recording(monkeypatch)
-    row = {"variant": "escm", "seeds": 2, **{c: 1.5 for c in ("Acc", "PPL", "Dist-1", "Dist-2")},
-           **{f"{c}_std": 0.25 for c in ("Acc", "PPL", "Dist-1", "Dist-2")}}
+    cols = ("Acc", "PPL", "PPL_token", "Dist-1", "Dist-2")
+    row = {"variant": "escm", "seeds": 2, **{c: 1.5 for c in cols}, **{f"{c}_std": 0.25 for c in cols}}
     out.print_sweep("smoke", {"trials": 2, "wall_s": 12.0, "rows": [row], "parent_run_id": "p1",
                               "tracking_uri": "sqlite:///x.db", "best_run_id": "c1"})
     text = rec.export_text()
@@ -41,8 +41,8 @@ def test_latency_table(monkeypatch):
 def test_demo_report(monkeypatch):
     rec = Console(record=True, width=200)
     decision = Decision("promoted", "edp-demo", version="1", lines=["decision: promote"])
-    result = DemoResult(URLS, runs=[TrialRun("escm", "abcdef123456", 0.25, 40.0, 0.1, 0.3),
-                                    TrialRun("transformer", "0123456789ab", None, None, None, None)],
+    result = DemoResult(URLS, runs=[TrialRun("escm", "abcdef123456", 0.25, 40.0, 52.5, 0.1, 0.3),
+                                    TrialRun("transformer", "0123456789ab", None, None, None, None, None)],
                         decision=decision,
                         responses=[({"context": ["I got the job!"]},
                                     {"response": "congratulations", "emotion_top": [{"label": "joyful", "prob": 0.5}],
@@ -52,6 +52,7 @@ def test_demo_report(monkeypatch):
     out.print_demo(result, rec)
     text = rec.export_text()
     assert text.index("escm") < text.index("transformer")  # best PPL first, runs without metrics last
+    assert "PPL_token" in text and "52.50" in text
     assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
     assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
     assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text

@@ -169,7 +169,7 @@ def test_forward_shapes_and_finite():
         assert v.dim() == 0 and torch.isfinite(v), k
     assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
     assert torch.allclose(out.emo_loss, sum(out.emo_losses.values()))
-    assert int(out.num_tokens) == int((b["target_ids"] != PAD).sum())
+    assert out.num_tokens.tolist() == (b["target_ids"] != PAD).sum(1).tolist()
     a = out.encoding.extras["associated"]
     assert a["ids"].shape == a["weights"].shape == a["positions"].shape == (B, m.cfg.num_associated)
     out.loss.backward()
@@ -429,3 +429,43 @@ def test_real_collated_batch(prepared_sample):
         for w in ws:
             src = b["context_ids" if w["source"] == "context" else "situation_ids"]
             assert src[i, w["position"]] == w["id"]
+
+
+# ---- the authors' code where it differs from the paper (selectable; the config notes say which) ----------
+
+
+def test_reference_association_weights_reweight_the_selected_scores():
+    paper, ref = tiny(), tiny(association_weights="reference")
+    assert "association weights as the authors' code" in ref.cfg.notes and "authors'" not in paper.cfg.notes
+    new = {n for n, _ in ref.named_parameters()} - {n for n, _ in paper.named_parameters()}
+    assert new == {f"{b}.{w}.{p}" for b in ("iam_ek", "iam_ik") for w in ("reweight_kw", "reweight_as")
+                   for p in ("weight", "bias")}
+    ref.load_state_dict({**paper.state_dict(), **{n: p for n, p in ref.state_dict().items() if n in new}})
+    b = make_batch(seed=3)
+    for key in ("t", "o"):  # the same words selected, other weights; only real selections weigh
+        idx_p, w_p = _explicit_selections(paper, b)[key]
+        idx_r, w_r = _explicit_selections(ref, b)[key]
+        assert torch.equal(idx_p, idx_r) and not torch.allclose(w_p, w_r) and torch.equal(w_p > 0, w_r > 0)
+    assert not torch.allclose(paper.encode(b).emotion_logits, ref.encode(b).emotion_logits)
+
+
+def _explicit_selections(model, b):
+    from trainers.models.association import explicit_memory
+
+    return explicit_memory(model.iam_ek, model.embed(b["utt_ids"]), b["utt_mask"], model.embed(b["situation_ids"]),
+                           b["situation_mask"], b["turn_mask"], b["context_ids"].size(1)).selections
+
+
+def test_reference_word_selector_reads_the_memory_before_its_encoder():
+    m = tiny(word_selector="reference", k3=3)
+    assert "word selector over V before Enc_m" in m.cfg.notes
+    b = make_batch(seed=5)
+    seen = {}
+    m.enc_m.register_forward_hook(lambda mod, args, out: seen.update(V=args[0], valid=args[1]))
+    enc = m.encode(b)
+    V = seen["V"]
+    S = torch.sigmoid(m.w_v(V)).squeeze(-1)  # eq. 26 over V (the code), not over H_m = Enc_m(V)
+    top, idx = S.masked_fill(~seen["valid"], -1.0).topk(3, dim=-1)
+    assert torch.allclose(enc.selected, top[..., None] * V.gather(1, idx[..., None].expand(-1, -1, V.size(-1))))
+    with pytest.raises(ValueError, match="word_selector"):
+        IAMMConfig(**TINY, word_selector="code")

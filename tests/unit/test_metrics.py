@@ -14,7 +14,9 @@ from trainers.metrics import (
     confusion_matrix,
     distinct_n,
     emotion_accuracy,
-    perplexity,
+    example_perplexity,
+    sampled,
+    token_perplexity,
 )
 
 # Three responses:
@@ -38,13 +40,42 @@ def test_distinct_edge_cases():
         distinct_n(RESPONSES, 0)
 
 
-def test_perplexity_of_known_nll():
+def test_token_perplexity_of_known_nll():
     # 10 tokens each with probability 1/5 -> NLL 10 ln 5 -> PPL 5.
-    assert perplexity(10 * math.log(5), 10) == pytest.approx(5.0)
-    assert perplexity(0.0, 3) == 1.0
-    assert math.isfinite(perplexity(1e6, 1))            # capped exponent, no OverflowError
+    assert token_perplexity(10 * math.log(5), 10) == pytest.approx(5.0)
+    assert token_perplexity(0.0, 3) == 1.0
+    assert math.isfinite(token_perplexity(1e6, 1))            # capped exponent, no OverflowError
     with pytest.raises(ValueError, match="num_tokens"):
-        perplexity(1.0, 0)
+        token_perplexity(1.0, 0)
+
+
+def test_the_two_perplexities_differ_on_one_short_and_one_long_example():
+    # A short example of 1 token (EOS) at probability 1/2 and a long one of 9 tokens each at probability 1/8:
+    #   per example (papers): mean NLLs ln 2 and 3 ln 2 -> exp(2 ln 2) = 4
+    #   token-level:          (ln 2 + 27 ln 2) / 10 tokens = 2.8 ln 2 -> 2^2.8 ~ 6.96
+    nll, tokens = [math.log(2), 9 * math.log(8)], [1, 9]
+    assert example_perplexity(nll, tokens) == pytest.approx(4.0)
+    assert token_perplexity(sum(nll), sum(tokens)) == pytest.approx(2 ** 2.8)
+    # the same 10 tokens grouped 4 + 6 (the 1/2 token with three 1/8 ones): means 2.5 ln 2 and 3 ln 2; only the
+    # per-example figure moves
+    assert example_perplexity([math.log(2) + 3 * math.log(8), 6 * math.log(8)], [4, 6]) == pytest.approx(2 ** 2.75)
+    # equal lengths: the two agree
+    assert example_perplexity([2.0, 4.0], [2, 2]) == pytest.approx(token_perplexity(6.0, 4))
+
+
+def test_example_perplexity_rejects_bad_input():
+    with pytest.raises(ValueError, match="no examples"):
+        example_perplexity([], [])
+    with pytest.raises(ValueError, match="2 NLL sums for 1 token counts"):
+        example_perplexity([1.0, 2.0], [3])
+    with pytest.raises(ValueError, match="EOS"):
+        example_perplexity([1.0, 0.0], [3, 0])
+    assert math.isfinite(example_perplexity([1e6], [1]))  # capped exponent
+
+
+def test_sampled_names_and_sample_size():
+    assert sampled({"dist_1": 0.5, "bleu_4": 0.1}, 256) == {"dist_1_sampled": 0.5, "bleu_4_sampled": 0.1,
+                                                           "sample_size": 256}
 
 
 def test_emotion_accuracy():
@@ -62,20 +93,20 @@ def test_bleu_by_hand():
     #   BLEU-1 = 5/6, BLEU-2 = sqrt(5/6 * 3/5) = sqrt(1/2), BLEU-3 = (1/8)^(1/3) = 1/2, BLEU-4 = 0.
     hyp, ref = "the cat sat on the mat".split(), "the cat is on the mat".split()
     b = bleu([hyp], [ref])
-    assert b["bleu1"] == pytest.approx(5 / 6)
-    assert b["bleu2"] == pytest.approx(math.sqrt(0.5))
-    assert b["bleu3"] == pytest.approx(0.5)
-    assert b["bleu4"] == 0.0
+    assert b["bleu_1"] == pytest.approx(5 / 6)
+    assert b["bleu_2"] == pytest.approx(math.sqrt(0.5))
+    assert b["bleu_3"] == pytest.approx(0.5)
+    assert b["bleu_4"] == 0.0
 
 
 def test_bleu_brevity_penalty_and_clipping():
     # "the cat" vs 6-token ref: p1 = p2 = 1, c = 2 < r = 6 -> BP = exp(1 - 6/2) = e^-2.
     b = bleu([["the", "cat"]], ["the cat is on the mat".split()])
-    assert b["bleu1"] == pytest.approx(math.exp(-2))
-    assert b["bleu2"] == pytest.approx(math.exp(-2))
-    assert b["bleu3"] == 0.0
+    assert b["bleu_1"] == pytest.approx(math.exp(-2))
+    assert b["bleu_2"] == pytest.approx(math.exp(-2))
+    assert b["bleu_3"] == 0.0
     # "the the the" vs "the cat": clipped p1 = 1/3, c = 3 > r = 2 -> BP = 1.
-    assert bleu([["the"] * 3], [["the", "cat"]])["bleu1"] == pytest.approx(1 / 3)
+    assert bleu([["the"] * 3], [["the", "cat"]])["bleu_1"] == pytest.approx(1 / 3)
 
 
 def test_bleu_matches_sacrebleu_on_a_random_corpus():
@@ -87,7 +118,7 @@ def test_bleu_matches_sacrebleu_on_a_random_corpus():
     for n in range(1, 5):
         sb = BLEU(tokenize="none", smooth_method="none", max_ngram_order=n)
         theirs = sb.corpus_score([" ".join(h) for h in hyps], [[" ".join(r) for r in refs]]).score / 100
-        assert ours[f"bleu{n}"] == pytest.approx(theirs, abs=1e-9)
+        assert ours[f"bleu_{n}"] == pytest.approx(theirs, abs=1e-9)
 
 
 def test_confusion_matrix_rows_gold_columns_pred():
@@ -102,7 +133,7 @@ def test_confusion_matrix_rows_gold_columns_pred():
 def test_accumulator_combines_batches():
     acc = MetricAccumulator(num_classes=3)
     # Per-example NLL sums: ex1 2 ln 2 over 2 tokens (mean ln 2), ex2 12 ln 2 over 4 tokens (mean 3 ln 2).
-    #   token-level: 14 ln 2 / 6 -> ppl 2^(7/3);  per-example: exp(mean(ln 2, 3 ln 2)) = 4.
+    #   token-level: 14 ln 2 / 6 -> ppl_token 2^(7/3);  per example (papers): ppl exp(mean(ln 2, 3 ln 2)) = 4.
     acc.add(nll_sum=torch.tensor([2 * math.log(2)]), num_tokens=torch.tensor([2]),
             emotion_pred=torch.tensor([0]), emotion_gold=torch.tensor([0]),
             hypotheses=[RESPONSES[0]], references=[["i", "am", "sad"]])
@@ -111,21 +142,22 @@ def test_accumulator_combines_batches():
             hypotheses=RESPONSES[1:], references=[["i", "am", "glad"], ["so", "sad"]])
     out = acc.compute()
     assert out["loss"] == pytest.approx(14 * math.log(2) / 6)
-    assert out["ppl"] == pytest.approx(2 ** (7 / 3))
-    assert out["ppl_example"] == pytest.approx(4.0)
+    assert out["ppl_token"] == pytest.approx(2 ** (7 / 3))
+    assert out["ppl"] == pytest.approx(4.0)
     assert out["acc"] == pytest.approx(2 / 3)
-    assert out["dist1"] == pytest.approx(5 / 8) and out["dist2"] == pytest.approx(4 / 5)
+    assert out["dist_1"] == pytest.approx(5 / 8) and out["dist_2"] == pytest.approx(4 / 5)
     # hyps vs refs: unigram matches 3 + 2 + 2 = 7 of 8 tokens, equal lengths -> BLEU-1 = 7/8.
-    assert out["bleu1"] == pytest.approx(7 / 8)
-    assert set(out) == {"loss", "ppl", "ppl_example", "acc", "dist1", "dist2",
-                        "bleu1", "bleu2", "bleu3", "bleu4"}
+    assert out["bleu_1"] == pytest.approx(7 / 8)
+    assert set(out) == {"loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2",
+                        "bleu_1", "bleu_2", "bleu_3", "bleu_4"}
     np.testing.assert_array_equal(acc.confusion(), [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
 
 
 def test_accumulator_without_generation_has_no_dist_keys():
     acc = MetricAccumulator()
-    acc.add(nll_sum=3.0, num_tokens=3, emotion_pred=[4], emotion_gold=[5])
+    acc.add(nll_sum=3.0, num_tokens=3, emotion_pred=[4], emotion_gold=[5])  # a scalar: one example
     out = acc.compute()
-    assert out == {"loss": pytest.approx(1.0), "ppl": pytest.approx(math.e), "acc": 0.0}
+    assert out == {"loss": pytest.approx(1.0), "ppl": pytest.approx(math.e), "ppl_token": pytest.approx(math.e),
+                   "acc": 0.0}
     with pytest.raises(ValueError, match="together"):
         acc.add(nll_sum=1.0)

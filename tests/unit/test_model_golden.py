@@ -1,7 +1,9 @@
 """The typed model interface gives what the dict interface gave: values recorded at commit dc6a225 (before
 `forward(batch, targets)` and `Encoding`) for seeded tiny models of every family and the main ablations.
 Losses, NLL, emotion logits, the squared gradient norm, the next-token distribution and the state_dict
-signature (names and shapes: existing checkpoints still load) must all agree."""
+signature (names and shapes: existing checkpoints still load) must all agree. ESCM's emotion logits were
+re-recorded when they became the authors' summed head logits, log_softmax(logits_ctx + logits_cor), instead of
+log((P_ctx + P_cor) / 2)."""
 
 from __future__ import annotations
 
@@ -28,19 +30,19 @@ RECORDED = {
                 grad_sq=4.672033138490666, next_token=145.45062106218666,
                 state_dict="2b47847a3d0a01f6"),
     "escm:full": dict(loss=10.73735523223877, gen_loss=3.9604456424713135, emo_loss=6.776909351348877,
-                nll_sum=75.24846649169922, num_tokens=19, emotion_logits=-445.08472442626953,
+                nll_sum=75.24846649169922, num_tokens=19, emotion_logits=-449.21794748306274,
                 grad_sq=11.895393084129543, next_token=141.27911954881154,
                 state_dict="867c8b9162395c63"),
     "escm:no_desv": dict(loss=11.251023292541504, gen_loss=4.313235282897949, emo_loss=6.937788009643555,
-                nll_sum=81.95146942138672, num_tokens=19, emotion_logits=-444.5195748806,
+                nll_sum=81.95146942138672, num_tokens=19, emotion_logits=-447.2338697910309,
                 grad_sq=13.489753196666866, next_token=156.78268789709142,
                 state_dict="102728c9eb20cf65"),
     "escm:no_dcgcn": dict(loss=11.024266242980957, gen_loss=4.038135528564453, emo_loss=6.986130714416504,
-                nll_sum=76.72457885742188, num_tokens=19, emotion_logits=-445.9856333732605,
+                nll_sum=76.72457885742188, num_tokens=19, emotion_logits=-452.8270115852356,
                 grad_sq=18.870136379202464, next_token=143.32654800782132,
                 state_dict="4e2119e735046e38"),
     "escm:label_smoothing": dict(loss=10.81319808959961, gen_loss=4.036288738250732, emo_loss=6.776909351348877,
-                nll_sum=75.24847412109375, num_tokens=19, emotion_logits=-445.08472442626953,
+                nll_sum=75.24847412109375, num_tokens=19, emotion_logits=-449.21794748306274,
                 grad_sq=11.408812671283483, next_token=141.27911954881154,
                 state_dict="867c8b9162395c63"),
     "iamm:full": dict(loss=18.910018920898438, gen_loss=4.93004035949707, emo_loss=13.979978561401367,
@@ -84,7 +86,7 @@ def _measure(name: str, overrides: dict) -> dict:
         lp = m.decode_step(m.encode(b), ys)
     el = out.emotion_logits
     return dict(loss=out.loss.item(), gen_loss=out.gen_loss.item(), emo_loss=out.emo_loss.item(),
-                nll_sum=out.nll_sum.item(), num_tokens=int(out.num_tokens),
+                nll_sum=out.nll_sum.sum().item(), num_tokens=int(out.num_tokens.sum()),
                 emotion_logits=None if el is None else float(el.double().sum()),
                 grad_sq=sum(float(p.grad.double().pow(2).sum()) for p in m.parameters() if p.grad is not None),
                 next_token=float(lp.double().exp().mul(torch.arange(lp.size(1))).sum()),  # E[next id]

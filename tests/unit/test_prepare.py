@@ -6,11 +6,12 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from trainers.config import load_config
 from trainers.data import prepare as prep
-from trainers.data.collate import DEP_SELF, encode_example, pad_escm, pad_iamm
+from trainers.data.annotate import ROOT_LABEL
+from trainers.data.collate import encode_example, pad_escm, pad_iamm
+from trainers.data.features import DEP_ID
 from trainers.data.prepare import DataConfig, prepare
 from trainers.data.records import DataError
 from trainers.tokens import CLS, EOS, UNK
@@ -83,12 +84,17 @@ def test_escm_collation_shapes_masks_and_copy_ids(prepared_sample):
     encoded = [encode_example(split, split.features[i], V) for i in range(8)]
     b = pad_escm(encoded)
     B, L = b["context_ids"].shape
-    assert b["context_dep"].shape == (B, L, L) and torch.equal(b["context_dep"], b["context_dep"].transpose(1, 2))
-    assert (b["context_ids"][:, 0] == CLS).all()
+    dep = b["context_dep"]
+    assert dep.shape == (B, L, L) and (b["context_ids"][:, 0] == CLS).all()
     mask = b["context_mask"]
-    # every real token has a self loop; padding has no edges
-    assert (b["context_dep"].diagonal(dim1=1, dim2=2)[mask] == DEP_SELF).all()
-    assert (b["context_dep"][~mask] == 0).all()
+    # the directed parse: every word has exactly one arc in (from its head; a root's from itself, labelled
+    # ROOT), [CLS] and padding have none
+    words = mask.clone()
+    words[:, 0] = False
+    assert ((dep > 0).sum(1)[words] == 1).all() and (dep[:, :, 0] == 0).all() and (dep[:, 0] == 0).all()
+    diagonal = dep.diagonal(dim1=1, dim2=2)
+    assert ((diagonal == 0) | (diagonal == DEP_ID[ROOT_LABEL])).all() and (diagonal == DEP_ID[ROOT_LABEL]).any()
+    assert (dep[~mask] == 0).all() and (dep.transpose(1, 2)[~mask] == 0).all()
     assert ((b["target_ids"] == EOS).sum(1) == 1).all()
     assert set(b["context_state"][mask].tolist()) <= {1, 2, 3}
     # extended ids: only UNK positions change, and they point into V + k
@@ -113,8 +119,7 @@ def test_copyable_oov_gets_extended_id():
     assert e.context_ext_ids.tolist() == [CLS, 10, 100, 11]
     assert e.target_ext_ids.tolist() == [12, 13, 14, 100, 15, UNK, EOS]   # blix is not in the context: UNK
     assert sorted(map(tuple, e.edges.tolist())) == sorted(
-        [(0, 0, DEP_SELF), (1, 1, DEP_SELF), (2, 2, DEP_SELF), (3, 3, DEP_SELF), (1, 3, 3), (3, 1, 3), (2, 3, 3),
-         (3, 2, 3)])
+        [(3, 1, 3), (3, 2, 3), (3, 3, 3)])  # head -> dependent; "died" is the root
 
 
 def test_truncation_keeps_recent_turns(prepared_sample):

@@ -12,7 +12,8 @@ from trainers.metrics import METRIC_MODES
 
 @pytest.mark.parametrize(("metric", "mode", "expected"), [
     ("valid_ppl", None, "min"), ("valid_acc", None, "max"), ("final_valid_ppl", None, "min"),
-    ("valid_loss", None, "min"), ("valid_dist2", None, "max"), ("valid_ppl", "max", "max"), ("my_metric", "min", "min"),
+    ("valid_loss", None, "min"), ("valid_dist_2", None, "max"), ("valid_dist_1_sampled", None, "max"),
+    ("valid_ppl_token", None, "min"), ("valid_ppl", "max", "max"), ("my_metric", "min", "min"),
 ])
 def test_direction_comes_from_the_trainers_table_and_mode_overrides_it(metric, mode, expected):
     assert metric_mode(metric, mode) == expected

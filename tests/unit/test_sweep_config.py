@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -24,7 +25,9 @@ def test_shipped_sweeps_validate_and_expand():
     assert escm.trial_config("no_vr", 2, {}).model_overrides == {"no_vr": True}
     assert escm.trial_config("no_vr", 2, {}).seed == 2
     iamm = load_sweep(SWEEPS / "iamm-ablation.yaml")
-    assert {v.name for v in iamm.variants} == {"iamm", "no_ea", "no_ia", "no_ws"} and len(iamm.grid()) == 12
+    # without a knowledge backend no variant is a paper row: the names say so
+    assert [v.name for v in iamm.variants] == ["iamm_no_knowledge", "no_ws_no_knowledge"] and len(iamm.grid()) == 6
+    assert iamm.trial_config("iamm_no_knowledge", 0, {}).data.knowledge == "none"
     hp = load_sweep(SWEEPS / "escm-hparams.yaml")
     assert hp.scheduler.type == "asha" and hp.num_samples > 1 and hp.resources.gpu == 0.25
     cfg = hp.trial_config("default", 0, {"lr_factor": 0.5, "model_overrides.d_pr": 25, "batch_size": 32})
@@ -87,8 +90,8 @@ class _Run:
 
 def test_ablation_table_mean_std_in_paper_units():
     def run(variant, acc, ppl, d1, d2):
-        return _Run(variant, final_valid_acc=acc, final_valid_ppl=ppl, final_valid_dist1=d1,
-                    final_valid_dist2=d2)
+        return _Run(variant, final_valid_acc=acc, final_valid_ppl=ppl, final_valid_ppl_token=ppl + 10,
+                    final_valid_dist_1=d1, final_valid_dist_2=d2)
 
     runs = [run("escm", 0.40, 35.0, 0.01, 0.05), run("escm", 0.42, 37.0, 0.03, 0.07),
             run("no_vr", 0.38, 36.0, 0.02, 0.06)]
@@ -98,8 +101,17 @@ def test_ablation_table_mean_std_in_paper_units():
     assert escm["Acc"] == pytest.approx(41.0) and escm["Acc_std"] == pytest.approx(2 ** 0.5)
     assert escm["PPL"] == pytest.approx(36.0) and escm["Dist-1"] == pytest.approx(2.0)
     md = table_markdown(rows)
-    assert "| escm (n=2) | 41.00 ± 1.41 | 36.00 ± 1.41 | 2.00 ± 1.41 | 6.00 ± 1.41 |" in md
-    assert table_csv(rows).splitlines()[0].startswith("variant,seeds,Acc,Acc_std,PPL")
+    assert "| escm (n=2) | 41.00 ± 1.41 | 36.00 ± 1.41 | 46.00 ± 1.41 | 2.00 ± 1.41 | 6.00 ± 1.41 |" in md
+    assert table_csv(rows).splitlines()[0].startswith("variant,seeds,Acc,Acc_std,PPL,PPL_std,PPL_token")
+
+
+def test_ablation_table_never_shows_sampled_dist_as_the_papers():
+    """A run whose Dist-n was computed over a sample only (or logged under the old names) has no Dist column."""
+    old = _Run("escm", final_valid_acc=0.4, final_valid_ppl=40.0, final_valid_dist1=0.05,
+               valid_dist_1_sampled=0.05)
+    row = ablation_table([old])[0]
+    assert row["Acc"] == pytest.approx(40.0) and math.isnan(row["Dist-1"]) and math.isnan(row["PPL_token"])
+    assert "| escm (n=1) | 40.00 ± 0.00 | 40.00 ± 0.00 | n/a | n/a | n/a |" in table_markdown([row])
 
 
 def test_search_spec_rejects_empty_choice():

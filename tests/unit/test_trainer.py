@@ -36,13 +36,17 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size
     assert losses[-1] < 0.85 * losses[0]
     evals = [h for h in result["history"] if "valid_ppl" in h]
     assert [h["step"] for h in evals] == [steps // 2, steps]
+    # training-time Dist/BLEU are over eval_generate examples: labelled sampled, never under the papers' names
+    assert evals[0]["valid_sample_size"] == 8 and "valid_dist_1_sampled" in evals[0] and "valid_dist_1" not in evals[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(metrics["final"]) >= {"valid_ppl", "valid_dist1", "valid_dist2"}
+    # the final evaluation decodes the whole valid split
+    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2"}
+    assert not any(k.endswith("_sampled") for k in metrics["final"]) and "ppl" in metrics["definitions"]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"context", "reference", "generated", "gold_emotion"} <= set(samples[0])
     if model != "transformer":
         assert "valid_acc" in metrics["final"] and samples[0]["predicted_emotion"] is not None
-    if model == "iamm":   # the sample has no knowledge backend: built as the paper's "w/o IA" model
+    if model == "iamm":   # the sample has no knowledge backend: built without knowledge
         assert trainer.raw_model.cfg.has_knowledge is False
 
 
@@ -82,6 +86,11 @@ def test_early_stopping_on_a_metric(tmp_path, prepared_sample):
 def test_bad_train_config_names_the_field(tmp_path, prepared_sample):
     with pytest.raises(ConfigError, match="early_stop_metric"):
         make_cfg(tmp_path, prepared_sample, early_stop_metric="valid_vibes")
+    with pytest.raises(ConfigError, match=r"valid_dist_1 needs eval_generate = 0 \(the whole valid split\)"):
+        make_cfg(tmp_path, prepared_sample, early_stop_metric="valid_dist_1", eval_generate=256)
+    with pytest.raises(ConfigError, match=r"valid_dist_2_sampled needs eval_generate > 0"):
+        make_cfg(tmp_path, prepared_sample, early_stop_metric="valid_dist_2_sampled", eval_generate=0)
+    assert make_cfg(tmp_path, prepared_sample, early_stop_metric="valid_dist_1", eval_generate=0).eval_generate == 0
     with pytest.raises(ConfigError, match="batch_size"):
         make_cfg(tmp_path, prepared_sample, batch_size=0)
     with pytest.raises(ConfigError, match="strategy"):

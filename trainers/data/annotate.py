@@ -8,11 +8,17 @@ every context turn is parsed once here; `tokenize` gives the same tokens without
 Ids used by collation: pos id = 2 + POS_TAGS.index(tag), dep id = 2 + DEP_LABELS.index(label)
 (0 = pad / no edge, 1 = CLS / self loop). Both tuples are hard-coded so ids stay stable across
 spaCy versions.
+
+Contractions: spaCy splits "don't" into "do" + "n't" and "I'm" into "I" + "'m". The authors' preprocessing
+(CEM/ESCM/IAMM) instead rewrites the common contractions to full words before tokenising ("do not", "i am";
+"can't" -> "cannot", which tokenises as "can" + "not"). `load_pipeline(..., contractions="expand")` does the
+same in front of spaCy's tokenizer (whole words only, case kept), so the parser sees the rewritten text.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 from dataclasses import dataclass
 
 from trainers.data.records import DataError
@@ -46,6 +52,41 @@ DEP_LABELS: tuple[str, ...] = (
 DEP_FALLBACK = "dep"
 ROOT_LABEL = "ROOT"
 
+# The contractions the authors' preprocessing rewrites, and their full forms.
+CONTRACTIONS: dict[str, str] = {
+    "it's": "it is", "don't": "do not", "doesn't": "does not", "didn't": "did not", "you'd": "you would",
+    "you're": "you are", "you'll": "you will", "i'm": "i am", "they're": "they are", "that's": "that is",
+    "what's": "what is", "couldn't": "could not", "i've": "i have", "we've": "we have", "can't": "cannot",
+    "i'd": "i would", "aren't": "are not", "isn't": "is not", "wasn't": "was not", "weren't": "were not",
+    "won't": "will not", "there's": "there is", "there're": "there are",
+}
+CONTRACTION_MODES = ("keep", "expand")
+_CONTRACTION = re.compile(r"\b(?:" + "|".join(re.escape(c).replace("'", "['’]") for c in CONTRACTIONS) + r")\b",
+                          re.IGNORECASE)
+
+
+def expand_contractions(text: str) -> str:
+    """`text` with each contraction of CONTRACTIONS (any case, ' or ’) replaced by its full form; a capital
+    first letter stays capital ("Don't" -> "Do not")."""
+    def full(m: re.Match) -> str:
+        out = CONTRACTIONS[m.group(0).lower().replace("’", "'")]
+        return out[0].upper() + out[1:] if m.group(0)[0].isupper() else out
+    return _CONTRACTION.sub(full, text)
+
+
+class ExpandingTokenizer:
+    """spaCy's tokenizer behind `expand_contractions` (a pipeline's `nlp.tokenizer`: text -> Doc)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str):
+        return self.tokenizer(expand_contractions(text))
+
+    def pipe(self, texts, batch_size: int = 1000):
+        return self.tokenizer.pipe((expand_contractions(t) for t in texts), batch_size=batch_size)
+
+
 _POS_SET = frozenset(POS_TAGS)
 _DEP_SET = frozenset(DEP_LABELS)
 
@@ -64,10 +105,13 @@ class Annotation:
         return len(self.tokens)
 
 
-def load_pipeline(name_or_path: str | None = None):
-    """spaCy pipeline with only the components POS tags and the parse need (ner, lemmatizer... excluded)."""
+def load_pipeline(name_or_path: str | None = None, contractions: str = "keep"):
+    """spaCy pipeline with only the components POS tags and the parse need (ner, lemmatizer... excluded);
+    `contractions="expand"` rewrites contractions before tokenising (module docstring)."""
     import spacy  # deferred: importing spaCy costs ~1 s and not every caller parses
 
+    if contractions not in CONTRACTION_MODES:
+        raise ValueError(f"contractions must be one of {CONTRACTION_MODES}, got {contractions!r}")
     name = name_or_path or DEFAULT_PIPELINE
     try:
         nlp = spacy.load(name, exclude=list(UNNEEDED_COMPONENTS))
@@ -83,6 +127,8 @@ def load_pipeline(name_or_path: str | None = None):
     if missing:
         raise DataError(f"spaCy pipeline {name!r} lacks {missing}; it has {nlp.pipe_names}. "
                         f"Annotation needs a tagger and a dependency parser.")
+    if contractions == "expand":
+        nlp.tokenizer = ExpandingTokenizer(nlp.tokenizer)
     return nlp
 
 

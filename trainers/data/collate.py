@@ -10,7 +10,9 @@ ESCM / Transformer batch (B = batch, L = context length, T = target length, V = 
     context_ext_ids  (B, L)    as context_ids, but OOV words get V + k (k = index in the example's OOV list)
     context_state    (B, L)    0 pad, 1 [CLS], 2 speaker turn, 3 listener turn
     context_pos      (B, L)    0 pad, 1 [CLS], 2 + index in annotate.POS_TAGS
-    context_dep      (B, L, L) 0 no edge, 1 self loop, 2 + index in annotate.DEP_LABELS; symmetric
+    context_dep      (B, L, L) the dependency parse, directed: [h, a] = 2 + index in annotate.DEP_LABELS of
+                               the arc head h -> dependent a, [r, r] = the ROOT label at each sentence root,
+                               0 elsewhere ([CLS] has no arcs); the ESCM model builds its graph from it
     context_mask     (B, L)    True at real tokens
     target_ids       (B, T)    response ids + EOS, PAD after
     target_ext_ids   (B, T)    as target_ids, OOV words copied from the context get V + k
@@ -36,12 +38,12 @@ from trainers.data.features import ExampleFeatures, TextFeatures
 from trainers.data.knowledge import RELATIONS
 from trainers.tokens import CLS, EOS, STATE_CLS, STATE_LISTENER, STATE_SPEAKER, UNK
 
-POS_CLS, DEP_SELF = 1, 1
+POS_CLS = 1
 
 
 @dataclass
 class EncodedExample:
-    """One example as flat arrays (see module docstring); `edges` rows are (i, j, relation id)."""
+    """One example as flat arrays (see module docstring); `edges` rows are (head, dependent, relation id)."""
 
     context_ids: np.ndarray
     context_ext_ids: np.ndarray
@@ -73,7 +75,7 @@ def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: in
     while first > 0 and budget - lengths[first - 1] >= 0:
         budget -= lengths[first - 1]
         first -= 1
-    ids, state, pos, toks, edges = [CLS], [STATE_CLS], [POS_CLS], ["[CLS]"], [(0, 0, DEP_SELF)]
+    ids, state, pos, toks, edges = [CLS], [STATE_CLS], [POS_CLS], ["[CLS]"], []
     turn_ids, turn_states = [], []
     for k in range(first, len(turns)):
         t = turns[k]
@@ -87,9 +89,7 @@ def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: in
         turn_ids.append(np.asarray(texts.ids[t][:n], dtype=np.int64))
         for a in range(n):
             h = texts.heads[t][a]
-            edges.append((offset + a, offset + a, DEP_SELF))
-            if h != a and h < n:
-                edges.append((offset + a, offset + h, texts.deps[t][a]))
+            if h < n:  # a root points to itself; a head cut off by truncation leaves no arc
                 edges.append((offset + h, offset + a, texts.deps[t][a]))
     oov: list[str] = []
     ext = []

@@ -19,7 +19,7 @@ from trainers.data.knowledge import RELATIONS
 from trainers.data.vocab import Vocab
 
 POS_ID = {p: i + 2 for i, p in enumerate(ann.POS_TAGS)}     # 0 pad, 1 [CLS]
-DEP_ID = {d: i + 2 for i, d in enumerate(ann.DEP_LABELS)}   # 0 no edge, 1 self loop
+DEP_ID = {d: i + 2 for i, d in enumerate(ann.DEP_LABELS)}   # 0 no edge, 1 self loop (tokens.DEP_SELF)
 
 
 @dataclass

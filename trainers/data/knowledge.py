@@ -4,8 +4,9 @@ IAMM encodes, for the situation S and every utterance U_i, the COMET-ATOMIC2020 
 of five relations (xIntent, xNeed, xWant, xEffect, xReact; Hwang et al., 2021). The COMET weights are
 not obtainable offline here, so the source of those texts is pluggable:
 
-- `none`        (NoKnowledge): no texts at all. The implicit branch then has nothing to associate,
-                which is the paper's "w/o IA" ablation; this backend never fabricates text.
+- `none`        (NoKnowledge): no texts at all. IAMM is then built without its implicit association
+                and without the commonsense emotion head: "w/o knowledge", not the paper's "w/o IA" row
+                (which keeps the latter); this backend never fabricates text.
 - `precomputed` (PrecomputedKnowledge): a jsonl file of inferences keyed by text (format below).
 - `comet`       (CometKnowledge): a local or s3:// seq2seq checkpoint (e.g. comet-atomic_2020_BART)
                 run as batched beam-search inference; needs the optional `comet` extra (transformers).
@@ -101,7 +102,8 @@ def _copy(inf: Inferences) -> Inferences:
 
 
 class NoKnowledge(KnowledgeSource):
-    """No commonsense knowledge: every relation is an empty list (the paper's "w/o IA" setting)."""
+    """No commonsense knowledge: every relation is an empty list (IAMM then has no implicit association and no
+    commonsense emotion head: w/o IA and w/o the knowledge path, not the paper's "w/o IA" row)."""
 
     name = "none"
     available = False
@@ -112,8 +114,9 @@ class NoKnowledge(KnowledgeSource):
     def describe(self) -> dict:
         return {
             **super().describe(),
-            "note": "no commonsense knowledge: the IAMM implicit branch (eqs. 4-7) has nothing to "
-            "associate, equivalent to the paper's 'w/o IA' ablation",
+            "note": "no commonsense knowledge: IAMM has no implicit association (eq. 17) and no commonsense "
+            "emotion head P_cs (eqs. 4-7, 23), i.e. w/o IA and w/o knowledge; not the paper's 'w/o IA' row, "
+            "which keeps P_cs",
         }
 
 

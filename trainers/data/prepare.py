@@ -9,6 +9,7 @@ Entry layout:
     manifest.json      settings, key, source files + hashes, counts, timings, substitutions
     vocab.json         the vocabulary artifact shared by training and serving
     vectors.npy        (V, 300) float32 embedding initialisation
+    vector_rows.npy    (V,) bool, True where vectors.npy holds a pre-trained vector
     <split>.pkl        PreparedSplit: distinct texts with their features (token ids, POS, heads, deps,
                        knowledge), examples and their features (indices into the texts)
 """
@@ -53,6 +54,9 @@ class DataConfig(StrictModel):
     min_freq: int = Field(1, ge=1, description="words seen fewer times in train map to [UNK]")
     max_vocab: int | None = Field(None, ge=64)
     spacy_model: str = Field(ann.DEFAULT_PIPELINE, description="spaCy package name or model path")
+    contractions: Literal["keep", "expand"] = Field(
+        "keep", description="'expand': rewrite contractions to full words before spaCy, as the authors' "
+                            "preprocessing (\"don't\" -> \"do not\")")
     vectors: str = Field("spacy", description="'spacy' (en_core_web_md vectors), 'none', or a GloVe .txt path")
     knowledge: Literal["none", "precomputed", "comet"] = "none"
     knowledge_path: str | None = Field(None, description="jsonl (precomputed) or checkpoint dir/s3:// (comet)")
@@ -109,6 +113,11 @@ class Prepared:
         file = self.path / "vectors.npy"
         return np.load(file) if file.exists() else None
 
+    def vector_rows(self) -> np.ndarray | None:
+        """(V,) bool: the rows of `vectors()` that hold a pre-trained vector (the others are random)."""
+        file = self.path / "vector_rows.npy"
+        return np.load(file) if file.exists() else None
+
 
 def code_version() -> str:
     """Hash of the data-pipeline source: a change to preprocessing code invalidates the cache."""
@@ -161,7 +170,7 @@ def prepare(cfg: DataConfig, progress: Progress | None = None, publish: bool = F
     load_s = time.perf_counter() - t0
 
     examples = {s: examples_from(r.conversations) for s, r in reports.items()}
-    nlp = ann.load_pipeline(cfg.spacy_model)
+    nlp = ann.load_pipeline(cfg.spacy_model, cfg.contractions)
     t1 = time.perf_counter()
     table = annotation_table([c for r in reports.values() for c in r.conversations], nlp, cfg, progress)
     parse_s = time.perf_counter() - t1
@@ -272,7 +281,7 @@ def annotation_table(conversations, nlp, cfg: DataConfig, progress: Progress | N
 
 def split_with_vocab(name: str, report, vocab: Vocab, cfg: DataConfig, nlp=None) -> PreparedSplit:
     """Annotate and encode one loaded split with an existing vocabulary (evaluation, serving); not cached."""
-    nlp = nlp or ann.load_pipeline(cfg.spacy_model)
+    nlp = nlp or ann.load_pipeline(cfg.spacy_model, cfg.contractions)
     table = annotation_table(report.conversations, nlp, cfg)
     knowledge = build_knowledge(cfg.knowledge, **({"path": cfg.knowledge_path} if cfg.knowledge_path else {}))
     return build_split(name, report, examples_from(report.conversations), table, vocab, knowledge, nlp)
@@ -297,6 +306,7 @@ def _write_vectors(cfg: DataConfig, vocab: Vocab, out: Path, progress: Progress)
     progress("vectors", 0, 1)
     result = load_vectors(vocab.itos, cfg.vectors)
     np.save(out / "vectors.npy", result.matrix)
+    np.save(out / "vector_rows.npy", np.array([w in result.words_with_vectors for w in vocab.itos]))
     progress("vectors", 1, 1)
     return {"source": result.source_name, "oov_count": int(result.oov_count), "oov_rate": float(result.oov_rate)}
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from trainers.models.common import ModelConfig
+from trainers.models.common import ModelConfig, xavier_init_
 from trainers.models.escm import ESCM, ESCMConfig
 from trainers.models.iamm import IAMM, IAMMConfig
 from trainers.models.transformer import TransformerConfig, TransformerSeq2Seq
@@ -59,7 +59,10 @@ def config_for(name: str, **overrides) -> ModelConfig:
 def build_model(name: str, vocab_size: int, emotion_word_ids: list[int], **overrides) -> nn.Module:
     """Build model `name` for a vocabulary of `vocab_size` ids whose emotion words are `emotion_word_ids`."""
     cfg = config_for(name, **overrides)
-    return _spec(name).model_cls(cfg, vocab_size, emotion_word_ids)
+    model = _spec(name).model_cls(cfg, vocab_size, emotion_word_ids)
+    if cfg.xavier_init:
+        xavier_init_(model)
+    return model
 
 
 __all__ = ["MODELS", "ModelSpec", "build_model", "config_for"]

@@ -57,12 +57,16 @@ class InformationAssociation(nn.Module):
     in o (u2s) with their weights a_keyword * A (0 where nothing real was selected).
     """
 
-    def __init__(self, d: int, heads: int, d_h: int, k1: int, k2: int, num_types: int = 2):
+    def __init__(self, d: int, heads: int, d_h: int, k1: int, k2: int, num_types: int = 2,
+                 reference_weights: bool = False):
         super().__init__()
         self.h, self.d_h, self.k1, self.k2 = heads, d_h, k1, k2
         self.w_qkv = nn.Parameter(torch.empty(num_types, d, 3 * heads * d_h))  # w_q, w_k, w_v per head
         nn.init.uniform_(self.w_qkv, -d ** -0.5, d ** -0.5)
         self.out = nn.Linear(k2 * d_h, d)  # E_st (k2 d_h) -> memory width d
+        if reference_weights:  # the authors' code: sigmoid(Linear(k, k)) of the selected raw scores, per order
+            self.reweight_kw, self.reweight_as = nn.Linear(k1, k1), nn.Linear(k2, k2)
+        self.reference_weights = reference_weights
 
     def project(self, x, type_: int):  # x (..., L, d) -> (..., L, 3 H d_h): q, k, v of every head
         return x @ self.w_qkv[type_]
@@ -71,19 +75,26 @@ class InformationAssociation(nn.Module):
         P, B, L, _ = y.shape
         return y.view(P, B, L, 3, self.h, self.d_h).permute(3, 0, 1, 4, 2, 5).unbind(0)
 
-    def select(self, A_y2x, A_x2y, mask_x, mask_y, v_y):
+    def select(self, S_y2x, S_x2y, mask_x, mask_y, v_y):
         """Keywords in x (first order, eqs. 10-11), then their associated words in y (eqs. 12-14).
 
-        A_y2x (P, B, H, Ly, Lx), A_x2y (P, B, H, Lx, Ly), v_y (P, B, H, Ly, d_h).
+        S_y2x (P, B, H, Ly, Lx), S_x2y (P, B, H, Lx, Ly) raw scores (A = sigmoid(S)), v_y (P, B, H, Ly, d_h).
         -> E (P, B, H k1, k2 d_h), valid (P, B, H k1), idx and weights (P, B, H, k1, k2)."""
-        P, B, H, Lx, Ly = A_x2y.shape
+        P, B, H, Lx, Ly = S_x2y.shape
+        A_y2x, A_x2y = torch.sigmoid(S_y2x), torch.sigmoid(S_x2y)  # eqs. 8-9
         m_y = mask_y[:, :, None, :, None].to(A_y2x.dtype)  # (P, B, 1, Ly, 1)
         a_x = (A_y2x * m_y).sum(3) / m_y.sum(3).clamp_min(1.0)  # eq. 10, (P, B, H, Lx)
         a_kw, kw = a_x.masked_fill(~mask_x[:, :, None], -1.0).topk(self.k1, dim=-1)  # eq. 11
         rows = A_x2y.gather(3, kw[..., None].expand(-1, -1, -1, -1, Ly))  # (P, B, H, k1, Ly)
         a_as, idx = rows.masked_fill(~mask_y[:, :, None, None], -1.0).topk(self.k2, dim=-1)  # eq. 12
         kw_ok, as_ok = a_kw >= 0, a_as >= 0  # masked positions carry -1
-        w = a_kw.clamp_min(0)[..., None] * a_as.clamp_min(0)  # keyword score x association score
+        if self.reference_weights:  # the code's weights: sigmoid(Linear_k(raw scores of the k selected))
+            s_kw = ((S_y2x * m_y).sum(3) / m_y.sum(3).clamp_min(1.0)).gather(-1, kw).masked_fill(~kw_ok, 0.0)
+            s_as = S_x2y.gather(3, kw[..., None].expand(-1, -1, -1, -1, Ly)).gather(-1, idx).masked_fill(~as_ok, 0.0)
+            w = (torch.sigmoid(self.reweight_kw(s_kw))[..., None] * torch.sigmoid(self.reweight_as(s_as))
+                 * (kw_ok[..., None] & as_ok))
+        else:
+            w = a_kw.clamp_min(0)[..., None] * a_as.clamp_min(0)  # keyword score x association score
         v = v_y.gather(3, idx.flatten(3)[..., None].expand(-1, -1, -1, -1, self.d_h))  # (P, B, H, k1 k2, d_h)
         E = (w[..., None] * v.view(P, B, H, self.k1, self.k2, self.d_h)).flatten(4)  # eqs. 13-14
         valid = kw_ok & as_ok.any(-1)  # (P, B, H, k1)
@@ -96,10 +107,10 @@ class InformationAssociation(nn.Module):
         y_o, mask_o = pad_to(y_o, k, 2), pad_to(mask_o, k, 2)
         (q_t, k_t, v_t), (q_o, k_o, v_o) = self._heads(y_t), self._heads(y_o)
         scale = self.d_h ** -0.5
-        A_t2o = torch.sigmoid(q_t @ k_o.transpose(-2, -1) * scale)  # eq. 9, (P, B, H, Lt, Lo)
-        A_o2t = torch.sigmoid(q_o @ k_t.transpose(-2, -1) * scale)  # eq. 8, (P, B, H, Lo, Lt)
-        E_t, ok_t, idx_t, w_t = self.select(A_t2o, A_o2t, mask_o, mask_t, v_t)  # s2u: words of t
-        E_o, ok_o, idx_o, w_o = self.select(A_o2t, A_t2o, mask_t, mask_o, v_o)  # u2s: words of o
+        S_t2o = q_t @ k_o.transpose(-2, -1) * scale  # eq. 9 before the sigmoid, (P, B, H, Lt, Lo)
+        S_o2t = q_o @ k_t.transpose(-2, -1) * scale  # eq. 8 before the sigmoid, (P, B, H, Lo, Lt)
+        E_t, ok_t, idx_t, w_t = self.select(S_t2o, S_o2t, mask_o, mask_t, v_t)  # s2u: words of t
+        E_o, ok_o, idx_o, w_o = self.select(S_o2t, S_t2o, mask_t, mask_o, v_o)  # u2s: words of o
         E = self.out(torch.cat([E_t, E_o], dim=2))  # eq. 15, (P, B, 2 H k1, d)
         return E, torch.cat([ok_t, ok_o], dim=2), {"t": (idx_t, w_t), "o": (idx_o, w_o)}
 
@@ -229,7 +240,8 @@ def emotion_product(heads: dict) -> torch.Tensor:
 
 def select_words(w_v: nn.Linear, H_m, valid, k3: int):
     """The word selector, eqs. 26-28: S_m = sigmoid(w_v H_m), the top-k3 real entries H~_m, H~_m = S~_m . H~_m.
-    H_m (B, L_m, d), valid (B, L_m) -> H~_m (B, k3, d) and its mask (B, k3)."""
+    H_m (B, L_m, d), valid (B, L_m) -> H~_m (B, k3, d) and its mask (B, k3). (The authors' code passes the
+    memory V before Enc_m here: IAMM's `word_selector: reference`.)"""
     S_m = torch.sigmoid(w_v(H_m)).squeeze(-1)  # eq. 26, (B, L_m)
     S_sel, idx = S_m.masked_fill(~valid, -1.0).topk(min(k3, S_m.size(1)), dim=-1)  # eq. 27
     H_sel = H_m.gather(1, idx[..., None].expand(-1, -1, H_m.size(-1)))

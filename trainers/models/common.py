@@ -7,10 +7,15 @@ paper is silent; read, not copied):
   after the stack; 1 layer, 2 heads; queries/keys/values projected to a total depth of 40 (20 per head)
   without bias; the feed-forward network is conv(k=3) -> ReLU -> conv(k=3) with 50 filters, padded on
   both sides in the encoder and on the left (causal) in the decoder. Padded positions are zeroed before
-  each convolution so that padding never leaks into real positions. (The authors' FFN also applies a
-  ReLU after its last layer; we do not.) No dropout by default (the authors' encoders get none).
+  each convolution so that padding never leaks into real positions. The authors' FFN also applies a
+  ReLU after its last layer; by default we do not (`ffn_relu_out` restores it). No dropout by default
+  (the authors' encoders get none).
 - Inputs: word embedding x sqrt(emb_dim) (+ dialogue-state embedding in the encoder) -> bias-free
   projection emb_dim -> d_model -> + sinusoidal timing signal (tensor2tensor layout: sines then cosines).
+  The dialogue states have their own table by default; `state_from_words` looks them up in the word table
+  at [CLS] / [SPK] / [LSN] instead, as the authors' `mask_input` does.
+- Initialisation: N(0, 1/emb_dim) embeddings and PyTorch's layer defaults; `xavier_init` gives every other
+  matrix xavier-uniform values instead, as the authors' main.py does (`xavier_init_`).
 - Pointer-generator (See et al., 2017) as in the authors' `Generator`: p_gen = sigmoid(w . s_t + b) from
   the decoder output s_t only; the copy distribution is softmax over source positions of the head-averaged
   cross-attention logits of the last decoder layer, scattered onto the extended vocabulary V + max_oov
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from trainers.tokens import CLS, LSN, PAD, SIT, SOS, SPK, STATE_PAD, UNK
 
 NUM_EMOTIONS = 32  # == trainers.data.emotions.NUM_EMOTIONS
+STATE_WORDS = (PAD, CLS, SPK, LSN)  # the word of each dialogue state (STATE_PAD, STATE_CLS, ...), `state_from_words`
 NEG_INF = -1e9  # finite "minus infinity" for masked scores (no NaN on fully masked rows)
 LOG_P_MIN = math.log(1e-20)  # log-probabilities are clamped here (a target the model cannot produce)
 
@@ -58,6 +64,9 @@ class ModelConfig:
     label_smoothing: float = 0.0
     tie_embeddings: bool = False  # share generator projection with the word embedding
     pack_targets: bool = True  # training: output layer at real target tokens only (same loss, less work)
+    ffn_relu_out: bool = False  # ReLU after the FFN's last convolution too (the authors' FFN)
+    state_from_words: bool = False  # dialogue states are word-table rows [CLS]/[SPK]/[LSN] (authors' mask_input)
+    xavier_init: bool = False  # xavier-uniform every matrix except the word embedding (authors' main.py)
 
     def __post_init__(self):
         for f in ("emb_dim", "d_model", "num_layers", "num_heads", "attn_depth", "ffn_dim", "ffn_kernel",
@@ -72,6 +81,8 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.state_from_words and self.num_states != len(STATE_WORDS):
+            raise ValueError(f"state_from_words needs num_states == {len(STATE_WORDS)}, got {self.num_states}")
         if self.tie_embeddings and self.emb_dim != self.d_model:
             raise ValueError(f"tie_embeddings needs emb_dim == d_model, "
                              f"got {self.emb_dim} and {self.d_model}")
@@ -135,10 +146,12 @@ class MultiHeadAttention(nn.Module):
 
 
 class ConvFeedForward(nn.Module):
-    """conv -> ReLU -> conv over time; `causal` pads on the left only (decoder)."""
+    """conv -> ReLU -> conv (-> ReLU with `relu_out`) over time; `causal` pads on the left only (decoder)."""
 
-    def __init__(self, d: int, ffn_dim: int, kernel: int, causal: bool, dropout: float = 0.0):
+    def __init__(self, d: int, ffn_dim: int, kernel: int, causal: bool, dropout: float = 0.0,
+                 relu_out: bool = False):
         super().__init__()
+        self.relu_out = relu_out
         self.pad = (kernel - 1, 0) if causal else (kernel // 2, (kernel - 1) // 2)
         self.c1 = nn.Conv1d(d, ffn_dim, kernel)
         self.c2 = nn.Conv1d(ffn_dim, d, kernel)
@@ -151,7 +164,8 @@ class ConvFeedForward(nn.Module):
         h = self.drop(h)
         if mask is not None:
             h = h * mask[:, None, :]
-        return self.c2(F.pad(h, self.pad)).transpose(1, 2)  # (B, L, d)
+        y = self.c2(F.pad(h, self.pad)).transpose(1, 2)  # (B, L, d)
+        return F.relu(y) if self.relu_out else y
 
 
 class EncoderBlock(nn.Module):
@@ -159,7 +173,8 @@ class EncoderBlock(nn.Module):
         super().__init__()
         self.ln_attn, self.ln_ffn = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
         self.attn = MultiHeadAttention(d, d, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
-        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=False, dropout=cfg.dropout)
+        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=False, dropout=cfg.dropout,
+                                   relu_out=cfg.ffn_relu_out)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mask):
@@ -195,7 +210,8 @@ class DecoderBlock(nn.Module):
         self.ln_self, self.ln_cross, self.ln_ffn = (nn.LayerNorm(d, eps=1e-6) for _ in range(3))
         self.self_attn = MultiHeadAttention(d, d, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
         self.cross_attn = MultiHeadAttention(d, d_mem, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
-        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=True, dropout=cfg.dropout)
+        self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=True, dropout=cfg.dropout,
+                                   relu_out=cfg.ffn_relu_out)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, mem, mem_mask, return_logits=False):
@@ -227,6 +243,21 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             x, logits = block(x, mem, mem_mask, return_logits=i == len(self.blocks) - 1)
         return self.ln(x), logits
+
+
+def xavier_init_(model: nn.Module) -> None:
+    """Xavier-uniform values for every parameter of 2+ dimensions except the word embedding (`model.embedding`,
+    set from word vectors by the trainer), as the authors' main.py does after building a model; padding rows
+    of embedding tables are zeroed again (they are never attended to). Biases and LayerNorms keep their
+    defaults."""
+    word = model.embedding.weight
+    for p in model.parameters():
+        if p.dim() > 1 and p is not word:
+            nn.init.xavier_uniform_(p)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight is not word:
+                m.weight[m.padding_idx].zero_()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +315,7 @@ class PointerGenerator(nn.Module):
         """`label_smoothed_nll` of the mixture at N targets without building the (N, V + max_oov) distribution.
 
         s (N, d), copy_logits (N, L) masked, ext_ids (N, L), target (N,) non-PAD extended ids
-        -> (loss_sum, nll_sum, N). With g = p_gen, q = softmax(W s + b) over the V words, a =
+        -> (loss_sum, token_nll (N,), N). With g = p_gen, q = softmax(W s + b) over the V words, a =
         softmax(copy_logits) and C_w = sum_{l: ext_ids[l] = w} a_l, the mixture is P(w) = g q_w + (1 - g) C_w.
         C_w = 0 for every w that is not one of the L source ids, where log P(w) = log g + log q_w, so
 
@@ -322,7 +353,7 @@ class PointerGenerator(nn.Module):
         smooth = total - log_P_pad - torch.where(y_in, log_P_y, 0.0)  # sum over S (see label_smoothed_nll)
         lp_y = log_P_y.clamp_min(LOG_P_MIN)
         loss = -(1 - eps) * lp_y - eps * smooth / ((V - 1) - y_in.long())
-        return loss.sum(), -lp_y.sum(), target.new_tensor(target.numel())
+        return loss.sum(), -lp_y, target.new_tensor(target.numel())
 
 def _mixture_log_prob(log_g, log_1mg, log_q, C, in_vocab):
     """log(g q [in_vocab] + (1 - g) C) from log g, log(1 - g), log q and C >= 0: -inf where both parts are 0,
@@ -339,11 +370,11 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
         loss = -(1 - eps) * log p[y] - eps / n * sum_{j in S} log p[j],
     S = base-vocabulary ids except PAD and y (n = |S|), as in the authors' LabelSmoothing (size - 2).
     The extended slots get no smoothing mass: they hold probability 0 outside the example's own copies.
-    Returns (loss_sum, nll_sum, num_tokens); nll_sum is the unsmoothed sum of -log p[y].
+    Returns (loss_sum, token_nll, num_tokens); token_nll (N,) is the unsmoothed -log p[y], 0 at PAD targets.
     """
     keep = target != pad
     lp_y = log_probs.gather(1, target[:, None]).squeeze(1)  # (N,)
-    nll = -(lp_y * keep).sum()
+    nll = -(lp_y * keep)
     if eps > 0:
         in_vocab = target < vocab_size
         s = log_probs[:, :vocab_size].sum(1) - log_probs[:, pad] - lp_y * in_vocab
@@ -351,7 +382,7 @@ def label_smoothed_nll(log_probs, target, vocab_size: int, eps: float, pad: int 
         loss = (-(1 - eps) * lp_y - eps * s / n) * keep
         loss_sum = loss.sum()
     else:
-        loss_sum = nll
+        loss_sum = nll.sum()
     return loss_sum, nll, keep.sum()
 
 
@@ -416,8 +447,8 @@ class Output:
     gen_loss: torch.Tensor | None = None  # generation loss per non-PAD target token (label-smoothed if set)
     emo_loss: torch.Tensor | None = None  # sum of `emo_losses`; 0 without emotion heads or gold emotions
     emo_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # cross-entropy per emotion head
-    nll_sum: torch.Tensor | None = None  # unsmoothed summed NLL of the targets (detached), for perplexity
-    num_tokens: torch.Tensor | None = None  # non-PAD target tokens
+    nll_sum: torch.Tensor | None = None  # (B,) per example: unsmoothed summed NLL of its targets (detached)
+    num_tokens: torch.Tensor | None = None  # (B,) per example: its non-PAD target tokens (EOS included)
 
     @property
     def emotion_logits(self) -> torch.Tensor | None:
@@ -445,8 +476,12 @@ class PointerGeneratorSeq2Seq(nn.Module):
             raise ValueError(f"vocab_size must exceed the special ids (> {CLS}), got {vocab_size}")
         self.cfg, self.vocab_size = cfg, vocab_size
         self.embedding = nn.Embedding(vocab_size, cfg.emb_dim, padding_idx=PAD)
-        self.state_embedding = nn.Embedding(cfg.num_states, cfg.emb_dim, padding_idx=STATE_PAD)
-        for emb in (self.embedding, self.state_embedding):
+        if cfg.state_from_words:
+            self.register_buffer("state_words", torch.tensor(STATE_WORDS), persistent=False)
+        else:
+            self.state_embedding = nn.Embedding(cfg.num_states, cfg.emb_dim, padding_idx=STATE_PAD)
+        tables = [self.embedding] + ([] if cfg.state_from_words else [self.state_embedding])
+        for emb in tables:
             nn.init.normal_(emb.weight, std=cfg.emb_dim ** -0.5)  # x sqrt(emb_dim) -> unit scale
             emb.weight.data[emb.padding_idx].zero_()
         self.decoder = Decoder(cfg.emb_dim, cfg.d_model, d_mem, cfg)
@@ -465,9 +500,16 @@ class PointerGeneratorSeq2Seq(nn.Module):
         flat = self.embed(torch.cat([i.flatten() for i in ids]))
         return [e.view(*i.shape, -1) for i, e in zip(ids, flat.split([i.numel() for i in ids]))]
 
+    def embed_state(self, state):
+        """Dialogue-state embedding x sqrt(emb_dim) of state ids (any shape): its own table, or with
+        `state_from_words` the word-table rows of [CLS] / [SPK] / [LSN] (pad states: the zero PAD row)."""
+        if self.cfg.state_from_words:
+            return self.embed(self.state_words[state])
+        return self.state_embedding(state) * math.sqrt(self.cfg.emb_dim)
+
     def embed_context(self, batch, E_c=None):  # word (E_c if already looked up) + dialogue-state, (B, L, emb)
         E_c = self.embed(batch["context_ids"]) if E_c is None else E_c
-        return E_c + self.state_embedding(batch["context_state"]) * math.sqrt(self.cfg.emb_dim)
+        return E_c + self.embed_state(batch["context_state"])
 
     def encode(self, batch) -> Encoding:
         raise NotImplementedError
@@ -481,7 +523,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
         return self.generator(s[:, -1:], copy_logits[:, -1:], enc.ext_ids, enc.max_oov)[:, 0]
 
     def generation_loss(self, enc: Encoding, ys, tgt_ext):
-        """Teacher-forced generation loss sums over the non-PAD targets -> (loss_sum, nll_sum, num_tokens).
+        """Teacher-forced generation loss over the non-PAD targets -> (loss_sum, nll (B,), num_tokens (B,)): the
+        label-smoothed loss summed over the batch, the unsmoothed NLL and the token count per example (the papers'
+        PPL averages each example's mean NLL, trainers.metrics).
 
         With `pack_targets` (training) the output layer, the step's largest cost, runs only at the N real
         target tokens (one host sync for N) and no (N, V + max_oov) distribution is built: without label
@@ -490,15 +534,19 @@ class PointerGeneratorSeq2Seq(nn.Module):
         s, copy_logits = self._decoder_states(enc, ys)
         ext, max_oov = enc.ext_ids, enc.max_oov
         eps = self.cfg.label_smoothing
+        num_tokens = (tgt_ext != PAD).sum(1)
         if not self.cfg.pack_targets:
-            return label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
-                                      tgt_ext.flatten(), self.vocab_size, eps)
+            loss_sum, token_nll, _ = label_smoothed_nll(self.generator(s, copy_logits, ext, max_oov).flatten(0, 1),
+                                                        tgt_ext.flatten(), self.vocab_size, eps)
+            return loss_sum, token_nll.view_as(tgt_ext).sum(1), num_tokens
         b, t = (tgt_ext != PAD).nonzero(as_tuple=True)  # (N,), (N,)
         s, copy_logits, ext, target = s[b, t], copy_logits[b, t], ext[b], tgt_ext[b, t]
         if eps == 0:
-            nll = -self.generator.log_prob_of(s, copy_logits, ext, target).sum()
-            return nll, nll, target.new_tensor(target.numel())
-        return self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
+            token_nll = -self.generator.log_prob_of(s, copy_logits, ext, target)
+            loss_sum = token_nll.sum()
+        else:
+            loss_sum, token_nll, _ = self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
+        return loss_sum, token_nll.new_zeros(len(tgt_ext)).index_add(0, b, token_nll), num_tokens
 
     def forward(self, batch, targets: Targets | None = None) -> Output:
         """The encoding of `batch`; with `targets`, also the losses (teacher forcing)."""
@@ -506,9 +554,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
         if targets is None:
             return Output(enc)
         ys = torch.cat([torch.full_like(targets.ids[:, :1], SOS), targets.ids[:, :-1]], dim=1)  # (B, T)
-        loss_sum, nll_sum, n = self.generation_loss(enc, ys, targets.ext_ids)
-        gen_loss = loss_sum / n.clamp_min(1)
+        loss_sum, nll, n = self.generation_loss(enc, ys, targets.ext_ids)
+        gen_loss = loss_sum / n.sum().clamp_min(1)
         emo_losses = {} if targets.emotion is None else {
             name: F.cross_entropy(logits.float(), targets.emotion) for name, logits in enc.head_logits.items()}
         emo_loss = sum(emo_losses.values()) if emo_losses else gen_loss.new_zeros(())
-        return Output(enc, gen_loss + emo_loss, gen_loss, emo_loss, emo_losses, nll_sum.detach(), n)
+        return Output(enc, gen_loss + emo_loss, gen_loss, emo_loss, emo_losses, nll.detach(), n)

@@ -28,14 +28,22 @@ was read to settle what the paper leaves open; nothing was copied):
   which we compute as two (L x L) matmuls plus a per-relation scalar lookup: the L x L x (d_s+d_e+2d_pr)
   tensor is never built. Deviation: the score is divided by sqrt(width of V_qk) (`gcn_scaled`, set it
   False for eq. 8 verbatim), because the unscaled sums (~40-100) saturate the softmax at init.
-- Adjacency a_ij = context_dep > 0, which includes the self loop every real token has in our batch
-  contract, so eq. 8 is well defined on every row. The authors also tie [CLS] to every token with a
-  dedicated relation; we do the same inside the model (`cls_edges`): position 0 <-> every real token, with
-  relation id num_dep (the relation table has num_dep + 1 rows). Padded rows get p = 0.
+- The graph of eq. 8 (a_ij = r_ij > 0, r_ij the relation id of the pair) is built from the batch's directed
+  parse (`context_dep`: head -> dependent arcs, the ROOT label at each root) in one of two ways
+  (`gcn_graph`); both tie [CLS] to every token with a dedicated relation (`cls_edges`, as the authors'
+  code): position 0 <-> every real token, relation id num_dep (the relation table has num_dep + 1 rows).
+  "symmetric" (default): the paper calls the graph undirected, so every arc is used in both directions and
+      every real token gets a self loop (relation id 1), so eq. 8 is well defined on every row;
+  "reference": the graph as the authors' code builds it: arcs only from head (query i) to dependent (key
+      j), a self loop at each sentence root only (with the ROOT relation), [CLS] also to itself; a leaf
+      attends to [CLS] alone. POS tags and relations share one embedding table (the code's single tag /
+      relation vocabulary), and the recipe pairs it with unscaled scores (`gcn_scaled` False, eq. 8 verbatim).
+  Padded rows get p = 0.
 - Eq. 9: the code aggregates W_v H_des (the paper writes V_des); we follow the code, with the bias b_v.
-- Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). P_e = P_ctx + P_cor is
-  the paper's prediction rule (the code sums logits instead); `emotion_logits` = log((P_ctx + P_cor) / 2),
-  so argmax is the paper's prediction and softmax(emotion_logits) is a proper distribution.
+- Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). Eq. 15 adds the heads'
+  probabilities, P_e = P_ctx + P_cor; the code that produced the paper's Acc adds their logits, and so do we:
+  `emotion_logits` = log_softmax(logits_ctx + logits_cor), whose argmax is the reported prediction and whose
+  softmax is a proper distribution (the normalised product of the two heads' distributions).
 - Eq. 20: the generation loss is averaged over non-PAD target tokens (the code's NLLLoss mean), no label
   smoothing by default (the authors' ESCM uses none); targets are extended ids (copyable OOVs).
 
@@ -50,7 +58,6 @@ Ablations (Table 3) as config booleans; a flag removes its parameters, not just 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +75,9 @@ from trainers.models.common import (
     PointerGeneratorSeq2Seq,
     require,
 )
+from trainers.tokens import DEP_SELF
+
+GCN_GRAPHS = ("symmetric", "reference")  # eq. 8's graph (module docstring)
 
 
 @dataclass
@@ -77,6 +87,7 @@ class ESCMConfig(ModelConfig):
     d_pr: int = 50  # POS / dependency-relation embedding size (eq. 7)
     num_pos: int = 20  # POS ids: 0 pad, 1 CLS, 2.. tags
     num_dep: int = 48  # relation ids: 0 none, 1 self loop, 2.. labels
+    gcn_graph: str = "symmetric"  # eq. 8's graph from the parse: "symmetric" or "reference" (module docstring)
     cls_edges: bool = True  # connect [CLS] to every token in the GCN (authors' code)
     gcn_scaled: bool = True  # divide eq. 8 scores by sqrt(width of V_qk)
     no_desv: bool = False
@@ -94,6 +105,8 @@ class ESCMConfig(ModelConfig):
         if self.num_pos < 2 or self.num_dep < 2:
             raise ValueError(f"num_pos and num_dep must be >= 2 (pad + CLS/self loop), got "
                              f"num_pos={self.num_pos}, num_dep={self.num_dep}")
+        if self.gcn_graph not in GCN_GRAPHS:
+            raise ValueError(f"gcn_graph must be one of {GCN_GRAPHS}, got {self.gcn_graph!r}")
         if self.no_desv and self.no_dcgcn:
             raise ValueError("no_desv and no_dcgcn together leave no correlation branch (use 'transformer')")
         inner = [f for f in ("no_vr", "no_vp", "no_vdes") if getattr(self, f)]
@@ -104,34 +117,79 @@ class ESCMConfig(ModelConfig):
                              f"num_heads ({self.num_heads}) for Enc_des")
 
 
+def symmetric_graph(dep, mask, cls_rel: int | None):
+    """Relation ids r (B, L, L) of the undirected graph: each arc of the directed parse `dep` both ways, a
+    self loop (DEP_SELF) on every real token, [CLS] <-> every real token with relation `cls_rel` (None: no
+    [CLS] ties). 0 = no edge; padded positions have none."""
+    L = dep.size(1)
+    real = mask[:, :, None] & mask[:, None, :]
+    eye = torch.eye(L, dtype=torch.bool, device=dep.device)
+    r = torch.where(eye, DEP_SELF, torch.where(dep > 0, dep, dep.transpose(1, 2))) * real
+    return r if cls_rel is None else r.masked_fill(_cls_pairs(L, dep.device) & real & (r == 0), cls_rel)
+
+
+def reference_graph(dep, mask, cls_rel: int | None):
+    """Relation ids r (B, L, L) of the authors' directed graph: the parse's head -> dependent arcs (row =
+    head) and its root self loops as they are, [CLS] row and column (itself included) with `cls_rel`."""
+    real = mask[:, :, None] & mask[:, None, :]
+    r = dep * real
+    return r if cls_rel is None else r.masked_fill(_cls_pairs(dep.size(1), dep.device) & real, cls_rel)
+
+
+def _cls_pairs(L: int, device) -> torch.Tensor:
+    first = torch.arange(L, device=device) == 0
+    return first[:, None] | first[None, :]  # (L, L) row or column 0
+
+
 class CorrelationGCN(nn.Module):
-    """Dynamic correlation GCN, eqs. 7-9 (see the module docstring for the V_qk decomposition)."""
+    """Dynamic correlation GCN, eqs. 7-9 (see the module docstring for the V_qk decomposition and graphs)."""
 
     def __init__(self, d_in: int, cfg: ESCMConfig):
         super().__init__()
-        self.use_des, self.cls_edges, self.num_dep = not cfg.no_vdes, cfg.cls_edges, cfg.num_dep
-        self.pos_emb = None if cfg.no_vp else nn.Embedding(cfg.num_pos, cfg.d_pr, padding_idx=0)  # V_p
-        self.rel_emb = None if cfg.no_vr else nn.Embedding(cfg.num_dep + 1, cfg.d_pr, padding_idx=0)  # V_r
+        self.use_des, self.num_dep = not cfg.no_vdes, cfg.num_dep
+        self.cls_rel = cfg.num_dep if cfg.cls_edges else None
+        self.graph = symmetric_graph if cfg.gcn_graph == "symmetric" else reference_graph
+        self.n_pos = 0 if cfg.no_vp else cfg.num_pos
+        self.n_rel = 0 if cfg.no_vr else cfg.num_dep + 1
+        self.shared_table = cfg.gcn_graph == "reference"
+        if self.shared_table:  # one table: the POS rows, then the relation rows
+            rows = self.n_pos + self.n_rel
+            self.tag_rel_emb = nn.Embedding(rows, cfg.d_pr, padding_idx=0) if rows else None
+        else:
+            self.pos_emb = nn.Embedding(self.n_pos, cfg.d_pr, padding_idx=0) if self.n_pos else None  # V_p
+            self.rel_emb = nn.Embedding(self.n_rel, cfg.d_pr, padding_idx=0) if self.n_rel else None  # V_r
         self.w_v = nn.Linear(d_in, d_in)
         width = d_in * self.use_des + cfg.d_pr * ((not cfg.no_vp) + (not cfg.no_vr))
         self.scale = width ** -0.5 if cfg.gcn_scaled and width else 1.0
 
+    def tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(V_p (num_pos, d_pr), V_r (num_dep + 1, d_pr)), None where ablated."""
+        if not self.shared_table:
+            return (None if self.pos_emb is None else self.pos_emb.weight,
+                    None if self.rel_emb is None else self.rel_emb.weight)
+        if self.tag_rel_emb is None:
+            return None, None
+        w = self.tag_rel_emb.weight
+        return (w[:self.n_pos] if self.n_pos else None), (w[self.n_pos:] if self.n_rel else None)
+
+    def relations(self, dep, mask):
+        """Relation ids r_ij (B, L, L) of eq. 8's graph, 0 = no edge."""
+        return self.graph(dep, mask, self.cls_rel)
+
     def attention(self, H_des, pos, dep, mask):
         """-> p (B, L, L), eq. 8; rows of padded positions are all zero."""
         B, L, _ = H_des.shape
-        if self.cls_edges:
-            first = torch.arange(L, device=dep.device) == 0
-            cls_pair = (first[:, None] | first[None, :]) & mask[:, :, None] & mask[:, None, :] & (dep == 0)
-            dep = dep.masked_fill(cls_pair, self.num_dep)
+        rel = self.relations(dep, mask)
         scores = H_des.new_zeros(B, L, L)
         if self.use_des:
             scores = scores + H_des @ H_des.transpose(1, 2)  # H_des[i] . H_des[j]
-        if self.pos_emb is not None:
-            P = self.pos_emb(pos)  # (B, L, d_pr)
+        V_p, V_r = self.tables()
+        if V_p is not None:
+            P = F.embedding(pos, V_p, padding_idx=0)  # (B, L, d_pr)
             scores = scores + P @ P.transpose(1, 2)  # V_p[pos_i] . V_p[pos_j]
-        if self.rel_emb is not None:
-            scores = scores + self.rel_emb.weight.pow(2).sum(-1)[dep]  # ||V_r[dep_ij]||^2
-        adj = (dep > 0) & mask[:, :, None] & mask[:, None, :]  # a_ij
+        if V_r is not None:
+            scores = scores + V_r.pow(2).sum(-1)[rel]  # ||V_r[r_ij]||^2
+        adj = rel > 0  # a_ij
         p = (scores.float() * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)  # fp32: no NaN rows
         return (p * adj).to(H_des.dtype)
 
@@ -181,11 +239,10 @@ class ESCM(PointerGeneratorSeq2Seq):
         else:
             H_cor, extras["gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
         heads = {"ctx": self.head_ctx(H_ctx, mask), "cor": self.head_cor(H_cor, mask)}  # eqs. 14-17
-        log_P = torch.stack([logits.log_softmax(-1) for logits in heads.values()])
         return Encoding(
             memory=torch.cat([H_ctx, H_cor], dim=-1),  # (B, L, d + d_cor), eq. 18
             mask=mask, ext_ids=batch["context_ext_ids"], max_oov=int(batch["max_oov"]),
-            emotion_logits=torch.logsumexp(log_P, 0) - math.log(2.0),  # log((P_ctx + P_cor) / 2), eq. 15
+            emotion_logits=(heads["ctx"] + heads["cor"]).log_softmax(-1),  # eq. 15 as the authors' code
             head_logits=heads, extras=extras)
 
     @torch.no_grad()
@@ -201,7 +258,7 @@ class ESCM(PointerGeneratorSeq2Seq):
         B, L, _ = p.shape
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)
-        keep = keep & (batch["context_dep"] > 0)
+        keep = keep & (self.gcn.relations(batch["context_dep"], batch["context_mask"]) > 0)
         flat = p.masked_fill(~keep, -1.0).flatten(1)  # (B, L*L)
         scores, top = flat.topk(min(k, L * L), dim=-1)
         pairs = torch.stack([top // L, top % L], dim=-1)

@@ -35,7 +35,10 @@ to settle what the paper leaves open; nothing was copied):
   for each keyword row of A^{s2t}, the top-k2 utterance words with scores A (eq. 12); their value vectors
   (per-head w_v, width d_h) times A, concatenated (eq. 13: "prod_k" is concatenation, shape k2 x d_h),
   times the keyword score a (eq. 14). u2s mirrors it. The code agrees on the selection; it reweights the
-  scores through an extra Linear(k, k) + sigmoid, which we leave out (eqs. 13-14 use the scores as is).
+  scores through an extra Linear(k, k) + sigmoid, which we leave out by default (eqs. 13-14 use the scores
+  as is); `association_weights: reference` does as the code: weights sigmoid(Linear_k1(s_kw)) *
+  sigmoid(Linear_k2(s_as)) of the raw scores of the k1 keywords (mean over y) and of their k2 words, each
+  IAM with its own two Linears (the code shares the keyword one between the two branches).
   Selection is discrete; the vectors are multiplied by the scores, so gradients reach w_q and w_k.
 - Eq. 15 gives (2H k1) entries of width k2 d_h; V in R^{L_m x d} (eq. 18) needs width d, so each branch
   has a projection Linear(k2 d_h, d) (the code's `relation_linear`; identity-sized at the paper's
@@ -53,14 +56,16 @@ to settle what the paper leaves open; nothing was copied):
 - Eqs. 20-25: AN_u is shared by H_c and H_s (paper and code). L_e = sum of the per-head cross-entropies
   (= -log of the product, eq. 24); `emotion_logits` = log_softmax(sum of per-head log-probs), whose
   argmax is the product rule.
-- Eqs. 26-28 use H_m and k3 (paper; the code selects 15 entries from V before Enc_m). Eq. 31's w acts on
+- Eqs. 26-28 use H_m and k3 (paper, `word_selector: paper`); the code selects 15 entries from V before
+  Enc_m (`word_selector: reference` with k3 = 15). Eq. 31's w acts on
   O_c ++ O_m (width 2d, with bias). Generation loss: NLL per non-PAD target token over the extended
   vocabulary, averaged over tokens, no label smoothing (the code's NLLLoss).
 
 Knowledge and ablations (config booleans; a flag removes its parameters, not just zeroes them):
   has_knowledge=False - the `none` knowledge backend: there is nothing to associate implicitly, so
-                Enc_cs, Enc~_cs, AN_cs and the implicit IAM are not built and P_cs leaves eq. 24; the model
-                is the paper's "w/o IA" and says so (`config.implicit_association`, `config.notes`).
+                Enc_cs, Enc~_cs, AN_cs and the implicit IAM are not built and P_cs leaves eq. 24. This is
+                NOT the paper's "w/o IA" row (which keeps the commonsense encoders and P_cs): it is IAMM
+                without knowledge, and says so (`config.implicit_association`, `config.notes`).
   no_ea       - without explicit association: the explicit IAM is not built; V = V_ik.
   no_ia       - without implicit association: the implicit IAM is not built; V = V_ek. The commonsense
                 encoders and P_cs stay (the ablation removes the association, not the knowledge).
@@ -70,7 +75,6 @@ Knowledge and ablations (config booleans; a flag removes its parameters, not jus
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -115,7 +119,9 @@ class IAMMConfig(ModelConfig):
     k3: int = 5  # memory entries kept by the word selector (eq. 27)
     num_emotions: int = NUM_EMOTIONS
     num_associated: int = 10  # associated words reported per example (extras / associated_words)
-    has_knowledge: bool = True  # False with the `none` knowledge backend (=> paper's "w/o IA")
+    has_knowledge: bool = True  # False with the `none` knowledge backend: no implicit association and no P_cs
+    association_weights: str = "paper"  # "paper": a_kw * A (eqs. 13-14); "reference": the code's reweighting
+    word_selector: str = "paper"  # "paper": top-k3 of H_m (eqs. 26-28); "reference": of V before Enc_m (code)
     no_ea: bool = False
     no_ia: bool = False
     no_ws: bool = False
@@ -133,6 +139,9 @@ class IAMMConfig(ModelConfig):
         if self.emb_dim != self.d_model:
             raise ValueError(f"IAMM needs emb_dim == d_model (the association module projects word embeddings"
                              f" and d-wide memory entries alike), got {self.emb_dim} and {self.d_model}")
+        for f in ("association_weights", "word_selector"):
+            if getattr(self, f) not in ("paper", "reference"):
+                raise ValueError(f"{f} must be 'paper' or 'reference', got {getattr(self, f)!r}")
         implicit = self.has_knowledge and not self.no_ia
         if self.implicit_association not in (None, implicit):
             raise ValueError(f"implicit_association is derived (has_knowledge and not no_ia = {implicit}), "
@@ -144,13 +153,18 @@ class IAMMConfig(ModelConfig):
         notes = []
         if not self.has_knowledge:
             notes.append("no commonsense knowledge (has_knowledge=False): no implicit association and no "
-                         "P_cs, i.e. the paper's 'w/o IA' setting")
+                         "commonsense emotion head P_cs, i.e. w/o IA and w/o the knowledge path (not the "
+                         "paper's 'w/o IA' row, which keeps P_cs)")
         elif self.no_ia:
             notes.append("ablation w/o IA: implicit association removed (commonsense encoder and P_cs kept)")
         if self.no_ea:
             notes.append("ablation w/o EA: explicit association removed")
         if self.no_ws:
             notes.append("ablation w/o WS: word selector and associated-word decoder removed")
+        if self.association_weights == "reference":
+            notes.append("association weights as the authors' code (Linear(k, k) + sigmoid of the raw scores)")
+        if self.word_selector == "reference":
+            notes.append(f"word selector over V before Enc_m as the authors' code (top-{self.k3})")
         notes = "; ".join(notes) or "full IAMM"
         if self.notes not in (None, notes):
             raise ValueError(f"notes is derived from the flags ({notes!r}), got {self.notes!r}")
@@ -183,10 +197,12 @@ class IAMM(PointerGeneratorSeq2Seq):
             self.enc_cs = Encoder(cfg.emb_dim, d, cfg)  # eq. 4
             self.enc_cs2 = Encoder(d, d, cfg)  # eq. 7
             self.an_cs = EmotionHead(d, E)  # eq. 23
+        ref = cfg.association_weights == "reference"
         if not cfg.no_ea:
-            self.iam_ek = InformationAssociation(d, cfg.iam_heads, cfg.d_h, cfg.k1, cfg.k2)
+            self.iam_ek = InformationAssociation(d, cfg.iam_heads, cfg.d_h, cfg.k1, cfg.k2, reference_weights=ref)
         if cfg.implicit_association:
-            self.iam_ik = InformationAssociation(d, cfg.iam_heads, cfg.d_h, cfg.k1, cfg.k2_implicit)
+            self.iam_ik = InformationAssociation(d, cfg.iam_heads, cfg.d_h, cfg.k1, cfg.k2_implicit,
+                                                 reference_weights=ref)
         if not cfg.no_ws:
             self.w_v = nn.Linear(d, 1, bias=False)  # eq. 26
             self.decoder_a = Decoder(cfg.emb_dim, d, d, cfg)  # eq. 30
@@ -207,13 +223,12 @@ class IAMM(PointerGeneratorSeq2Seq):
         """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2."""
         ids, umask = batch["utt_ids"], batch["utt_mask"]
         B, M, Lu = ids.shape
-        s = math.sqrt(self.cfg.emb_dim)
-        x = (self.embed(ids) + self.state_embedding(batch["utt_state"])[:, :, None] * s).flatten(0, 1)  # E_w + E_r
+        x = (self.embed(ids) + self.embed_state(batch["utt_state"])[:, :, None]).flatten(0, 1)  # E_w + E_r
         real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
         H = self.enc_u(x.index_select(0, real), umask.flatten(0, 1).index_select(0, real))  # (n, Lu, d)
         H_u = H.new_zeros(B * M, Lu, H.size(-1)).index_copy(0, real, H).view(B, M * Lu, -1)
         cls_ids = ids.new_full((B, 1), CLS)
-        cls = self.enc_u(self.embed(cls_ids) + self.state_embedding(torch.full_like(cls_ids, STATE_CLS)) * s,
+        cls = self.enc_u(self.embed(cls_ids) + self.embed_state(torch.full_like(cls_ids, STATE_CLS)),
                          torch.ones_like(cls_ids, dtype=torch.bool))  # (B, 1, d)
         flat = torch.cat([cls, H_u], 1)
         flat_mask = torch.cat([torch.ones_like(cls_ids, dtype=torch.bool), umask.flatten(1)], 1)
@@ -280,7 +295,8 @@ class IAMM(PointerGeneratorSeq2Seq):
         an_cs = self.an_cs if cfg.has_knowledge else None
         heads = emotion_heads(self.an_u, self.an_a, an_cs, H_c, batch["context_mask"], H_s, s_mask, H_m, V_ok,
                               H_cs_sum, cs_sum_mask)  # eqs. 20-23
-        selected, selected_mask = (None, None) if cfg.no_ws else select_words(self.w_v, H_m, V_ok, cfg.k3)
+        selector_input = V if cfg.word_selector == "reference" else H_m
+        selected, selected_mask = (None, None) if cfg.no_ws else select_words(self.w_v, selector_input, V_ok, cfg.k3)
         return IAMMEncoding(H_c, batch["context_mask"], batch["context_ext_ids"], int(batch["max_oov"]),
                             emotion_product(heads), heads, extras, selected, selected_mask)  # eq. 24
 
