@@ -1,8 +1,9 @@
-"""`edp serve`: run the Serve application on a local Ray (HTTP on 127.0.0.1) from a Serve config file.
+"""`edp serve`: run one application of a Serve config file on a local Ray (HTTP on 127.0.0.1).
 
-The config is the same file `serve deploy` and the chart's RayService use (cluster/configs/serve/*.yaml):
-its application args and its deployment options (autoscaling, resources) apply; the command line picks the
-registered model and alias and, locally, the host and port.
+The config is the same file `serve deploy` and the chart's RayService use (cluster/configs/serve/responders.yaml,
+the ESCM and IAMM applications under /escm and /iamm): the chosen application's route prefix, args and
+deployment options (autoscaling, resources) apply; the command line picks the registered model and alias and,
+locally, the host and port.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "escm.yaml"
+from trainers.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "responders.yaml"
 
 
 @dataclass
@@ -26,16 +29,16 @@ class LocalServe:
 
 
 def from_config(path: Path | None, name: str | None = None, alias: str | None = None,
-                overrides: dict[str, Any] | None = None) -> LocalServe:
-    """Application args + deployment options of the app serving `name` in a Serve config file."""
+                overrides: dict[str, Any] | None = None, *, app: str | None = None) -> LocalServe:
+    """Application args + deployment options of one application in a Serve config file: the one called `app`,
+    else the one whose model_name is `name`, else the first. `name`, `alias` and `overrides` replace its args."""
     from ray.serve.schema import ServeDeploySchema
 
     from services.app import AppArgs
 
     path = Path(path or DEFAULT_CONFIG)
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    apps = config.applications
-    chosen = next((a for a in apps if name and (a.args or {}).get("model_name") == name), apps[0])
+    chosen = _application(config.applications, path, app, name)
     args = dict(chosen.args or {})
     args.update({k: v for k, v in {"model_name": name, "model_alias": alias, **(overrides or {})}.items()
                  if v is not None})
@@ -45,6 +48,15 @@ def from_config(path: Path | None, name: str | None = None, alias: str | None = 
         options = chosen.deployments[0].model_dump(exclude_unset=True, exclude={"name"})
     port = config.http_options.port if config.http_options and config.http_options.port else 8000
     return LocalServe(chosen.name, chosen.route_prefix or "/", args, options, port)
+
+
+def _application(apps: list, path: Path, app: str | None, name: str | None):
+    if app is not None:
+        found = [a for a in apps if a.name == app]
+        if not found:
+            raise ConfigError(f"{path}: no application {app!r} (it has: {', '.join(a.name for a in apps)})")
+        return found[0]
+    return next((a for a in apps if name and (a.args or {}).get("model_name") == name), apps[0])
 
 
 def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, address: str | None = None,
