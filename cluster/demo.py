@@ -36,7 +36,6 @@ from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
-SERVE_CONFIG = PROJECT_ROOT / "cluster" / "configs" / "serve" / "responders.yaml"
 REGISTERED_NAME = "edp-demo"
 LATENCY_METRIC = "ray_serve_http_request_latency_ms"  # Serve's own HTTP latency histogram
 EXAMPLES = [
@@ -200,17 +199,15 @@ def deploy(env: dict[str, str], ports: dict[str, int], app_name: str) -> str:
     """`serve deploy` of the application `app_name` of the shared Serve config (the chart's RayService file) to
     the stack's Ray, through the dashboard's REST API, with the demo's model name and this machine's host/port;
     returns the application's base URL (with its route prefix)."""
-    import yaml
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": ports["serve_http"]}
-    (app,) = [a for a in config["applications"] if a["name"] == app_name]
-    config["applications"] = [app]
-    app["args"].update(model_name=REGISTERED_NAME, model_alias="champion",
-                       mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"])
+    from cluster.local import serve as serve_local
+
+    config = serve_local.deploy_config(app_name, {"model_name": REGISTERED_NAME, "model_alias": "champion",
+                                                  "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]},
+                                       ports["serve_http"])
     ServeSubmissionClient(env["RAY_DASHBOARD_ADDRESS"]).deploy_applications(config)
-    base = f"http://127.0.0.1:{ports['serve_http']}{app['route_prefix'].rstrip('/')}"
+    base = f"http://127.0.0.1:{ports['serve_http']}{config['applications'][0]['route_prefix'].rstrip('/')}"
     _wait_ready(base)
     return base
 

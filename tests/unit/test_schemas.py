@@ -174,6 +174,25 @@ def test_local_serve_picks_the_application_by_name_then_by_model():
         from_config(SERVE_CONFIG, app="mime")
 
 
+def test_deploy_config_is_one_application_of_the_file_for_this_machine():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.local.serve import deploy_config
+    from trainers.config import ConfigError
+
+    config = deploy_config("iamm", {"model_name": "edp-demo"}, 8123, SERVE_CONFIG,
+                           deployment={"num_replicas": 2, "autoscaling_config": None}, proxy_location="HeadOnly")
+    (app,) = ServeDeploySchema.model_validate(config).applications   # what `serve deploy` accepts
+    assert (app.name, app.route_prefix, app.args["model_name"]) == ("iamm", "/iamm", "edp-demo")
+    assert app.args["max_batch_size"] == 32                            # the file's other args stay
+    (deployment,) = app.deployments
+    assert deployment.num_replicas == 2 and "autoscaling_config" not in deployment.model_fields_set
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123} and config["proxy_location"] == "HeadOnly"
+    assert deploy_config("escm", {}, 8000, SERVE_CONFIG)["proxy_location"] == "EveryNode"  # the file's
+    with pytest.raises(ConfigError, match="no application 'nope'"):
+        deploy_config("nope", {}, 8000, SERVE_CONFIG)
+
+
 def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval():
     from services.app import next_poll_delay
 
