@@ -50,15 +50,15 @@ def deploy_config(app: str, args: dict[str, Any], port: int, path: Path | None =
                   deployment: dict[str, Any] | None = None, proxy_location: str | None = None) -> dict[str, Any]:
     """The Serve config file (`serve deploy` schema) cut down to application `app`, its HTTP proxy on
     127.0.0.1:`port`: its args updated with `args`, its deployment's options with `deployment` (an option given as
-    None is removed, e.g. autoscaling_config for a fixed num_replicas), and `proxy_location` when given (HeadOnly
-    on a multi-node stack: its nodes share one machine, and so one port)."""
+    None overrides the code's default too, e.g. autoscaling_config None for a fixed num_replicas), and
+    `proxy_location` when given (HeadOnly on a multi-node stack: its nodes share one machine, and so one port)."""
     path = Path(path or DEFAULT_CONFIG)
     config = load(path)
     chosen = _application(config, path, app, None)
     chosen = {**chosen, "args": {**chosen["args"], **args}}
     if deployment:
         (options,) = chosen["deployments"]
-        chosen["deployments"] = [{k: v for k, v in {**options, **deployment}.items() if v is not None}]
+        chosen["deployments"] = [{**options, **deployment}]
     config.update(applications=[chosen], http_options={"host": "127.0.0.1", "port": port})
     if proxy_location:
         config["proxy_location"] = proxy_location

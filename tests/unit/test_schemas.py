@@ -186,7 +186,7 @@ def test_deploy_config_is_one_application_of_the_file_for_this_machine():
     assert (app.name, app.route_prefix, app.args["model_name"]) == ("iamm", "/iamm", "edp-demo")
     assert app.args["max_batch_size"] == 32                            # the file's other args stay
     (deployment,) = app.deployments
-    assert deployment.num_replicas == 2 and "autoscaling_config" not in deployment.model_fields_set
+    assert deployment.num_replicas == 2 and deployment.autoscaling_config is None  # set: replaces the code's
     assert config["http_options"] == {"host": "127.0.0.1", "port": 8123} and config["proxy_location"] == "HeadOnly"
     assert deploy_config("escm", {}, 8000, SERVE_CONFIG)["proxy_location"] == "EveryNode"  # the file's
     with pytest.raises(ConfigError, match="no application 'nope'"):
