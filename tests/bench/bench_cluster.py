@@ -78,7 +78,7 @@ def prepared_data(env: dict[str, str], data: str, tmp: Path) -> dict:
             prepared = prepare(cfg, publish=publish)
             times[what] = time.perf_counter() - t0
     entry = sum(f.stat().st_size for f in prepared.path.rglob("*") if f.is_file())
-    return {**times, "entry_mb": entry / 2**20, "source": prepared.manifest["source"]}
+    return {**times, "entry_mb": entry / 2**20}
 
 
 def serve_node_kill(state_dir: Path, env: dict[str, str], ports: dict[str, int], tmp: Path) -> dict:
@@ -124,7 +124,7 @@ def as_markdown(r: dict) -> str:
     failed = f"{kill['failed']} of {kill['requests']:,} requests failed ({kill['failed'] / kill['requests']:.2%})"
     lines = [
         *rows, "",
-        f"Prepared data ({prep['source']}, {prep['entry_mb']:.1f} MB entry): cold prepare {prep['cold_s']:.2f} s, "
+        f"Prepared data ({r['data']}, {prep['entry_mb']:.1f} MB entry): cold prepare {prep['cold_s']:.2f} s, "
         f"fetch of the published entry {prep['fetch_s']:.2f} s ({prep['cold_s'] / prep['fetch_s']:.0f}x faster), "
         f"local hit {prep['hit_s']:.3f} s.", "",
         f"Serve node kill: {failed} at {kill['rate']:.1f} requests/s; serving again **{kill['recovery_s']:.1f} s** "

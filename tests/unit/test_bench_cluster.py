@@ -29,11 +29,13 @@ def test_never_serving_again_is_an_infinite_recovery():
 
 def test_report_compares_the_stacks_and_gives_the_kill_figures():
     result = {0: {"up_s": 9.0, "smoke_s": 40.0}, 2: {"up_s": 30.0, "smoke_s": 55.5}, "load": [4.0, 6.5],
-              "prepared": {"cold_s": 4.0, "fetch_s": 0.4, "hit_s": 0.13, "entry_mb": 1.8, "source": "sample"},
+              "data": "sample",
+              "prepared": {"cold_s": 4.0, "fetch_s": 0.4, "hit_s": 0.13, "entry_mb": 1.8},
               "kill": {"requests": 800, "failed": 2, "recovery_s": 1.5, "rate": 17.8, "failures": [(0.1, "HTTP 500")]}}
     text = bench_cluster.as_markdown(result)
     for needle in ("| the chart's smoke RayJob entrypoint, submitted to SUCCEEDED | 40.0 s | 55.5 s |",
-                   "cold prepare 4.00 s, fetch of the published entry 0.40 s (10x faster), local hit 0.130 s",
+                   "Prepared data (sample, 1.8 MB entry): cold prepare 4.00 s, "
+                   "fetch of the published entry 0.40 s (10x faster), local hit 0.130 s",
                    "2 of 800 requests failed (0.25%) at 17.8 requests/s", "serving again **1.5 s**",
                    "Load average 4.0 at the start, 6.5 at the end"):
         assert needle in text, needle
