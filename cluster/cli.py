@@ -255,8 +255,11 @@ def rollback(
 
 @app.command()
 def serve(
-    name: Annotated[str, typer.Option("--name", help="registered model name")] = "escm",
+    name: Annotated[str | None, typer.Option("--name", help="registered model name (default: the app's)")] = None,
     alias: Annotated[str, typer.Option("--alias", help="alias to serve and follow")] = "champion",
+    app_name: Annotated[str | None, typer.Option(
+        "--app", help="application of the Serve config (escm, iamm; default: the one serving --name, else the first)",
+    )] = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Serve config file")] = None,
     tracking_uri: TrackingOpt = None,
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (default: the config's)")] = None,
@@ -264,7 +267,8 @@ def serve(
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Ray metrics port")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Serve models:/NAME@ALIAS with Ray Serve on 127.0.0.1 until Ctrl-C."""
+    """Serve one application of the Serve config (models:/NAME@ALIAS, under its route prefix) on 127.0.0.1
+    until Ctrl-C."""
     import os
 
     from pydantic import ValidationError
@@ -275,13 +279,14 @@ def serve(
 
     try:
         spec = serve_local.from_config(config, name, alias, {"mlflow_tracking_uri": tracking_uri,
-                                                             **parse_overrides(overrides or [])})
+                                                             **parse_overrides(overrides or [])}, app=app_name)
     except (ConfigError, ValidationError, OSError) as e:
         _fail(str(e))
     if not spec.args.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
         spec.args["mlflow_tracking_uri"] = resolve_tracking_uri()  # the local sweeps' embedded store
     url = serve_local.run(spec, port=port, address=address, metrics_port=metrics_port)
-    console.print(f"serving models:/{name}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); Ctrl-C stops")
+    console.print(f"serving models:/{spec.args['model_name']}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); "
+                  "Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)

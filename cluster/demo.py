@@ -5,7 +5,8 @@
 3. submit the demo sweep with Ray's job API (what `ray job submit` does): ESCM and IAMM, full and
    ablated, plus the Transformer baseline, one MLflow parent run with nested child runs;
 4. promote the best child run to `models:/<name>@champion` (refused when worse than the current one);
-5. deploy the Serve app (the same Serve config file as the chart's RayService) on the stack's Ray;
+5. deploy the champion's application (escm or iamm, under /escm or /iamm) from the Serve config file the
+   chart's RayService uses, on the stack's Ray;
 6. send real HTTP requests, then read p50/p99 latency back from Prometheus with PromQL;
 7. return a `DemoResult` (runs, the champion and why, example responses, latency, timings, URLs), which
    `cluster.console.print_demo` prints with how to stop the stack.
@@ -36,7 +37,6 @@ from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
-SERVE_CONFIG = PROJECT_ROOT / "cluster" / "configs" / "serve" / "escm.yaml"
 REGISTERED_NAME = "edp-demo"
 LATENCY_METRIC = "ray_serve_http_request_latency_ms"  # Serve's own HTTP latency histogram
 EXAMPLES = [
@@ -113,8 +113,9 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     lap("promote", start)
 
     start = time.perf_counter()
-    with console.status("deploying the Serve app (models:/edp-demo@champion) ..."):
-        base = deploy(env, state["ports"])
+    app = champion_model(env["MLFLOW_TRACKING_URI"])
+    with console.status(f"deploying the Serve application {app} (models:/{REGISTERED_NAME}@champion) ..."):
+        base = result.urls["serve"] = deploy(env, state["ports"], app)
     lap("serve deploy", start)
 
     start = time.perf_counter()
@@ -186,19 +187,29 @@ def _children(mlflow, since_ms: int) -> list:
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
 
 
-def deploy(env: dict[str, str], ports: dict[str, int]) -> str:
-    """`serve deploy` of the shared Serve config (the chart's RayService file) to the stack's Ray, through
-    the dashboard's REST API, with the demo's model name and this machine's host/port; returns the base URL."""
-    import yaml
+def champion_model(tracking_uri: str) -> str:
+    """The model family (`params.model`: escm or iamm) of the run `models:/edp-demo@champion` was registered from
+    (this run's promotion, or an earlier one when this run's candidate was refused)."""
+    from services import registry
+
+    mlflow = registry.client(tracking_uri)
+    champion = registry.lookup(mlflow, REGISTERED_NAME, "champion")
+    return mlflow.get_run(champion.run_id).data.params["model"]
+
+
+def deploy(env: dict[str, str], ports: dict[str, int], app_name: str) -> str:
+    """`serve deploy` of the application `app_name` of the shared Serve config (the chart's RayService file) to
+    the stack's Ray, through the dashboard's REST API, with the demo's model name and this machine's host/port;
+    returns the application's base URL (with its route prefix)."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    config["http_options"] = {"host": "127.0.0.1", "port": ports["serve_http"]}
-    app = config["applications"][0]
-    app["args"].update(model_name=REGISTERED_NAME, model_alias="champion",
-                       mlflow_tracking_uri=env["MLFLOW_TRACKING_URI"])
+    from cluster.local import serve as serve_local
+
+    config = serve_local.deploy_config(app_name, {"model_name": REGISTERED_NAME, "model_alias": "champion",
+                                                  "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]},
+                                       ports["serve_http"])
     ServeSubmissionClient(env["RAY_DASHBOARD_ADDRESS"]).deploy_applications(config)
-    base = f"http://127.0.0.1:{ports['serve_http']}{app['route_prefix'].rstrip('/')}"
+    base = f"http://127.0.0.1:{ports['serve_http']}{config['applications'][0]['route_prefix'].rstrip('/')}"
     _wait_ready(base)
     return base
 

@@ -1,7 +1,7 @@
 """The Ray Serve application: a FastAPI ingress over a batched Responder loaded from the MLflow registry.
 
-    serve deploy cluster/configs/serve/escm.yaml        (import_path services.app:build_app, args below)
-    edp serve --name escm --alias champion               (local Ray, HTTP on 127.0.0.1)
+    serve deploy cluster/configs/serve/responders.yaml  (import_path services.app:build_app, args below)
+    edp serve --app escm --alias champion                (local Ray, HTTP on 127.0.0.1, under /escm)
 
 One deployment, `Responder`: each replica
 - loads `models:/<model_name>@<model_alias>` once (services/registry.py) and warms it up;
@@ -52,7 +52,7 @@ logger = logging.getLogger("ray.serve")
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "max_ongoing_requests": 64,  # >= max_batch_size, or batches never fill
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16,
-                           "upscale_delay_s": 5, "look_back_period_s": 10, "downscale_delay_s": 60},
+                           "upscale_delay_s": 5, "look_back_period_s": 15, "downscale_delay_s": 60},
     "ray_actor_options": {"num_cpus": 1},
 }
 GAUGE_TICK_S = 5.0  # Ray forgets a gauge not set for a while: re-mark the served version this often
@@ -60,7 +60,7 @@ ROUTES = ("/v1/respond", "/v1/model", "/healthz", "/openapi.json", "/docs")
 
 
 class AppArgs(StrictModel):
-    """`args` of the Serve config (cluster/configs/serve/*.yaml); unknown keys are errors."""
+    """`args` of an application in the Serve config (cluster/configs/serve/responders.yaml); unknown keys are errors."""
 
     model_name: str = Field("escm", min_length=1, description="registered model name")
     model_alias: str = Field("champion", min_length=1, description="alias to serve and follow")

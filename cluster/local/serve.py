@@ -1,8 +1,9 @@
-"""`edp serve`: run the Serve application on a local Ray (HTTP on 127.0.0.1) from a Serve config file.
+"""`edp serve`: run one application of a Serve config file on a local Ray (HTTP on 127.0.0.1).
 
-The config is the same file `serve deploy` and the chart's RayService use (cluster/configs/serve/*.yaml):
-its application args and its deployment options (autoscaling, resources) apply; the command line picks the
-registered model and alias and, locally, the host and port.
+The config is the same file `serve deploy` and the chart's RayService use (cluster/configs/serve/responders.yaml,
+the ESCM and IAMM applications under /escm and /iamm): the chosen application's route prefix, args and
+deployment options (autoscaling, resources) apply; the command line picks the registered model and alias and,
+locally, the host and port.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from typing import Any
 
 import yaml
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "escm.yaml"
+from trainers.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve" / "responders.yaml"
 
 
 @dataclass
@@ -26,25 +29,59 @@ class LocalServe:
 
 
 def from_config(path: Path | None, name: str | None = None, alias: str | None = None,
-                overrides: dict[str, Any] | None = None) -> LocalServe:
-    """Application args + deployment options of the app serving `name` in a Serve config file."""
-    from ray.serve.schema import ServeDeploySchema
-
+                overrides: dict[str, Any] | None = None, *, app: str | None = None) -> LocalServe:
+    """Application args + deployment options of one application in a Serve config file: the one called `app`,
+    else the one whose model_name is `name`, else the first. `name`, `alias` and `overrides` replace its args."""
     from services.app import AppArgs
 
     path = Path(path or DEFAULT_CONFIG)
-    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-    apps = config.applications
-    chosen = next((a for a in apps if name and (a.args or {}).get("model_name") == name), apps[0])
-    args = dict(chosen.args or {})
+    config = load(path)
+    chosen = _application(config, path, app, name)
+    args = dict(chosen.get("args") or {})
     args.update({k: v for k, v in {"model_name": name, "model_alias": alias, **(overrides or {})}.items()
                  if v is not None})
     AppArgs.model_validate(args)  # a bad value fails here, naming the field
-    options: dict[str, Any] = {}
-    if chosen.deployments:
-        options = chosen.deployments[0].model_dump(exclude_unset=True, exclude={"name"})
-    port = config.http_options.port if config.http_options and config.http_options.port else 8000
-    return LocalServe(chosen.name, chosen.route_prefix or "/", args, options, port)
+    options = {k: v for k, v in (chosen.get("deployments") or [{}])[0].items() if k != "name"}
+    port = (config.get("http_options") or {}).get("port") or 8000
+    return LocalServe(chosen["name"], chosen.get("route_prefix") or "/", args, options, port)
+
+
+def deploy_config(app: str, args: dict[str, Any], port: int, path: Path | None = None,
+                  deployment: dict[str, Any] | None = None, proxy_location: str | None = None) -> dict[str, Any]:
+    """The Serve config file (`serve deploy` schema) cut down to application `app`, its HTTP proxy on
+    127.0.0.1:`port`: its args updated with `args`, its deployment's options with `deployment` (an option given as
+    None overrides the code's default too, e.g. autoscaling_config None for a fixed num_replicas), and
+    `proxy_location` when given (HeadOnly on a multi-node stack: its nodes share one machine, and so one port)."""
+    path = Path(path or DEFAULT_CONFIG)
+    config = load(path)
+    chosen = _application(config, path, app, None)
+    chosen = {**chosen, "args": {**chosen["args"], **args}}
+    if deployment:
+        (options,) = chosen["deployments"]
+        chosen["deployments"] = [{**options, **deployment}]
+    config.update(applications=[chosen], http_options={"host": "127.0.0.1", "port": port})
+    if proxy_location:
+        config["proxy_location"] = proxy_location
+    return config
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A Serve config file, checked against Serve's own `serve deploy` schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def _application(config: dict[str, Any], path: Path, app: str | None, name: str | None) -> dict[str, Any]:
+    apps = config["applications"]
+    if app is not None:
+        found = [a for a in apps if a["name"] == app]
+        if not found:
+            raise ConfigError(f"{path}: no application {app!r} (it has: {', '.join(a['name'] for a in apps)})")
+        return found[0]
+    return next((a for a in apps if name and (a.get("args") or {}).get("model_name") == name), apps[0])
 
 
 def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, address: str | None = None,

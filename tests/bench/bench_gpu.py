@@ -14,8 +14,8 @@
    `--grid-steps` steps each; the full-recipe wall time is projected linearly (an upper bound: the
    projection also multiplies start-up). Target: 6 x 3 to the recipe's end in <= 10 minutes.
 4. Serving: ESCM (paper-sized, one training step, so every reply runs to the 30-token cap) served as
-   `edp serve` serves it (registry alias, Serve config cluster/configs/serve/escm.yaml) by ONE replica
-   holding the GPU; open-loop load of `--rate` requests/s (100) for `--serve-seconds`, latency client side.
+   `edp serve` serves it (registry alias, Serve config cluster/configs/serve/responders.yaml, app escm) by ONE
+   replica holding the GPU; open-loop load of `--rate` requests/s (100) for `--serve-seconds`, latency client side.
    Target: p99 <= 60 ms.
 
 On a GPU machine (one H100/H200; sized for at most 8 minutes with the ED data already prepared by `edp data

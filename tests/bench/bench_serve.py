@@ -4,7 +4,7 @@ ESCM trained one step (paper-sized on the prepared ED vocabulary when real data 
 flavour on the embedded sample otherwise; replies capped at 30 tokens, which an untrained model uses up)
 is logged and registered in a throwaway MLflow server (`cluster.local.services`), promoted to `champion`
 and served as `edp serve` does (`cluster.local.serve.from_config` + `run`, Serve config
-cluster/configs/serve/escm.yaml) on a local Ray (2 CPUs) at 127.0.0.1: two applications side by side,
+cluster/configs/serve/responders.yaml, app escm) on a local Ray (2 CPUs) at 127.0.0.1: two applications side by side,
 `@serve.batch` on (the config's max_batch_size) and off (1), each pinned to one replica with 1 CPU
 (autoscaling off, so batching is the only difference). Load: a fixed number of POST /v1/respond requests
 from an asyncio httpx client in this process (loopback only) at each concurrency, the two settings

@@ -1,6 +1,8 @@
 """`make bench`: run every benchmark that fits this machine and write BENCHMARKS.md.
 
     python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,sweep,serve]
+    python -m tests.bench.run --out /tmp/cluster.md --only cluster   (the multi-node local stack: needs `weed` and
+                                                                      `prometheus`; kept by hand in BENCHMARKS.md)
 
 Uses the full ED splits when ED_DATA_DIR (or --data) is set, else the embedded sample. Figures
 recorded on other machines (a lent GPU) live in the hand-kept section of BENCHMARKS.md below the
@@ -66,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).", "",
                   bench_train.as_markdown(rows), "", f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
     for key, title in (("sweep", "Ray Train and sweeps (local Ray, 2 CPUs)"),
-                       ("serve", "Serving (Ray Serve on 127.0.0.1, CPU)")):
+                       ("serve", "Serving (Ray Serve on 127.0.0.1, CPU)"),
+                       ("cluster", "Multi-node local cluster (local stack, CPU)")):
         if key in only:
             import importlib
 
             module = importlib.import_module(f"tests.bench.bench_{key}")
             print(f"benchmark: {key} ...", flush=True)
             t0 = time.perf_counter()
-            result = module.run(args.data) if key == "serve" else module.run()
+            result = module.run(args.data) if key in ("serve", "cluster") else module.run()
             parts += [f"## {title}", "", module.__doc__.strip(), "", module.as_markdown(result), "",
                       f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
     out = Path(args.out)

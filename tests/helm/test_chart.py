@@ -162,29 +162,54 @@ def test_secret_env_checks_flag_plain_passwords():
 
 # ---------- behaviour ----------
 
-def test_serve_config_v2_is_the_local_serve_config_verbatim(rendered):
-    for value_set, config in (("default", "escm.yaml"), ("serve-only", "iamm.yaml")):
+SERVE_FILE = "responders.yaml"
+
+
+def _serve_config(apps: list[str]) -> dict:
+    """The local Serve config file with only the named applications, in that order."""
+    config = yaml.safe_load((REPO / "cluster" / "configs" / "serve" / SERVE_FILE).read_text())
+    by_name = {a["name"]: a for a in config["applications"]}
+    return {**config, "applications": [by_name[name] for name in apps]}
+
+
+def test_serve_config_v2_is_the_local_serve_config_with_the_chosen_applications(rendered):
+    for value_set, apps in (("default", ["escm", "iamm"]), ("serve-only", ["iamm"])):
         (svc,) = of_kind(rendered[value_set], "RayService")
-        local = (REPO / "cluster" / "configs" / "serve" / config).read_text()
-        assert svc["spec"]["serveConfigV2"] == local
-        assert yaml.safe_load(svc["spec"]["serveConfigV2"]) == yaml.safe_load(local)
+        assert yaml.safe_load(svc["spec"]["serveConfigV2"]) == _serve_config(apps)
+
+
+def test_serve_applications_follow_the_values_order_and_each_keeps_its_route(chart):
+    (svc,) = of_kind(render_docs(chart, {"serve": {"applications": ["iamm", "escm"]}}), "RayService")
+    apps = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert [(a["name"], a["route_prefix"], a["args"]["model_name"]) for a in apps] == [
+        ("iamm", "/iamm", "iamm"), ("escm", "/escm", "escm")]
 
 
 def test_local_serve_configs_are_the_charts_files():
-    for local in sorted((REPO / "cluster" / "configs" / "serve").glob("*.yaml")):
+    local_files = sorted((REPO / "cluster" / "configs" / "serve").glob("*.yaml"))
+    assert [p.name for p in local_files] == [SERVE_FILE]  # one file for every responder, no near-copies
+    for local in local_files:
         chart_copy = CHART_DIR / "files" / "serve" / local.name
         assert local.read_bytes() == chart_copy.read_bytes(), f"{local} drifted from {chart_copy}"
 
 
-def test_serve_configs_pass_rays_serve_deploy_schema():
+@pytest.mark.filterwarnings("error::FutureWarning")  # e.g. look_back_period_s not above metrics_interval_s
+def test_serve_configs_pass_rays_serve_deploy_schema(rendered):
     schema = pytest.importorskip("ray.serve.schema")
-    for path in sorted((CHART_DIR / "files" / "serve").glob("*.yaml")):
-        config = schema.ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
-        (app,) = config.applications
-        assert app.import_path == "services.app:build_app" and app.args["model_alias"] == "champion"
-        assert "working_dir" not in (app.runtime_env or {}), "serve deploy rejects a local working_dir"
-        autoscaling = app.deployments[0].autoscaling_config
-        assert autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    from ray.serve.config import AutoscalingConfig
+
+    (svc,) = of_kind(rendered["default"], "RayService")
+    for text in [p.read_text() for p in sorted((CHART_DIR / "files" / "serve").glob("*.yaml"))] + [
+            svc["spec"]["serveConfigV2"]]:
+        config = schema.ServeDeploySchema.model_validate(yaml.safe_load(text))
+        apps = config.applications
+        assert len({a.route_prefix for a in apps}) == len({a.name for a in apps}) == len(apps) == 2
+        assert {a.args["model_name"] for a in apps} == {"escm", "iamm"}
+        for app in apps:
+            assert app.import_path == "services.app:build_app" and app.args["model_alias"] == "champion"
+            assert "working_dir" not in (app.runtime_env or {}), "serve deploy rejects a local working_dir"
+            autoscaling = AutoscalingConfig(**app.deployments[0].autoscaling_config)
+            assert autoscaling.min_replicas <= autoscaling.max_replicas
 
 
 def test_default_renders_cluster_with_autoscaled_cpu_group_and_shm(rendered):
@@ -456,8 +481,11 @@ def test_chart_test_hooks_probe_readiness_and_the_model_check_is_separate(chart,
     serve_url = hooks["edp-empathy-platform-test-serve"]["spec"]["containers"][0]["command"][-1]
     assert serve_url == "http://edp-empathy-platform-serve-serve-svc.ml.svc:8000/-/healthz"  # the Serve proxy
     promoted = of_kind(render_docs(chart, {"serve": {"testPromotedModel": True}}), "Pod")
-    model = next(p for p in promoted if p["metadata"]["name"].endswith("-test-serve-model"))
-    assert model["spec"]["containers"][0]["command"][-1].endswith(":8000/healthz")  # 503 until a model loads
+    models = {p["metadata"]["name"]: p["spec"]["containers"][0]["command"][-1] for p in promoted
+              if p["metadata"]["name"] not in hooks}
+    serve = "http://edp-empathy-platform-serve-serve-svc.ml.svc:8000"
+    assert models == {f"edp-empathy-platform-test-serve-{app}": f"{serve}/{app}/healthz"  # 503 until its model loads
+                      for app in ("escm", "iamm")}
 
 
 def test_chart_test_check_exits_by_http_status(rendered):

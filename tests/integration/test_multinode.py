@@ -1,6 +1,7 @@
 """A KubeRay-shaped cluster on one machine: `edp stack up --workers 2` (a 0-CPU head and two worker nodes, each
 its own raylet) beside SeaweedFS, MLflow and Prometheus; the chart's own rendered RayJob entrypoint submitted with
-`ray job submit`; trials on the worker nodes, checkpoints in the bucket; a local storage path refused.
+`ray job submit`; trials on the worker nodes, checkpoints in the bucket; a local storage path refused; a worker
+node killed under a running trial, then under Serve load.
 
 The tests run in file order on one cluster.
 """
@@ -23,10 +24,19 @@ from cluster.local import services as ls
 from cluster.local import stack as st
 from cluster.mlflow.runs import client
 from cluster.polling import poll_until
+from tests.integration.local_cluster import (
+    ROOT,
+    chart_rayjob_entrypoint,
+    deploy_on_workers,
+    kill_raylet,
+    replica_nodes,
+    restore_workers,
+    serve_through_node_kill,
+    submit_and_wait,
+    worker_node_ids,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def stack_env(state_dir: Path) -> dict[str, str]:
@@ -58,10 +68,6 @@ def stack_env_less() -> dict[str, str]:
             "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
 
 
-def worker_node_ids(state_dir: Path) -> dict[str, str]:
-    return {name: rec["url"].removeprefix("node:") for name, rec in st.Stack.at(state_dir).load()["nodes"].items()}
-
-
 def test_the_stack_has_a_zero_cpu_head_and_two_worker_nodes(cluster):
     nodes = ls.ray_nodes(f"http://127.0.0.1:{cluster['ports']['ray_dashboard']}")
     workers = worker_node_ids(cluster["dir"])
@@ -76,28 +82,13 @@ def test_the_stack_has_a_zero_cpu_head_and_two_worker_nodes(cluster):
 
 def test_the_charts_smoke_rayjob_runs_its_trials_on_the_worker_nodes(cluster):
     """The entrypoint is the one the chart renders for a smoke-sweep RayJob, submitted as KubeRay would."""
-    helm = pytest.importorskip("helm_python", reason="helm-python-sdk (dev extra) renders the chart")
-    sys.path.insert(0, str(ROOT / "tests" / "helm"))
-    from chart_render import CHART_DIR, of_kind, render_docs
-
     experiment = f"mn-smoke-{uuid.uuid4().hex[:6]}"
-    values = {"sweeps": {"jobs": [{"name": "smoke", "config": "cluster/configs/sweeps/smoke.yaml",
-                                   "args": ["--set", f"tracking.experiment={experiment}",
-                                            "--set", "tracking.log_model=false"]}]}}
-    chart = helm.Chart.load(CHART_DIR)
-    try:
-        (job,) = of_kind(render_docs(chart, values), "RayJob")
-    finally:
-        chart.close()
-    entrypoint = job["spec"]["entrypoint"].replace("cd /home/ray/app", f"cd {ROOT}", 1)
+    entrypoint = chart_rayjob_entrypoint("smoke", "cluster/configs/sweeps/smoke.yaml",
+                                         ["--set", f"tracking.experiment={experiment}",
+                                          "--set", "tracking.log_model=false"])
     env = cluster["env"]
-    # what KubeRay's submitter does: the entrypoint string to the job server, which runs it in a shell
-    jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
-    t0 = time.monotonic()
-    job_id = jobs.submit_job(entrypoint=entrypoint)
-    assert poll_until(lambda: jobs.get_job_status(job_id).is_terminal(), 900, 2)
-    print(f"\nsmoke sweep as the chart's RayJob on 1 head + 2 workers: {time.monotonic() - t0:.1f} s")
-    assert jobs.get_job_status(job_id) == JobStatus.SUCCEEDED, jobs.get_job_logs(job_id)[-4000:]
+    wall_s = submit_and_wait(env, entrypoint)
+    print(f"\nsmoke sweep as the chart's RayJob on 1 head + 2 workers: {wall_s:.1f} s")
 
     c = client(env["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name(experiment)
@@ -126,7 +117,6 @@ def test_a_local_storage_path_on_the_multi_node_stack_is_refused(cluster, tmp_pa
 def test_a_killed_worker_node_s_trial_resumes_on_the_other_node_in_the_same_run(cluster, tmp_path):
     """SIGKILL the raylet of the node running a multi-step trial after its first S3 checkpoint: Tune retries the
     trial on the other worker from that checkpoint, in the same MLflow child run, and the sweep finishes."""
-    import psutil
     import yaml
 
     experiment = f"mn-kill-{uuid.uuid4().hex[:6]}"
@@ -156,13 +146,7 @@ def test_a_killed_worker_node_s_trial_resumes_on_the_other_node_in_the_same_run(
     assert poll_until(lambda: checkpointed_child() is not None, 300, 1), jobs.get_job_logs(job_id)[-3000:]
     child = checkpointed_child()
     victim = next(name for name, nid in workers.items() if nid == child.data.tags["node_id"])
-    record = st.Stack.at(cluster["dir"]).load()["nodes"][victim]
-    raylets = [p for p in ps.process_tree(record["pid"], not_before=record["start"]) if p.name() == "raylet"]
-    assert raylets, f"no raylet under {victim}"
-    t_kill = time.monotonic()
-    for p in raylets:
-        p.send_signal(9)
-    psutil.wait_procs(raylets, timeout=10)
+    t_kill = kill_raylet(cluster["dir"], victim)
 
     assert poll_until(lambda: jobs.get_job_status(job_id).is_terminal(), 600, 2)
     print(f"\ntrial resumed and the sweep finished {time.monotonic() - t_kill:.1f} s after the node kill")
@@ -174,3 +158,23 @@ def test_a_killed_worker_node_s_trial_resumes_on_the_other_node_in_the_same_run(
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_from_step"]) >= 5
     survivor = next(nid for name, nid in workers.items() if name != victim)
     assert run.data.tags["node_id"] == survivor
+
+
+def test_serve_replicas_on_both_workers_survive_a_node_kill_under_load(cluster, tiny_checkpoint):
+    """The escm application of the Serve config (`serve deploy`, proxy on the head only: one machine, one port)
+    with one replica on each worker node under steady load: SIGKILL one worker's raylet; fewer than 0.5% of the
+    requests fail and the endpoint serves again within 30 s."""
+    from tests.integration.registry_models import register_champion
+
+    workers = restore_workers(cluster["dir"], 2)  # the previous test killed one
+    env, model = cluster["env"], f"mn-serve-{uuid.uuid4().hex[:6]}"
+    register_champion(env["MLFLOW_TRACKING_URI"], tiny_checkpoint[0], model, 0.5, model)
+    base = deploy_on_workers(env, cluster["ports"], "escm", model, replicas=2)
+    assert sorted(replica_nodes(env["RAY_DASHBOARD_ADDRESS"], "escm")) == sorted(workers.values())
+
+    result = serve_through_node_kill(cluster["dir"], base, "worker-2")
+    print(f"\nServe node kill: {result.failed} of {result.requests} requests failed ({result.rate:.1f}/s), "
+          f"serving again {result.recovery_s:.1f} s after the kill; failures: {result.failures[:5]}")
+    assert result.after_kill > 0 and result.failed_fraction < 0.005, result.failures[:10]
+    assert result.recovery_s <= 30
+    assert replica_nodes(env["RAY_DASHBOARD_ADDRESS"], "escm") == [workers["worker-1"]]  # the survivor's

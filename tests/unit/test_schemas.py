@@ -112,17 +112,18 @@ def test_read_body_rejects_oversized_bodies_before_parsing():
 
 # ---- the Serve configs feed build_app ----
 
-SERVE_CONFIGS = sorted((REPO / "cluster" / "configs" / "serve").glob("*.yaml"))
+SERVE_CONFIG = REPO / "cluster" / "configs" / "serve" / "responders.yaml"
+SERVE_APPS = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
 
 
-@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
-def test_serve_configs_args_are_build_app_args(path):
+@pytest.mark.parametrize("app", SERVE_APPS, ids=lambda a: a["name"])
+def test_serve_config_apps_args_are_build_app_args(app):
     from services.app import AppArgs, build_app
 
-    (app,) = yaml.safe_load(path.read_text())["applications"]
     assert app["import_path"] == "services.app:build_app"
     args = AppArgs.model_validate(app["args"])
-    assert args.model_name == path.stem and args.model_alias == "champion"
+    assert args.model_name == app["name"] and args.model_alias == "champion"
+    assert app["route_prefix"] == f"/{app['name']}"
     assert [d["name"] for d in app["deployments"]] == ["Responder"]  # the deployment build_app creates
     assert build_app(app["args"]) is not None
     with pytest.raises(ValidationError, match="max_batch_size"):
@@ -152,13 +153,44 @@ def test_local_serve_spec_from_the_serve_config():
     from cluster.local.serve import from_config
 
     overrides = {"max_batch_size": 1, "mlflow_tracking_uri": None}
-    spec = from_config(SERVE_CONFIGS[0], "my-model", "challenger", overrides)
+    spec = from_config(SERVE_CONFIG, "my-model", "challenger", overrides, app="iamm")
+    assert spec.app_name == "iamm" and spec.route_prefix == "/iamm" and spec.port == 8000
     assert spec.args["model_name"] == "my-model" and spec.args["model_alias"] == "challenger"
-    assert spec.args["max_batch_size"] == 1 and spec.route_prefix == "/" and spec.port == 8000
+    assert spec.args["max_batch_size"] == 1
     assert spec.deployment_options["autoscaling_config"]["min_replicas"] == 1
     assert "name" not in spec.deployment_options
     with pytest.raises(ValidationError, match="poll_interval_s"):
-        from_config(SERVE_CONFIGS[0], "m", "champion", {"poll_interval_s": 0})
+        from_config(SERVE_CONFIG, "m", "champion", {"poll_interval_s": 0})
+
+
+def test_local_serve_picks_the_application_by_name_then_by_model():
+    from cluster.local.serve import from_config
+    from trainers.config import ConfigError
+
+    assert from_config(SERVE_CONFIG, "iamm").route_prefix == "/iamm"       # the app serving that model
+    assert from_config(SERVE_CONFIG, "my-model").app_name == "escm"        # none does: the first
+    assert from_config(None, app="iamm").args["model_name"] == "iamm"      # the default file
+    with pytest.raises(ConfigError, match=r"no application 'mime' \(it has: escm, iamm\)"):
+        from_config(SERVE_CONFIG, app="mime")
+
+
+def test_deploy_config_is_one_application_of_the_file_for_this_machine():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.local.serve import deploy_config
+    from trainers.config import ConfigError
+
+    config = deploy_config("iamm", {"model_name": "edp-demo"}, 8123, SERVE_CONFIG,
+                           deployment={"num_replicas": 2, "autoscaling_config": None}, proxy_location="HeadOnly")
+    (app,) = ServeDeploySchema.model_validate(config).applications   # what `serve deploy` accepts
+    assert (app.name, app.route_prefix, app.args["model_name"]) == ("iamm", "/iamm", "edp-demo")
+    assert app.args["max_batch_size"] == 32                            # the file's other args stay
+    (deployment,) = app.deployments
+    assert deployment.num_replicas == 2 and deployment.autoscaling_config is None  # set: replaces the code's
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8123} and config["proxy_location"] == "HeadOnly"
+    assert deploy_config("escm", {}, 8000, SERVE_CONFIG)["proxy_location"] == "EveryNode"  # the file's
+    with pytest.raises(ConfigError, match="no application 'nope'"):
+        deploy_config("nope", {}, 8000, SERVE_CONFIG)
 
 
 def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval():

@@ -232,7 +232,30 @@ workerGroupSpecs:
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.trackingUri) (or .Values.rayCluster.enabled .Values.serve.enabled .Values.sweeps.jobs) }}
 {{- fail "mlflow.trackingUri is required when mlflow.enabled=false (Ray jobs and Serve log to and load from MLflow)" }}
 {{- end }}
-{{- if not (.Files.Get (printf "files/serve/%s" .Values.serve.configFile)) }}
-{{- fail (printf "serve.configFile: files/serve/%s does not exist in the chart" .Values.serve.configFile) }}
 {{- end }}
+
+{{- /* The Serve config file (files/serve/<serve.configFile>, parsed), its applications cut down to the ones
+named in serve.applications, as YAML. Fails naming the file or the application that is missing. */}}
+{{- define "edp.serveConfig" -}}
+{{- $path := printf "files/serve/%s" .Values.serve.configFile }}
+{{- $text := .Files.Get $path }}
+{{- if not $text }}
+{{- fail (printf "serve.configFile: %s does not exist in the chart" $path) }}
+{{- end }}
+{{- $config := fromYaml $text }}
+{{- if hasKey $config "Error" }}
+{{- fail (printf "serve.configFile: %s is not valid YAML: %s" $path $config.Error) }}
+{{- end }}
+{{- $byName := dict }}
+{{- range $config.applications }}
+{{- $_ := set $byName .name . }}
+{{- end }}
+{{- $chosen := list }}
+{{- range .Values.serve.applications }}
+{{- if not (hasKey $byName .) }}
+{{- fail (printf "serve.applications: %s has no application %q (it has: %s)" $path . (keys $byName | sortAlpha | join ", ")) }}
+{{- end }}
+{{- $chosen = append $chosen (get $byName .) }}
+{{- end }}
+{{- toYaml (set (deepCopy $config) "applications" $chosen) }}
 {{- end }}
