@@ -9,6 +9,7 @@ from tests.unit import test_iamm
 from tests.unit.model_batches import EMOTION_WORD_IDS, make_batch
 from trainers.decoding import DecodeConfig, beam_search, decode, greedy
 from trainers.models import build_model
+from trainers.models.common import KVCache
 from trainers.tokens import EOS, SOS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,22 +81,17 @@ def test_decoder_runs_on_the_newest_token_only_with_the_cache():
     assert widths == list(range(1, out.size(1) + 1))
 
 
-def test_beam_search_reorders_the_cache_with_the_hypotheses():
+def test_beam_search_reorders_the_cache_with_the_hypotheses(monkeypatch):
     """Beams swap places from step to step here; a cache left in beam order would change the result."""
     m, b = model_and_batch("transformer", {}, B=3, seed=2)
-    rows_seen = []
-    cache_cls = type(m.start_cache())
-    reorder = cache_cls.reorder
+    rows_seen, reorder = [], KVCache.reorder
 
     def spy(cache, index):
         rows_seen.append(index.tolist())
         reorder(cache, index)
 
-    cache_cls.reorder = spy
-    try:
-        cached = beam_search(m, b, beam_size=4, max_len=10)
-    finally:
-        cache_cls.reorder = reorder
+    monkeypatch.setattr(KVCache, "reorder", spy)
+    cached = beam_search(m, b, beam_size=4, max_len=10)
     assert any(rows != sorted(rows) or len(set(rows)) < len(rows) for rows in rows_seen)
     assert torch.equal(cached, beam_search(m, b, beam_size=4, max_len=10, kv_cache=False))
 
