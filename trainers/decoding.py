@@ -4,6 +4,9 @@ Works with any model that offers the two-call decoding interface
     state = model.encode(batch)                  # an Encoding (trainers.models.common), tensors batch-first
     log_probs = model.decode_step(state, ys)     # ys (B, t) extended ids so far, ys[:, 0] = SOS
                                                  # -> (B, V_ext), V_ext = V + state.max_oov
+A model that also offers `cache = model.start_cache()` and `model.decode_step(state, ys, cache)` (the models
+of trainers.models) is decoded incrementally: the cache keeps the decoder's keys/values of the prefix, so each
+step runs the decoder on the newest token only; beam search reorders it with `cache.reorder(rows)`.
 Every function returns the generated extended ids (B, <= max_len), without the SOS, with EOS kept
 and PAD after it. The only Python loop is over time steps; examples and beams are batched.
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers.models.common import Encoding
+from trainers.models.common import Encoding, KVCache
 from trainers.tokens import EOS, PAD, SOS
 
 STRATEGIES = ("greedy", "beam", "sample")
@@ -34,6 +37,7 @@ class DecodeConfig:
     top_k: int = 0                 # 0 = no top-k filter
     top_p: float = 1.0             # 1.0 = no nucleus filter
     temperature: float = 1.0
+    kv_cache: bool = True          # incremental decoding (same tokens); False recomputes the prefix each step
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -50,6 +54,8 @@ class DecodeConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0.0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not isinstance(self.kv_cache, bool):
+            raise ValueError(f"kv_cache must be true or false, got {self.kv_cache!r}")
 
 
 def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None,
@@ -57,11 +63,12 @@ def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | N
     """Decode `batch` with the strategy named by `cfg`; `state` is `model.encode(batch)` when the caller
     already has it (e.g. for the emotion logits), so the encoder does not run twice."""
     if cfg.strategy == "greedy":
-        return greedy(model, batch, cfg.max_len, state=state)
+        return greedy(model, batch, cfg.max_len, state=state, kv_cache=cfg.kv_cache)
     if cfg.strategy == "beam":
-        return beam_search(model, batch, cfg.beam_size, cfg.max_len, length_penalty=cfg.length_penalty, state=state)
+        return beam_search(model, batch, cfg.beam_size, cfg.max_len, length_penalty=cfg.length_penalty, state=state,
+                           kv_cache=cfg.kv_cache)
     return sample(model, batch, cfg.max_len, top_k=cfg.top_k, top_p=cfg.top_p,
-                  temperature=cfg.temperature, generator=generator, state=state)
+                  temperature=cfg.temperature, generator=generator, state=state, kv_cache=cfg.kv_cache)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -86,18 +93,25 @@ def _check_max_len(max_len: int) -> None:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
 
 
-def _next_log_probs(model, state: Encoding, ys: torch.Tensor) -> torch.Tensor:
+def _start_cache(model, kv_cache: bool) -> KVCache | None:
+    """A fresh cache when `kv_cache` is asked for and the model decodes incrementally, else None."""
+    start = getattr(model, "start_cache", None) if kv_cache else None
+    return None if start is None else start()
+
+
+def _next_log_probs(model, state: Encoding, ys: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """The model's next-token log-probs (B, V_ext), with the ids the model lists in `never_generate`
     (structural tokens such as a copied [CLS]) banned."""
-    log_probs = model.decode_step(state, ys).float()
+    step = model.decode_step(state, ys) if cache is None else model.decode_step(state, ys, cache)
+    log_probs = step.float()
     banned = list(getattr(model, "never_generate", ()))
     if banned:
         log_probs[:, banned] = -math.inf
     return log_probs
 
 
-def _step_loop(model, batch: dict, max_len: int,
-               pick: Callable[[torch.Tensor], torch.Tensor], state: Encoding | None = None) -> torch.Tensor:
+def _step_loop(model, batch: dict, max_len: int, pick: Callable[[torch.Tensor], torch.Tensor],
+               state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """One token per step for every example: `pick` maps log-probs (B, V_ext) to ids (B,)."""
     _check_max_len(max_len)
     with torch.inference_mode(), _eval_mode(model):
@@ -105,8 +119,9 @@ def _step_loop(model, batch: dict, max_len: int,
         B, device = state.memory.size(0), state.memory.device
         ys = torch.full((B, 1), SOS, dtype=torch.long, device=device)       # (B, 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)          # (B,)
+        cache = _start_cache(model, kv_cache)
         for _ in range(max_len):
-            log_probs = _next_log_probs(model, state, ys)                   # (B, V_ext)
+            log_probs = _next_log_probs(model, state, ys, cache)            # (B, V_ext)
             log_probs = log_probs.masked_fill(finished.unsqueeze(1), 0.0)   # any valid row; replaced below
             next_ids = pick(log_probs)                                      # (B,)
             next_ids = next_ids.masked_fill(finished, PAD)                  # finished rows stop changing
@@ -119,9 +134,10 @@ def _step_loop(model, batch: dict, max_len: int,
 
 # ----------------------------------------------------------------------------- greedy / sampling
 
-def greedy(model, batch: dict, max_len: int = 30, state: Encoding | None = None) -> torch.Tensor:
+def greedy(model, batch: dict, max_len: int = 30, state: Encoding | None = None,
+           kv_cache: bool = True) -> torch.Tensor:
     """Arg-max token at every step. Returns (B, <= max_len) extended ids."""
-    return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1), state)
+    return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1), state, kv_cache)
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -148,7 +164,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
 
 def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, generator: torch.Generator | None = None,
-           state: Encoding | None = None) -> torch.Tensor:
+           state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """Ancestral sampling from softmax(log_probs / temperature), after top-k / top-p filtering."""
     DecodeConfig(strategy="sample", max_len=max_len, top_k=top_k, top_p=top_p, temperature=temperature)
 
@@ -157,7 +173,7 @@ def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float =
         probs = logits.softmax(dim=-1)                                      # (B, V_ext)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _step_loop(model, batch, max_len, pick, state)
+    return _step_loop(model, batch, max_len, pick, state, kv_cache)
 
 
 # ----------------------------------------------------------------------------- beam search
@@ -168,7 +184,7 @@ def _gnmt_length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
-                length_penalty: float = 1.0, state: Encoding | None = None) -> torch.Tensor:
+                length_penalty: float = 1.0, state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """Batched beam search; returns the best hypothesis per example, (B, <= max_len).
 
     Hypotheses are ranked by sum of log-probs / lp(length) with the GNMT penalty (`length_penalty`
@@ -193,9 +209,10 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
         lengths = torch.zeros(B * K, dtype=torch.long, device=device)
         finished = torch.zeros(B * K, dtype=torch.bool, device=device)
         base = torch.arange(B, device=device).unsqueeze(1) * K              # (B, 1)
+        cache = _start_cache(model, kv_cache)
 
         for t in range(max_len):
-            log_probs = _next_log_probs(model, state, ys)                   # (B*K, V_ext)
+            log_probs = _next_log_probs(model, state, ys, cache)            # (B*K, V_ext)
             V_ext = log_probs.size(-1)
             pad_only = torch.full_like(log_probs, -math.inf)
             pad_only[:, PAD] = 0.0
@@ -212,6 +229,8 @@ def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
             finished = finished.index_select(0, origin) | (next_ids == EOS)
             ys = torch.cat([ys.index_select(0, origin), next_ids.unsqueeze(1)], dim=1)
             state = state.select_rows(origin)
+            if cache is not None:
+                cache.reorder(origin)
             if bool(finished.all()):
                 break
 

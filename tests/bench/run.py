@@ -1,8 +1,12 @@
 """`make bench`: run every benchmark that fits this machine and write BENCHMARKS.md.
 
+<<<<<<< HEAD
     python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,sweep,serve]
     python -m tests.bench.run --out /tmp/cluster.md --only cluster   (the multi-node local stack: needs `weed` and
                                                                       `prometheus`; kept by hand in BENCHMARKS.md)
+=======
+    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,decode,sweep,serve]
+>>>>>>> s4-kv
 
 Uses the full ED splits when ED_DATA_DIR (or --data) is set, else the embedded sample. Figures
 recorded on other machines (a lent GPU) live in the hand-kept section of BENCHMARKS.md below the
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--data", default=os.environ.get("ED_DATA_DIR") or "sample")
-    p.add_argument("--only", default="data,train,sweep,serve")
+    p.add_argument("--only", default="data,train,decode,sweep,serve")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -55,18 +59,24 @@ def main(argv: list[str] | None = None) -> int:
 
         print("benchmark: data preparation ...", flush=True)
         parts += ["## Data preparation", "", bench_data.as_markdown(bench_data.run(args.data)), ""]
-    if "train" in only:
-        from tests.bench import bench_train
+    sections = (("train", "Training step (paper-sized models, CPU)"),
+                ("decode", "Decoding (paper-sized models, CPU, 1 thread)"))
+    if only & {key for key, _ in sections}:
         from trainers.config import load_config
         from trainers.data.prepare import DataConfig, prepare
 
-        print("benchmark: training steps ...", flush=True)
         prepared = prepare(load_config(DataConfig, source=args.data, n_process=2))
-        t0 = time.perf_counter()
-        rows = bench_train.run(prepared)
-        parts += ["## Training step (paper-sized models, CPU)", "", bench_train.__doc__.strip(), "",
-                  f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).", "",
-                  bench_train.as_markdown(rows), "", f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
+    for key, title in sections:
+        if key in only:
+            import importlib
+
+            module = importlib.import_module(f"tests.bench.bench_{key}")
+            print(f"benchmark: {key} ...", flush=True)
+            t0 = time.perf_counter()
+            rows = module.run(prepared)
+            parts += [f"## {title}", "", module.__doc__.strip(), "",
+                      f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).", "",
+                      module.as_markdown(rows), "", f"({time.perf_counter() - t0:.0f} s for this section.)", ""]
     for key, title in (("sweep", "Ray Train and sweeps (local Ray, 2 CPUs)"),
                        ("serve", "Serving (Ray Serve on 127.0.0.1, CPU)"),
                        ("cluster", "Multi-node local cluster (local stack, CPU)")):

@@ -126,8 +126,22 @@ class MultiHeadAttention(nn.Module):
 
         Returns (out (B, T, d_out), logits) where logits (B, T, L) are the head-averaged attention scores
         with masked keys at NEG_INF when return_logits, else None."""
-        q, k, v = self._split(self.q(x)), self._split(self.k(mem)), self._split(self.v(mem))
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
+        return self.attend(x, *self.keys_values(mem), key_mask, causal, return_logits)
+
+    def keys_values(self, mem):
+        """mem (B, L, d_kv) -> keys, values (B, h, L, depth/h): what incremental decoding keeps."""
+        return self._split(self.k(mem)), self._split(self.v(mem))
+
+    def attend(self, x, k, v, key_mask=None, causal=False, return_logits=False):
+        """`forward` with the keys and values (B, h, S, depth/h) already projected. Under `causal` the T
+        queries are the last T of the S positions (the earlier ones are cached when T < S)."""
+        q = self._split(self.q(x))
+        T, S = q.size(2), k.size(2)
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
+        causal = causal and T > 1  # a lone query is the newest position: it sees every key
+        if causal and T < S:
+            seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # query i is position S - T + i
+            mask, causal = seen if mask is None else mask & seen, False
         p = self.dropout if self.training else 0.0
         if not return_logits:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
@@ -212,14 +226,28 @@ class DecoderBlock(nn.Module):
         self.cross_attn = MultiHeadAttention(d, d_mem, cfg.attn_depth, cfg.num_heads, d, cfg.dropout)
         self.ffn = ConvFeedForward(d, cfg.ffn_dim, cfg.ffn_kernel, causal=True, dropout=cfg.dropout,
                                    relu_out=cfg.ffn_relu_out)
+        self.ffn_past = 2 * (cfg.ffn_kernel - 1)  # earlier FFN inputs an output depends on (two causal convs)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mem, mem_mask, return_logits=False):
+    def forward(self, x, mem, mem_mask, return_logits=False, cache: KVCache | None = None):
+        """x (B, T, d) -> (B, T, d) and the cross-attention logits. With `cache`, x holds the positions after
+        the ones it already decoded: their self-attention keys/values and last FFN inputs are reused, the
+        memory's keys/values are projected at the first step only, and this block's entry is extended."""
+        past = None if cache is None else cache.blocks.get(self)
         h = self.ln_self(x)
-        x = x + self.drop(self.self_attn(h, h, causal=True)[0])
-        y, logits = self.cross_attn(self.ln_cross(x), mem, mem_mask, return_logits=return_logits)
+        self_kv = self.self_attn.keys_values(h)
+        if past is not None:
+            self_kv = tuple(torch.cat(pair, dim=2) for pair in zip(past.self_kv, self_kv))
+        mem_kv = self.cross_attn.keys_values(mem) if past is None else past.mem_kv
+        x = x + self.drop(self.self_attn.attend(h, *self_kv, causal=True)[0])
+        y, logits = self.cross_attn.attend(self.ln_cross(x), *mem_kv, mem_mask, return_logits=return_logits)
         x = x + self.drop(y)
-        return x + self.drop(self.ffn(self.ln_ffn(x))), logits
+        f = self.ln_ffn(x)
+        f_seen = f if past is None else torch.cat([past.ffn_in, f], dim=1)
+        x = x + self.drop(self.ffn(f_seen)[:, -x.size(1):])
+        if cache is not None:
+            cache.blocks[self] = BlockCache(self_kv, mem_kv, f_seen[:, max(f_seen.size(1) - self.ffn_past, 0):])
+        return x, logits
 
 
 class Decoder(nn.Module):
@@ -233,15 +261,17 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(d, d_mem, cfg) for _ in range(cfg.num_layers))
         self.ln = nn.LayerNorm(d, eps=1e-6)
 
-    def forward(self, y_emb, mem, mem_mask):
-        """y_emb (B, T, d_in) -> states (B, T, d), copy logits (B, T, L) from the last block."""
-        T = y_emb.size(1)
+    def forward(self, y_emb, mem, mem_mask, cache: KVCache | None = None):
+        """y_emb (B, T, d_in) -> states (B, T, d), copy logits (B, T, L) from the last block. With `cache`,
+        y_emb holds the positions after the cache.length already decoded (see `KVCache`)."""
+        start = 0 if cache is None else cache.length
+        T = start + y_emb.size(1)
         if T > self.pos.size(1):
             raise ValueError(f"response length {T} exceeds max_len {self.pos.size(1)}")
-        x = self.proj(self.drop(y_emb)) + self.pos[:, :T]
+        x = self.proj(self.drop(y_emb)) + self.pos[:, start:T]
         logits = None
         for i, block in enumerate(self.blocks):
-            x, logits = block(x, mem, mem_mask, return_logits=i == len(self.blocks) - 1)
+            x, logits = block(x, mem, mem_mask, return_logits=i == len(self.blocks) - 1, cache=cache)
         return self.ln(x), logits
 
 
@@ -258,6 +288,34 @@ def xavier_init_(model: nn.Module) -> None:
         for m in model.modules():
             if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight is not word:
                 m.weight[m.padding_idx].zero_()
+
+
+@dataclass
+class BlockCache:
+    """A decoder block's state after the positions decoded so far."""
+
+    self_kv: tuple[torch.Tensor, torch.Tensor]  # self-attention keys, values (B, h, t, depth/h)
+    mem_kv: tuple[torch.Tensor, torch.Tensor]  # cross-attention keys, values of the memory (B, h, L, depth/h)
+    ffn_in: torch.Tensor  # (B, <= ffn_past, d) the last FFN inputs, as far back as its causal convolutions see
+
+    def select_rows(self, index: torch.Tensor) -> BlockCache:
+        def pick(t):
+            return t.index_select(0, index)
+        return BlockCache(tuple(map(pick, self.self_kv)), tuple(map(pick, self.mem_kv)), pick(self.ffn_in))
+
+
+class KVCache:
+    """Incremental decoding state for `decode_step(enc, ys, cache)`: how many positions of ys are decoded and,
+    per decoder block (IAMM has two decoders), its `BlockCache`. Each step then runs the decoder on the new
+    position only instead of the whole prefix."""
+
+    def __init__(self):
+        self.length = 0
+        self.blocks: dict[nn.Module, BlockCache] = {}
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index`, in place (beam search's surviving hypotheses, as `Encoding.select_rows`)."""
+        self.blocks = {block: c.select_rows(index) for block, c in self.blocks.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,7 +522,8 @@ class PointerGeneratorSeq2Seq(nn.Module):
 
     Interface used by decoding, the trainer and serving:
       encode(batch) -> Encoding
-      decode_step(enc, ys) -> log-probs (B, V + max_oov) of the next token after ys (B, t) extended ids
+      decode_step(enc, ys, cache=None) -> log-probs (B, V + max_oov) of the next token after ys (B, t)
+        extended ids; `cache` (start_cache()) makes it incremental
       forward(batch, targets=None) -> Output: the encoding, and the losses when `targets` are given.
     """
 
@@ -514,12 +573,26 @@ class PointerGeneratorSeq2Seq(nn.Module):
     def encode(self, batch) -> Encoding:
         raise NotImplementedError
 
-    def _decoder_states(self, enc: Encoding, ys):
-        """ys (B, t) extended ids -> decoder states s (B, t, d), copy logits (B, t, L); IAMM overrides."""
-        return self.decoder(self.embed(ys), enc.memory, enc.mask)
+    def _decoder_states(self, enc: Encoding, ys, cache: KVCache | None = None):
+        """ys (B, t) extended ids -> decoder states s (B, t, d), copy logits (B, t, L); with `cache`, ys are
+        the positions after the cache.length decoded ones. IAMM overrides."""
+        return self.decoder(self.embed(ys), enc.memory, enc.mask, cache)
 
-    def decode_step(self, enc: Encoding, ys):
-        s, copy_logits = self._decoder_states(enc, ys)
+    def start_cache(self) -> KVCache:
+        """An empty cache for incremental `decode_step` calls on one batch."""
+        return KVCache()
+
+    def decode_step(self, enc: Encoding, ys, cache: KVCache | None = None):
+        """Log-probs (B, V + max_oov) of the token after ys (B, t). With `cache` (from `start_cache`, given
+        at every step of one decoding and reordered with the beams), only ys[:, cache.length:] run through
+        the decoder; the result is the same."""
+        if cache is not None:
+            if ys.size(1) <= cache.length:
+                raise ValueError(f"ys has {ys.size(1)} positions, the cache already holds {cache.length}")
+            ys = ys[:, cache.length:]
+        s, copy_logits = self._decoder_states(enc, ys, cache)
+        if cache is not None:
+            cache.length += ys.size(1)
         return self.generator(s[:, -1:], copy_logits[:, -1:], enc.ext_ids, enc.max_oov)[:, 0]
 
     def generation_loss(self, enc: Encoding, ys, tgt_ext):

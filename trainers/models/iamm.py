@@ -99,6 +99,7 @@ from trainers.models.common import (
     EmotionHead,
     Encoder,
     Encoding,
+    KVCache,
     ModelConfig,
     PointerGeneratorSeq2Seq,
     require,
@@ -302,12 +303,12 @@ class IAMM(PointerGeneratorSeq2Seq):
 
     # -- decoding (eqs. 29-33)
 
-    def _decoder_states(self, enc: IAMMEncoding, ys):
+    def _decoder_states(self, enc: IAMMEncoding, ys, cache: KVCache | None = None):
         y = self.embed(ys)
-        O_c, copy_logits = self.decoder(y, enc.memory, enc.mask)  # eq. 29
+        O_c, copy_logits = self.decoder(y, enc.memory, enc.mask, cache)  # eq. 29
         if self.cfg.no_ws:
             return O_c, copy_logits
-        O_m, _ = self.decoder_a(y, enc.selected, enc.selected_mask)  # eq. 30
+        O_m, _ = self.decoder_a(y, enc.selected, enc.selected_mask, cache)  # eq. 30
         g = torch.sigmoid(self.gate(torch.cat([O_c, O_m], -1)))  # eq. 31
         return g * O_c + (1 - g) * O_m, copy_logits  # eq. 32
 
