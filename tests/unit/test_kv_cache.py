@@ -15,9 +15,14 @@ from trainers.tokens import EOS, SOS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # two blocks per decoder, so that a block's cache also feeds the next block; IAMM has two decoders (Dec_c, Dec_a)
-MODELS = [("transformer", {}), ("escm", {}), ("iamm", {}), ("escm", {"num_layers": 2}), ("iamm", {"num_layers": 2})]
+# and the paper recipe's model settings (FFN ReLU after its last layer, states as word rows, reference graph)
+PAPER = {"xavier_init": True, "state_from_words": True, "ffn_relu_out": True}
+MODELS = [("transformer", {}), ("escm", {}), ("iamm", {}), ("escm", {"num_layers": 2}), ("iamm", {"num_layers": 2}),
+          ("transformer", PAPER), ("escm", {**PAPER, "gcn_graph": "reference", "gcn_scaled": False}),
+          ("iamm", PAPER)]
 MAX_LEN = 12
-IDS = [f"{name}-{overrides.get('num_layers', 1)}layer" for name, overrides in MODELS]
+IDS = [f"{name}-{overrides.get('num_layers', 1)}layer{'-paper' if overrides.get('ffn_relu_out') else ''}"
+       for name, overrides in MODELS]
 
 
 def reply_lengths(ids: torch.Tensor) -> list[int]:
