@@ -47,13 +47,13 @@ def model_and_batch(name: str, overrides: dict, B: int = 5, seed: int = 0):
 
 
 @pytest.mark.parametrize("name,overrides", MODELS, ids=IDS)
-def test_cached_greedy_and_beam_give_the_tokens_of_full_recomputation(name, overrides):
+def test_cached_decoding_gives_the_tokens_of_full_recomputation(name, overrides):
     m, b = model_and_batch(name, overrides)
     state = m.encode(b)
-    for strategy in ("greedy", "beam"):
+    for strategy in ("greedy", "beam", "sample"):
         cfg = dict(strategy=strategy, max_len=MAX_LEN, beam_size=3)
-        cached = decode(m, b, DecodeConfig(**cfg), state=state)
-        full = decode(m, b, DecodeConfig(**cfg, kv_cache=False), state=state)
+        cached, full = (decode(m, b, DecodeConfig(**cfg, kv_cache=kv_cache), torch.Generator().manual_seed(0), state)
+                        for kv_cache in (True, False))
         assert torch.equal(cached, full), strategy
 
 
