@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -306,7 +305,7 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
         if vectors is not None:
             rows = prepared.vector_rows()
             if rows is None:
-                rows = np.ones(len(vectors), dtype=bool)
+                raise ValueError(f"prepared data {prepared.path} has vectors but no vector_rows.npy: prepare it again")
             has = torch.from_numpy(rows).to(weight.device)
             fresh = torch.where(has[:, None], torch.from_numpy(vectors).to(weight.device, weight.dtype), fresh)
         fresh[PAD] = 0.0
