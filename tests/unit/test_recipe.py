@@ -181,6 +181,9 @@ def test_reference_graph_shares_one_pos_relation_table_and_attends_along_it():
     p = model.encode(b).extras["gcn_p"]
     allowed = reference_graph(b["context_dep"], b["context_mask"], 48) > 0
     assert (p[~allowed] == 0).all() and torch.allclose(p.sum(-1)[b["context_mask"]], torch.ones(()))
+    ev = model.evidence(b, k=3)  # the evidence pairs are edges of the graph the model used
+    for i, pairs in enumerate(ev["pairs"].tolist()):
+        assert all(allowed[i, a, c] and a != c and a > 0 and c > 0 for a, c in pairs if a >= 0)
 
 
 def test_reference_ffn_and_dialogue_states():
