@@ -273,6 +273,8 @@ class Trainer:
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
             self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
+        else:  # the reference rule keeps nothing above PPL 100 (the authors' code would fall back to the init)
+            self.log(f"no evaluation was selected ({self.cfg.selection}): the final weights are reported")
         final = {f"valid_{k}": v for k, v in self.evaluate(self.cfg.eval_generate).items()}
         result = {"model": self.cfg.model, "step": self.step, "best": {self._selection_metric(): self.best},
                   "final": final, "history": self.history}
