@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -280,6 +279,8 @@ class Trainer:
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
             self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
+        else:  # the reference rule keeps nothing above PPL 100 (the authors' code would fall back to the init)
+            self.log(f"no evaluation was selected ({self.cfg.selection}): the final weights are reported")
         evaluation = self.evaluator.run(self.valid_data, generate=0)
         final = {f"valid_{k}": v for k, v in evaluation.metrics.items()}
         result = {"model": self.cfg.model, "step": self.step, "best": {self._selection_metric(): self.best},
@@ -312,7 +313,7 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
         if vectors is not None:
             rows = prepared.vector_rows()
             if rows is None:
-                rows = np.ones(len(vectors), dtype=bool)
+                raise ValueError(f"prepared data {prepared.path} has vectors but no vector_rows.npy: prepare it again")
             has = torch.from_numpy(rows).to(weight.device)
             fresh = torch.where(has[:, None], torch.from_numpy(vectors).to(weight.device, weight.dtype), fresh)
         fresh[PAD] = 0.0

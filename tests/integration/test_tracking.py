@@ -54,6 +54,7 @@ def test_child_logs_config_versions_substitutions_metrics_and_artifacts(logged_r
     p = run.data.params
     assert p["config.model"] == "escm" and p["config.max_steps"] == "4" and p["model.d_model"] == "32"
     assert p["data.key"] and p["code.trainers_sha256"] and "substitution.parser" in p
+    assert p["recipe"] == p["config.recipe"] == run.data.tags["recipe"] == "platform"  # the settings bundle
     assert any(k.startswith("substitution.knowledge") for k in p)
     assert [m.step for m in c.get_metric_history(run.info.run_id, "valid_ppl")] == [2, 4]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]

@@ -1,9 +1,9 @@
 """Random batches obeying the ESCM/Transformer batch contract (trainers/data/collate.py), for model tests.
 
 Each example: [CLS] + 1-3 turns of 1-2 sentences; per sentence a random dependency tree (every token but
-the first attaches to an earlier token of the same sentence), stored symmetrically with labels 2..; self
-loops (1) on every real token incl. CLS; speaker/listener states alternate per turn; a few context words
-are OOV (UNK in context_ids, V + k in context_ext_ids) and the response may copy them.
+the first attaches to an earlier token of the same sentence), stored directed as the contract says: [head,
+dependent] = a random label 2.., [root, root] = ROOT_ID; speaker/listener states alternate per turn; a few context
+words are OOV (UNK in context_ids, V + k in context_ext_ids) and the response may copy them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from trainers.tokens import CLS, EOS, PAD, UNK
 
 FIRST_WORD = 8 + 32  # specials, then the 32 emotion words
+ROOT_ID = 2  # relation id of ROOT (2 + its index in annotate.DEP_LABELS)
 EMOTION_WORD_IDS = list(range(8, 40))
 
 
@@ -45,11 +46,11 @@ def make_example(g: torch.Generator, vocab_size: int, num_pos: int = 20, num_dep
             sent_spans.append((start, len(words)))
     L = len(words)
     dep = torch.zeros(L, L, dtype=torch.long)
-    dep[range(L), range(L)] = 1
     for s, e in sent_spans:
+        dep[s, s] = ROOT_ID
         for child in range(s + 1, e):
             head = rint(s, child - 1)
-            dep[child, head] = dep[head, child] = rint(2, num_dep - 1)
+            dep[head, child] = rint(2, num_dep - 1)
     n_t = rint(1, max_tgt - 1)
     tgt, tgt_ext = [], []
     copyable = [x for x in ext if x >= vocab_size]

@@ -272,7 +272,9 @@ def test_gcn_attends_only_to_dependency_neighbours(cls_edges):
     with torch.no_grad():
         p = m.encode(b).extras["gcn_p"]  # (B, L, L), eq. 8
     mask, L = b["context_mask"], b["context_ids"].size(1)
-    allowed = b["context_dep"] > 0
+    dep = b["context_dep"]  # directed parse; the default graph uses every arc both ways and self loops
+    allowed = (dep > 0) | (dep.transpose(1, 2) > 0) | torch.eye(L, dtype=torch.bool)
+    allowed = allowed & mask[:, :, None] & mask[:, None, :]
     if cls_edges:
         first = torch.arange(L) == 0
         allowed = allowed | ((first[:, None] | first[None, :]) & mask[:, :, None] & mask[:, None, :])
@@ -296,7 +298,7 @@ def test_evidence_returns_dependency_pairs():
         for (a, c), s in zip(ev["pairs"][i].tolist(), ev["scores"][i].tolist(), strict=True):
             if a < 0:
                 continue
-            assert a != c and a > 0 and c > 0 and int(b["context_dep"][i, a, c]) > 0
+            assert a != c and a > 0 and c > 0 and int(b["context_dep"][i, a, c] + b["context_dep"][i, c, a]) > 0
             assert 0.0 <= s <= prev
             prev = s
     with pytest.raises(ValueError, match="no_dcgcn"):

@@ -182,3 +182,24 @@ def test_reference_graph_shares_one_pos_relation_table_and_attends_along_it():
     p = model.encode(b).extras["gcn_p"]
     allowed = reference_graph(b["context_dep"], b["context_mask"], 48) > 0
     assert (p[~allowed] == 0).all() and torch.allclose(p.sum(-1)[b["context_mask"]], torch.ones(()))
+    ev = model.evidence(b, k=3)  # the evidence pairs are edges of the graph the model used
+    for i, pairs in enumerate(ev["pairs"].tolist()):
+        assert all(allowed[i, a, c] and a != c and a > 0 and c > 0 for a, c in pairs if a >= 0)
+
+
+def test_reference_ffn_and_dialogue_states():
+    from tests.unit.model_batches import EMOTION_WORD_IDS, make_batch
+    from trainers.tokens import CLS, LSN, SPK, STATE_CLS, STATE_LISTENER, STATE_PAD, STATE_SPEAKER
+
+    kw = dict(flavour="tiny", ffn_relu_out=True, state_from_words=True)
+    torch.manual_seed(0)
+    model = build_model("transformer", 60, EMOTION_WORD_IDS, **kw)
+    ffn = model.enc_ctx.blocks[0].ffn
+    x = torch.randn(2, 5, 32)
+    assert (ffn(x) >= 0).all() and (ffn(x) > 0).any()  # ReLU after the last convolution too
+    states = torch.tensor([STATE_PAD, STATE_CLS, STATE_SPEAKER, STATE_LISTENER])
+    words = torch.tensor([PAD, CLS, SPK, LSN])
+    assert torch.equal(model.embed_state(states), model.embed(words))  # the word table's rows, x sqrt(emb_dim)
+    ffn.relu_out = False  # the platform's FFN: the same weights give negative outputs
+    assert (ffn(x) < 0).any()
+    assert torch.isfinite(model(make_batch(2, 60, seed=1)).encoding.memory).all()

@@ -32,8 +32,9 @@ was read to settle what the paper leaves open; nothing was copied):
   parse (`context_dep`: head -> dependent arcs, the ROOT label at each root) in one of two ways
   (`gcn_graph`); both tie [CLS] to every token with a dedicated relation (`cls_edges`, as the authors'
   code): position 0 <-> every real token, relation id num_dep (the relation table has num_dep + 1 rows).
-  "symmetric" (default): the paper calls the graph undirected, so every arc is used in both directions and
-      every real token gets a self loop (relation id 1), so eq. 8 is well defined on every row;
+  "symmetric" (default): the paper's a_ij = 1 "when node i and node j have a direct relationship in the
+      dependency tree", read as symmetric: every arc is used in both directions, and every real token gets a
+      self loop (relation id 1) so that eq. 8 is well defined on every row;
   "reference": the graph as the authors' code builds it: arcs only from head (query i) to dependent (key
       j), a self loop at each sentence root only (with the ROOT relation), [CLS] also to itself; a leaf
       attends to [CLS] alone. POS tags and relations share one embedding table (the code's single tag /
