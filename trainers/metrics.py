@@ -9,7 +9,10 @@ the primary figures, named as in `DEFINITIONS`:
              which equals it when every batch is full.)
   ppl        teacher-forced, exp(mean over examples of each example's mean NLL over its non-PAD target tokens,
              EOS included), the NLL of the pointer-generator mixture: the code's per-example NLLLoss(mean)
-             averaged over the split, then exp. A short example weighs as much as a long one.
+             averaged over the split, then exp. A short example weighs as much as a long one. One difference:
+             a target word outside the vocabulary that the context holds is scored here by its extended id
+             (its copy probability), where the reference scores UNK; the vocabulary is built from train, so
+             such words are rare in valid.
   dist_n     corpus-level distinct n-grams (Li et al., 2016) of the greedy responses of the whole split:
              |unique n-grams over all responses| / |n-grams over all responses| (CEM's `calc_distinct_n`), a
              fraction (tables x100). The step limit is the run's `decode.max_len` (the authors' max_dec_step 50

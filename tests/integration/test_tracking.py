@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
+from trainers.metrics import METRIC_DEFINITION
 
 pytestmark = pytest.mark.integration
 RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence"}
@@ -59,9 +60,14 @@ def test_child_logs_config_versions_substitutions_metrics_and_artifacts(logged_r
     assert [m.step for m in c.get_metric_history(run.info.run_id, "valid_ppl")] == [2, 4]
     assert [m.step for m in c.get_metric_history(run.info.run_id, "train_loss")] == [1, 2, 3, 4]
     assert "final_valid_ppl" in run.data.metrics and "final_valid_acc" in run.data.metrics
-    assert p["eval.split"] == "valid" and p["metric_definition"].startswith("acc: per example; ppl: token-level")
+    # the papers' names: sampled Dist during training (with its sample size), whole-split Dist at the end only
+    m = run.data.metrics
+    assert [x.step for x in c.get_metric_history(run.info.run_id, "valid_dist_1_sampled")] == [2, 4]
+    assert m["valid_sample_size"] == 4 and "valid_dist_1" not in m and "final_valid_dist_1_sampled" not in m
+    assert {"final_valid_ppl_token", "final_valid_dist_1", "final_valid_dist_2"} <= set(m)
+    assert p["eval.split"] == "valid" and p["metric_definition"] == METRIC_DEFINITION
     names = {a.path for a in c.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "vocab.json", "samples.jsonl", "plots"} <= names
+    assert {"config.yaml", "vocab.json", "samples.jsonl", "metric_definitions.json", "plots"} <= names
     assert {a.path for a in c.list_artifacts(run.info.run_id, "plots")} == {
         "plots/emotion_confusion.png", "plots/loss_curve.png"}
 

@@ -165,6 +165,9 @@ def test_forward_shapes_and_finite():
     assert out.emotion_logits.shape == (B, 32)
     assert torch.allclose(out.emotion_logits.exp().sum(-1), torch.ones(B), atol=1e-5)
     assert list(out.emo_losses) == ["c", "s", "cs", "a"]  # P_c, P_s, P_cs, P_a (eqs. 20-23)
+    # the Acc prediction is the argmax of the heads' summed logits, as the authors' code
+    summed = sum(out.encoding.head_logits.values()).log_softmax(-1)
+    assert torch.allclose(out.emotion_logits, summed, atol=1e-5)
     for k, v in [("loss", out.loss), ("gen_loss", out.gen_loss), ("emo_loss", out.emo_loss), *out.emo_losses.items()]:
         assert v.dim() == 0 and torch.isfinite(v), k
     assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)

@@ -87,8 +87,10 @@ def test_forward_encode_decode_shapes(name, overrides):
         assert out.emotion_logits is None and float(out.emo_loss) == 0.0
     else:
         assert out.emotion_logits.shape == (B, 32) and float(out.emo_loss.detach()) > 0
-        # softmax(emotion_logits) is a distribution
+        # softmax(emotion_logits) is a distribution; its argmax, the Acc prediction, is the authors' summed logits
         assert torch.allclose(out.emotion_logits.exp().sum(-1), torch.ones(B), atol=1e-5)
+        summed = (out.encoding.head_logits["ctx"] + out.encoding.head_logits["cor"]).log_softmax(-1)
+        assert torch.allclose(out.emotion_logits, summed, atol=1e-5)
     state = m.encode(b)
     assert state.memory.size(0) == state.mask.size(0) == state.ext_ids.size(0) == B
     assert all(v.shape == (B, 32) for v in state.head_logits.values())
