@@ -181,7 +181,10 @@ def test_replica_poll_loop_sleeps_between_checks_while_no_model_loads():
 
     cls = ResponderDeployment.func_or_class
     replica = object.__new__(cls)
-    replica.args, replica.loaded = AppArgs(poll_interval_s=10.0), None
+    from services.rollout import CHALLENGER, CHAMPION, Slot
+
+    replica.args = AppArgs(poll_interval_s=10.0)
+    replica.slots = {CHAMPION: Slot(CHAMPION), CHALLENGER: Slot(CHALLENGER)}
     checks, waits, stop = [], [], threading.Event()
 
     def refresh():
