@@ -136,6 +136,11 @@ def train(
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
+ApplyOpt = Annotated[bool, typer.Option(
+    "--apply", help="also pin the champion version in the running Serve application's user_config (rolls its "
+                    "replicas in place); without it, replicas follow the alias by polling")]
+ServeAddressOpt = Annotated[str | None, typer.Option(
+    "--serve-address", help="Ray dashboard URL for --apply (default: $RAY_DASHBOARD_ADDRESS)")]
 
 
 @app.command()
@@ -221,6 +226,8 @@ def promote(
     force: Annotated[bool, typer.Option(
         "--force", help="promote even if worse than the champion or measured on other data")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the ranking and the decision only")] = False,
+    apply: ApplyOpt = False,
+    serve_address: ServeAddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
@@ -236,21 +243,37 @@ def promote(
                   + (f"v{decision.version}" if decision.version else "none") + (" (dry run)" if dry_run else ""))
     if decision.action == "refused":
         raise typer.Exit(1)
+    if apply and not dry_run:
+        _apply(name, decision.version, serve_address)
+
+
+
+def _apply(name: str, version: str, serve_address: str | None) -> None:
+    from cluster.serve_rollout import apply_version
+
+    try:
+        apply_version(name, version, serve_address, log=plain)
+    except (RuntimeError, OSError, ValueError) as e:  # RolloutError, the dashboard's refusal or absence
+        _fail(f"--apply: {e}")
 
 
 @app.command()
 def rollback(
     name: Annotated[str, typer.Option("--name", help="registered model name")],
+    apply: ApplyOpt = False,
+    serve_address: ServeAddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Move alias `champion` back to `previous`."""
+    """Move alias `champion` back to `previous` (with --apply, pin it in the running Serve application too)."""
     from cluster.mlflow.promotion import PromotionError
     from cluster.mlflow.promotion import rollback as do_rollback
 
     try:
-        do_rollback(name, tracking_uri=tracking_uri, log=plain)
+        decision = do_rollback(name, tracking_uri=tracking_uri, log=plain)
     except PromotionError as e:
         _fail(str(e))
+    if apply:
+        _apply(name, decision.version, serve_address)
 
 
 @app.command()

@@ -166,3 +166,49 @@ def test_challenger_loads_beside_and_is_dropped_when_its_alias_goes(replica):
     replica.refresh()
     assert replica.slots[CHAMPION].loaded.version == "3" and replica.slots[CHALLENGER].loaded is None
     assert replica.registry.loads == ["1", "3"]                # the promoted challenger was not loaded again
+
+
+# ---- `edp promote --apply`: the Serve REST round trip (cluster/serve_rollout.py) ------------------
+
+def serve_details(escm_user_config: dict | None = None) -> dict:
+    """What GET /api/serve/applications/ answers for two declaratively deployed applications."""
+    escm = {"name": "escm", "route_prefix": "/", "import_path": "services.app:build_app",
+            "args": {"model_name": "escm"}, "deployments": [{"name": "Responder", "max_ongoing_requests": 64}]}
+    if escm_user_config is not None:
+        escm["deployments"][0]["user_config"] = escm_user_config
+    iamm = {"name": "iamm", "route_prefix": "/iamm", "import_path": "services.app:build_app",
+            "args": {"model_name": "iamm"}}
+    return {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000},
+            "target_capacity": None, "controller_info": {}, "proxies": {},
+            "applications": {"escm": {"status": "RUNNING", "deployed_app_config": escm},
+                             "iamm": {"status": "RUNNING", "deployed_app_config": iamm}}}
+
+
+def test_apply_pins_the_version_in_one_apps_user_config_and_leaves_the_others_as_deployed():
+    from cluster.serve_rollout import deploy_config, pin_version
+
+    details = serve_details({"model_version": None, "challenger": {"mode": "shadow", "share": 0.2}})
+    config = deploy_config(details)
+    assert pin_version(config, "escm", "7") == "escm"
+    escm, iamm = config["applications"]
+    assert escm["deployments"] == [{"name": "Responder", "max_ongoing_requests": 64, "user_config": {
+        "model_version": "7", "challenger": {"mode": "shadow", "share": 0.2}}}]
+    assert iamm == details["applications"]["iamm"]["deployed_app_config"]       # untouched: not redeployed
+    assert config["proxy_location"] == "EveryNode" and "target_capacity" not in config
+    assert details["applications"]["escm"]["deployed_app_config"]["deployments"][0]["user_config"][
+        "model_version"] is None                                                  # the GET answer is not mutated
+    pin_version(config, "iamm", "2")                                              # no Responder entry yet: added
+    assert config["applications"][1]["deployments"] == [{"name": "Responder", "user_config": {"model_version": "2"}}]
+
+
+def test_apply_refuses_what_it_cannot_roll():
+    from cluster.serve_rollout import RolloutError, deploy_config, pin_version
+
+    with pytest.raises(RolloutError, match="0 running application.*'escm': 'escm'"):
+        pin_version(deploy_config(serve_details()), "empathy", "3")
+    details = serve_details()
+    details["applications"]["escm"]["deployed_app_config"] = None                # started with serve.run
+    with pytest.raises(RolloutError, match="escm were started with serve.run"):
+        deploy_config(details)
+    with pytest.raises(ValidationError, match="challenger"):                      # the replicas would refuse it
+        pin_version(deploy_config(serve_details({"challenger": {"share": 2}})), "escm", "3")

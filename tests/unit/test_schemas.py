@@ -124,6 +124,10 @@ def test_serve_configs_args_are_build_app_args(path):
     args = AppArgs.model_validate(app["args"])
     assert args.model_name == path.stem and args.model_alias == "champion"
     assert [d["name"] for d in app["deployments"]] == ["Responder"]  # the deployment build_app creates
+    from services.rollout import RolloutConfig
+
+    rollout = RolloutConfig.model_validate(app["deployments"][0]["user_config"])  # what reconfigure() takes
+    assert rollout.model_version is None and rollout.challenger is None        # follow the alias by default
     assert build_app(app["args"]) is not None
     with pytest.raises(ValidationError, match="max_batch_size"):
         build_app({**app["args"], "max_batch_size": 0})
