@@ -217,33 +217,48 @@ def sweep(
 
 @app.command()
 def promote(
-    experiment: Annotated[str, typer.Option("--experiment", help="the sweep's MLflow experiment")],
-    metric: Annotated[str, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")],
     name: Annotated[str, typer.Option("--name", help="registered model name")],
+    experiment: Annotated[str | None, typer.Option("--experiment", help="the sweep's MLflow experiment")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")]
+    = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", help="max | min: overrides the metric's own direction (valid_ppl min, valid_acc max, ...)")] = None,
     where: Annotated[str | None, typer.Option("--where", help="filter: \"params.model = 'escm'\"")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="promote even if worse than the champion or measured on other data")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the ranking and the decision only")] = False,
+    alias: Annotated[str, typer.Option(
+        "--alias", help="champion | challenger: the alias the best run gets (a challenger is served beside the "
+                        "champion when the Serve config has a challenger block)")] = "champion",
+    from_challenger: Annotated[bool, typer.Option(
+        "--from-challenger", help="promote the version behind alias `challenger` instead of a sweep's best run "
+                                  "(no --experiment/--metric)")] = False,
     apply: ApplyOpt = False,
     serve_address: ServeAddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
-    from cluster.mlflow.promotion import PromotionError
+    """Register the best child run of a sweep and move alias `champion` (or `challenger`) to it, or promote the
+    challenger (exit 1 when refused)."""
+    from cluster.mlflow.promotion import PromotionError, promote_challenger
     from cluster.mlflow.promotion import promote as do_promote
 
+    if from_challenger and (experiment is not None or metric is not None):
+        _fail("--from-challenger promotes the version behind alias `challenger`: drop --experiment and --metric")
+    if not from_challenger and (experiment is None or metric is None):
+        _fail("give --experiment and --metric (promote a sweep's best run), or --from-challenger")
     try:
-        decision = do_promote(experiment, metric, mode, where, name=name, force=force, dry_run=dry_run,
-                              tracking_uri=tracking_uri, log=plain)
+        decision = promote_challenger(name, tracking_uri=tracking_uri, log=plain) if from_challenger else \
+            do_promote(experiment, metric, mode, where, name=name, force=force, dry_run=dry_run,
+                       tracking_uri=tracking_uri, log=plain, alias=alias)
     except (PromotionError, ValueError) as e:
         _fail(str(e))
     console.print(f"[bold]{decision.action}[/]: {name} champion is "
-                  + (f"v{decision.version}" if decision.version else "none") + (" (dry run)" if dry_run else ""))
+                  + (f"v{decision.version}" if decision.version else "none")
+                  + (f", challenger v{decision.challenger_version}" if decision.challenger_version else "")
+                  + (" (dry run)" if dry_run else ""))
     if decision.action == "refused":
         raise typer.Exit(1)
-    if apply and not dry_run:
+    if apply and not dry_run and decision.version:
         _apply(name, decision.version, serve_address)
 
 
