@@ -431,12 +431,10 @@ def metrics(
     window: Annotated[str, typer.Option("--window", help="rate window, a PromQL duration")] = "1m",
 ) -> None:
     """Request rate and p50/p95/p99 latency of the Serve app by route, from Prometheus."""
-    import re
-
     from cluster import prometheus as sm
     from cluster.console import print_latency
 
-    if not re.fullmatch(r"\d+[smhd]", window):
+    if not sm.is_duration(window):
         _fail(f"--window {window!r} is not a PromQL duration like 30s, 1m, 5m")
     url = prometheus or sm.default_prometheus_url()
     prom = sm.Prometheus(url)
@@ -451,6 +449,32 @@ def metrics(
                       "~10-15 s, Prometheus scrapes every 5 s.", soft_wrap=True)
         return
     print_latency(rows, window, url)
+
+
+@app.command()
+def compare(
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    window: Annotated[str, typer.Option("--window", help="time window, a PromQL duration")] = "15m",
+    prometheus: Annotated[str | None, typer.Option(
+        "--prometheus", help="Prometheus URL (default: $EDP_PROMETHEUS_URL, the local stack's, or :9090)")] = None,
+) -> None:
+    """Champion vs challenger on live traffic: requests, errors, latency, response length, emotions, agreement."""
+    from cluster import prometheus as sm
+    from cluster.compare import compare as do_compare
+    from cluster.console import print_comparison
+
+    if not sm.is_duration(window):
+        _fail(f"--window {window!r} is not a PromQL duration like 30s, 5m, 1h")
+    url = prometheus or sm.default_prometheus_url()
+    try:
+        result = do_compare(sm.Prometheus(url).query, name, window)
+    except sm.MetricsError as e:
+        _fail(str(e))
+    if not result.models:
+        console.print(f"no answers of {name!r} in Prometheus at {url} over the last {window}: is the Serve app "
+                      "receiving traffic (Ray exports after ~10-15 s, Prometheus scrapes every 5 s)?", soft_wrap=True)
+        raise typer.Exit(1)
+    print_comparison(result, url)
 
 
 @app.command()
