@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from services.schemas import ModelInfo
 from trainers.config import StrictModel
@@ -33,6 +33,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 class ChallengerConfig(StrictModel):
     """A second registered version served beside the champion, on a share of the traffic."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # `version: 3` in YAML means "3"
 
     alias: str = Field(CHALLENGER, min_length=1, description="alias of the challenger version (polled)")
     version: str | None = Field(None, pattern=r"^\d+$", description="pin a version instead of the alias")
@@ -46,6 +48,8 @@ class ChallengerConfig(StrictModel):
 
 class RolloutConfig(StrictModel):
     """The deployment's `user_config`; unknown keys are errors."""
+
+    model_config = ConfigDict(coerce_numbers_to_str=True)
 
     model_version: str | None = Field(None, pattern=r"^\d+$",
                                       description="pin this registered version; null: follow the alias")

@@ -56,11 +56,13 @@ def test_targets_pin_a_version_or_follow_an_alias():
     cfg = RolloutConfig(challenger=ChallengerConfig(mode="split", share=0.5))
     assert targets(cfg, "champion")[CHALLENGER] == Target(alias="challenger")
     assert str(Target(version="3")) == "version 3" and str(Target(alias="champion")) == "alias champion"
+    assert RolloutConfig.model_validate({"model_version": 3}).model_version == "3"   # YAML's `3` is version "3"
 
 
 @pytest.mark.parametrize("user_config, field", [
     ({"model_version": "v3"}, "model_version"),
     ({"modle_version": "3"}, "modle_version"),
+    ({"model_version": -3}, "model_version"),
     ({"challenger": {"share": 1.5}}, "challenger.share"),
     ({"challenger": {"mode": "canary"}}, "challenger.mode"),
 ])
