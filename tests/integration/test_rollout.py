@@ -206,7 +206,8 @@ def test_shadowed_challenger_is_never_seen_and_its_promotion_fails_no_request(de
         wait_until(lambda: len(traffic.results) >= n + 4, 60, "answers after the promotion")
     assert traffic.failures() == []
     assert {v for _, _, v in traffic.results[:before]} == {v2}    # the shadow's answers never reach a client
-    assert model_status(d)["challenger"]["model"] is None         # its alias went with the promotion
+    wait_until(lambda: model_status(d)["challenger"]["model"] is None, 30,
+               "the challenger to go with its alias (the poll after the alias was removed)")
     aliases = MlflowClient(d.mlflow).get_registered_model(d.name).aliases
     assert aliases == {"champion": v1, "previous": v2}
 
