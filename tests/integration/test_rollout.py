@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from cluster.local.processes import free_ports
-from cluster.local.services import start_ray_head
+from cluster.local.services import find_prometheus, start_prometheus, start_ray_head
 from cluster.polling import poll_until
 from tests.integration.registry_models import register_champion
 
@@ -36,6 +36,7 @@ class Deployed:
     mlflow: str
     name: str
     versions: list[str]
+    prometheus: str | None                               # scraping the Ray head's metrics every second
 
 
 @dataclass
@@ -135,6 +136,7 @@ def deployed(mlflow_server, tiny_checkpoint, tmp_path_factory):
     *ports, serve_port = free_ports(len(RAY_PORTS) + 1)
     ports = dict(zip(RAY_PORTS, ports, strict=True))
     env = {"EDP_HOME": str(ROOT), "RAY_metrics_report_interval_ms": "2000"}  # shadow counts show up sooner
+    prometheus = None
     head = start_ray_head(tmp_path_factory.mktemp("ray-rollout"), ports, num_cpus=2, env=env)
     try:
         config = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -145,10 +147,15 @@ def deployed(mlflow_server, tiny_checkpoint, tmp_path_factory):
         app["deployments"][0].update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
                                      ray_actor_options={"num_cpus": 0.5})
         ServeSubmissionClient(head.url).deploy_applications(config)
-        d = Deployed(f"http://127.0.0.1:{serve_port}", head.url, ports["metrics"], mlflow_server, name, versions)
+        prometheus = start_prometheus(tmp_path_factory.mktemp("prometheus"), None,
+                                      {"ray": [f"127.0.0.1:{ports['metrics']}"]}, "1s") if find_prometheus() else None
+        d = Deployed(f"http://127.0.0.1:{serve_port}", head.url, ports["metrics"], mlflow_server, name, versions,
+                     prometheus.url if prometheus else None)
         wait_until(lambda: _healthy(d.url), 180, "the Serve application to load its champion")
         yield d
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         head.stop(timeout=5)  # Ray ignores SIGTERM: do not wait long before the kill
 
 
@@ -220,3 +227,32 @@ def shadow_answers(d: Deployed, version: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "ray_edp_model_requests_total" and s.labels.get("role") == "challenger"
                and s.labels.get("version") == version and s.labels.get("outcome") == "ok")
+
+
+def test_edp_compare_reads_the_shadowed_challenger_back_from_prometheus(deployed):
+    """After the shadow traffic above: `edp compare` shows the challenger beside the champion it shadowed
+    (the same weights, so it agrees with the champion's emotions)."""
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+    from cluster.compare import compare
+    from cluster.prometheus import Prometheus
+
+    d = deployed
+    if d.prometheus is None:
+        pytest.skip("needs `prometheus` (apt-get install prometheus)")
+    v1, v2 = d.versions
+    query, expected = Prometheus(d.prometheus).query, {("champion", v2), ("challenger", v1), ("champion", v1)}
+
+    def scraped():
+        rows = {(m.role, m.version): m for m in compare(query, d.name, "5m").models}
+        return rows if expected <= set(rows) and rows[("challenger", v1)].agreement >= 0 else None
+
+    rows = wait_until(scraped, 60, f"{sorted(expected)} and the challenger's agreement in Prometheus")
+    shadow = rows[("challenger", v1)]
+    assert shadow.requests > 0 and shadow.error_rate == 0 and shadow.agreement > 0.9
+    assert shadow.emotions and shadow.mean_tokens > 0
+    out = CliRunner().invoke(app, ["compare", "--name", d.name, "--window", "5m", "--prometheus", d.prometheus],
+                             env={"COLUMNS": "200"})
+    print(out.output)
+    assert out.exit_code == 0 and "champion vs challenger" in out.output and "total variation" in out.output
