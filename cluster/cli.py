@@ -136,6 +136,11 @@ def train(
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
+ApplyOpt = Annotated[bool, typer.Option(
+    "--apply", help="also pin the champion version in the running Serve application's user_config (rolls its "
+                    "replicas in place); without it, replicas follow the alias by polling")]
+ServeAddressOpt = Annotated[str | None, typer.Option(
+    "--serve-address", help="Ray dashboard URL for --apply (default: $RAY_DASHBOARD_ADDRESS)")]
 
 
 @app.command()
@@ -212,45 +217,78 @@ def sweep(
 
 @app.command()
 def promote(
-    experiment: Annotated[str, typer.Option("--experiment", help="the sweep's MLflow experiment")],
-    metric: Annotated[str, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")],
     name: Annotated[str, typer.Option("--name", help="registered model name")],
+    experiment: Annotated[str | None, typer.Option("--experiment", help="the sweep's MLflow experiment")] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="metric to rank child runs by, e.g. valid_acc")]
+    = None,
     mode: Annotated[str | None, typer.Option(
         "--mode", help="max | min: overrides the metric's own direction (valid_ppl min, valid_acc max, ...)")] = None,
     where: Annotated[str | None, typer.Option("--where", help="filter: \"params.model = 'escm'\"")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="promote even if worse than the champion or measured on other data")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the ranking and the decision only")] = False,
+    alias: Annotated[str, typer.Option(
+        "--alias", help="champion | challenger: the alias the best run gets (a challenger is served beside the "
+                        "champion when the Serve config has a challenger block)")] = "champion",
+    from_challenger: Annotated[bool, typer.Option(
+        "--from-challenger", help="promote the version behind alias `challenger` instead of a sweep's best run "
+                                  "(no --experiment/--metric)")] = False,
+    apply: ApplyOpt = False,
+    serve_address: ServeAddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Register the best child run of a sweep and move alias `champion` to it (exit 1 when refused)."""
-    from cluster.mlflow.promotion import PromotionError
+    """Register the best child run of a sweep and move alias `champion` (or `challenger`) to it, or promote the
+    challenger (exit 1 when refused)."""
+    from cluster.mlflow.promotion import PromotionError, promote_challenger
     from cluster.mlflow.promotion import promote as do_promote
 
+    if from_challenger and (experiment is not None or metric is not None):
+        _fail("--from-challenger promotes the version behind alias `challenger`: drop --experiment and --metric")
+    if not from_challenger and (experiment is None or metric is None):
+        _fail("give --experiment and --metric (promote a sweep's best run), or --from-challenger")
     try:
-        decision = do_promote(experiment, metric, mode, where, name=name, force=force, dry_run=dry_run,
-                              tracking_uri=tracking_uri, log=plain)
+        decision = promote_challenger(name, tracking_uri=tracking_uri, log=plain) if from_challenger else \
+            do_promote(experiment, metric, mode, where, name=name, force=force, dry_run=dry_run,
+                       tracking_uri=tracking_uri, log=plain, alias=alias)
     except (PromotionError, ValueError) as e:
         _fail(str(e))
     console.print(f"[bold]{decision.action}[/]: {name} champion is "
-                  + (f"v{decision.version}" if decision.version else "none") + (" (dry run)" if dry_run else ""))
+                  + (f"v{decision.version}" if decision.version else "none")
+                  + (f", challenger v{decision.challenger_version}" if decision.challenger_version else "")
+                  + (" (dry run)" if dry_run else ""))
     if decision.action == "refused":
         raise typer.Exit(1)
+    if apply and not dry_run and decision.version:
+        _apply(name, decision.version, serve_address)
+
+
+
+def _apply(name: str, version: str, serve_address: str | None) -> None:
+    from cluster.serve_rollout import apply_version
+
+    try:
+        apply_version(name, version, serve_address, log=plain)
+    except (RuntimeError, OSError, ValueError) as e:  # RolloutError, the dashboard's refusal or absence
+        _fail(f"--apply: {e}")
 
 
 @app.command()
 def rollback(
     name: Annotated[str, typer.Option("--name", help="registered model name")],
+    apply: ApplyOpt = False,
+    serve_address: ServeAddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
-    """Move alias `champion` back to `previous`."""
+    """Move alias `champion` back to `previous` (with --apply, pin it in the running Serve application too)."""
     from cluster.mlflow.promotion import PromotionError
     from cluster.mlflow.promotion import rollback as do_rollback
 
     try:
-        do_rollback(name, tracking_uri=tracking_uri, log=plain)
+        decision = do_rollback(name, tracking_uri=tracking_uri, log=plain)
     except PromotionError as e:
         _fail(str(e))
+    if apply:
+        _apply(name, decision.version, serve_address)
 
 
 @app.command()
@@ -398,12 +436,10 @@ def metrics(
     window: Annotated[str, typer.Option("--window", help="rate window, a PromQL duration")] = "1m",
 ) -> None:
     """Request rate and p50/p95/p99 latency of the Serve app by route, from Prometheus."""
-    import re
-
     from cluster import prometheus as sm
     from cluster.console import print_latency
 
-    if not re.fullmatch(r"\d+[smhd]", window):
+    if not sm.is_duration(window):
         _fail(f"--window {window!r} is not a PromQL duration like 30s, 1m, 5m")
     url = prometheus or sm.default_prometheus_url()
     prom = sm.Prometheus(url)
@@ -418,6 +454,32 @@ def metrics(
                       "~10-15 s, Prometheus scrapes every 5 s.", soft_wrap=True)
         return
     print_latency(rows, window, url)
+
+
+@app.command()
+def compare(
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    window: Annotated[str, typer.Option("--window", help="time window, a PromQL duration")] = "15m",
+    prometheus: Annotated[str | None, typer.Option(
+        "--prometheus", help="Prometheus URL (default: $EDP_PROMETHEUS_URL, the local stack's, or :9090)")] = None,
+) -> None:
+    """Champion vs challenger on live traffic: requests, errors, latency, response length, emotions, agreement."""
+    from cluster import prometheus as sm
+    from cluster.compare import compare as do_compare
+    from cluster.console import print_comparison
+
+    if not sm.is_duration(window):
+        _fail(f"--window {window!r} is not a PromQL duration like 30s, 5m, 1h")
+    url = prometheus or sm.default_prometheus_url()
+    try:
+        result = do_compare(sm.Prometheus(url).query, name, window)
+    except sm.MetricsError as e:
+        _fail(str(e))
+    if not result.models:
+        console.print(f"no answers of {name!r} in Prometheus at {url} over the last {window}: is the Serve app "
+                      "receiving traffic (Ray exports after ~10-15 s, Prometheus scrapes every 5 s)?", soft_wrap=True)
+        raise typer.Exit(1)
+    print_comparison(result, url)
 
 
 @app.command()

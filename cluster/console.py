@@ -128,6 +128,25 @@ def print_latency(rows, window: str, url: str) -> None:
     console.print(table)
 
 
+def print_comparison(result, url: str, out: Console = console) -> None:
+    """Champion vs challenger figures (`cluster.compare.Comparison`), one row per role and version."""
+    from cluster.prometheus import fmt_ms
+
+    pct = lambda v: "-" if math.isnan(v) else f"{v * 100:.1f}%"  # noqa: E731
+    table = Table(title=f"{result.name}: champion vs challenger over the last {result.window} ({url})")
+    for col in ("role", "version", "requests", "errors", "p50 ms", "p95 ms", "tokens", "top emotions",
+                "agrees w/ champion"):
+        table.add_column(col, justify="left" if col in ("role", "top emotions") else "right")
+    for m in result.models:
+        top = ", ".join(f"{e} {p * 100:.0f}%" for e, p in list(m.emotions.items())[:3]) or "-"
+        table.add_row(m.role, m.version, f"{m.requests:.0f}", pct(m.error_rate), fmt_ms(m.p50_ms), fmt_ms(m.p95_ms),
+                      "-" if math.isnan(m.mean_tokens) else f"{m.mean_tokens:.1f}", top, pct(m.agreement))
+    out.print(table)
+    if not math.isnan(result.emotion_tv):
+        out.print(f"emotion distributions: total variation distance {result.emotion_tv:.3f} "
+                  "(0 = the same, 1 = disjoint)")
+
+
 def print_demo(result, out: Console = console) -> None:
     """The demo's runs, champion and why, example responses, latency, timings and the URLs to look at."""
     runs = Table(title="sweep `demo`: one MLflow parent run, one nested child run per trial")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -53,13 +54,24 @@ def quantile_query(metric: str, q: float, window: str = "1m") -> str:
 
 def parse_vector(payload: dict, label: str = "route") -> dict[str, float]:
     """{label value: sample value} of an instant-vector answer; NaN stays NaN (no requests in the window)."""
+    return {key[0]: value for key, value in parse_series(payload, (label,)).items()}
+
+
+def parse_series(payload: dict, labels: tuple[str, ...]) -> dict[tuple[str, ...], float]:
+    """{(label values...): sample value} of an instant-vector answer, keyed by the values of `labels`."""
     if payload.get("status") != "success":
         raise MetricsError(f"Prometheus refused the query: {payload.get('errorType', '?')}: "
                            f"{payload.get('error', payload)}")
     data = payload.get("data", {})
     if data.get("resultType") != "vector":
         raise MetricsError(f"expected an instant vector from Prometheus, got {data.get('resultType')!r}")
-    return {item["metric"].get(label, ""): float(item["value"][1]) for item in data["result"]}
+    return {tuple(item["metric"].get(label, "") for label in labels): float(item["value"][1])
+            for item in data["result"]}
+
+
+def is_duration(window: str) -> bool:
+    """A PromQL duration such as 30s, 5m, 1h."""
+    return re.fullmatch(r"\d+[smhd]", window) is not None
 
 
 @dataclass

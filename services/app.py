@@ -3,11 +3,18 @@
     serve deploy cluster/configs/serve/responders.yaml  (import_path services.app:build_app, args below)
     edp serve --app escm --alias champion                (local Ray, HTTP on 127.0.0.1, under /escm)
 
-One deployment, `Responder`: each replica
-- loads `models:/<model_name>@<model_alias>` once (services/registry.py) and warms it up;
-- answers POST /v1/respond through `@serve.batch` into `Responder.respond` (one padded batch per call);
-- polls the alias every `poll_interval_s`; when it moves, loads the new version beside the old one and then
-  switches one reference, so requests in flight finish on the old version and none fails (hot swap);
+One deployment, `Responder`, whose `user_config` (services/rollout.py: RolloutConfig) names what it serves;
+Serve passes it to `reconfigure()` after __init__ and whenever it changes, without restarting replicas.
+Each replica
+- loads the champion (`model_version` pinned in user_config, else `models:/<model_name>@<model_alias>`)
+  through services/registry.py and warms it up; a version that fails to load leaves the old one serving
+  and is reported by /v1/model (`load_error`) and edp_model_load_failures_total;
+- polls the alias every `poll_interval_s` (the local default: promote, and replicas follow); when it moves,
+  loads the new version beside the old one and then switches one reference, so requests in flight finish
+  on the old version and none fails (hot swap);
+- optionally serves a `challenger` beside it (shadow or split traffic: services/challenger.py);
+- answers POST /v1/respond through `@serve.batch` into `Responder.respond` (one padded batch per call and
+  role);
 - validates before it works: 401 (auth on, bad/missing token), 413 (body over `max_body_bytes`, checked
   from Content-Length and from the bytes actually read, before parsing), 400 (not JSON), 422 (schema,
   naming the field path), 503 (no model loaded yet); anything unexpected is a 500 JSON, never a crash;
@@ -23,7 +30,6 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,13 +39,16 @@ from ray import serve
 from ray.serve import Application
 
 from services import registry
+from services.challenger import Answer, Model, Router
 from services.metrics import replica_metrics
+from services.rollout import CHALLENGER, CHAMPION, Loaded, LoadFailed, RolloutConfig, Slot, refresh_slot, targets
 from services.schemas import (
     DEFAULT_MAX_TURN_CHARS,
     DEFAULT_MAX_TURNS,
+    ChallengerStatus,
     ErrorResponse,
     FieldError,
-    ModelInfo,
+    LoadError,
     ModelStatus,
     RespondRequest,
     RespondResponse,
@@ -54,6 +63,7 @@ DEPLOYMENT_DEFAULTS: dict[str, Any] = {
     "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16,
                            "upscale_delay_s": 5, "look_back_period_s": 15, "downscale_delay_s": 60},
     "ray_actor_options": {"num_cpus": 1},
+    "user_config": {},  # always set, so Serve always calls reconfigure(): that is where a replica loads
 }
 GAUGE_TICK_S = 5.0  # Ray forgets a gauge not set for a while: re-mark the served version this often
 ROUTES = ("/v1/respond", "/v1/model", "/healthz", "/openapi.json", "/docs")
@@ -106,19 +116,6 @@ class ApiError(Exception):
                  headers: dict[str, str] | None = None):
         super().__init__(error)
         self.status, self.error, self.detail, self.headers = status, error, detail or [], headers
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """One registered version, loaded and warmed up."""
-
-    responder: Any                       # trainers.inference.Responder
-    resolved: registry.ResolvedModel
-    loaded_at: float
-    load_s: float
-
-    def info(self) -> ModelInfo:
-        return ModelInfo(name=self.resolved.name, version=self.resolved.version, run_id=self.resolved.run_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,6 +197,14 @@ def parse_request(body: bytes, max_turns: int, max_turn_chars: int) -> RespondRe
 # The deployment
 
 
+def _load_error(slot: Slot) -> LoadError | None:
+    """A slot's LoadFailure for /v1/model (defined before the class: Serve's ingress copies the route
+    functions with the module globals of that moment)."""
+    f = slot.failure
+    return None if f is None else LoadError(version=f.version, error=f.error, at=f.at)
+
+
+
 @serve.deployment(name="Responder", **DEPLOYMENT_DEFAULTS)
 @serve.ingress(api)
 class ResponderDeployment:
@@ -209,76 +214,136 @@ class ResponderDeployment:
         self.tracking_uri = self.args.tracking_uri()
         self.token = self.args.auth_token()
         self.metrics = replica_metrics()
-        self.loaded: Loaded | None = None
+        self.rollout = RolloutConfig()
+        self.slots = {CHAMPION: Slot(CHAMPION), CHALLENGER: Slot(CHALLENGER)}
+        self.router = Router(self.metrics)
         self._swap_lock = threading.Lock()
-        self._respond_batch.set_max_batch_size(self.args.max_batch_size)
-        self._respond_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        try:
-            self.refresh()
-        except Exception as e:  # noqa: BLE001 - serve 503 and keep polling until the alias exists
-            logger.warning("no model yet (%s); answering 503 until models:/%s@%s loads",
-                           e, self.args.model_name, self.args.model_alias)
+        for batch in (self._champion_batch, self._challenger_batch):
+            batch.set_max_batch_size(self.args.max_batch_size)
+            batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         self._stop = threading.Event()
-        threading.Thread(target=self._poll_loop, name="edp-registry-poll", daemon=True).start()
+        self._poller: threading.Thread | None = None
 
-    # ---- model lifecycle ---------------------------------------------------------------------
+    # ---- model lifecycle (services/rollout.py) -------------------------------------------------
 
-    def refresh(self) -> bool:
-        """Load the version the alias points at if it is not the one served; True when it swapped."""
-        a = self.args
+    async def reconfigure(self, user_config: dict | None) -> None:
+        """Serve calls this after __init__ (the deployment always has a user_config) and on every change of
+        the config's `user_config`, in place: load what it names (a version that fails to load leaves the
+        old one serving), then keep polling the aliases."""
+        try:
+            cfg = RolloutConfig.model_validate(user_config or {})
+        except ValidationError as e:
+            raise ValueError(f"invalid user_config of the Responder deployment: {e}") from e
+        try:
+            await asyncio.to_thread(self._retarget, cfg)  # off the event loop: requests go on meanwhile
+        except Exception as e:  # noqa: BLE001 - keep serving what we have; the poll loop retries
+            logger.warning("rollout to %s of %s: %s", self.slots[CHAMPION].target, self.args.model_name, e)
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_loop, name="edp-registry-poll", daemon=True)
+            self._poller.start()
+
+    def _retarget(self, cfg: RolloutConfig) -> None:
+        with self._swap_lock:  # the poll thread may be loading: wait for it
+            self.rollout = cfg
+            for role, target in targets(cfg, self.args.model_alias).items():
+                self.slots[role].target = target
+            self.router.config = cfg.challenger
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Bring the champion, then the challenger, to their targets; raises when the champion's lookup or
+        load failed (the challenger never raises: without it the champion answers everything)."""
         with self._swap_lock:
             c = registry.client(self.tracking_uri)
-            mv = registry.lookup(c, a.model_name, a.model_alias)  # one cheap call per poll
-            old = self.loaded
-            if old is not None and old.resolved.version == str(mv.version):
-                return False
-            t0 = time.perf_counter()
-            resolved = registry.download(c, self.tracking_uri, mv, a.model_alias)  # the version just looked up
+            champion, challenger = self.slots[CHAMPION], self.slots[CHALLENGER]
             try:
-                responder = registry.load_responder(resolved, a.device)   # load + warm up beside the old one
+                self._refresh(c, champion, [challenger])  # first: a promoted challenger is taken over as loaded
             finally:
-                registry.discard(resolved)  # all in memory now (or broken): no files left behind by replicas
-            self.loaded = Loaded(responder, resolved, time.time(), time.perf_counter() - t0)  # the switch
-            self.metrics.serving(a.model_name, resolved.version, old.resolved.version if old else None)
-            logger.info("serving %s v%s (run %s), loaded in %.1f s%s", a.model_name, resolved.version,
-                        resolved.run_id, self.loaded.load_s,
-                        f"; replaced v{old.resolved.version}" if old else "")
-            return True
+                self._refresh_challenger(c, challenger, champion)
+
+    def _refresh_challenger(self, c, challenger: Slot, champion: Slot) -> None:
+        try:
+            if challenger.target is None:
+                self._drop(challenger, "no challenger configured")
+            else:
+                self._refresh(c, challenger, [champion])
+        except registry.RegistryError as e:  # its alias was removed (promoted, or never set)
+            self._drop(challenger, str(e))
+        except Exception as e:  # noqa: BLE001
+            logger.warning("challenger of %s: %s", self.args.model_name, e)
+
+    def _refresh(self, c, slot: Slot, others: list[Slot]) -> None:
+        name, old = self.args.model_name, slot.loaded
+        try:
+            switched = refresh_slot(slot, lambda t: registry.lookup(c, name, t.alias, t.version),
+                                    lambda mv: self._load(c, mv, slot.target.alias), others)
+        except LoadFailed:
+            self.metrics.load_failed(name, slot.role, slot.failure.version)
+            raise
+        if switched:
+            self.metrics.serving(name, slot.role, slot.loaded.version, old.version if old else None)
+            logger.info("%s: serving %s v%s (%s, run %s), loaded in %.1f s%s", slot.role, name, slot.loaded.version,
+                        slot.target, slot.loaded.resolved.run_id, slot.loaded.load_s,
+                        f"; replaced v{old.version}" if old else "")
+
+    def _load(self, c, mv, alias: str | None) -> Loaded:
+        """Download, load and warm up a version beside the served one; its files are removed once in memory."""
+        t0 = time.perf_counter()
+        resolved = registry.download(c, self.tracking_uri, mv, alias)
+        try:
+            responder = registry.load_responder(resolved, self.args.device)
+        finally:
+            registry.discard(resolved)
+        return Loaded(responder, resolved, time.time(), time.perf_counter() - t0)
+
+    def _drop(self, slot: Slot, why: str) -> None:
+        old, slot.loaded, slot.failure = slot.loaded, None, None
+        if old is not None:
+            self.metrics.serving(self.args.model_name, slot.role, None, old.version)
+            logger.info("%s v%s no longer served: %s", slot.role, old.version, why)
 
     def _poll_loop(self) -> None:
-        """Check the alias on `next_poll_delay`'s schedule; re-mark the served version every GAUGE_TICK_S."""
+        """Check the targets on `next_poll_delay`'s schedule; re-mark the served versions every GAUGE_TICK_S."""
         failures = 0
-        next_poll = time.monotonic() + next_poll_delay(0, self.args.poll_interval_s, self.loaded is not None)
+        serving = lambda: self.slots[CHAMPION].loaded is not None  # noqa: E731
+        next_poll = time.monotonic() + next_poll_delay(0, self.args.poll_interval_s, serving())
         next_mark = time.monotonic()
         while not self._stop.wait(max(0.0, min(next_poll, next_mark) - time.monotonic())):
             if time.monotonic() >= next_poll:
                 try:
                     self.refresh()
                     failures = 0
-                except Exception as e:  # noqa: BLE001 - registry hiccup: keep serving what we have
+                except Exception as e:  # noqa: BLE001 - registry hiccup or broken version: keep serving
                     failures += 1
-                    logger.warning("registry poll %d for models:/%s@%s failed: %s", failures,
-                                   self.args.model_name, self.args.model_alias, e)
-                next_poll = time.monotonic() + next_poll_delay(failures, self.args.poll_interval_s,
-                                                               self.loaded is not None)
+                    logger.warning("registry poll %d for %s (%s) failed: %s", failures, self.args.model_name,
+                                   self.slots[CHAMPION].target, e)
+                next_poll = time.monotonic() + next_poll_delay(failures, self.args.poll_interval_s, serving())
             if time.monotonic() >= next_mark:
                 next_mark = time.monotonic() + GAUGE_TICK_S
-                loaded = self.loaded
-                if loaded is not None:
-                    self.metrics.serving(loaded.resolved.name, loaded.resolved.version)
+                for slot in list(self.slots.values()):
+                    loaded = slot.loaded
+                    if loaded is not None:
+                        self.metrics.serving(loaded.resolved.name, slot.role, loaded.version)
 
     def __del__(self):
         if hasattr(self, "_stop"):
             self._stop.set()
 
-    # ---- batched prediction ------------------------------------------------------------------
+    # ---- batched prediction: one queue per role ------------------------------------------------
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
-    async def _respond_batch(self, requests: list[dict]) -> list[tuple[dict, Loaded] | Exception]:
-        """One Responder.respond call for the whole batch, on the version loaded when the batch starts."""
-        loaded = self.loaded
+    async def _champion_batch(self, requests: list[dict]) -> list[Answer | Exception]:
+        return await self._generate(self.slots[CHAMPION], requests)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)
+    async def _challenger_batch(self, requests: list[dict]) -> list[Answer | Exception]:
+        return await self._generate(self.slots[CHALLENGER], requests)
+
+    async def _generate(self, slot: Slot, requests: list[dict]) -> list[Answer | Exception]:
+        """One Responder.respond call for the whole batch, on the slot's version when the batch starts."""
+        loaded = slot.loaded
         if loaded is None:
-            return [ApiError(503, "no model loaded")] * len(requests)
+            return [ApiError(503, f"no {slot.role} model loaded")] * len(requests)
         t0 = time.perf_counter()
         try:
             answers: list = await asyncio.to_thread(loaded.responder.respond, requests)
@@ -296,6 +361,20 @@ class ResponderDeployment:
         except Exception as e:  # noqa: BLE001
             return ApiError(500, f"generation failed: {type(e).__name__}: {e}")
 
+    def _model(self, role: str) -> Model | None:
+        """The role's model for one request (None when it serves nothing)."""
+        loaded = self.slots[role].loaded
+        if loaded is None:
+            return None
+        batch = self._champion_batch if role == CHAMPION else self._challenger_batch
+
+        async def call(request: dict) -> Answer:
+            result = await batch(request)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        return Model(role, loaded, call)
+
     # ---- routes ------------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
@@ -308,6 +387,11 @@ class ResponderDeployment:
         if not hmac.compare_digest(token.strip().encode(), self.token.encode()):
             raise ApiError(401, "invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
+    def _client_key(self, request: Request) -> str:
+        """Who is asking, for sticky splits: the configured header, else the client's address."""
+        header = self.rollout.challenger.client_key_header if self.rollout.challenger else "x-client-id"
+        return request.headers.get(header) or (request.client.host if request.client else "")
+
     @api.post("/v1/respond", response_model=RespondResponse, responses=ERRORS, openapi_extra={
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": RespondRequest.model_json_schema(ref_template="#/components/schemas/{model}")}}}})
@@ -316,13 +400,18 @@ class ResponderDeployment:
         self._authorize(request)
         body = await read_body(request, self.args.max_body_bytes)
         req = parse_request(body, self.args.max_turns, self.args.max_turn_chars)
-        if self.loaded is None:
-            raise ApiError(503, f"no model loaded yet (waiting for models:/{self.args.model_name}"
-                                f"@{self.args.model_alias})", headers={"Retry-After": "5"})
-        result = await self._respond_batch({"context": req.context, "situation": req.situation})
-        if isinstance(result, Exception):
-            raise result if isinstance(result, ApiError) else ApiError(500, f"generation failed: {result}")
-        answer, loaded = result
+        champion = self._model(CHAMPION)
+        if champion is None:
+            raise ApiError(503, f"no model loaded yet (waiting for {self.args.model_name} "
+                                f"{self.slots[CHAMPION].target})", headers={"Retry-After": "5"})
+        try:
+            answer, loaded = await self.router.answer({"context": req.context, "situation": req.situation},
+                                                      self._client_key(request), champion,
+                                                      self._model(CHALLENGER))
+        except ApiError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from e
         return RespondResponse(response=answer["response"], emotion=answer["emotion"],
                                emotion_top=answer["emotion_top"], evidence=answer["evidence"],
                                model=loaded.info())
@@ -330,29 +419,42 @@ class ResponderDeployment:
     @api.get("/healthz", responses={503: ERRORS[503]})
     async def healthz(self) -> dict:
         """200 when a model is loaded (readiness), 503 before."""
-        loaded = self.loaded
+        loaded = self.slots[CHAMPION].loaded
         if loaded is None:
             raise ApiError(503, "no model loaded yet")
         return {"status": "ok", "model": loaded.info().model_dump()}
 
     @api.get("/v1/model", response_model=ModelStatus, responses={401: ERRORS[401], 503: ERRORS[503]})
     async def model(self, request: Request) -> ModelStatus:
-        """The registered version this replica serves."""
+        """The registered version this replica serves, what it was told to serve, and the challenger."""
         self._authorize(request)
-        loaded = self.loaded
+        champion = self.slots[CHAMPION]
+        loaded = champion.loaded
         if loaded is None:
-            raise ApiError(503, "no model loaded yet")
+            failure = champion.failure
+            raise ApiError(503, "no model loaded yet" + (f": version {failure.version} failed to load: "
+                                                         f"{failure.error}" if failure else ""))
         r = loaded.resolved
-        return ModelStatus(name=r.name, alias=self.args.model_alias, version=r.version, run_id=r.run_id,
+        return ModelStatus(name=r.name, alias=champion.target.alias, version=r.version, run_id=r.run_id,
                            source=r.source, model_type=loaded.responder.model_name,
-                           loaded_at=loaded.loaded_at,
-                           load_s=round(loaded.load_s, 3), max_batch_size=self.args.max_batch_size,
-                           batch_wait_timeout_s=self.args.batch_wait_timeout_s)
+                           loaded_at=loaded.loaded_at, load_s=round(loaded.load_s, 3),
+                           max_batch_size=self.args.max_batch_size,
+                           batch_wait_timeout_s=self.args.batch_wait_timeout_s, target=str(champion.target),
+                           load_error=_load_error(champion), challenger=self._challenger_status())
+
+    def _challenger_status(self) -> ChallengerStatus | None:
+        cfg, slot = self.rollout.challenger, self.slots[CHALLENGER]
+        if cfg is None:
+            return None
+        info = slot.loaded.info() if slot.loaded else None
+        return ChallengerStatus(mode=cfg.mode, share=cfg.share, target=str(slot.target), model=info,
+                                load_error=_load_error(slot))
 
 
 def make_app(args: dict, **deployment_options: Any) -> Application:
     """The application with `deployment_options` (autoscaling_config, ray_actor_options, ...) applied."""
     validated = AppArgs.model_validate(args)  # fail on the driver, naming the field, not in a replica
+    RolloutConfig.model_validate(deployment_options.get("user_config") or {})
     deployment = ResponderDeployment.options(**deployment_options) if deployment_options else \
         ResponderDeployment
     return deployment.bind(validated.model_dump())

@@ -6,14 +6,25 @@ replica and application tags itself. `replica_metrics()` gives the one `ServeMet
 (a module-level singleton here, because Serve ships the deployment class by value: a global assigned from
 its methods would not be the one the FastAPI middleware reads).
 
-Ray drops a gauge's series some seconds after its last `set`, so the replica re-marks the served version
+Ray drops a gauge's series some seconds after its last `set`, so the replica re-marks the served versions
 on every poll tick (`serving`).
+
+Per model (tags name, version and role = champion | challenger; services/challenger.py records them):
+    edp_model_requests_total{outcome}     answers (ok) and failures (error) of each version
+    edp_model_latency_ms                  one request's wait + generation on that version
+    edp_model_emotions_total{emotion}     predicted emotions (the distribution)
+    edp_model_response_tokens             response length in tokens
+    edp_model_agreement_total{agree}      shadowed requests whose challenger emotion equals the champion's
+    edp_model_load_failures_total         versions a replica was told to serve but could not load
+`edp compare` (cluster/compare.py) reads them back from Prometheus.
 """
 
 from __future__ import annotations
 
 LATENCY_MS_BUCKETS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
+TOKEN_BUCKETS = [2, 4, 8, 12, 16, 24, 32, 48, 64, 128]
+MODEL_TAGS = ("name", "version", "role")
 
 
 class ServeMetrics:
@@ -29,8 +40,21 @@ class ServeMetrics:
         self.tokens = Counter("edp_tokens_generated_total", "response tokens generated")
         self.batch_size = Histogram("edp_batch_size", "requests per batched respond call",
                                     boundaries=BATCH_BUCKETS)
-        self.model_version = Gauge("edp_model_version", "1 for the registered version this replica serves",
-                                   tag_keys=("name", "version"))
+        self.model_version = Gauge("edp_model_version", "1 for a registered version this replica serves",
+                                   tag_keys=MODEL_TAGS)
+        self.model_requests = Counter("edp_model_requests_total", "requests a model version answered or failed",
+                                      tag_keys=(*MODEL_TAGS, "outcome"))
+        self.model_latency = Histogram("edp_model_latency_ms", "one request's batch wait + generation on a version",
+                                       boundaries=LATENCY_MS_BUCKETS, tag_keys=MODEL_TAGS)
+        self.model_emotions = Counter("edp_model_emotions_total", "emotions a model version predicted",
+                                      tag_keys=(*MODEL_TAGS, "emotion"))
+        self.response_tokens = Histogram("edp_model_response_tokens", "response length in tokens, by version",
+                                         boundaries=TOKEN_BUCKETS, tag_keys=MODEL_TAGS)
+        self.agreement = Counter("edp_model_agreement_total", "shadowed requests: challenger emotion == champion's",
+                                 tag_keys=(*MODEL_TAGS, "agree"))
+        self.load_failures = Counter("edp_model_load_failures_total",
+                                     "versions a replica was told to serve and could not load (it kept the old one)",
+                                     tag_keys=MODEL_TAGS)
 
     def request(self, route: str, status: int, ms: float) -> None:
         self.request_latency.observe(ms, tags={"route": route, "status": str(status)})
@@ -41,11 +65,37 @@ class ServeMetrics:
         if tokens > 0:
             self.tokens.inc(tokens)
 
-    def serving(self, name: str, version: str, old_version: str | None = None) -> None:
-        """Mark `version` as served (1) and the swapped-out one as no longer served (0)."""
+    def serving(self, name: str, role: str, version: str | None, old_version: str | None = None) -> None:
+        """Mark `version` as served in `role` (1) and the swapped-out one as no longer served there (0)."""
         if old_version is not None and old_version != version:
-            self.model_version.set(0, tags={"name": name, "version": old_version})
-        self.model_version.set(1, tags={"name": name, "version": version})
+            self.model_version.set(0, tags={"name": name, "version": old_version, "role": role})
+        if version is not None:
+            self.model_version.set(1, tags={"name": name, "version": version, "role": role})
+
+    def load_failed(self, name: str, role: str, version: str) -> None:
+        self.load_failures.inc(tags={"name": name, "version": version, "role": role})
+
+    # services.challenger.Recorder
+
+    def answered(self, role: str, loaded, ms: float, answer: dict) -> None:
+        tags = _model_tags(role, loaded)
+        self.model_requests.inc(tags={**tags, "outcome": "ok"})
+        self.model_latency.observe(ms, tags=tags)
+        self.model_emotions.inc(tags={**tags, "emotion": str(answer.get("emotion"))})
+        self.response_tokens.observe(answer.get("tokens_generated", 0), tags=tags)
+
+    def failed(self, role: str, loaded, ms: float) -> None:
+        tags = _model_tags(role, loaded)
+        self.model_requests.inc(tags={**tags, "outcome": "error"})
+        self.model_latency.observe(ms, tags=tags)
+
+    def agreed(self, loaded, agree: bool) -> None:
+        self.agreement.inc(tags={**_model_tags("challenger", loaded), "agree": str(agree).lower()})
+
+
+def _model_tags(role: str, loaded) -> dict[str, str]:
+    """Tags of a services.rollout.Loaded version in `role`."""
+    return {"name": loaded.resolved.name, "version": loaded.version, "role": role}
 
 
 _replica_metrics: ServeMetrics | None = None

@@ -84,11 +84,26 @@ class RespondResponse(BaseModel):
     model: ModelInfo
 
 
+class LoadError(BaseModel):
+    """A version this replica was told to serve but could not load (it kept serving the old one)."""
+
+    version: str
+    error: str
+    at: float = Field(..., description="unix time of the failed load")
+
+
+class ChallengerStatus(BaseModel):
+    mode: str = Field(..., description="shadow | split")
+    share: float
+    target: str = Field(..., description="what it follows: 'alias challenger' or 'version N'")
+    model: ModelInfo | None = Field(None, description="the version served as challenger (None: none loaded)")
+    load_error: LoadError | None = None
+
+
 class ModelStatus(BaseModel):
     """GET /v1/model: the version this replica serves."""
 
     name: str
-    alias: str
     version: str
     run_id: str | None = None
     source: str
@@ -97,6 +112,11 @@ class ModelStatus(BaseModel):
     load_s: float = Field(..., description="seconds to download, load and warm up")
     max_batch_size: int
     batch_wait_timeout_s: float
+    target: str = Field(..., description="what the champion follows: 'alias champion' or 'version N' "
+                                         "(user_config.model_version)")
+    alias: str | None
+    load_error: LoadError | None = Field(None, description="the target's version failed to load")
+    challenger: ChallengerStatus | None = None
 
 
 class FieldError(BaseModel):

@@ -11,9 +11,13 @@
          refuse with the keys printed unless `force`;
       3. compare the best one with the current champion on the same metric; refuse a worse one unless
          `force` (a tie is not worse; the champion's own run is left as it is);
+         with alias="challenger" the same rules decide whether it may be tried live as the challenger;
       4. register the run's model as a new version (tags: run_id, experiment, the comparison key, the
          code version, the recipe, metric.<k> for every metric of the run), move alias `previous` to the
-         replaced champion and `champion` to the new one. `dry_run` prints steps 0-3 and registers nothing.
+         replaced champion and `champion` to the new one (or only `challenger` to it). `dry_run` prints steps
+         0-3 and registers nothing.
+    promote_challenger("escm"): the version behind alias `challenger` becomes `champion` (`previous` the
+      replaced one) and alias `challenger` goes.
     rollback("escm"): `champion` goes back to `previous` (and `previous` is cleared).
 
 Every step prints what it compared. The model a version points at is the run's logged model (the pyfunc
@@ -32,6 +36,7 @@ from typing import Literal
 
 from cluster.mlflow.runs import resolve_tracking_uri
 from services.registry import RegistryError, client, lookup
+from services.rollout import CHALLENGER
 
 CHAMPION, PREVIOUS = "champion", "previous"
 CHILD_FILTER = "tags.mlflow.parentRunId LIKE '%' and attributes.status = 'FINISHED'"
@@ -49,6 +54,7 @@ class Decision:
     action: Literal["promoted", "would_promote", "refused", "unchanged", "rolled_back"]
     name: str
     version: str | None = None            # the champion version after the decision
+    challenger_version: str | None = None  # the challenger registered by promote(alias="challenger")
     previous_version: str | None = None   # what `previous` points at after the decision
     candidate_run_id: str | None = None
     candidate_value: float | None = None
@@ -209,8 +215,11 @@ def _rank(runs: list, metric: str, dry_run: bool) -> str:
 
 def promote(experiment: str, metric: str, mode: str | None = None, where: str | None = None, *, name: str,
             force: bool = False, dry_run: bool = False, tracking_uri: str | None = None,
-            log: Callable[[str], None] = print) -> Decision:
-    """Register the best child run of `experiment` by `metric` and make it the champion (see module doc)."""
+            log: Callable[[str], None] = print, alias: str = CHAMPION) -> Decision:
+    """Register the best child run of `experiment` by `metric` and make it the champion, or with
+    `alias="challenger"` the challenger beside the unchanged champion (see module doc)."""
+    if alias not in (CHAMPION, CHALLENGER):
+        raise ValueError(f"alias must be {CHAMPION!r} or {CHALLENGER!r}, got {alias!r}")
     mode = metric_mode(metric, mode)
     c = client(resolve_tracking_uri(tracking_uri))
     runs = child_runs(c, experiment, metric, mode, where)
@@ -261,10 +270,15 @@ def promote(experiment: str, metric: str, mode: str | None = None, where: str | 
 
     if dry_run:
         decision.action = "would_promote"
-        say(f"dry run: would register run {run.info.run_id} as a new version of {name} and move {CHAMPION}; "
+        say(f"dry run: would register run {run.info.run_id} as a new version of {name} and move {alias}; "
             "nothing registered")
         return decision
     mv = _register(c, name, run, source, experiment, metric, mode)
+    if alias == CHALLENGER:
+        c.set_registered_model_alias(name, CHALLENGER, mv.version)
+        decision.action, decision.challenger_version = "promoted", str(mv.version)
+        say(f"registered {name} v{mv.version}; {CHALLENGER} -> v{mv.version} (champion unchanged)")
+        return decision
     if champion is not None:
         c.set_registered_model_alias(name, PREVIOUS, champion.version)
         decision.previous_version = str(champion.version)
@@ -272,6 +286,32 @@ def promote(experiment: str, metric: str, mode: str | None = None, where: str | 
     decision.action, decision.version = "promoted", str(mv.version)
     say(f"registered {name} v{mv.version}; {CHAMPION} -> v{mv.version}"
         + (f", {PREVIOUS} -> v{champion.version}" if champion is not None else ""))
+    return decision
+
+
+def promote_challenger(name: str, *, tracking_uri: str | None = None,
+                       log: Callable[[str], None] = print) -> Decision:
+    """Make the version behind alias `challenger` (measured live beside the champion, `edp compare`) the
+    champion: `previous` -> the replaced champion, `champion` -> the challenger's version, and alias
+    `challenger` removed. Replicas serving both take the loaded challenger over as champion at once."""
+    c = client(resolve_tracking_uri(tracking_uri))
+    try:
+        challenger = lookup(c, name, CHALLENGER)
+    except RegistryError as e:
+        raise PromotionError(f"cannot promote the challenger of {name!r}: {e}") from e
+    champion = _champion(c, name)
+    decision = Decision("promoted", name, version=str(challenger.version), candidate_run_id=challenger.run_id)
+    say = lambda line: _say(decision, log, line)  # noqa: E731
+    say(f"challenger: {name} v{challenger.version} (run {challenger.run_id}); champion: "
+        + (f"v{champion.version}" if champion else "none"))
+    if champion is not None and champion.version != challenger.version:
+        c.set_registered_model_alias(name, PREVIOUS, champion.version)
+        decision.previous_version = str(champion.version)
+    c.set_registered_model_alias(name, CHAMPION, challenger.version)
+    c.delete_registered_model_alias(name, CHALLENGER)
+    c.set_model_version_tag(name, challenger.version, "promoted_from", CHALLENGER)
+    say(f"{CHAMPION} -> v{challenger.version}" + (f", {PREVIOUS} -> v{champion.version}" if decision.previous_version
+                                                 else "") + f"; alias {CHALLENGER} removed")
     return decision
 
 

@@ -462,7 +462,10 @@ def test_alerts_and_dashboard_use_the_platform_metric_names(rendered):
                    "ray_serve_num_http_error_requests_total",
                    "ray_serve_deployment_processing_latency_ms_bucket",
                    "ray_serve_batch_", "ray_edp_request_latency_ms", "ray_edp_generation_latency_ms",
-                   "ray_edp_tokens_generated_total", "ray_edp_batch_size", "ray_edp_model_version"):
+                   "ray_edp_tokens_generated_total", "ray_edp_batch_size", "ray_edp_model_version",
+                   "ray_edp_model_requests_total", "ray_edp_model_latency_ms_bucket", "ray_edp_model_emotions_total",
+                   "ray_edp_model_response_tokens", "ray_edp_model_agreement_total",
+                   "ray_edp_model_load_failures_total"):
         assert metric in panel_exprs, metric
     for q in ("0.5", "0.95", "0.99"):
         quantile = f"histogram_quantile({q}, sum by (le) (rate(ray_serve_http_request_latency_ms_bucket"

@@ -156,6 +156,27 @@ def test_cli_promote_and_rollback(mlflow_server, tiny_checkpoint):
     assert again.exit_code == 2 and "previous" in again.output
 
 
+def test_cli_registers_a_challenger_then_promotes_it_moving_both_aliases(mlflow_server, tiny_checkpoint):
+    from cluster.cli import app
+
+    ckpt, _ = tiny_checkpoint
+    runner, name, c = CliRunner(), unique("escm"), MlflowClient(mlflow_server)
+    exp_a, exp_b = unique("sweep"), unique("sweep")
+    log_sweep(mlflow_server, exp_a, ckpt, trials(0.5), pyfunc=False)
+    log_sweep(mlflow_server, exp_b, ckpt, trials(0.6), pyfunc=False)
+    base = ["--metric", "valid_acc", "--name", name, "--tracking-uri", mlflow_server]
+    assert runner.invoke(app, ["promote", "--experiment", exp_a, *base]).exit_code == 0
+    challenger = runner.invoke(app, ["promote", "--experiment", exp_b, *base, "--alias", "challenger"])
+    assert challenger.exit_code == 0 and "challenger -> v2 (champion unchanged)" in challenger.output
+    assert aliases(c, name) == {"champion": "1", "challenger": "2"}
+    promoted = runner.invoke(app, ["promote", "--name", name, "--from-challenger", "--tracking-uri", mlflow_server])
+    assert promoted.exit_code == 0 and "champion is v2" in promoted.output, promoted.output
+    assert aliases(c, name) == {"champion": "2", "previous": "1"}
+    assert c.get_model_version(name, "2").tags["promoted_from"] == "challenger"
+    again = runner.invoke(app, ["promote", "--name", name, "--from-challenger", "--tracking-uri", mlflow_server])
+    assert again.exit_code == 2 and "no alias 'challenger'" in again.output
+
+
 def test_direction_comes_from_the_metric_and_dry_run_registers_nothing(mlflow_server, tiny_checkpoint):
     ckpt, _ = tiny_checkpoint
     c = MlflowClient(mlflow_server)

@@ -128,3 +128,24 @@ def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
     assert not (tmp_path / "ray" / "r1").exists() and other.exists()
     assert not (tmp_path / "out" / RUN_ID_FILE).exists()
     forget_run(cfg)  # nothing stored: nothing to do
+
+
+def test_promote_takes_a_sweep_or_the_challenger_not_both_and_compare_checks_its_window(monkeypatch):
+    monkeypatch.delenv("RAY_DASHBOARD_ADDRESS", raising=False)
+    result = runner.invoke(app, ["promote", "--name", "escm"])
+    assert result.exit_code == 2 and "--experiment and --metric" in result.output
+    result = runner.invoke(app, ["promote", "--name", "escm", "--from-challenger", "--experiment", "x"])
+    assert result.exit_code == 2 and "drop --experiment" in result.output
+    result = runner.invoke(app, ["compare", "--name", "escm", "--window", "5 minutes"])
+    assert result.exit_code == 2 and "not a PromQL duration" in result.output
+
+
+def test_apply_without_a_dashboard_address_says_how_to_give_one(monkeypatch):
+    from cluster.serve_rollout import RolloutError, dashboard_address
+
+    monkeypatch.delenv("RAY_DASHBOARD_ADDRESS", raising=False)
+    with pytest.raises(RolloutError, match="--serve-address .* RAY_DASHBOARD_ADDRESS"):
+        dashboard_address(None)
+    monkeypatch.setenv("RAY_DASHBOARD_ADDRESS", "http://127.0.0.1:8265")
+    assert dashboard_address(None) == "http://127.0.0.1:8265"
+    assert dashboard_address("http://head:8265") == "http://head:8265"

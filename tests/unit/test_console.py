@@ -56,3 +56,17 @@ def test_demo_report(monkeypatch):
     assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
     assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
     assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text
+
+
+def test_comparison_table(monkeypatch):
+    from cluster.compare import Comparison, ModelStats
+
+    rec = Console(record=True, width=200)
+    champion = ModelStats("champion", "1", requests=100, errors=10, p50_ms=120.0, p95_ms=300.0, mean_tokens=9.5,
+                          emotions={"sad": 0.6, "proud": 0.3, "joyful": 0.1, "angry": 0.0})
+    challenger = ModelStats("challenger", "2", requests=40, emotions={"sad": 1.0}, agreement=0.75)
+    out.print_comparison(Comparison("escm", "10m", [champion, challenger], emotion_tv=0.4), "http://prom", rec)
+    text = rec.export_text()
+    assert "escm: champion vs challenger over the last 10m (http://prom)" in text
+    assert "10.0%" in text and "sad 60%, proud 30%, joyful 10%" in text and "angry" not in text
+    assert "75.0%" in text and "total variation distance 0.400" in text

@@ -125,6 +125,10 @@ def test_serve_config_apps_args_are_build_app_args(app):
     assert args.model_name == app["name"] and args.model_alias == "champion"
     assert app["route_prefix"] == f"/{app['name']}"
     assert [d["name"] for d in app["deployments"]] == ["Responder"]  # the deployment build_app creates
+    from services.rollout import RolloutConfig
+
+    rollout = RolloutConfig.model_validate(app["deployments"][0]["user_config"])  # what reconfigure() takes
+    assert rollout.model_version is None and rollout.challenger is None        # follow the alias by default
     assert build_app(app["args"]) is not None
     with pytest.raises(ValidationError, match="max_batch_size"):
         build_app({**app["args"], "max_batch_size": 0})
@@ -213,7 +217,10 @@ def test_replica_poll_loop_sleeps_between_checks_while_no_model_loads():
 
     cls = ResponderDeployment.func_or_class
     replica = object.__new__(cls)
-    replica.args, replica.loaded = AppArgs(poll_interval_s=10.0), None
+    from services.rollout import CHALLENGER, CHAMPION, Slot
+
+    replica.args = AppArgs(poll_interval_s=10.0)
+    replica.slots = {CHAMPION: Slot(CHAMPION), CHALLENGER: Slot(CHALLENGER)}
     checks, waits, stop = [], [], threading.Event()
 
     def refresh():
