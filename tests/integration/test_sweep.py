@@ -45,7 +45,7 @@ def test_smoke_sweep_nests_children_and_logs_the_table(ray_local, mlflow_server,
         a.path for a in c.list_artifacts(parent.info.run_id)}
     table = c.download_artifacts(parent.info.run_id, "ablation_table.md", str(tmp_path))
     text = Path(table).read_text()
-    assert "| Model | Acc | PPL | Dist-1 | Dist-2 |" in text and "| escm (n=1) |" in text
+    assert "| Model | Acc | PPL | PPL_token | Dist-1 | Dist-2 |" in text and "| escm (n=1) |" in text
 
 
 def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server, prepared_sample, tmp_path):
