@@ -98,7 +98,11 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> dict:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[dict, torch.nn.Module, Vocab]:
     """Rebuild (run config as saved, model with weights in eval mode, vocabulary) from a checkpoint file."""
     dev = resolve_device(device)
-    state = load(path, dev)
+    return model_from_state(load(path, dev), dev)
+
+
+def model_from_state(state: dict, dev: torch.device) -> tuple[dict, torch.nn.Module, Vocab]:
+    """`load_model` of a checkpoint already loaded."""
     vocab = Vocab(state["vocab"])
     model = build_model(state["model_name"], len(vocab), vocab.emotion_ids(), **state["model_config"])
     model.load_state_dict(state["model"])

@@ -34,8 +34,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TrainConfig,
 
 def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """A serving bundle (weights, config, vocabulary; no optimizer state) from a local training checkpoint."""
-    cfg, model, vocab = load_checkpoint(checkpoint, "cpu")
-    return save_bundle(out_dir, cfg, model, vocab, data_key=ckpt.load(checkpoint).get("data_key"))
+    state = ckpt.load(checkpoint)
+    config, model, vocab = ckpt.model_from_state(state, torch.device("cpu"))
+    return save_bundle(out_dir, TrainConfig.model_validate(config), model, vocab, data_key=state.get("data_key"))
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:

@@ -22,12 +22,15 @@ from trainers.models.common import Targets
 
 @dataclass
 class Evaluation:
-    """One evaluation of a split: its metrics, each example's teacher-forced summed target NLL and target token
-    count (in the split's order) and the records of the decoded examples (`Evaluator.generate`)."""
+    """One evaluation of a split: its metrics; per example, in the split's order, the teacher-forced summed target
+    NLL, target token count and predicted/gold emotion ids (None without an emotion head); the records of the
+    decoded examples (`Evaluator.generate`)."""
 
     metrics: dict[str, float]
     nll_sum: np.ndarray  # (N,) float
     num_tokens: np.ndarray  # (N,) int
+    emotion_pred: np.ndarray | None  # (N,) int
+    emotion_gold: np.ndarray | None  # (N,) int
     generated: list[dict]
 
 
@@ -50,7 +53,11 @@ class Evaluator:
         """Teacher-forced loss/PPL and emotion accuracy on all of `data`; Dist-1/2 and BLEU over the decoded
         responses of all of it (`generate` = 0: the primary names) or of its first `generate` examples (the
         `_sampled` names and `sample_size`)."""
-        acc, nll_sum, num_tokens = self.teacher_forced(data)
+        nll_sum, num_tokens, pred, gold = self.teacher_forced(data)
+        acc = MetricAccumulator()
+        acc.add(nll_sum=nll_sum, num_tokens=num_tokens)
+        if pred is not None:
+            acc.add(emotion_pred=pred, emotion_gold=gold)
         n = len(data) if generate == 0 else min(generate, len(data))
         generated = self.generate(range(n), data)
         if generated:
@@ -60,12 +67,12 @@ class Evaluator:
         if generate:
             generation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(("dist_", "bleu_"))}
             metrics.update(sampled(generation, n))
-        return Evaluation(metrics, nll_sum, num_tokens, generated)
+        return Evaluation(metrics, nll_sum, num_tokens, pred, gold, generated)
 
     @torch.inference_mode()
-    def teacher_forced(self, data: TensorSplit) -> tuple[MetricAccumulator, np.ndarray, np.ndarray]:
-        """Under teacher forcing over all of `data`: an accumulator holding each example's target NLL, token count
-        and emotion prediction, and the NLL sums and token counts in `data`'s order."""
+    def teacher_forced(self, data: TensorSplit) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Under teacher forcing over all of `data`, per example in `data`'s order: the summed target NLL, the
+        target token count, the predicted and the gold emotion id (both None without an emotion head)."""
         model = self.model
         model.eval()
         nll_sum, num_tokens = np.zeros(len(data)), np.zeros(len(data), dtype=np.int64)
@@ -82,25 +89,7 @@ class Evaluator:
             if has_emotion:
                 pred[index] = out.emotion_logits.argmax(-1).cpu().numpy()
                 gold[index] = batch["emotion"].cpu().numpy()
-        acc = MetricAccumulator()
-        acc.add(nll_sum=nll_sum, num_tokens=num_tokens)
-        if has_emotion:
-            acc.add(emotion_pred=pred, emotion_gold=gold)
-        return acc, nll_sum, num_tokens
-
-    @torch.inference_mode()
-    def emotion_predictions(self, data: TensorSplit) -> tuple[list[int], list[int]]:
-        """(predicted, gold) emotion ids over `data`; empty lists for a model without an emotion head."""
-        pred, gold = [], []
-        for k, rows in data.plan(self.batch_size, 0, 0, shuffle=False):
-            batch = data.rows_batch(k, rows)
-            with self._autocast():
-                logits = self.model.eval().encode(batch).emotion_logits
-            if logits is None:
-                return [], []
-            pred += logits.argmax(-1).tolist()
-            gold += batch["emotion"].tolist()
-        return pred, gold
+        return (nll_sum, num_tokens) + ((pred, gold) if has_emotion else (None, None))
 
     @torch.inference_mode()
     def generate(self, indices, data: TensorSplit) -> list[dict]:

@@ -22,7 +22,7 @@ TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_to
 
 
 def confusion_figure(trainer):
-    """Row-normalised emotion confusion matrix on the valid split (teacher-forced encoder predictions)."""
+    """Row-normalised emotion confusion matrix of the trainer's final evaluation (valid split, teacher-forced)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,8 +32,8 @@ def confusion_figure(trainer):
     from trainers.data.emotions import EMOTIONS
     from trainers.metrics import confusion_matrix
 
-    pred, gold = trainer.evaluator.emotion_predictions(trainer.valid_data)
-    if not pred:
+    pred, gold = trainer.final_evaluation.emotion_pred, trainer.final_evaluation.emotion_gold
+    if pred is None:
         return None
     cm = confusion_matrix(pred, gold).astype(float)
     cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -43,9 +43,7 @@ def confusion_figure(trainer):
     ax.set_yticks(range(len(EMOTIONS)), EMOTIONS, fontsize=6)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    acc = sum(p == g for p, g in zip(pred, gold)) / max(len(gold), 1)
-    ax.set_title(f"emotion confusion ({trainer.cfg.model}, valid, n={len(gold)}, acc={acc:.3f})"
-                 if gold else f"{trainer.cfg.model} has no emotion classifier")
+    ax.set_title(f"emotion confusion ({trainer.cfg.model}, valid, n={len(gold)}, acc={(pred == gold).mean():.3f})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     plt.close(fig)

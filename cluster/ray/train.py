@@ -3,6 +3,7 @@
 Ray appears at four points only (the trainer itself stays plain PyTorch):
   1. `wrap_model`: `ray.train.torch.prepare_model` (DDP; gloo on CPU, NCCL on GPU);
   2. `on_eval`: `report(metrics, Checkpoint(dir with the trainer's step checkpoint, best.pt, run id))`;
+     `on_checkpoint` (a resume checkpoint before `eval_from`): the same without evaluation metrics;
   3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
   4. `TorchTrainer(...).fit()` in `run_train`.
 `worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
@@ -121,9 +122,7 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
         if rank == 0 and run_id else None
     state: dict[str, Any] = {"resumed_from": None}
 
-    def on_eval(metrics: dict, checkpoint_path: Path | None) -> None:
-        if logger is not None:
-            logger.log_eval(metrics, trainer.history)
+    def report(metrics: dict, checkpoint_path: Path | None) -> None:
         reported = {**metrics, "resumed_from_step": state["resumed_from"] or 0, "world_size": world_size}
         if checkpoint_path is None:
             api.report(reported)
@@ -132,8 +131,15 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
             _stage(checkpoint_path, Path(tmp), run_id)
             api.report(reported, checkpoint=api.Checkpoint.from_directory(tmp))
 
+    def on_eval(metrics: dict, checkpoint_path: Path | None) -> None:
+        if logger is not None:
+            logger.log_eval(metrics, trainer.history)
+        report(metrics, checkpoint_path)
+
+    # a resume checkpoint between evaluations is reported too (without the selection metric: Tune is told
+    # not to require it, `cluster.ray.tune.tuner`), so a restarted worker or trial continues from it
     trainer = Trainer(cfg, prepared, rank=rank, world_size=world_size,
-                      wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval)
+                      wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval, on_checkpoint=report)
     checkpoint = api.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:

@@ -387,6 +387,9 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    # trials also report resume checkpoints between evaluations, which carry no `cfg.metric` (ASHA and the grid
+    # searcher skip such results; only Tune's strict check would fail the trial)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     r = cfg.resources
     gpu = {"GPU": r.gpu} if r.gpu else {}
     resources = {"CPU": r.cpu, **gpu} if r.workers == 1 else {"CPU": r.driver_cpu}
@@ -413,7 +416,8 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool 
                                     num_samples=cfg.num_samples,
                                     max_concurrent_trials=cfg.max_concurrent_trials),
         run_config=tune.RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
     )
 
 

@@ -61,9 +61,13 @@ def test_two_worker_ddp_reports_checkpoints_and_logs(ray_local, mlflow_server, p
     assert set(answer[0]) == {"response", "emotion", "emotion_top", "evidence"}
 
 
+@pytest.mark.parametrize("eval_from", [0, 8], ids=["evaluated-checkpoint", "resume-checkpoint"])
 def test_killed_worker_resumes_from_checkpoint_in_the_same_run(ray_local, mlflow_server, prepared_sample,
-                                                                worker_fails_once, tmp_path):
+                                                                worker_fails_once, tmp_path, eval_from):
+    """eval_from 8: the step-4 checkpoint is a resume checkpoint without evaluation (the paper recipe's first
+    10,400/11,200 steps), reported to Ray all the same."""
     cfg = _config(tmp_path, prepared_sample, mlflow_server, max_failures=1)
+    cfg.train.eval_from = eval_from
     cfg.tracking.log_model = False
     result = run_train(cfg)
     m = result["metrics"]
@@ -76,5 +80,6 @@ def test_killed_worker_resumes_from_checkpoint_in_the_same_run(ray_local, mlflow
     assert [r.info.run_id for r in runs] == [result["run_id"]]  # the retry continued the same MLflow run
     run = runs[0]
     assert run.data.tags["resumed_from_step"] == "4" and run.info.status == "FINISHED"
-    assert sorted({x.step for x in c.get_metric_history(run.info.run_id, "valid_ppl")}) == [4, 8]
+    evaluated = [4, 8] if eval_from == 0 else [8]
+    assert sorted({x.step for x in c.get_metric_history(run.info.run_id, "valid_ppl")}) == evaluated
     assert "final_valid_ppl" in run.data.metrics

@@ -129,19 +129,25 @@ def test_xavier_init_spares_the_word_embedding_and_padding_rows():
 
 def test_paper_recipe_evaluates_on_its_schedule_and_keeps_by_the_reference_rule(tmp_path, prepared_sample,
                                                                                 monkeypatch):
-    cfg = make_cfg(tmp_path, prepared_sample, recipe="paper", max_steps=20, eval_every=4, eval_from=8)
-    trainer = Trainer(cfg, prepared_sample, log=lambda s: None)
+    cfg = make_cfg(tmp_path, prepared_sample, recipe="paper", max_steps=20, eval_every=4, eval_from=8, log_every=2)
+    reported = []
+    trainer = Trainer(cfg, prepared_sample, log=lambda s: None,
+                      on_checkpoint=lambda info, path: reported.append((info, path)))
     # (PPL, Acc) per evaluation: 42.0 kept (<= 100); 42.5 / 0.3 not (worse, Acc too low); 42.8 / 0.4 kept
     # (PPL < 43 and Acc > 0.385, although worse than 42.0); 43.5 / 0.5 not (worse than 42.8 and not < 43)
     results = iter([(42.0, 0.2), (42.5, 0.3), (42.8, 0.4), (43.5, 0.5)])
     monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: dict(zip(("ppl", "acc"), next(results))))
     saved = []
-    monkeypatch.setattr(trainer, "save_checkpoint", lambda tag=None: saved.append((trainer.step, tag)))
+    monkeypatch.setattr(trainer, "save_checkpoint",
+                        lambda tag=None: saved.append((trainer.step, tag)) or f"step_{trainer.step}.pt")
     monkeypatch.setattr(trainer, "finish", lambda: trainer.history)
     history = trainer.train()
     assert [h["step"] for h in history if "valid_ppl" in h] == [8, 12, 16, 20]  # none before eval_from
     assert [step for step, tag in saved if tag == "best"] == [8, 16] and trainer.best == 42.8
     assert [step for step, tag in saved if tag is None] == [4, 8, 12, 16, 20]  # resumable before eval_from too
+    # ... and that resume checkpoint reaches the hook Ray Train reports through
+    [(info, path)] = reported
+    assert (info["step"], path) == (4, "step_4.pt") and info["train_loss"] > 0
 
 
 # ---- ESCM's two graphs (eq. 8) -----------------------------------------------------------------
