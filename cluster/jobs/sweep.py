@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(cfg) -> int:
         summary = run_sweep(cfg)
-        print(table_markdown(summary["rows"]))
+        print(table_markdown(summary["rows"], cfg.paper))
         print(json.dumps({k: summary[k] for k in ("parent_run_id", "best_run_id", "trials", "errors", "wall_s")}))
         return 1 if summary["errors"] else 0
 

@@ -2,7 +2,9 @@
 (Acc / PPL / PPL_token / Dist-1 / Dist-2 per variant, mean and std over seeds) and the best child.
 
 The table reads each child's final evaluation (best weights, whole valid split) under the papers' definitions
-(trainers.metrics.DEFINITIONS); PPL_token, the token-level perplexity, is not in the papers' tables."""
+(trainers.metrics.DEFINITIONS); PPL_token, the token-level perplexity, is not in the papers' tables. A sweep
+that names its paper's figures (`PaperReference`) gets them under each row, and a second table: each
+ablation's change against the full model beside the paper's, and whether the two move the same way."""
 
 from __future__ import annotations
 
@@ -11,10 +13,31 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from pydantic import Field, model_validator
+
 from services.registry import client
+from trainers.config import StrictModel
 
 TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_token": ("valid_ppl_token", 1.0),
                  "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0)}  # papers' layout: x100
+
+
+class PaperReference(StrictModel):
+    """A paper's figures for a sweep's variants, shown beside the sweep's own in the parent run's table."""
+
+    source: str = Field(..., description="where the figures come from (paper, table, split)")
+    baseline: str = Field(..., description="the full model's variant: the ablations' changes are against it")
+    rows: dict[str, dict[str, float]] = Field(..., description="variant -> {column of the table: value}")
+
+    @model_validator(mode="after")
+    def _check(self) -> PaperReference:
+        if self.baseline not in self.rows:
+            raise ValueError(f"baseline {self.baseline!r} has no row")
+        for variant, row in self.rows.items():
+            unknown = sorted(set(row) - set(TABLE_METRICS))
+            if unknown:
+                raise ValueError(f"rows.{variant}: unknown column(s) {unknown}; columns are {list(TABLE_METRICS)}")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,22 +140,70 @@ def table_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def table_markdown(rows: list[dict]) -> str:
+def table_markdown(rows: list[dict], paper: PaperReference | None = None) -> str:
+    """The table; with `paper`, the paper's row under each variant it has, then `direction_markdown`."""
     head = "| Model | " + " | ".join(TABLE_METRICS) + " |"
     lines = [head, "|" + "---|" * (len(TABLE_METRICS) + 1)]
     for r in rows:
         cells = [f"{r[c]:.2f} ± {r[f'{c}_std']:.2f}" if math.isfinite(r[c]) else "n/a" for c in TABLE_METRICS]
         lines.append(f"| {r['variant']} (n={r['seeds']}) | " + " | ".join(cells) + " |")
+        if paper is not None and r["variant"] in paper.rows:
+            theirs = paper.rows[r["variant"]]
+            lines.append(f"| {r['variant']}, paper | " + " | ".join(
+                f"{theirs[c]:.2f}" if c in theirs else "–" for c in TABLE_METRICS) + " |")
+    if paper is not None:
+        lines += ["", f"Paper: {paper.source}.", "", direction_markdown(rows, paper)]
     return "\n".join(lines) + "\n"
 
 
-def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str]) -> dict:
-    """Log the ablation table (CSV + markdown) on the parent and tag the best child by final `metric`."""
+def directions(rows: list[dict], paper: PaperReference) -> list[dict]:
+    """Per ablation and column both have: our mean change against the baseline, the paper's, and whether they have
+    the same sign (None when either change is 0 or a value is missing)."""
+    ours = {r["variant"]: r for r in rows}
+    base, base_paper = ours.get(paper.baseline), paper.rows[paper.baseline]
+    out = []
+    for variant, theirs in paper.rows.items():
+        if variant == paper.baseline or variant not in ours or base is None:
+            continue
+        for col in TABLE_METRICS:
+            if col not in theirs or col not in base_paper:
+                continue
+            delta, delta_paper = ours[variant][col] - base[col], theirs[col] - base_paper[col]
+            same = None if not math.isfinite(delta) or delta == 0 or delta_paper == 0 else \
+                (delta > 0) == (delta_paper > 0)
+            out.append({"variant": variant, "column": col, "delta": delta, "delta_paper": delta_paper, "same": same})
+    return out
+
+
+def direction_markdown(rows: list[dict], paper: PaperReference) -> str:
+    """Each ablation's change against the full model, ours (paper's), and ✓ where the two move the same way."""
+    found = directions(rows, paper)
+    if not found:
+        return f"No ablation to compare with {paper.baseline} (neither it nor an ablation with a paper row ran)."
+    cols = [c for c in TABLE_METRICS if any(d["column"] == c for d in found)]
+    lines = [f"Change against {paper.baseline}: ours (paper's); ✓ same direction, ✗ opposite",
+             "", "| Ablation | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for variant in dict.fromkeys(d["variant"] for d in found):
+        cells = []
+        for col in cols:
+            d = next((d for d in found if d["variant"] == variant and d["column"] == col), None)
+            mark = {True: " ✓", False: " ✗", None: ""}[d["same"]] if d else ""
+            cells.append(f"{d['delta']:+.2f} ({d['delta_paper']:+.2f}){mark}" if d else "–")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    decided = [d["same"] for d in found if d["same"] is not None]
+    lines += ["", f"{sum(decided)} of {len(decided)} changes move in the paper's direction."]
+    return "\n".join(lines)
+
+
+def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str],
+                  paper: PaperReference | None = None) -> dict:
+    """Log the ablation table (CSV + markdown, with `paper`'s figures) on the parent and tag the best child by
+    final `metric`."""
     c = client(uri)
     children = child_runs(uri, parent_run_id)
     rows = ablation_table(children, variants)
     c.log_text(parent_run_id, table_csv(rows), "ablation_table.csv")
-    c.log_text(parent_run_id, table_markdown(rows), "ablation_table.md")
+    c.log_text(parent_run_id, table_markdown(rows, paper), "ablation_table.md")
     scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
     best = None
     if scored:

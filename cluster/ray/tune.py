@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.mlflow.reports import finish_parent
+from cluster.mlflow.reports import PaperReference, finish_parent
 from cluster.mlflow.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
 from cluster.ray.train import (
     RayTrainConfig,
@@ -127,6 +127,7 @@ class SweepConfig(StrictModel):
                                      "(default: EDP_CHECKPOINT_URI, else runs/ray)")
     work_dir: str = Field("runs/sweeps", description="local trial working directories")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    paper: PaperReference | None = Field(None, description="the paper's figures beside the sweep's in its table")
 
     @field_validator("metric")
     @classmethod
@@ -156,6 +157,9 @@ class SweepConfig(StrictModel):
                 except ValueError as e:
                     raise ValueError(f"{where}: {_first_line(e)}") from None
                 _check_model(cfg, where)
+        if self.paper and set(self.paper.rows) - {v.name for v in self.variants}:
+            raise ValueError(f"paper.rows names no variant of this sweep: "
+                             f"{sorted(set(self.paper.rows) - {v.name for v in self.variants})}")
         if self.scheduler and self.scheduler.max_t > self.base.get("max_steps", TrainConfig().max_steps):
             raise ValueError(f"scheduler.max_t ({self.scheduler.max_t}) exceeds base.max_steps")
         return self
@@ -477,7 +481,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         for run in c.search_runs([c.get_run(parent).info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
             c.set_terminated(run.info.run_id, "KILLED")  # stopped early by ASHA
-        summary = finish_parent(uri, parent, cfg.metric, cfg.mode, [v.name for v in cfg.variants])
+        summary = finish_parent(uri, parent, cfg.metric, cfg.mode, [v.name for v in cfg.variants], cfg.paper)
         ok = not errors
     finally:
         end_run(uri, parent, ok)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.mlflow.reports import ablation_table, table_csv, table_markdown
+from cluster.mlflow.reports import PaperReference, ablation_table, directions, table_csv, table_markdown
 from cluster.ray.tune import SweepConfig, load_sweep
 from trainers.config import ConfigError
 
@@ -112,6 +112,44 @@ def test_ablation_table_never_shows_sampled_dist_as_the_papers():
     row = ablation_table([old])[0]
     assert row["Acc"] == pytest.approx(40.0) and math.isnan(row["Dist-1"]) and math.isnan(row["PPL_token"])
     assert "| escm (n=1) | 40.00 ± 0.00 | 40.00 ± 0.00 | n/a | n/a | n/a |" in table_markdown([row])
+
+
+def test_paper_rows_sit_under_ours_and_each_ablation_is_compared_by_direction():
+    def run(variant, acc, ppl):
+        return _Run(variant, final_valid_acc=acc, final_valid_ppl=ppl)
+
+    rows = ablation_table([run("escm", 0.40, 36.0), run("no_vr", 0.38, 35.0), run("no_vp", 0.40, 37.0),
+                           run("extra", 0.1, 90.0)], ["escm", "no_vr", "no_vp", "extra"])
+    paper = PaperReference(source="Table 3", baseline="escm", rows={
+        "escm": {"Acc": 41.19, "PPL": 34.82}, "no_vr": {"Acc": 40.0, "PPL": 34.02},
+        "no_vp": {"Acc": 39.41, "PPL": 34.45}})
+    found = {(d["variant"], d["column"]): d for d in directions(rows, paper)}
+    # no_vr: Acc -2.00 (paper -1.19) same way; PPL -1.00 (paper -0.80) same way
+    assert found["no_vr", "Acc"]["delta"] == pytest.approx(-2.0) and found["no_vr", "Acc"]["same"] is True
+    assert found["no_vr", "PPL"]["same"] is True
+    # no_vp: Acc unchanged (undecided); PPL +1.00 against the paper's -0.37: opposite
+    assert found["no_vp", "Acc"]["same"] is None and found["no_vp", "PPL"]["same"] is False
+    assert ("extra", "Acc") not in found  # no paper row: nothing to compare
+    md = table_markdown(rows, paper)
+    assert ("| escm (n=1) | 40.00 ± 0.00 | 36.00 ± 0.00 | n/a | n/a | n/a |\n"
+            "| escm, paper | 41.19 | 34.82 | – | – | – |") in md
+    assert "| no_vp | +0.00 (-1.78) | +1.00 (-0.37) ✗ |" in md
+    assert "2 of 3 changes move in the paper's direction." in md and "Paper: Table 3." in md
+
+
+def test_paper_reference_must_name_the_sweeps_variants_and_the_tables_columns():
+    base = {"name": "x", "variants": [{"name": "escm"}], "base": {"model": "escm"}}
+
+    def paper(baseline, rows):
+        return {"source": "s", "baseline": baseline, "rows": rows}
+
+    with pytest.raises(ValueError, match=r"no variant of this sweep: \['no_vr'\]"):
+        SweepConfig.model_validate({**base, "paper": paper("escm", {"escm": {"Acc": 1}, "no_vr": {"Acc": 1}})})
+    with pytest.raises(ValueError, match="unknown column"):
+        SweepConfig.model_validate({**base, "paper": paper("escm", {"escm": {"BLEU": 1}})})
+    with pytest.raises(ValueError, match="baseline 'full' has no row"):
+        SweepConfig.model_validate({**base, "paper": paper("full", {"escm": {"Acc": 1}})})
+    assert load_sweep(SWEEPS / "escm-ablation.yaml").paper.rows["no_dcgcn"]["PPL"] == 33.52
 
 
 def test_search_spec_rejects_empty_choice():
