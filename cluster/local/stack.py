@@ -151,12 +151,15 @@ def urls(ports: dict[str, int]) -> dict[str, str]:
 CLIENT_ONLY = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_DASHBOARD_ADDRESS", "EDP_STACK_DIR")
 
 
-def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
+def stack_env(stack: Stack, ports: dict[str, int], workers: int = 0) -> dict[str, str]:
     """What clients (and the Ray nodes' jobs, trials and Serve replicas) need to use the stack: what a pod gets
     from the chart, plus the addresses of a client on this machine.
 
     RAY_ADDRESS is the GCS address (`ray.init()` attaches to it: `edp sweep`, `edp train`, `edp serve`);
     RAY_API_SERVER_ADDRESS (`ray job submit`) and RAY_DASHBOARD_ADDRESS (`serve deploy`) the job server's URL.
+    A single-node head listens on loopback only, and a client's `ray.init()` would swap 127.0.0.1 for the
+    machine's interface address unless told the cluster is local (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, as
+    the head itself runs).
     """
     u = urls(ports)
     key, secret = stack.credentials()
@@ -165,7 +168,8 @@ def stack_env(stack: Stack, ports: dict[str, int]) -> dict[str, str]:
             "EDP_CHECKPOINT_URI": f"s3://{CHECKPOINT_BUCKET}/checkpoints",
             "EDP_HOME": str(PROJECT_ROOT), "EDP_PROMETHEUS_URL": u["prometheus"], "EDP_SERVE_URL": u["serve"],
             "RAY_ADDRESS": f"{ps.HOST}:{ports['ray_gcs']}", "RAY_API_SERVER_ADDRESS": u["ray"],
-            "RAY_DASHBOARD_ADDRESS": u["ray"], "EDP_STACK_DIR": str(stack.root)}
+            "RAY_DASHBOARD_ADDRESS": u["ray"], "EDP_STACK_DIR": str(stack.root),
+            **({} if workers else {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})}
 
 
 def write_env_file(stack: Stack, env: dict[str, str]) -> Path:
@@ -255,7 +259,7 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
         for name in internal:
             last = state["ports"].get(name)
             all_ports[name] = last if last and last not in all_ports.values() and ps.port_free(last) else next(fresh)
-    env = stack_env(stack, all_ports)
+    env = stack_env(stack, all_ports, workers)
 
     for name in sorted(alive):  # running but unhealthy: give it a moment (it may still be starting)
         url = state["services"][name]["url"]

@@ -129,6 +129,17 @@ def test_ray_job_submit_reaches_the_head_with_the_stack_env(stack):
     assert f"CPU 2.0 http://127.0.0.1:{ports['mlflow']} {ROOT}" in out.stdout
 
 
+def test_a_client_with_the_stack_env_attaches_with_ray_init(stack):
+    """What `edp sweep`/`train`/`serve` do after `source .edp/stack/env`: ray.init() at RAY_ADDRESS (127.0.0.1)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(line.removeprefix("export ").split("=", 1) for line in (stack["dir"] / "env").read_text().splitlines()
+               if line.startswith("export "))
+    code = "import ray; ray.init(); print('CPU', ray.cluster_resources()['CPU'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "CPU 2.0" in out.stdout
+
+
 def test_up_twice_is_harmless(stack):
     before = json.loads((stack["dir"] / "stack.json").read_text())
     out, seconds = edp("stack", "up", "--state-dir", str(stack["dir"]), "--ports", stack["spec"])
