@@ -127,7 +127,8 @@ class SweepConfig(StrictModel):
                                      "(default: EDP_CHECKPOINT_URI, else runs/ray)")
     work_dir: str = Field("runs/sweeps", description="local trial working directories")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    paper: PaperReference | None = Field(None, description="the paper's figures beside the sweep's in its table")
+    paper: PaperReference | None = Field(None, description="the paper's figures beside the sweep's in its table "
+                                         "(rows of variants a run leaves out are not shown)")
 
     @field_validator("metric")
     @classmethod
@@ -157,9 +158,6 @@ class SweepConfig(StrictModel):
                 except ValueError as e:
                     raise ValueError(f"{where}: {_first_line(e)}") from None
                 _check_model(cfg, where)
-        if self.paper and set(self.paper.rows) - {v.name for v in self.variants}:
-            raise ValueError(f"paper.rows names no variant of this sweep: "
-                             f"{sorted(set(self.paper.rows) - {v.name for v in self.variants})}")
         if self.scheduler and self.scheduler.max_t > self.base.get("max_steps", TrainConfig().max_steps):
             raise ValueError(f"scheduler.max_t ({self.scheduler.max_t}) exceeds base.max_steps")
         return self
