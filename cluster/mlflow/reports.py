@@ -179,7 +179,7 @@ def direction_markdown(rows: list[dict], paper: PaperReference) -> str:
     """Each ablation's change against the full model, ours (paper's), and ✓ where the two move the same way."""
     found = directions(rows, paper)
     if not found:
-        return f"No ablation to compare with {paper.baseline} (neither it nor an ablation with a paper row ran)."
+        return f"No ablation to compare with {paper.baseline}: it, or every ablation with a paper row, did not run."
     cols = [c for c in TABLE_METRICS if any(d["column"] == c for d in found)]
     lines = [f"Change against {paper.baseline}: ours (paper's); ✓ same direction, ✗ opposite",
              "", "| Ablation | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
