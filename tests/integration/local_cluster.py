@@ -1,10 +1,12 @@
 """The multi-node local stack (`edp stack up --workers N`) at work, shared by tests/integration/test_multinode.py and
 tests/bench/bench_cluster.py: the chart's RayJob entrypoints submitted as KubeRay's submitter does, a worker node's
 raylet SIGKILLed, and Ray Serve under steady HTTP load across such a kill (how many requests failed, how soon the
-endpoint served again)."""
+endpoint served again). `stack_env` (a shell's environment after `source .edp/stack/env`) serves test_stack.py too."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +19,14 @@ from cluster.polling import poll_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BODY = {"context": ["My sister is visiting this weekend and I can't wait to see her."]}
+
+
+def stack_env(state_dir: Path) -> dict[str, str]:
+    """The environment of a shell that ran `source <state_dir>/env`."""
+    lines = (state_dir / "env").read_text().splitlines()
+    exported = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
+    return {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))},
+            **{k: shlex.split(v)[0] for k, v in exported.items()}, "PYTHONPATH": str(ROOT)}
 
 
 def chart_rayjob_entrypoint(name: str, config: str, args: list[str]) -> str:

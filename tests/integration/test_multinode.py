@@ -9,12 +9,10 @@ The tests run in file order on one cluster.
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -32,19 +30,12 @@ from tests.integration.local_cluster import (
     replica_nodes,
     restore_workers,
     serve_through_node_kill,
+    stack_env,
     submit_and_wait,
     worker_node_ids,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def stack_env(state_dir: Path) -> dict[str, str]:
-    """The environment of a shell that ran `source <state_dir>/env`."""
-    lines = (state_dir / "env").read_text().splitlines()
-    exported = dict(line.removeprefix("export ").split("=", 1) for line in lines if line.startswith("export "))
-    return {**{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))},
-            **{k: shlex.split(v)[0] for k, v in exported.items()}, "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from cluster.local import processes as ps
 from cluster.local import services as ls
 from cluster.local.stack import DEFAULT_PORTS, SERVICES
 from cluster.polling import poll_until
+from tests.integration.local_cluster import stack_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~35 s idle, ~70 s on a busy machine
 
@@ -131,11 +132,9 @@ def test_ray_job_submit_reaches_the_head_with_the_stack_env(stack):
 
 def test_a_client_with_the_stack_env_attaches_with_ray_init(stack):
     """What `edp sweep`/`train`/`serve` do after `source .edp/stack/env`: ray.init() at RAY_ADDRESS (127.0.0.1)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(line.removeprefix("export ").split("=", 1) for line in (stack["dir"] / "env").read_text().splitlines()
-               if line.startswith("export "))
     code = "import ray; ray.init(); print('CPU', ray.cluster_resources()['CPU'])"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=stack_env(stack["dir"]), capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "CPU 2.0" in out.stdout
 
