@@ -30,7 +30,7 @@ from trainers.batching import TensorSplit
 from trainers.checkpoint import InferenceConfig
 from trainers.data.prepare import Prepared
 from trainers.device import autocast, resolve_device
-from trainers.evaluator import Evaluator
+from trainers.evaluator import Evaluation, Evaluator
 from trainers.metrics import DEFINITIONS, GENERATION_METRICS, METRIC_MODES, SAMPLED
 from trainers.models import build_model
 from trainers.models.common import Output, Targets
@@ -137,6 +137,7 @@ class Trainer:
         self.valid_data = tensor_split(cfg, prepared.split("valid"), len(vocab), self.device)
         self.evaluator = Evaluator(self.raw_model, vocab, self.device, batch_size=cfg.eval_batch_size,
                                    decode=cfg.decode_config(), bf16=cfg.bf16)
+        self.final_evaluation: Evaluation | None = None  # set by finish(); the run's plots read it
         self.log(f"encoded {len(self.train_data)} train / {len(self.valid_data)} valid examples into "
                  f"{len(self.train_data.buckets)} buckets in {time.perf_counter() - t0:.1f} s")
         self.step, self.epoch, self.position = 0, 0, 0

@@ -180,15 +180,14 @@ def direction_markdown(rows: list[dict], paper: PaperReference) -> str:
     found = directions(rows, paper)
     if not found:
         return f"No ablation to compare with {paper.baseline}: it, or every ablation with a paper row, did not run."
+    cell = {(d["variant"], d["column"]): d for d in found}
     cols = [c for c in TABLE_METRICS if any(d["column"] == c for d in found)]
+    marks = {True: " ✓", False: " ✗", None: ""}
     lines = [f"Change against {paper.baseline}: ours (paper's); ✓ same direction, ✗ opposite",
              "", "| Ablation | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for variant in dict.fromkeys(d["variant"] for d in found):
-        cells = []
-        for col in cols:
-            d = next((d for d in found if d["variant"] == variant and d["column"] == col), None)
-            mark = {True: " ✓", False: " ✗", None: ""}[d["same"]] if d else ""
-            cells.append(f"{d['delta']:+.2f} ({d['delta_paper']:+.2f}){mark}" if d else "–")
+        cells = [f"{d['delta']:+.2f} ({d['delta_paper']:+.2f}){marks[d['same']]}" if (d := cell.get((variant, c)))
+                 else "–" for c in cols]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     decided = [d["same"] for d in found if d["same"] is not None]
     lines += ["", f"{sum(decided)} of {len(decided)} changes move in the paper's direction."]
