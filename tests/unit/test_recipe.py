@@ -209,3 +209,23 @@ def test_reference_ffn_and_dialogue_states():
     ffn.relu_out = False  # the platform's FFN: the same weights give negative outputs
     assert (ffn(x) < 0).any()
     assert torch.isfinite(model(make_batch(2, 60, seed=1)).encoding.memory).all()
+
+
+@pytest.mark.parametrize("state_from_words", [False, True])
+@pytest.mark.parametrize("model", ["transformer", "escm", "iamm"])
+def test_encode_looks_the_word_table_up_once(tmp_path, prepared_sample, model, state_from_words):
+    """Each lookup of the word table costs backward a dense (V x emb) gradient: encode makes one, and
+    `embed_many` gives what separate `embed` / `embed_state` calls give."""
+    cfg = make_cfg(tmp_path, prepared_sample, model=model,
+                   model_overrides={"flavour": "tiny", "state_from_words": state_from_words})
+    trainer = Trainer(cfg, prepared_sample, log=lambda s: None)
+    m, split = trainer.raw_model, trainer.train_data
+    batch = split.rows_batch(*split.plan(8, seed=0, epoch=0)[0])
+    lookups = []
+    m.embedding.register_forward_hook(lambda module, args, out: lookups.append(args[0].shape))
+    m.encode(batch)
+    assert len(lookups) == 1, lookups
+    ids, states = batch["context_ids"], batch["context_state"]
+    E_c, E_sos, E_r = m.embed_many(ids, ids[:, :1] * 0 + 2, states=(states,))
+    assert torch.equal(E_c, m.embed(ids)) and torch.equal(E_sos, m.embed(ids[:, :1] * 0 + 2))
+    assert torch.equal(E_r, m.embed_state(states))

@@ -552,12 +552,16 @@ class PointerGeneratorSeq2Seq(nn.Module):
         ids = ids.masked_fill(ids >= self.vocab_size, UNK)
         return self.embedding(ids) * math.sqrt(self.cfg.emb_dim)
 
-    def embed_many(self, *ids):
-        """`embed` of several id tensors through ONE table lookup, so that backward builds the dense (V x emb)
+    def embed_many(self, *ids, states=()):
+        """`embed` of several id tensors, then `embed_state` of the `states` tensors, through ONE lookup of the
+        word table (the states join it under `state_from_words`), so that backward builds the dense (V x emb)
         gradient once rather than once per tensor (on CPU, a step's largest memory traffic after the output
-        layer). -> a list of (*ids[i].shape, emb_dim)."""
-        flat = self.embed(torch.cat([i.flatten() for i in ids]))
-        return [e.view(*i.shape, -1) for i, e in zip(ids, flat.split([i.numel() for i in ids]))]
+        layer). -> a list of (*shape, emb_dim), ids first."""
+        from_words = self.cfg.state_from_words
+        words = list(ids) + ([self.state_words[s] for s in states] if from_words else [])
+        flat = self.embed(torch.cat([i.flatten() for i in words]))
+        found = [e.view(*i.shape, -1) for i, e in zip(words, flat.split([i.numel() for i in words]))]
+        return found if from_words else found + [self.embed_state(s) for s in states]
 
     def embed_state(self, state):
         """Dialogue-state embedding x sqrt(emb_dim) of state ids (any shape): its own table, or with
@@ -566,9 +570,9 @@ class PointerGeneratorSeq2Seq(nn.Module):
             return self.embed(self.state_words[state])
         return self.state_embedding(state) * math.sqrt(self.cfg.emb_dim)
 
-    def embed_context(self, batch, E_c=None):  # word (E_c if already looked up) + dialogue-state, (B, L, emb)
-        E_c = self.embed(batch["context_ids"]) if E_c is None else E_c
-        return E_c + self.embed_state(batch["context_state"])
+    def embed_context(self, batch):  # word + dialogue-state embeddings of the context, one lookup, (B, L, emb)
+        E_c, E_r = self.embed_many(batch["context_ids"], states=(batch["context_state"],))
+        return E_c + E_r
 
     def encode(self, batch) -> Encoding:
         raise NotImplementedError

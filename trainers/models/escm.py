@@ -231,8 +231,9 @@ class ESCM(PointerGeneratorSeq2Seq):
     def encode(self, batch) -> Encoding:
         require(batch, *CONTEXT_KEYS, "context_pos", "context_dep")
         mask = batch["context_mask"]
-        E_c, E_e = self.embed_many(batch["context_ids"], self.emotion_word_ids)  # (B, L, emb), (E, emb)
-        H_ctx = self.enc_ctx(self.embed_context(batch, E_c), mask)  # (B, L, d), eq. 1
+        E_c, E_e, E_r = self.embed_many(batch["context_ids"], self.emotion_word_ids,
+                                        states=(batch["context_state"],))  # (B, L, emb), (E, emb), (B, L, emb)
+        H_ctx = self.enc_ctx(E_c + E_r, mask)  # (B, L, d), eq. 1
         H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(E_c, E_e, H_ctx, mask)
         extras = {}
         if self.cfg.no_dcgcn:

@@ -220,29 +220,38 @@ class IAMM(PointerGeneratorSeq2Seq):
 
     # -- encoders (eqs. 1-7)
 
-    def encode_dialogue(self, batch):
-        """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2."""
-        ids, umask = batch["utt_ids"], batch["utt_mask"]
-        B, M, Lu = ids.shape
-        x = (self.embed(ids) + self.embed_state(batch["utt_state"])[:, :, None]).flatten(0, 1)  # E_w + E_r
+    def embed_inputs(self, batch) -> dict:
+        """The word embeddings of a step through ONE lookup of the word table (`embed_many`): E_u (B, M, Lu, emb)
+        of the turns, E_s (B, Ls, emb) of the situation, E_cls (1, emb) of [CLS], and the dialogue-state
+        embeddings E_r (B, M, emb) of the turns and E_r_cls (1, emb) of [CLS]'s state."""
+        cls = batch["utt_ids"].new_full((1,), CLS)
+        E_u, E_s, E_cls, E_r, E_r_cls = self.embed_many(batch["utt_ids"], batch["situation_ids"], cls,
+                                                         states=(batch["utt_state"], torch.full_like(cls, STATE_CLS)))
+        return {"E_u": E_u, "E_s": E_s, "E_cls": E_cls, "E_r": E_r, "E_r_cls": E_r_cls}
+
+    def encode_dialogue(self, batch, E: dict | None = None):
+        """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2; E from `embed_inputs`."""
+        E = self.embed_inputs(batch) if E is None else E
+        umask = batch["utt_mask"]
+        B, M, Lu = umask.shape
+        x = (E["E_u"] + E["E_r"][:, :, None]).flatten(0, 1)  # E_w + E_r
         real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
         H = self.enc_u(x.index_select(0, real), umask.flatten(0, 1).index_select(0, real))  # (n, Lu, d)
         H_u = H.new_zeros(B * M, Lu, H.size(-1)).index_copy(0, real, H).view(B, M * Lu, -1)
-        cls_ids = ids.new_full((B, 1), CLS)
-        cls = self.enc_u(self.embed(cls_ids) + self.embed_state(torch.full_like(cls_ids, STATE_CLS)),
-                         torch.ones_like(cls_ids, dtype=torch.bool))  # (B, 1, d)
+        cls_mask = umask.new_ones(B, 1)
+        cls = self.enc_u((E["E_cls"] + E["E_r_cls"]).expand(B, 1, -1), cls_mask)  # (B, 1, d)
         flat = torch.cat([cls, H_u], 1)
-        flat_mask = torch.cat([torch.ones_like(cls_ids, dtype=torch.bool), umask.flatten(1)], 1)
+        flat_mask = torch.cat([cls_mask, umask.flatten(1)], 1)
         L = batch["context_ids"].size(1)
         flat, _ = squeeze_padding(pad_to(flat, L, 1), pad_to(flat_mask, L, 1))
         return self.enc_ctx(flat[:, :L], batch["context_mask"])  # (B, L, d)
 
-    def encode_situation(self, batch):
-        """H_s (B, 1 + Ls, d) over [CLS] + situation, and its mask, eq. 3."""
-        ids = batch["situation_ids"]
-        ids = torch.cat([ids.new_full((ids.size(0), 1), CLS), ids], 1)
-        mask = torch.cat([torch.ones_like(ids[:, :1], dtype=torch.bool), batch["situation_mask"]], 1)
-        return self.enc_sit(self.embed(ids), mask), mask
+    def encode_situation(self, batch, E: dict):
+        """H_s (B, 1 + Ls, d) over [CLS] + situation, and its mask, eq. 3; E from `embed_inputs`."""
+        E_s = E["E_s"]
+        x = torch.cat([E["E_cls"].expand(E_s.size(0), 1, -1), E_s], 1)
+        mask = torch.cat([batch["situation_mask"].new_ones(E_s.size(0), 1), batch["situation_mask"]], 1)
+        return self.enc_sit(x, mask), mask
 
     def encode_commonsense(self, batch):
         """H^cs per sentence: (B, M + 1, R, d) [CLS] vectors of each relation and their mask, eqs. 4-5."""
@@ -272,13 +281,13 @@ class IAMM(PointerGeneratorSeq2Seq):
     def encode(self, batch) -> IAMMEncoding:
         require(batch, *CONTEXT_KEYS, *IAMM_KEYS)
         cfg, turn_mask = self.cfg, batch["turn_mask"]
-        H_c = self.encode_dialogue(batch)  # eqs. 1-2
-        H_s, s_mask = self.encode_situation(batch)  # eq. 3
+        E = self.embed_inputs(batch)
+        H_c = self.encode_dialogue(batch, E)  # eqs. 1-2
+        H_s, s_mask = self.encode_situation(batch, E)  # eq. 3
         memories, extras = [], {"trace": {}}
         if not cfg.no_ea:
-            ek = explicit_memory(self.iam_ek, self.embed(batch["utt_ids"]), batch["utt_mask"],
-                                 self.embed(batch["situation_ids"]), batch["situation_mask"], turn_mask,
-                                 batch["context_ids"].size(1))
+            ek = explicit_memory(self.iam_ek, E["E_u"], batch["utt_mask"], E["E_s"], batch["situation_mask"],
+                                 turn_mask, batch["context_ids"].size(1))
             memories.append(ek)
             extras["associated"] = associated_words(ek.selections, batch, cfg.num_associated)
             extras["trace"]["explicit"] = ek.trace
