@@ -11,7 +11,7 @@ from trainers.loop import OOV_EMBEDDING_STD, TrainConfig, Trainer
 from trainers.models import build_model
 from trainers.models.common import xavier_init_
 from trainers.models.escm import reference_graph, symmetric_graph
-from trainers.tokens import DEP_SELF, PAD
+from trainers.tokens import DEP_SELF, PAD, SOS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -226,6 +226,7 @@ def test_encode_looks_the_word_table_up_once(tmp_path, prepared_sample, model, s
     m.encode(batch)
     assert len(lookups) == 1, lookups
     ids, states = batch["context_ids"], batch["context_state"]
-    E_c, E_sos, E_r = m.embed_many(ids, ids[:, :1] * 0 + 2, states=(states,))
-    assert torch.equal(E_c, m.embed(ids)) and torch.equal(E_sos, m.embed(ids[:, :1] * 0 + 2))
+    sos = torch.full_like(ids[:, :1], SOS)
+    E_c, E_sos, E_r = m.embed_many(ids, sos, states=(states,))
+    assert torch.equal(E_c, m.embed(ids)) and torch.equal(E_sos, m.embed(sos))
     assert torch.equal(E_r, m.embed_state(states))
