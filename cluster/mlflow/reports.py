@@ -194,15 +194,36 @@ def direction_markdown(rows: list[dict], paper: PaperReference) -> str:
     return "\n".join(lines)
 
 
+def log_table(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None,
+              children: list | None = None, so_far: bool = False) -> list[dict]:
+    """Log the ablation table of `children` (default: every child) on the parent as CSV + markdown. `so_far`: the
+    table of the trials finished while the sweep runs, headed as such (a sweep stopped midway keeps it)."""
+    children = child_runs(uri, parent_run_id) if children is None else children
+    rows = ablation_table(children, variants)
+    text = table_markdown(rows, paper)
+    if so_far:
+        names = ", ".join(sorted(r.data.tags.get("variant", r.info.run_name) for r in children))
+        text = (f"So far: the {len(children)} trial(s) finished ({names}); the sweep rewrites this table when "
+                f"its last trial ends.\n\n{text}")
+    c = client(uri)
+    c.log_text(parent_run_id, table_csv(rows), "ablation_table.csv")
+    c.log_text(parent_run_id, text, "ablation_table.md")
+    return rows
+
+
+def log_table_so_far(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None) -> None:
+    """The table of the parent's FINISHED children, logged each time a trial ends (`log_table`, `so_far`)."""
+    finished = [r for r in child_runs(uri, parent_run_id) if r.info.status == "FINISHED"]
+    log_table(uri, parent_run_id, variants, paper, finished, so_far=True)
+
+
 def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str],
                   paper: PaperReference | None = None) -> dict:
     """Log the ablation table (CSV + markdown, with `paper`'s figures) on the parent and tag the best child by
     final `metric`."""
     c = client(uri)
     children = child_runs(uri, parent_run_id)
-    rows = ablation_table(children, variants)
-    c.log_text(parent_run_id, table_csv(rows), "ablation_table.csv")
-    c.log_text(parent_run_id, table_markdown(rows, paper), "ablation_table.md")
+    rows = log_table(uri, parent_run_id, variants, paper, children)
     scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
     best = None
     if scored:

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.mlflow.reports import PaperReference, finish_parent
+from cluster.mlflow.reports import PaperReference, finish_parent, log_table_so_far
 from cluster.mlflow.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
 from cluster.ray.train import (
     RayTrainConfig,
@@ -377,6 +377,10 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
         ok = True
     finally:
         end_run(tracking_uri, run_id, ok)
+    try:  # the parent's table grows trial by trial: a sweep stopped midway still shows what finished
+        log_table_so_far(tracking_uri, parent_run_id, [v.name for v in sw.variants], sw.paper)
+    except Exception as e:  # noqa: BLE001 - the trial's own run is saved; the sweep's end logs the table again
+        print(f"could not update the parent run's table so far: {type(e).__name__}: {e}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------

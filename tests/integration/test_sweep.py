@@ -70,16 +70,25 @@ def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server
     env["PYTHONPATH"] = str(SMOKE.parents[3])
     c = client(mlflow_server)
 
-    def children() -> list:
+    def search(nested: bool) -> list:
         exp = c.get_experiment_by_name(experiment)
-        runs = c.search_runs([exp.experiment_id]) if exp else []
-        return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        found = c.search_runs([exp.experiment_id]) if exp else []
+        return [r for r in found if ("mlflow.parentRunId" in r.data.tags) == nested]
+
+    def children() -> list:
+        return search(nested=True)
+
+    def table_so_far() -> str | None:  # the parent's table, which each finished trial rewrites
+        parents = search(nested=False)
+        if not parents or "ablation_table.md" not in {a.path for a in c.list_artifacts(parents[0].info.run_id)}:
+            return None
+        return Path(c.download_artifacts(parents[0].info.run_id, "ablation_table.md", str(tmp_path))).read_text()
 
     first = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
-        while not any(r.info.status == "FINISHED" for r in children()):
+        while (table := table_so_far()) is None:
             assert first.poll() is None and time.monotonic() < deadline, "no trial finished before the kill"
             time.sleep(1)
     finally:  # the driver and the whole Ray it started (some of Ray's processes start sessions of their own)
@@ -93,6 +102,11 @@ def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server
         first.wait()
     done_before = {r.info.run_id: r.info.end_time for r in children() if r.info.status == "FINISHED"}
     assert len(done_before) < 3, "every trial finished before the kill: nothing left to resume"
+    # the killed sweep's parent already holds the table of what finished, and only of that
+    assert table.startswith(f"So far: the {len(done_before)} trial(s) finished")
+    finished = {c.get_run(run_id).data.tags["variant"] for run_id in done_before}
+    for variant in ("transformer", "escm", "escm-no_vr"):
+        assert (f"| {variant} (n=1) |" in table) == (variant in finished), (variant, table)
 
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -106,3 +120,5 @@ def test_a_resubmitted_sweep_resumes_its_experiment_and_parent_run(mlflow_server
     exp = c.get_experiment_by_name(experiment)
     parents = [r for r in c.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    table = table_so_far()  # the sweep's end rewrote it with every trial
+    assert not table.startswith("So far") and all(f"| {v} (n=1) |" in table for v in ("transformer", "escm"))
