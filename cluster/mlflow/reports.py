@@ -194,15 +194,15 @@ def direction_markdown(rows: list[dict], paper: PaperReference) -> str:
     return "\n".join(lines)
 
 
-def log_table(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None,
-              children: list | None = None, so_far: bool = False) -> list[dict]:
-    """Log the ablation table of `children` (default: every child) on the parent as CSV + markdown. `so_far`: the
-    table of the trials finished while the sweep runs, headed as such (a sweep stopped midway keeps it)."""
-    children = child_runs(uri, parent_run_id) if children is None else children
+def log_table(uri: str, parent_run_id: str, children: list, variants: list[str],
+              paper: PaperReference | None = None, so_far: bool = False) -> list[dict]:
+    """Log the ablation table of `children` on the parent as CSV + markdown. `so_far`: the table of the trials
+    finished while the sweep runs, headed as such (a sweep stopped midway keeps it)."""
     rows = ablation_table(children, variants)
     text = table_markdown(rows, paper)
     if so_far:
-        names = ", ".join(sorted(r.data.tags.get("variant", r.info.run_name) for r in children))
+        names = ", ".join(sorted(f"{r.data.tags.get('variant', r.info.run_name)}/s{r.data.tags.get('seed', '?')}"
+                                 for r in children))
         text = (f"So far: the {len(children)} trial(s) finished ({names}); the sweep rewrites this table when "
                 f"its last trial ends.\n\n{text}")
     c = client(uri)
@@ -214,7 +214,7 @@ def log_table(uri: str, parent_run_id: str, variants: list[str], paper: PaperRef
 def log_table_so_far(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None) -> None:
     """The table of the parent's FINISHED children, logged each time a trial ends (`log_table`, `so_far`)."""
     finished = [r for r in child_runs(uri, parent_run_id) if r.info.status == "FINISHED"]
-    log_table(uri, parent_run_id, variants, paper, finished, so_far=True)
+    log_table(uri, parent_run_id, finished, variants, paper, so_far=True)
 
 
 def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants: list[str],
@@ -223,7 +223,7 @@ def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants
     final `metric`."""
     c = client(uri)
     children = child_runs(uri, parent_run_id)
-    rows = log_table(uri, parent_run_id, variants, paper, children)
+    rows = log_table(uri, parent_run_id, children, variants, paper)
     scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
     best = None
     if scored:
