@@ -178,7 +178,7 @@ def _evaluate(checkpoint: str | None, model: str | None, tracking_uri: str | Non
 
     if model is None:
         return evaluate_checkpoint(checkpoint, *args, **kwargs)
-    from cluster.mlflow.runs import resolve_tracking_uri
+    from cluster.tracking.runs import resolve_tracking_uri
     from services import registry
 
     resolved = registry.resolve(model, resolve_tracking_uri(tracking_uri))
@@ -199,7 +199,7 @@ def sweep(
     """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
     from cluster.console import print_sweep
     from cluster.jobs.sweep import dry_run as print_plan
-    from cluster.ray.tune import load_sweep, run_sweep
+    from cluster.distributed.tuning import load_sweep, run_sweep
 
     try:
         cfg = load_sweep(config, overrides)  # validated before Ray starts
@@ -239,8 +239,8 @@ def promote(
 ) -> None:
     """Register the best child run of a sweep and move alias `champion` (or `challenger`) to it, or promote the
     challenger (exit 1 when refused)."""
-    from cluster.mlflow.promotion import PromotionError, promote_challenger
-    from cluster.mlflow.promotion import promote as do_promote
+    from cluster.tracking.promotion import PromotionError, promote_challenger
+    from cluster.tracking.promotion import promote as do_promote
 
     if from_challenger and (experiment is not None or metric is not None):
         _fail("--from-challenger promotes the version behind alias `challenger`: drop --experiment and --metric")
@@ -280,8 +280,8 @@ def rollback(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Move alias `champion` back to `previous` (with --apply, pin it in the running Serve application too)."""
-    from cluster.mlflow.promotion import PromotionError
-    from cluster.mlflow.promotion import rollback as do_rollback
+    from cluster.tracking.promotion import PromotionError
+    from cluster.tracking.promotion import rollback as do_rollback
 
     try:
         decision = do_rollback(name, tracking_uri=tracking_uri, log=plain)
@@ -312,7 +312,7 @@ def serve(
     from pydantic import ValidationError
 
     from cluster.local import serve as serve_local
-    from cluster.mlflow.runs import resolve_tracking_uri
+    from cluster.tracking.runs import resolve_tracking_uri
     from trainers.config import parse_overrides
 
     try:
@@ -492,7 +492,7 @@ def demo(
     from cluster import demo as demo_loop
     from cluster.console import print_demo
     from cluster.local.stack import StackError
-    from cluster.mlflow.promotion import PromotionError
+    from cluster.tracking.promotion import PromotionError
 
     try:
         result = demo_loop.run(data, state_dir, console, requests)

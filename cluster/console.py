@@ -88,7 +88,7 @@ def print_evaluation(result: dict, split: str) -> None:
 
 def print_sweep(name: str, summary: dict) -> None:
     """The ablation table (mean ± std over seeds) and the parent / best child runs of a finished sweep."""
-    from cluster.mlflow.reports import TABLE_METRICS
+    from cluster.tracking.reports import TABLE_METRICS
 
     table = Table(title=f"sweep {name}: {summary['trials']} trials in {summary['wall_s']:.0f} s")
     table.add_column("variant")

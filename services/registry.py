@@ -1,9 +1,9 @@
 """Resolve `models:/<name>@<alias>` in the MLflow registry to a local serving bundle and load a Responder.
 
-Contract with whoever registers versions (cluster.mlflow.promotion, or by hand):
+Contract with whoever registers versions (cluster.tracking.promotion, or by hand):
 
 - A model version's `source` is either a logged model (`models:/m-...`, e.g. the pyfunc model of
-  services/pyfunc_model.py logged by cluster.mlflow.runs.log_pyfunc_model, whose bundle sits under
+  services/pyfunc_model.py logged by cluster.tracking.runs.log_pyfunc_model, whose bundle sits under
   `artifacts/bundle/`) or a run artifact directory (`runs:/<run_id>/model`) holding a bundle.
 - A bundle (trainers.model_bundle) is `model.safetensors` + `config.json` + `vocab.json`: weights, the
   resolved config and the vocabulary, so the preprocessing is the training run's (same spaCy pipeline,

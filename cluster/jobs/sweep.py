@@ -33,7 +33,7 @@ def dry_run(cfg) -> int:
     EDP_NODE_TYPES when set; exit 2 when trials can never run."""
     import os
 
-    from cluster.ray.tune import check_placement, plan_lines
+    from cluster.distributed.tuning import check_placement, plan_lines
 
     print("\n".join(plan_lines(cfg)))
     if not os.environ.get("RAY_ADDRESS"):
@@ -51,8 +51,8 @@ def dry_run(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.mlflow.reports import table_markdown
-    from cluster.ray.tune import load_sweep, run_sweep
+    from cluster.tracking.reports import table_markdown
+    from cluster.distributed.tuning import load_sweep, run_sweep
 
     def run(cfg) -> int:
         summary = run_sweep(cfg)

@@ -49,7 +49,7 @@ def build_config(config: str | Path | None = None, overrides: list[str] | None =
                  resume: bool | None = None):
     """The RayTrainConfig from a YAML file, these options (None: not given) and `--set` overrides, in that order
     (`edp train` builds it here too)."""
-    from cluster.ray.train import RayTrainConfig
+    from cluster.distributed.ddp import RayTrainConfig
 
     train = {"model": model, "data": {"source": data} if data else None, "out_dir": str(out) if out else None,
              "device": device, "max_steps": max_steps}
@@ -71,7 +71,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(cfg) -> int:
     """Train, then print the run id, checkpoint, wall time and final metrics as one JSON line."""
-    from cluster.ray.train import run_train
+    from cluster.distributed.ddp import run_train
 
     result = run_train(cfg)
     metrics = {k: v for k, v in result["metrics"].items() if isinstance(v, int | float)}

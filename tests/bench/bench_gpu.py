@@ -196,7 +196,7 @@ def full_run(prepared, model: str, device: str, sizes: Sizes) -> dict:
 
 
 def grid(prepared, device: str, sizes: Sizes, tmp: Path) -> dict:
-    from cluster.ray.tune import SweepConfig, load_sweep, run_sweep
+    from cluster.distributed.tuning import SweepConfig, load_sweep, run_sweep
     from trainers.loop import TrainConfig
 
     gpu = sizes.grid_gpu if torch.device(device).type == "cuda" else 0

@@ -80,9 +80,9 @@ def _worker_logs(logs: Path, since: dict[Path, int] | None = None) -> tuple[dict
 
 
 def ray_train(train: dict, workers: int, tmp: Path, uri: str, logs: Path) -> dict:
-    """The same run through `cluster.ray.train.run_train` (TorchTrainer, gloo when workers > 1)."""
-    from cluster.mlflow.runs import client
-    from cluster.ray.train import RayTrainConfig, run_train
+    """The same run through `cluster.distributed.ddp.run_train` (TorchTrainer, gloo when workers > 1)."""
+    from cluster.tracking.runs import client
+    from cluster.distributed.ddp import RayTrainConfig, run_train
 
     cfg = RayTrainConfig.model_validate({
         "name": f"bench-{workers}w", "storage_path": str(tmp / "ray"),
@@ -104,7 +104,7 @@ def ray_train(train: dict, workers: int, tmp: Path, uri: str, logs: Path) -> dic
 def sweep(tmp: Path, uri: str) -> dict:
     """The smoke sweep (cluster/configs/sweeps/smoke.yaml) as `edp sweep` runs it, and its trials run one
     after the other by the plain Trainer (the yardstick: no Ray, no MLflow)."""
-    from cluster.ray.tune import load_sweep, run_sweep
+    from cluster.distributed.tuning import load_sweep, run_sweep
 
     cfg = load_sweep(SMOKE, [f"base.data.cache_dir={tmp / 'prepared'}", f"storage_path={tmp / 'ray'}",
                              f"work_dir={tmp / 'sweeps'}", f"tracking.uri={uri}",

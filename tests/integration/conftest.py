@@ -71,7 +71,7 @@ def ray_local():
 @pytest.fixture
 def worker_fails_once(monkeypatch):
     """Ray Train runs of this test lose their last worker once, at step ray_failures.FAIL_AT_STEP (SIGKILL)."""
-    from cluster.ray import train as ray_train
+    from cluster.distributed import ddp as ray_train
     from tests.integration.ray_failures import FAIL_AT_STEP, failing_train_worker
 
     monkeypatch.setattr(ray_train, "train_worker", failing_train_worker)

@@ -1,6 +1,6 @@
 """A real worker failure for the Ray Train tests: the last rank SIGKILLs itself (no clean-up) once, when it is
 about to run step `FAIL_AT_STEP`; a marker file in the run's output directory makes the restarted worker group
-pass that step. Installed by the `worker_fails_once` fixture in place of `cluster.ray.train.train_worker`;
+pass that step. Installed by the `worker_fails_once` fixture in place of `cluster.distributed.ddp.train_worker`;
 workers import this module from the driver's sys.path (Ray passes the working directory on)."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class FailingTrainer(Trainer):
 
 def failing_train_worker(config: dict) -> None:
     """`train_worker` with `FailingTrainer` in place of `Trainer` (in this worker process only)."""
-    from cluster.ray import train as ray_train
+    from cluster.distributed import ddp as ray_train
 
     ray_train.Trainer = FailingTrainer
     ray_train.train_worker(config)

@@ -3,7 +3,7 @@
 Until a sweep has produced them, the promotion and serving tests make their own child runs the way the
 tracking code does (parent run, nested children with metrics, the params promotion compares and a model):
 the model is the serving bundle exported from the checkpoint, inside the pyfunc model of
-services/pyfunc_model.py (via cluster.mlflow.runs.log_pyfunc_model) when that exists, else as the run artifact
+services/pyfunc_model.py (via cluster.tracking.runs.log_pyfunc_model) when that exists, else as the run artifact
 directory `model/` (the other layout services/registry.py accepts).
 """
 
@@ -36,7 +36,7 @@ def train_tiny(prepared, out_dir: Path, seed: int = 0, max_steps: int = 4,
 def pyfunc_available() -> bool:
     root = Path(__file__).resolve().parents[2]
     return ((root / "services" / "pyfunc_model.py").exists()
-            and importlib.util.find_spec("cluster.mlflow.runs") is not None)
+            and importlib.util.find_spec("cluster.tracking.runs") is not None)
 
 
 def bundle_of(checkpoint: Path) -> Path:
@@ -49,7 +49,7 @@ def bundle_of(checkpoint: Path) -> Path:
 
 
 def comparison_params(bundle: Path) -> dict[str, str]:
-    """The params a training run logs for promotion to compare like with like (cluster.mlflow.runs.log_setup)."""
+    """The params a training run logs for promotion to compare like with like (cluster.tracking.runs.log_setup)."""
     from trainers.metrics import METRIC_DEFINITION
     from trainers.model_bundle import read_config
 
@@ -70,7 +70,7 @@ def log_child(c, experiment_id: str, parent_run_id: str, checkpoint: Path, metri
     for k, v in metrics.items():
         c.log_metric(run_id, k, v)
     if pyfunc if pyfunc is not None else pyfunc_available():
-        from cluster.mlflow.runs import log_pyfunc_model
+        from cluster.tracking.runs import log_pyfunc_model
 
         mlflow.set_tracking_uri(c.tracking_uri)
         with mlflow.start_run(run_id=run_id):
@@ -101,7 +101,7 @@ def register_champion(tracking_uri: str, checkpoint: Path, name: str, acc: float
                       force: bool = False) -> str:
     """Log `checkpoint` as the one child of a sweep `experiment` (valid_acc `acc`) and promote it to
     models:/<name>@champion; the new version (fails the caller if promotion refused)."""
-    from cluster.mlflow.promotion import promote
+    from cluster.tracking.promotion import promote
 
     log_sweep(tracking_uri, experiment, checkpoint,
               [{"name": "t0", "metrics": {"valid_acc": acc}, "params": {"model": "escm"}}])

@@ -20,7 +20,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from cluster.local import processes as ps
 from cluster.local import services as ls
 from cluster.local import stack as st
-from cluster.mlflow.runs import client
+from cluster.tracking.runs import client
 from cluster.polling import poll_until
 from tests.integration.local_cluster import (
     ROOT,

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from cluster.mlflow.promotion import PromotionError, promote, rollback
+from cluster.tracking.promotion import PromotionError, promote, rollback
 from services import registry
 from tests.integration.registry_models import bundle_of, log_sweep
 
@@ -109,7 +109,7 @@ def test_where_filter_min_mode_and_errors(mlflow_server, tiny_checkpoint):
 @pytest.mark.parametrize("pyfunc", [True, False], ids=["pyfunc-model", "run-artifact"])
 def test_registry_resolves_both_model_layouts_and_loads_a_responder(mlflow_server, tiny_checkpoint, pyfunc):
     if pyfunc and not registry_pyfunc_available():
-        pytest.skip("services/pyfunc_model.py / cluster.mlflow.runs not present yet")
+        pytest.skip("services/pyfunc_model.py / cluster.tracking.runs not present yet")
     ckpt, _ = tiny_checkpoint
     exp, name = unique("sweep"), unique("escm")
     ids = log_sweep(mlflow_server, exp, ckpt, trials(0.4), pyfunc=pyfunc)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, end_run, start_run
+from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, end_run, start_run
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ def test_ray_train_checkpoints_to_s3_and_resumes_from_there(s3_server, bucket, s
                                                             tmp_path):
     import torch
 
-    from cluster.ray.train import RayTrainConfig, run_train
+    from cluster.distributed.ddp import RayTrainConfig, run_train
 
     # S3 endpoint and credentials on the driver only (the Ray workers of `ray_local` never had them)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
@@ -183,7 +183,7 @@ def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, buck
                                                                  prepared_sample, monkeypatch, tmp_path):
     """The smoke sweep with storage_path s3://: Tune's experiment state and every trial's checkpoints land in
     the bucket, with the endpoint and keys known to the driver only."""
-    from cluster.ray.tune import load_sweep, run_sweep
+    from cluster.distributed.tuning import load_sweep, run_sweep
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
@@ -223,7 +223,7 @@ def test_sweep_stores_its_trials_in_s3_with_the_drivers_endpoint(s3_server, buck
 
 def test_ray_storage_filesystem_takes_endpoint_and_keys_from_the_driver(s3_server, bucket, monkeypatch, tmp_path):
     """What Ray ships to its controller and workers works in a process with no AWS_* settings."""
-    from cluster.ray.train import storage_location
+    from cluster.distributed.ddp import storage_location
 
     assert storage_location("runs/ray") == (None, str(Path("runs/ray").resolve()))
     for name in [k for k in os.environ if k.startswith("AWS_")]:

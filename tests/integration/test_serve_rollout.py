@@ -192,7 +192,7 @@ def test_apply_rolls_the_replicas_in_place_and_a_broken_version_leaves_the_old_o
 def test_shadowed_challenger_is_never_seen_and_its_promotion_fails_no_request(deployed):
     from mlflow import MlflowClient
 
-    from cluster.mlflow.promotion import promote_challenger
+    from cluster.tracking.promotion import promote_challenger
 
     d = deployed
     v1, v2 = d.versions                                  # champion alias -> v2; v1 becomes the challenger

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
+from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client, start_run
 from trainers.metrics import METRIC_DEFINITION
 
 pytestmark = pytest.mark.integration

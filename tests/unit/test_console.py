@@ -8,7 +8,7 @@ from rich.console import Console
 
 from cluster import console as out
 from cluster.demo import DemoResult, TrialRun
-from cluster.mlflow.promotion import Decision
+from cluster.tracking.promotion import Decision
 from cluster.prometheus import RouteLatency
 
 URLS = {name: f"http://127.0.0.1:{port}" for name, port in

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster.mlflow.promotion import MAX_TAG_CHARS, PromotionError, comparison_key, metric_mode, recipe
+from cluster.tracking.promotion import MAX_TAG_CHARS, PromotionError, comparison_key, metric_mode, recipe
 from trainers.metrics import METRIC_MODES
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.mlflow.reports import confusion_figure
+from cluster.tracking.reports import confusion_figure
 from tests.unit.test_trainer import make_cfg
 from trainers.loop import Trainer
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.mlflow.reports import PaperReference, ablation_table, directions, table_csv, table_markdown
-from cluster.ray.tune import SweepConfig, load_sweep
+from cluster.tracking.reports import PaperReference, ablation_table, directions, table_csv, table_markdown
+from cluster.distributed.tuning import SweepConfig, load_sweep
 from trainers.config import ConfigError
 
 SWEEPS = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "sweeps"
@@ -166,7 +166,7 @@ HEAD = {"Alive": True, "Resources": {"memory": 1e10}}  # the chart's head: num-c
 
 
 def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
-    from cluster.ray.tune import PlacementError, check_placement
+    from cluster.distributed.tuning import PlacementError, check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")  # 1 CPU + 0.25 GPU per trial
     with pytest.raises(PlacementError, match=r"needs \{'CPU': 1.0, 'GPU': 0.25\} on one node.*resources.gpu"):
@@ -174,7 +174,7 @@ def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
 
 
 def test_placement_counts_node_types_an_autoscaler_can_add():
-    from cluster.ray.tune import check_placement
+    from cluster.distributed.tuning import check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")
     gpu_type = {"group": "gpu", "max": 2, "CPU": 8.0, "GPU": 1.0}
@@ -184,7 +184,7 @@ def test_placement_counts_node_types_an_autoscaler_can_add():
 
 
 def test_node_types_parse_kubernetes_cpu_quantities(monkeypatch):
-    from cluster.ray.tune import PlacementError, node_types_from_env
+    from cluster.distributed.tuning import PlacementError, node_types_from_env
 
     monkeypatch.setenv("EDP_NODE_TYPES", '[{"group": "cpu", "max": 3, "CPU": "500m", "GPU": 0}]')
     assert node_types_from_env() == [{"group": "cpu", "max": 3, "CPU": 0.5, "GPU": 0.0}]
@@ -194,7 +194,7 @@ def test_node_types_parse_kubernetes_cpu_quantities(monkeypatch):
 
 
 def test_storage_defaults_to_the_checkpoint_uri_and_refuses_local_paths_on_several_nodes(monkeypatch):
-    from cluster.ray.train import resolve_storage
+    from cluster.distributed.ddp import resolve_storage
 
     monkeypatch.delenv("EDP_CHECKPOINT_URI", raising=False)
     monkeypatch.delenv("EDP_NODE_TYPES", raising=False)

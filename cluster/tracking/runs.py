@@ -5,8 +5,8 @@ Tune's stock MLflow callback does not nest runs, so this module does it by hand:
     sweep driver   start_run(cfg, experiment, name)                  -> parent run id
     trial driver   start_run(..., parent_run_id=..., run_id_file=...) -> child run id (reused on retry)
     rank-0 worker  RunLogger(uri, run_id): log_setup -> log_eval (every evaluation) -> log_final
-    trial driver   cluster.mlflow.reports.log_table_so_far(...): the table of the trials finished so far
-    sweep driver   cluster.mlflow.reports.finish_parent(...): the ablation table on the parent, the best child
+    trial driver   cluster.tracking.reports.log_table_so_far(...): the table of the trials finished so far
+    sweep driver   cluster.tracking.reports.finish_parent(...): the ablation table on the parent, the best child
 
 Only rank 0 of a training run ever builds a `RunLogger`. A retried trial finds its run id in the
 trial directory (or in the checkpoint it resumes from) and continues the same run.
@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import Field
 
-from cluster.mlflow.reports import confusion_figure, loss_figure
+from cluster.tracking.reports import confusion_figure, loss_figure
 from services.registry import client
 from trainers.config import StrictModel
 

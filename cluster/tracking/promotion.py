@@ -21,7 +21,7 @@
     rollback("escm"): `champion` goes back to `previous` (and `previous` is cleared).
 
 Every step prints what it compared. The model a version points at is the run's logged model (the pyfunc
-model of cluster.mlflow.runs, holding a safetensors bundle) or else its `model/` artifact directory: see
+model of cluster.tracking.runs, holding a safetensors bundle) or else its `model/` artifact directory: see
 services/registry.py.
 """
 
@@ -34,13 +34,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.mlflow.runs import resolve_tracking_uri
+from cluster.tracking.runs import resolve_tracking_uri
 from services.registry import RegistryError, client, lookup
 from services.rollout import CHALLENGER
 
 CHAMPION, PREVIOUS = "champion", "previous"
 CHILD_FILTER = "tags.mlflow.parentRunId LIKE '%' and attributes.status = 'FINISHED'"
-COMPARISON_KEYS = ("data.key", "eval.split", "metric_definition")  # run params (cluster.mlflow.runs.log_setup)
+COMPARISON_KEYS = ("data.key", "eval.split", "metric_definition")  # run params (cluster.tracking.runs.log_setup)
 CODE_KEYS = ("code.git_commit", "code.trainers_sha256")
 MAX_TAG_CHARS = 5000  # MLflow's limit on a model version tag value
 

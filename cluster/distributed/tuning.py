@@ -6,7 +6,7 @@
 The file is validated completely BEFORE Ray starts: every variant x seed (and the search space's
 lower corner) must resolve to a valid `TrainConfig` with valid model overrides; errors name the field.
 
-One sweep = one MLflow experiment + parent run; each trial is a nested child run (cluster.mlflow.runs).
+One sweep = one MLflow experiment + parent run; each trial is a nested child run (cluster.tracking.runs).
 A trial is a Tune function trainable: with `resources.workers == 1` it runs the Trainer in the trial
 process (fractional CPU / GPU from the config, so several pack on one GPU); with more workers it runs
 a TorchTrainer inside the trial and reports back through `TuneReportCallback` (Train v2 cannot be
@@ -24,9 +24,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.mlflow.reports import PaperReference, finish_parent, log_table_so_far
-from cluster.mlflow.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
-from cluster.ray.train import (
+from cluster.tracking.reports import PaperReference, finish_parent, log_table_so_far
+from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
+from cluster.distributed.ddp import (
     RayTrainConfig,
     Scaling,
     absolute,

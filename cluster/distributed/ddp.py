@@ -7,7 +7,7 @@ Ray appears at four points only (the trainer itself stays plain PyTorch):
   3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
   4. `TorchTrainer(...).fit()` in `run_train`.
 `worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
-Only rank 0 logs to MLflow (`cluster.mlflow.runs.RunLogger`), into the run whose id the driver created.
+Only rank 0 logs to MLflow (`cluster.tracking.runs.RunLogger`), into the run whose id the driver created.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import Field
 
-from cluster.mlflow.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
+from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
 from trainers.config import ConfigError, StrictModel
 from trainers.loop import TrainConfig, Trainer
 
@@ -137,7 +137,7 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
         report(metrics, checkpoint_path)
 
     # a resume checkpoint between evaluations is reported too (without the selection metric: Tune is told
-    # not to require it, `cluster.ray.tune.tuner`), so a restarted worker or trial continues from it
+    # not to require it, `cluster.distributed.tuning.tuner`), so a restarted worker or trial continues from it
     trainer = Trainer(cfg, prepared, rank=rank, world_size=world_size,
                       wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval, on_checkpoint=report)
     checkpoint = api.get_checkpoint()

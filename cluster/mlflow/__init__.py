@@ -1,5 +1,0 @@
-"""MLflow: `runs` (tracking URI, nested runs, rank-0 logging), `reports` (plots, the ablation table, the best
-child) and `promotion` (the registry's champion and rollback).
-
-Imports inside this package are absolute, so `import mlflow` still names MLflow itself.
-"""

@@ -1,0 +1,2 @@
+"""Experiment tracking on MLflow: `runs` (tracking URI, nested runs, rank-0 logging), `reports` (plots, the
+ablation table, the best child) and `promotion` (the registry's champion and rollback)."""
