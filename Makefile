@@ -55,9 +55,9 @@ $(VENV)/.base: pyproject.toml Makefile uv.lock $(REQS)/demo.txt $(REQS)/torch-cu
 	$(if $(TORCH_INDEX),$(PIP) install --index-url $(TORCH_INDEX) torch==$(TORCH_VERSION),\
 	  $(PIP) install --no-deps --retries 0 --timeout 15 --index-url $(TORCH_CPU_INDEX) torch==$(TORCH_VERSION) 2>/dev/null \
 	  || $(PIP) install --no-deps torch==$(TORCH_VERSION))
+	$(UV_LOCKED) $(REQS)/demo.txt
 	$(PY) -c 'import torch' 2>/dev/null || $(UV_LOCKED) $(REQS)/torch-cuda.txt
 	$(PY) -c 'import torch; print("torch", torch.__version__)'
-	$(UV_LOCKED) $(REQS)/demo.txt
 	$(UV_INSTALL) -e .
 	$(PIP) install --no-deps --ignore-requires-python --require-hashes -r $(REQS)/spacy-models.txt
 	touch $@

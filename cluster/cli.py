@@ -198,8 +198,8 @@ def sweep(
 ) -> None:
     """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
     from cluster.console import print_sweep
-    from cluster.jobs.sweep import dry_run as print_plan
     from cluster.distributed.tuning import load_sweep, run_sweep
+    from cluster.jobs.sweep import dry_run as print_plan
 
     try:
         cfg = load_sweep(config, overrides)  # validated before Ray starts

@@ -30,10 +30,10 @@ from rich.console import Console
 from cluster.console import prepare_with_summary
 from cluster.local import stack
 from cluster.local.processes import http_ok
-from cluster.tracking.promotion import Decision, promote
-from cluster.tracking.reports import TABLE_METRICS, final_value
 from cluster.polling import poll_until
 from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_query
+from cluster.tracking.promotion import Decision, promote
+from cluster.tracking.reports import TABLE_METRICS, final_value
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
@@ -139,8 +139,8 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     the sweep's child runs (variant, model, metrics) from MLflow."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from cluster.tracking.runs import client as mlflow_client
     from cluster.distributed.tuning import load_sweep
+    from cluster.tracking.runs import client as mlflow_client
 
     data_source = source if source == "sample" or "://" in source else str(Path(source).resolve())
     overrides = [f"base.data.source={data_source}", *sweep_set]

@@ -24,8 +24,6 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from cluster.tracking.reports import PaperReference, finish_parent, log_table_so_far
-from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
 from cluster.distributed.ddp import (
     RayTrainConfig,
     Scaling,
@@ -37,6 +35,8 @@ from cluster.distributed.ddp import (
     torch_trainer,
     worker_loop,
 )
+from cluster.tracking.reports import PaperReference, finish_parent, log_table_so_far
+from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
 from trainers.config import ConfigError, StrictModel, load_config
 from trainers.config import deep_merge as merge
 from trainers.loop import TrainConfig

@@ -51,8 +51,8 @@ def dry_run(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.tracking.reports import table_markdown
     from cluster.distributed.tuning import load_sweep, run_sweep
+    from cluster.tracking.reports import table_markdown
 
     def run(cfg) -> int:
         summary = run_sweep(cfg)

@@ -81,8 +81,8 @@ def _worker_logs(logs: Path, since: dict[Path, int] | None = None) -> tuple[dict
 
 def ray_train(train: dict, workers: int, tmp: Path, uri: str, logs: Path) -> dict:
     """The same run through `cluster.distributed.ddp.run_train` (TorchTrainer, gloo when workers > 1)."""
-    from cluster.tracking.runs import client
     from cluster.distributed.ddp import RayTrainConfig, run_train
+    from cluster.tracking.runs import client
 
     cfg = RayTrainConfig.model_validate({
         "name": f"bench-{workers}w", "storage_path": str(tmp / "ray"),

@@ -20,8 +20,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from cluster.local import processes as ps
 from cluster.local import services as ls
 from cluster.local import stack as st
-from cluster.tracking.runs import client
 from cluster.polling import poll_until
+from cluster.tracking.runs import client
 from tests.integration.local_cluster import (
     ROOT,
     chart_rayjob_entrypoint,

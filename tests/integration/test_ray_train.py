@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tracking.runs import RUN_ID_FILE, client
 from cluster.distributed.ddp import RayTrainConfig, run_train
+from cluster.tracking.runs import RUN_ID_FILE, client
 from tests.integration.ray_failures import MARKER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.tracking.runs import client
 from cluster.distributed.tuning import load_sweep, run_sweep
+from cluster.tracking.runs import client
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SMOKE = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "sweeps" / "smoke.yaml"

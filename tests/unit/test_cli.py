@@ -114,9 +114,9 @@ def test_local_train_builds_the_config_of_python_m_trainers_train(monkeypatch, t
 
 
 def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
+    from cluster.distributed.ddp import forget_run
     from cluster.jobs import train as train_job
     from cluster.tracking.runs import RUN_ID_FILE
-    from cluster.distributed.ddp import forget_run
 
     cfg = train_job.build_config(name="r1", out=tmp_path / "out", storage_path=str(tmp_path / "ray"), resume=False)
     stored, other = tmp_path / "ray" / "r1" / "checkpoint_000001", tmp_path / "ray" / "r2"

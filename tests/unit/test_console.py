@@ -8,8 +8,8 @@ from rich.console import Console
 
 from cluster import console as out
 from cluster.demo import DemoResult, TrialRun
-from cluster.tracking.promotion import Decision
 from cluster.prometheus import RouteLatency
+from cluster.tracking.promotion import Decision
 
 URLS = {name: f"http://127.0.0.1:{port}" for name, port in
         (("ray", 8265), ("mlflow", 5000), ("s3", 8333), ("prometheus", 9090), ("serve", 8000))}

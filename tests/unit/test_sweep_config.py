@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.tracking.reports import PaperReference, ablation_table, directions, table_csv, table_markdown
 from cluster.distributed.tuning import SweepConfig, load_sweep
+from cluster.tracking.reports import PaperReference, ablation_table, directions, table_csv, table_markdown
 from trainers.config import ConfigError
 
 SWEEPS = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "sweeps"
