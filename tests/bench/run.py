@@ -1,12 +1,8 @@
 """`make bench`: run every benchmark that fits this machine and write BENCHMARKS.md.
 
-<<<<<<< HEAD
-    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,sweep,serve]
+    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,decode,sweep,serve]
     python -m tests.bench.run --out /tmp/cluster.md --only cluster   (the multi-node local stack: needs `weed` and
                                                                       `prometheus`; kept by hand in BENCHMARKS.md)
-=======
-    python -m tests.bench.run --out BENCHMARKS.md [--data DIR] [--only data,train,decode,sweep,serve]
->>>>>>> s4-kv
 
 Uses the full ED splits when ED_DATA_DIR (or --data) is set, else the embedded sample. Figures
 recorded on other machines (a lent GPU) live in the hand-kept section of BENCHMARKS.md below the
