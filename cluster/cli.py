@@ -44,7 +44,7 @@ def data_prepare(
     """Load, validate, annotate and cache a dataset; print a summary table."""
     import os
 
-    from trainers.data.prepare import DataConfig
+    from trainers.config import DataConfig
 
     try:
         cfg = load_config(DataConfig, config, overrides,

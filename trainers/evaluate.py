@@ -13,45 +13,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from trainers import checkpoint as ckpt
+from trainers import artifacts
 from trainers.data.prepare import split_with_vocab
 from trainers.data.sources import load_splits
-from trainers.data.vocab import Vocab
 from trainers.device import resolve_device
 from trainers.evaluator import Evaluator
-from trainers.loop import TrainConfig, tensor_split
+from trainers.loop import tensor_split
 from trainers.metrics import DEFINITIONS
-from trainers.model_bundle import load_bundle, save_bundle
-
-
-def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:
-    """Rebuild (run config, model with weights, vocabulary) from a trainer checkpoint file."""
-    config, model, vocab = ckpt.load_model(path, device)
-    return TrainConfig.model_validate(config), model, vocab
-
-
-def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A serving bundle (weights, config, vocabulary; no optimizer state) from a local training checkpoint."""
-    state = ckpt.load(checkpoint)
-    config, model, vocab = ckpt.model_from_state(state, torch.device("cpu"))
-    return save_bundle(out_dir, TrainConfig.model_validate(config), model, vocab, data_key=state.get("data_key"))
-
-
-def load_model(path: str | Path, device: str = "cpu") -> tuple[TrainConfig, torch.nn.Module, Vocab]:
-    """A bundle directory (safetensors + JSON, never unpickled) or a local training checkpoint file."""
-    if not Path(path).is_dir():
-        return load_checkpoint(path, device)
-    config, model, vocab = load_bundle(path, device)
-    return TrainConfig.model_validate(config), model, vocab
 
 
 def evaluate_checkpoint(checkpoint: str | Path, source: str, split: str, out_dir: str | Path, *,
                         device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
                         label: str | None = None) -> dict:
     """Metrics and predictions of `checkpoint` (a file or bundle; `label` names it in metrics.json) on a split."""
-    cfg, model, vocab = load_model(checkpoint, device)
+    loaded = artifacts.load(checkpoint, device)
+    cfg, model, vocab = loaded.train_config(), loaded.model, loaded.vocab
     cfg = cfg.model_copy(update={"device": device, "decode": {**cfg.decode, **(decode or {})}})
     report = load_splits(source, splits=[split], skip_invalid=skip_invalid)[split]
     prepared = split_with_vocab(split, report, vocab, cfg.data)

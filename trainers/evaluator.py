@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from trainers.batching import TensorSplit
+from trainers.config import DecodeConfig
 from trainers.data.emotions import EMOTIONS
-from trainers.decoding import DecodeConfig, decode, ids_to_tokens
+from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast
 from trainers.metrics import MetricAccumulator, sampled
 from trainers.models.common import Targets

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from trainers.config import DecodeConfig
 from trainers.decoding import (
-    DecodeConfig,
     beam_search,
     decode,
     greedy,

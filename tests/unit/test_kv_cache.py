@@ -7,7 +7,8 @@ import torch
 
 from tests.unit import test_iamm
 from tests.unit.model_batches import EMOTION_WORD_IDS, make_batch
-from trainers.decoding import DecodeConfig, beam_search, decode, greedy
+from trainers.config import DecodeConfig
+from trainers.decoding import beam_search, decode, greedy
 from trainers.models import build_model
 from trainers.models.common import KVCache
 from trainers.tokens import EOS, SOS
