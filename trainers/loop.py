@@ -5,7 +5,7 @@ Ray Train wrapper (cluster) runs one per worker, passing `rank`/`world_size`, a 
 hook (DDP), an `on_eval` hook (metrics + checkpoint reporting) and an `on_checkpoint` hook (a resume
 checkpoint saved between evaluations, before `eval_from`). Its parts live beside it:
 device policy (`device`), data as bucketed device tensors (`batching`), metrics and decoding
-(`evaluator`), Adam with the Noam schedule (`optim`), the checkpoint format (`artifacts`); the RNG state a
+(`evaluation`), Adam with the Noam schedule (`optim`), the checkpoint format (`artifacts`); the RNG state a
 checkpoint carries is saved and restored here, so that a resumed run reproduces the uninterrupted one.
 
 Speed levers (the model is tiny, so a naive loop is host-bound): splits encoded and padded once
@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from trainers import artifacts
-from trainers.batching import TensorSplit
+from trainers.batching import TensorSplit, tensor_split
 from trainers.config import TrainConfig
 from trainers.data.prepare import Prepared
 from trainers.device import autocast, resolve_device
-from trainers.evaluator import Evaluation, Evaluator
+from trainers.evaluation import Evaluation, Evaluator
 from trainers.metrics import DEFINITIONS, METRIC_MODES
 from trainers.models import build_model
 from trainers.models.common import Output, Targets
@@ -277,12 +277,6 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
             fresh = torch.where(has[:, None], torch.from_numpy(vectors).to(weight.device, weight.dtype), fresh)
         fresh[PAD] = 0.0
         weight.copy_(fresh)
-
-
-def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:
-    """`split` as bucketed device tensors with the run's lengths and bucket width."""
-    return TensorSplit(split, vocab_size, device, max_context=cfg.max_context, max_target=cfg.max_target,
-                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from trainers.batching import tensor_split
 from trainers.config import DecodeConfig, TrainConfig, load_config
 from trainers.decoding import decode
-from trainers.loop import tensor_split
 from trainers.models import build_model
 
 
