@@ -1,7 +1,7 @@
 """Batched response decoding: greedy, beam search and sampling.
 
 Works with any model that offers the two-call decoding interface
-    state = model.encode(batch)                  # an Encoding (trainers.models.common), tensors batch-first
+    state = model.encode(batch)                  # an Encoding (trainers.models.interface), tensors batch-first
     log_probs = model.decode_step(state, ys)     # ys (B, t) extended ids so far, ys[:, 0] = SOS
                                                  # -> (B, V_ext), V_ext = V + state.max_oov
 A model that also offers `cache = model.start_cache()` and `model.decode_step(state, ys, cache)` (the models
@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 
 from trainers.config import DecodeConfig
-from trainers.models.common import Encoding, KVCache
+from trainers.models.interface import Encoding
+from trainers.models.layers import KVCache
 from trainers.tokens import EOS, PAD, SOS
 
 

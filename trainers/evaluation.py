@@ -32,7 +32,7 @@ from trainers.data.sources import load_splits
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, resolve_device
 from trainers.metrics import DEFINITIONS, MetricAccumulator, sampled
-from trainers.models.common import Targets
+from trainers.models.interface import Targets
 
 
 @dataclass

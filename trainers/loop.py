@@ -34,7 +34,7 @@ from trainers.device import autocast, resolve_device
 from trainers.evaluation import Evaluation, Evaluator
 from trainers.metrics import DEFINITIONS, METRIC_MODES
 from trainers.models import build_model
-from trainers.models.common import Output, Targets
+from trainers.models.interface import Output, Targets
 from trainers.optim import build_optimizer
 from trainers.tokens import PAD
 

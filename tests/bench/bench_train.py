@@ -28,7 +28,7 @@ from trainers.config import TrainConfig, load_config
 from trainers.data.collate import pad_escm, pad_iamm
 from trainers.loop import Trainer
 from trainers.models import MODELS, build_model
-from trainers.models.common import Targets
+from trainers.models.interface import Targets
 
 
 def _time_steps(step, batches) -> float:

@@ -16,7 +16,7 @@ from trainers.decoding import (
     sample,
     top_k_top_p_filter,
 )
-from trainers.models.common import Encoding
+from trainers.models.interface import Encoding
 from trainers.tokens import EOS, PAD, SOS, UNK
 
 A, B_ = 4, 5          # the two ordinary words of the fake vocabulary
