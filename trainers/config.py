@@ -153,6 +153,8 @@ STRATEGIES = ("greedy", "beam", "sample")
 
 @dataclass
 class DecodeConfig:
+    """How responses are decoded (trainers.decoding); a run keeps its fields in `InferenceConfig.decode`."""
+
     strategy: str = "greedy"       # the papers' evaluation uses greedy
     max_len: int = 30              # the platform's cap; the paper recipe: 51
     beam_size: int = 5

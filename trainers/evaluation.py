@@ -143,8 +143,8 @@ class Evaluator:
 
 
 def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str | Path, *,
-                        device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
-                        label: str | None = None) -> dict:
+                   device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
+                   label: str | None = None) -> dict:
     """Metrics and predictions of the model at `model_path` (a checkpoint file or a bundle directory; `label`
     names it in metrics.json) on a split."""
     loaded = artifacts.load(model_path, device)
