@@ -44,7 +44,7 @@ def data_prepare(
     """Load, validate, annotate and cache a dataset; print a summary table."""
     import os
 
-    from trainers.data.prepare import DataConfig
+    from trainers.config import DataConfig
 
     try:
         cfg = load_config(DataConfig, config, overrides,
@@ -174,17 +174,17 @@ def evaluate(
 
 def _evaluate(checkpoint: str | None, model: str | None, tracking_uri: str | None, *args, **kwargs) -> dict:
     """Evaluate a local checkpoint/bundle, or a registered version's bundle (never unpickled) downloaded here."""
-    from trainers.evaluate import evaluate_checkpoint
+    from trainers.evaluation import evaluate_model
 
     if model is None:
-        return evaluate_checkpoint(checkpoint, *args, **kwargs)
+        return evaluate_model(checkpoint, *args, **kwargs)
     from cluster.tracking.runs import resolve_tracking_uri
     from services import registry
 
     resolved = registry.resolve(model, resolve_tracking_uri(tracking_uri))
     try:
         label = f"{model} (version {resolved.version}, run {resolved.run_id})"
-        return evaluate_checkpoint(resolved.bundle, *args, label=label, **kwargs)
+        return evaluate_model(resolved.bundle, *args, label=label, **kwargs)
     finally:
         registry.discard(resolved)
 

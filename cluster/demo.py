@@ -94,8 +94,7 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig
+    from trainers.config import DataConfig, load_config
 
     start = time.perf_counter()
     prepare_with_summary(load_config(DataConfig, source=source, n_process=2))

@@ -7,7 +7,7 @@
     mlflow models predict -m runs:/<run_id>/model -t json --env-manager local \
         -i <(echo '{"inputs": [{"context": ["I passed my driving test!"]}]}')
 
-Logged by `cluster.tracking.runs.log_pyfunc_model` with the bundle (trainers.model_bundle: safetensors + JSON,
+Logged by `cluster.tracking.runs.log_pyfunc_model` with the bundle (trainers.artifacts: safetensors + JSON,
 never unpickled) as the artifact `bundle`, `SIGNATURE` and `INPUT_EXAMPLE`, and `trainers/` + `services/`
 as code paths. The signature is the HTTP schema's (services.schemas.RespondRequest / RespondResponse, less
 the registry's `model` field). Imports stay minimal: the heavy ones happen in load_context.

@@ -5,7 +5,7 @@ Contract with whoever registers versions (cluster.tracking.promotion, or by hand
 - A model version's `source` is either a logged model (`models:/m-...`, e.g. the pyfunc model of
   services/pyfunc_model.py logged by cluster.tracking.runs.log_pyfunc_model, whose bundle sits under
   `artifacts/bundle/`) or a run artifact directory (`runs:/<run_id>/model`) holding a bundle.
-- A bundle (trainers.model_bundle) is `model.safetensors` + `config.json` + `vocab.json`: weights, the
+- A bundle (trainers.artifacts) is `model.safetensors` + `config.json` + `vocab.json`: weights, the
   resolved config and the vocabulary, so the preprocessing is the training run's (same spaCy pipeline,
   same vocabulary). It is read with JSON and safetensors only: no pickle from the registry is ever
   loaded, so a `*.pt`/`*.pkl` in a version is refused, never unpickled.
@@ -77,7 +77,7 @@ def download_bundle(c, tracking_uri: str, mv, dst: Path) -> Path:
     """
     from mlflow.artifacts import download_artifacts
 
-    from trainers.model_bundle import PICKLE_SUFFIXES, find_bundle
+    from trainers.artifacts import PICKLE_SUFFIXES, find_bundle
 
     tried = []
     locations = [lambda: c.get_model_version_download_uri(mv.name, mv.version)]

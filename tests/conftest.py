@@ -38,8 +38,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory):
     """The embedded sample prepared once per session (spaCy parse, real vectors)."""
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     cache = tmp_path_factory.mktemp("prepared")
     return prepare(load_config(DataConfig, source="sample", cache_dir=str(cache)))

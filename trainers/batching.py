@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainers.config import TrainConfig
 from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
 from trainers.data.prepare import PreparedSplit
 
@@ -116,3 +117,9 @@ class TensorSplit:
         if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
+
+
+def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:
+    """`split` as bucketed device tensors with the run's lengths and bucket width."""
+    return TensorSplit(split, vocab_size, device, max_context=cfg.max_context, max_target=cfg.max_target,
+                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm")

@@ -1,7 +1,7 @@
 """Batched response decoding: greedy, beam search and sampling.
 
 Works with any model that offers the two-call decoding interface
-    state = model.encode(batch)                  # an Encoding (trainers.models.common), tensors batch-first
+    state = model.encode(batch)                  # an Encoding (trainers.models.interface), tensors batch-first
     log_probs = model.decode_step(state, ys)     # ys (B, t) extended ids so far, ys[:, 0] = SOS
                                                  # -> (B, V_ext), V_ext = V + state.max_oov
 A model that also offers `cache = model.start_cache()` and `model.decode_step(state, ys, cache)` (the models
@@ -19,44 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from trainers.models.common import Encoding, KVCache
+from trainers.config import DecodeConfig
+from trainers.models.interface import Encoding
+from trainers.models.layers import KVCache
 from trainers.tokens import EOS, PAD, SOS
-
-STRATEGIES = ("greedy", "beam", "sample")
-
-
-@dataclass
-class DecodeConfig:
-    strategy: str = "greedy"       # the papers' evaluation uses greedy
-    max_len: int = 30              # the platform's cap; the paper recipe: 51
-    beam_size: int = 5
-    length_penalty: float = 1.0    # GNMT alpha; 0 = rank by raw log-probability
-    top_k: int = 0                 # 0 = no top-k filter
-    top_p: float = 1.0             # 1.0 = no nucleus filter
-    temperature: float = 1.0
-    kv_cache: bool = True          # incremental decoding (same tokens); False recomputes the prefix each step
-
-    def __post_init__(self):
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.temperature > 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not isinstance(self.kv_cache, bool):
-            raise ValueError(f"kv_cache must be true or false, got {self.kv_cache!r}")
 
 
 def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import torch
 
@@ -17,17 +16,13 @@ def resolve_device(name: str) -> torch.device:
 
 @functools.cache
 def native_bf16(device_type: str) -> bool:
-    """Whether bf16 matmuls are native (not emulated) on this device type: CUDA with bf16 support, or a CPU
-    advertising AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; False where it cannot be read)."""
+    """Whether bf16 matmuls are native (not emulated) on this device type: CUDA with bf16 support, or a CPU with
+    AVX512-BF16 or AMX (asked through torch, which reads the CPUID flags with the cpuinfo library: any OS)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type != "cpu":
         return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def autocast(bf16: bool, device: torch.device, min_cpu_batch: int = 0, batch: int = 0):

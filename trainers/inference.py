@@ -6,7 +6,7 @@ config), the same vocabulary (stored in the checkpoint), the same featurisation 
 situation its first turn stands in (IAMM's eq. 3 input). Path: app -> schemas -> inference ->
 features -> collate -> model -> decoding.
 
-    responder = Responder.from_bundle("bundle/")   # trainers.model_bundle; or from_checkpoint("best.pt")
+    responder = Responder.from_bundle("bundle/")   # trainers.artifacts; or from_checkpoint("best.pt")
     responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
     -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...],
          "evidence": [...], "tokens_generated": 9}]
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainers import checkpoint as ckpt
-from trainers.checkpoint import InferenceConfig
+from trainers import artifacts
+from trainers.config import InferenceConfig
 from trainers.data import annotate as ann
 from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
 from trainers.data.emotions import EMOTIONS
@@ -55,16 +55,14 @@ class Responder:
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu") -> Responder:
-        config, model, vocab = ckpt.load_model(path, device)
-        return cls(InferenceConfig.of_run(config), model, vocab, device)
+        loaded = artifacts.load(path, device)
+        return cls(loaded.inference_config(), loaded.model, loaded.vocab, device)
 
     @classmethod
     def from_bundle(cls, path, device: str = "cpu") -> Responder:
         """From a serving bundle directory: safetensors + JSON, nothing unpickled (what the registry serves)."""
-        from trainers.model_bundle import load_bundle
-
-        config, model, vocab = load_bundle(path, device)
-        return cls(InferenceConfig.of_run(config), model, vocab, device)
+        loaded = artifacts.load(path, device, bundle_only=True)
+        return cls(loaded.inference_config(), loaded.model, loaded.vocab, device)
 
     @property
     def model_name(self) -> str:

@@ -5,7 +5,8 @@ Ray Train wrapper (cluster) runs one per worker, passing `rank`/`world_size`, a 
 hook (DDP), an `on_eval` hook (metrics + checkpoint reporting) and an `on_checkpoint` hook (a resume
 checkpoint saved between evaluations, before `eval_from`). Its parts live beside it:
 device policy (`device`), data as bucketed device tensors (`batching`), metrics and decoding
-(`evaluator`), Adam with the Noam schedule (`optim`), the checkpoint format (`checkpoint`).
+(`evaluation`), Adam with the Noam schedule (`optim`), the checkpoint format (`artifacts`); the RNG state a
+checkpoint carries is saved and restored here, so that a resumed run reproduces the uninterrupted one.
 
 Speed levers (the model is tiny, so a naive loop is host-bound): splits encoded and padded once
 into length buckets on the device and an epoch plan built on the host (`batching`: no per-example
@@ -17,83 +18,27 @@ AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
 
+import numpy as np
 import torch
-from pydantic import Field, model_validator
 
-from trainers import checkpoint as ckpt
-from trainers.batching import TensorSplit
-from trainers.checkpoint import InferenceConfig
+from trainers import artifacts
+from trainers.batching import TensorSplit, tensor_split
+from trainers.config import TrainConfig
 from trainers.data.prepare import Prepared
 from trainers.device import autocast, resolve_device
-from trainers.evaluator import Evaluation, Evaluator
-from trainers.metrics import DEFINITIONS, GENERATION_METRICS, METRIC_MODES, SAMPLED
+from trainers.evaluation import Evaluation, Evaluator
+from trainers.metrics import DEFINITIONS, METRIC_MODES
 from trainers.models import build_model
-from trainers.models.common import Output, Targets
+from trainers.models.interface import Output, Targets
 from trainers.optim import build_optimizer
-from trainers.recipes import RECIPE_NAMES, apply_recipe
 from trainers.tokens import PAD
 
 OOV_EMBEDDING_STD = 0.01  # `embedding_init: vectors`: words without a vector ~ N(0, 0.01^2) (authors' code)
-
-
-class TrainConfig(InferenceConfig):
-    """Everything one training run needs (the inherited `InferenceConfig` fields too). `recipe` fills in the
-    fields a run does not set (trainers.recipes); the defaults are the "platform" recipe."""
-
-    recipe: Literal[RECIPE_NAMES] = Field("platform", description="named bundle of settings: platform | paper")
-    model_overrides: dict[str, Any] = Field(default_factory=dict, description="model config fields, e.g. no_vr")
-    out_dir: str = "runs/train"
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    seed: int = 0
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
-    max_steps: int = Field(13500, ge=1, description="ESCM converged after 13,500 steps (paper 4.2)")
-    warmup: int = Field(8000, ge=1, description="Noam warm-up steps")
-    lr_factor: float = Field(1.0, gt=0, description="Noam schedule factor")
-    adam_betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = Field(1e-9, gt=0)
-    grad_clip: float = Field(2.0, ge=0, description="max global grad norm; 0 disables")
-    embedding_init: Literal["rescaled", "vectors"] = Field(
-        "rescaled", description="word vectors rescaled to the model's init norm, or at their own scale with "
-                                "words without a vector ~ N(0, 0.01^2) (the authors')")
-    eval_every: int = Field(500, ge=1)
-    eval_from: int = Field(0, ge=0, description="no evaluation before this step (the last step always evaluates); "
-                                                  "before it, every eval_every steps saves a checkpoint only")
-    selection: Literal["early_stop", "reference"] = Field(
-        "early_stop", description="best checkpoint: by early_stop_metric with patience, or the authors' rule")
-    select_ppl: float = Field(43.0, gt=0, description="reference rule: also keep a checkpoint with PPL below this")
-    select_acc: float = Field(0.385, ge=0, description="... and emotion accuracy above this")
-    log_every: int = Field(50, ge=1)
-    eval_generate: int = Field(256, ge=0, description="valid examples decoded per evaluation, their Dist/BLEU "
-                               "logged as *_sampled (0 = all: the papers' whole-split figures); the final "
-                               "evaluation always decodes the whole split")
-    early_stop_metric: str = "valid_ppl"
-    patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
-    keep_checkpoints: int = Field(2, ge=1)
-    bucket_width: int = Field(32, ge=8)
-    compile: bool = Field(False, description="torch.compile the model (CUDA)")
-    use_vectors: bool = Field(True, description="initialise word embeddings from the prepared vectors")
-    num_samples: int = Field(100, ge=0, description="sample generations written at the end")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_recipe(cls, data: Any) -> Any:
-        return apply_recipe(data, cls.model_fields["model"].default) if isinstance(data, dict) else data
-
-    @model_validator(mode="after")
-    def _check_early_stop(self) -> TrainConfig:
-        if self.early_stop_metric not in METRIC_MODES:
-            raise ValueError(f"early_stop_metric must be one of {sorted(METRIC_MODES)}")
-        metric, is_sampled = self.early_stop_metric, self.early_stop_metric.endswith(SAMPLED)
-        if metric.removesuffix(SAMPLED) in GENERATION_METRICS and is_sampled != (self.eval_generate > 0):
-            raise ValueError(f"early_stop_metric {metric} needs eval_generate "
-                             + ("> 0 (a sample of valid)" if is_sampled else "= 0 (the whole valid split)"))
-        return self
 
 
 def model_overrides(cfg: TrainConfig, prepared: Prepared) -> dict:
@@ -118,7 +63,7 @@ class Trainer:
         self.log = log if rank == 0 else (lambda s: None)
         self.out = Path(cfg.out_dir)
         self.device = resolve_device(cfg.device)
-        ckpt.seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         vocab = prepared.vocab
         self.vocab = vocab
         self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(),
@@ -149,17 +94,17 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
-            "format": ckpt.CHECKPOINT_FORMAT, "config": self.cfg.model_dump(), "model_name": self.cfg.model,
+            "format": artifacts.CHECKPOINT_FORMAT, "config": self.cfg.model_dump(), "model_name": self.cfg.model,
             "model_config": vars(self.raw_model.cfg), "vocab": self.vocab.itos,
-            "data_key": self.prepared.manifest["key"], "code_version": ckpt.code_version(),
+            "data_key": self.prepared.manifest["key"], "code_version": artifacts.trainers_source_hash(),
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "position": self.position, "best": self.best,
-            "bad_evals": self.bad_evals, "history": self.history, "rng": ckpt.rng_state(),
+            "bad_evals": self.bad_evals, "history": self.history, "rng": rng_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("format") != ckpt.CHECKPOINT_FORMAT:
+        if state.get("format") != artifacts.CHECKPOINT_FORMAT:
             raise ValueError(f"not an edp checkpoint (format {state.get('format')!r})")
         if state["vocab"] != self.vocab.itos:
             raise ValueError("checkpoint vocabulary differs from the prepared data's; same data settings needed")
@@ -168,24 +113,25 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best, self.bad_evals, self.history = state["best"], state["bad_evals"], state["history"]
-        ckpt.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     def save_checkpoint(self, tag: str | None = None) -> Path:
         """Atomically write `checkpoints/step_N.pt` (and `best.pt` when tagged); prune old ones."""
         ckpt_dir = self.out / "checkpoints"
-        path = ckpt.save(self.state_dict(), ckpt_dir / f"{tag}.pt" if tag else ckpt.step_path(ckpt_dir, self.step))
+        path = artifacts.save_checkpoint(self.state_dict(),
+                                         ckpt_dir / f"{tag}.pt" if tag else artifacts.step_path(ckpt_dir, self.step))
         if tag is None:
-            ckpt.prune(ckpt_dir, self.cfg.keep_checkpoints)
+            artifacts.prune(ckpt_dir, self.cfg.keep_checkpoints)
         return path
 
     def resume(self, path: Path | None = None) -> bool:
         """Load `path` or the newest `checkpoints/step_*.pt`; False when there is none."""
         if path is None:
-            found = ckpt.step_checkpoints(self.out / "checkpoints")
+            found = artifacts.step_checkpoints(self.out / "checkpoints")
             if not found:
                 return False
             path = found[-1]
-        self.load_state_dict(ckpt.load(path, self.device))
+        self.load_state_dict(artifacts.read_checkpoint(path, self.device))
         self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.position})")
         return True
 
@@ -291,7 +237,7 @@ class Trainer:
         """Final evaluation with the best weights on the whole valid split, metrics.json and samples.jsonl (rank 0)."""
         best = self.out / "checkpoints" / "best.pt"
         if best.exists():
-            self.raw_model.load_state_dict(ckpt.load(best, self.device)["model"])
+            self.raw_model.load_state_dict(artifacts.read_checkpoint(best, self.device)["model"])
         else:  # the reference rule keeps nothing above PPL 100 (the authors' code would fall back to the init)
             self.log(f"no evaluation was selected ({self.cfg.selection}): the final weights are reported")
         evaluation = self.final_evaluation = self.evaluator.run(self.valid_data, generate=0)
@@ -333,7 +279,26 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
         weight.copy_(fresh)
 
 
-def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:
-    """`split` as bucketed device tensors with the run's lengths and bucket width."""
-    return TensorSplit(split, vocab_size, device, max_context=cfg.max_context, max_target=cfg.max_target,
-                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm")
+# ------------------------------------------------------------------------------------------------
+# RNG state (resume reproduces the uninterrupted run)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainers.config import deep_merge
-
 RECIPE_NAMES = ("platform", "paper")
 
 # The authors' training loop, per model: train to `max_steps`; from `eval_from` on, evaluate on valid every
@@ -61,13 +59,3 @@ def recipe_values(name: str, model: str) -> dict[str, Any]:
     values = {**_PAPER_COMMON, **SCHEDULES[model]}
     values["model_overrides"] = {**_PAPER_COMMON["model_overrides"], **_PAPER_MODEL_OVERRIDES[model]}
     return values
-
-
-def apply_recipe(data: dict[str, Any], default_model: str) -> dict[str, Any]:
-    """Raw TrainConfig fields `data` over the values of its recipe (`data["recipe"]`, default "platform"):
-    what `data` sets wins, dicts (`model_overrides`, `decode`) merge key by key. An unknown recipe or model
-    is left for validation to report."""
-    name, model = data.get("recipe", "platform"), data.get("model", default_model)
-    if name not in RECIPE_NAMES or model not in SCHEDULES:
-        return data
-    return deep_merge(recipe_values(name, model), data)

@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(config: str | None = None, overrides: list[str] | None = None, **fields):
     """The run's TrainConfig from a YAML file, `--set` overrides and named fields (None: not given); `edp train
     --local` builds it here too."""
-    from trainers.loop import TrainConfig
+    from trainers.config import TrainConfig
 
     data = {"source": fields.pop("data")} if fields.get("data") else None
     fields.pop("data", None)

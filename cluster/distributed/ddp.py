@@ -23,8 +23,8 @@ from typing import Any
 from pydantic import Field
 
 from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
-from trainers.config import ConfigError, StrictModel
-from trainers.loop import TrainConfig, Trainer
+from trainers.config import ConfigError, StrictModel, TrainConfig
+from trainers.loop import Trainer
 
 
 class Scaling(StrictModel):

@@ -37,9 +37,8 @@ from cluster.distributed.ddp import (
 )
 from cluster.tracking.reports import PaperReference, finish_parent, log_table_so_far
 from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
-from trainers.config import ConfigError, StrictModel, load_config
+from trainers.config import ConfigError, StrictModel, TrainConfig, load_config
 from trainers.config import deep_merge as merge
-from trainers.loop import TrainConfig
 from trainers.metrics import METRIC_MODES
 
 NAME = r"^[A-Za-z0-9_.-]+$"
@@ -443,7 +442,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """Prepare data, open the parent run, run every trial, then log the ablation table and the best child."""
     import yaml
 
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig
+    from trainers.data.prepare import prepare
 
     t0 = time.perf_counter()
     ensure_ray()

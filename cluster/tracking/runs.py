@@ -97,8 +97,8 @@ def end_run(uri: str, run_id: str, ok: bool = True) -> None:
 
 def code_version() -> dict[str, str]:
     """Git commit (when the checkout has one) and the hash of the trainers/ source that actually ran (the one a
-    checkpoint records: `trainers.checkpoint.code_version`)."""
-    from trainers.checkpoint import code_version as trainers_sha256
+    checkpoint records: `trainers.artifacts.trainers_source_hash`)."""
+    from trainers.artifacts import trainers_source_hash as trainers_sha256
 
     out = {"code.trainers_sha256": trainers_sha256()}
     try:
@@ -199,7 +199,7 @@ class RunLogger:
 
         import mlflow
 
-        from trainers.model_bundle import save_bundle
+        from trainers.artifacts import save_bundle
 
         with tempfile.TemporaryDirectory() as tmp:
             bundle = save_bundle(Path(tmp) / "bundle", trainer.cfg, trainer.raw_model, trainer.vocab,

@@ -65,8 +65,8 @@ def smoke_sweep(env: dict[str, str]) -> float:
 
 def prepared_data(env: dict[str, str], data: str, tmp: Path) -> dict:
     """Cold prepare (publishing), fetch from the stack's S3 into an empty cache, local hit: seconds each."""
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     shared = f"{env['EDP_CHECKPOINT_URI']}/prepared-bench-{uuid.uuid4().hex[:6]}"
     times = {}
@@ -84,8 +84,8 @@ def prepared_data(env: dict[str, str], data: str, tmp: Path) -> dict:
 def serve_node_kill(state_dir: Path, env: dict[str, str], ports: dict[str, int], tmp: Path) -> dict:
     from tests.integration.local_cluster import deploy_on_workers, serve_through_node_kill
     from tests.integration.registry_models import register_champion, train_tiny
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     sample = prepare(load_config(DataConfig, source="sample", cache_dir=str(tmp / "sample-cache")))
     checkpoint, _ = train_tiny(sample, tmp / "tiny-escm")

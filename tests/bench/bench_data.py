@@ -6,8 +6,8 @@ from __future__ import annotations
 import tempfile
 import time
 
-from trainers.config import load_config
-from trainers.data.prepare import DataConfig, prepare
+from trainers.config import DataConfig, load_config
+from trainers.data.prepare import prepare
 
 
 def run(source: str, n_process: int = 2) -> dict:

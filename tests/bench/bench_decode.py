@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from trainers.config import load_config
-from trainers.decoding import DecodeConfig, decode
-from trainers.loop import TrainConfig, tensor_split
+from trainers.batching import tensor_split
+from trainers.config import DecodeConfig, TrainConfig, load_config
+from trainers.decoding import decode
 from trainers.models import build_model
 
 

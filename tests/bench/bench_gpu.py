@@ -145,8 +145,8 @@ def largest_batch(trainer, sizes: Sizes) -> int:
 
 
 def step_speed(prepared, device: str, sizes: Sizes) -> list[dict]:
-    from trainers.config import load_config
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.config import TrainConfig, load_config
+    from trainers.loop import Trainer
 
     modes = MODES if torch.device(device).type == "cuda" else ("eager",)  # compile applies on CUDA only
     rows = []
@@ -179,8 +179,8 @@ def prepared_data(prepared) -> dict:
 
 def full_run(prepared, model: str, device: str, sizes: Sizes) -> dict:
     """`Trainer(...).train()` with the recipe (TrainConfig defaults) on `prepared`."""
-    from trainers.config import load_config
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.config import TrainConfig, load_config
+    from trainers.loop import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(TrainConfig, model=model, out_dir=out, device=device, data=prepared_data(prepared),
@@ -197,7 +197,7 @@ def full_run(prepared, model: str, device: str, sizes: Sizes) -> dict:
 
 def grid(prepared, device: str, sizes: Sizes, tmp: Path) -> dict:
     from cluster.distributed.tuning import SweepConfig, load_sweep, run_sweep
-    from trainers.loop import TrainConfig
+    from trainers.config import TrainConfig
 
     gpu = sizes.grid_gpu if torch.device(device).type == "cuda" else 0
     per_device = round(1 / gpu) if gpu else 2
@@ -345,8 +345,8 @@ def write_section(path: Path, text: str) -> None:
 
 
 def run(data: str, device: str, sizes: Sizes, only: set[str], quick: bool) -> dict:
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     t0 = time.perf_counter()
     prepared = prepare(load_config(DataConfig, source=data, n_process=min(8, os.cpu_count() or 1)))

@@ -176,8 +176,8 @@ def run(data: str = "sample", requests: int = 160, concurrencies: tuple[int, ...
     from cluster.local.processes import free_port
     from cluster.local.services import start_mlflow
     from tests.integration.registry_models import register_champion, train_tiny
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     load = [os.getloadavg()[0]]

@@ -51,8 +51,9 @@ def _between_evals(log_text: str, examples_per_step: int) -> float | None:
 
 def plain(train: dict) -> dict:
     """The yardstick: Trainer(...).train() in this process, 1 torch thread."""
+    from trainers.config import TrainConfig
     from trainers.data.prepare import prepare
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.loop import Trainer
 
     cfg = TrainConfig.model_validate(train)
     threads = torch.get_num_threads()
@@ -124,8 +125,8 @@ def sweep(tmp: Path, uri: str) -> dict:
 def run() -> dict:
     import ray
 
-    from trainers.config import load_config
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare
 
     load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="edp-bench-sweep-") as d:

@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from trainers.config import load_config
+from trainers.config import TrainConfig, load_config
 from trainers.data.collate import pad_escm, pad_iamm
-from trainers.loop import TrainConfig, Trainer
+from trainers.loop import Trainer
 from trainers.models import MODELS, build_model
-from trainers.models.common import Targets
+from trainers.models.interface import Targets
 
 
 def _time_steps(step, batches) -> float:
@@ -143,7 +143,8 @@ def as_markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    from trainers.data.prepare import DataConfig, prepare
+    from trainers.config import DataConfig
+    from trainers.data.prepare import prepare
 
     p = prepare(load_config(DataConfig))
     print(as_markdown(run(p, batch_sizes=(16,), steps=5, rounds=1)))

@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = (("train", "Training step (paper-sized models, CPU)"),
                 ("decode", "Decoding (paper-sized models, CPU, 1 thread)"))
     if only & {key for key, _ in sections}:
-        from trainers.config import load_config
-        from trainers.data.prepare import DataConfig, prepare
+        from trainers.config import DataConfig, load_config
+        from trainers.data.prepare import prepare
 
         prepared = prepare(load_config(DataConfig, source=args.data, n_process=2))
     for key, title in sections:

@@ -20,8 +20,8 @@ def train_tiny(prepared, out_dir: Path, seed: int = 0, max_steps: int = 4,
 
     Replies are capped at `max_len` tokens (the checkpoint's decoding setting) to keep serving tests fast.
     """
-    from trainers.config import load_config
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.config import TrainConfig, load_config
+    from trainers.loop import Trainer
 
     cfg = load_config(TrainConfig, model="escm", out_dir=str(out_dir), device="cpu", seed=seed,
                       use_vectors=False,
@@ -41,8 +41,7 @@ def pyfunc_available() -> bool:
 
 def bundle_of(checkpoint: Path) -> Path:
     """The serving bundle of a training checkpoint, exported once beside it (`<dir>/bundle-<name>/`)."""
-    from trainers.evaluate import export_bundle
-    from trainers.model_bundle import is_bundle
+    from trainers.artifacts import export_bundle, is_bundle
 
     bundle = checkpoint.parent / f"bundle-{checkpoint.stem}"
     return bundle if is_bundle(bundle) else export_bundle(checkpoint, bundle)
@@ -50,8 +49,8 @@ def bundle_of(checkpoint: Path) -> Path:
 
 def comparison_params(bundle: Path) -> dict[str, str]:
     """The params a training run logs for promotion to compare like with like (cluster.tracking.runs.log_setup)."""
+    from trainers.artifacts import read_bundle_config as read_config
     from trainers.metrics import METRIC_DEFINITION
-    from trainers.model_bundle import read_config
 
     return {"data.key": read_config(bundle)["data_key"], "eval.split": "valid",
             "metric_definition": METRIC_DEFINITION}

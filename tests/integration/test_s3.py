@@ -241,14 +241,14 @@ def test_a_node_fetches_a_prepared_entry_another_node_published_and_never_rebuil
     """Node A (the driver) publishes its entry; node B (an empty cache) fetches it and never runs spaCy."""
     import shutil
 
-    from trainers.config import load_config
+    from trainers.config import DataConfig, load_config
     from trainers.data import prepare as prep
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env.url)
     shared = f"s3://{bucket}/ckpt/prepared"
     node_a = tmp_path / "a"
     shutil.copytree(prepared_sample.path, node_a / prepared_sample.path.name)  # A prepared it earlier, locally
-    a = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(node_a), shared_cache=shared),
+    a = prep.prepare(load_config(DataConfig, source="sample", cache_dir=str(node_a), shared_cache=shared),
                      publish=True)
     assert a.cache_hit and a.manifest["key"] == prepared_sample.manifest["key"]
     keys = keys_of(s3_env, bucket, f"ckpt/prepared/{a.manifest['key']}/")
@@ -258,7 +258,7 @@ def test_a_node_fetches_a_prepared_entry_another_node_published_and_never_rebuil
         raise AssertionError("node B re-ran the spaCy pipeline for an entry that exists in S3")
 
     monkeypatch.setattr(prep.ann, "load_pipeline", no_spacy)
-    b = prep.prepare(load_config(prep.DataConfig, source="sample", cache_dir=str(tmp_path / "b"),
+    b = prep.prepare(load_config(DataConfig, source="sample", cache_dir=str(tmp_path / "b"),
                                  shared_cache=shared))
     assert b.cache_hit and b.path == tmp_path / "b" / a.manifest["key"]
     assert len(b.split("train").examples) == len(prepared_sample.split("train").examples)

@@ -73,8 +73,8 @@ def s3_mlflow(s3_server, bucket, tmp_path_factory):
 
 def test_mlflow_run_artifacts_and_model_land_in_s3_and_load_back(s3_server, bucket, s3_mlflow, prepared_sample,
                                                                 no_aws_env, tmp_path):
-    from trainers.config import load_config
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.config import TrainConfig, load_config
+    from trainers.loop import Trainer
 
     t0 = time.perf_counter()
     cfg = load_config(TrainConfig, model="escm", out_dir=str(tmp_path / "out"), device="cpu", use_vectors=False,

@@ -20,7 +20,8 @@ RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence"}
 @pytest.fixture(scope="module")
 def logged_run(mlflow_server, prepared_sample, tmp_path_factory):
     """A tiny ESCM trained 4 steps in-process and logged like a rank-0 Ray worker does."""
-    from trainers.loop import TrainConfig, Trainer
+    from trainers.config import TrainConfig
+    from trainers.loop import Trainer
 
     out = tmp_path_factory.mktemp("tracked")
     data = {"source": "sample", "cache_dir": str(prepared_sample.path.parent)}

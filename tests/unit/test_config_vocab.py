@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainers.config import ConfigError, load_config, parse_overrides
+from trainers.config import ConfigError, DataConfig, InferenceConfig, TrainConfig, load_config, parse_overrides
 from trainers.data.emotions import EMOTIONS
-from trainers.data.prepare import DataConfig
 from trainers.data.records import DataError
 from trainers.data.vocab import Vocab
 from trainers.tokens import EOS, PAD, SPECIALS, UNK
@@ -51,3 +50,10 @@ def test_vocab_keeps_specials_and_emotions_and_round_trips(tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "other"}')
     with pytest.raises(DataError, match="not an edp vocabulary"):
         Vocab.load(tmp_path / "bad.json")
+
+
+def test_inference_config_reads_its_part_of_a_run_config():
+    run = TrainConfig(model="iamm", max_context=64, bf16=False, decode={"max_len": 5}, batch_size=3)
+    cfg = InferenceConfig.of_run(run.model_dump())
+    assert (cfg.model, cfg.max_context, cfg.bf16, cfg.decode_config().max_len) == ("iamm", 64, False, 5)
+    assert cfg.data == run.data

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from trainers.config import DecodeConfig
 from trainers.decoding import (
-    DecodeConfig,
     beam_search,
     decode,
     greedy,
@@ -16,7 +16,7 @@ from trainers.decoding import (
     sample,
     top_k_top_p_filter,
 )
-from trainers.models.common import Encoding
+from trainers.models.interface import Encoding
 from trainers.tokens import EOS, PAD, SOS, UNK
 
 A, B_ = 4, 5          # the two ordinary words of the fake vocabulary

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainers.checkpoint import InferenceConfig
+from trainers.config import InferenceConfig
 from trainers.data.collate import encode_example, pad_escm
 from trainers.data.features import ExampleFeatures, example_texts, featurize
 from trainers.inference import Request, Responder

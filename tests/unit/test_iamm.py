@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from trainers.models.association import InformationAssociation, iterate_associations
-from trainers.models.common import Targets
 from trainers.models.iamm import IAMM, IAMMConfig
+from trainers.models.interface import Targets
 from trainers.tokens import CLS, EOS, PAD, SOS, UNK
 
 FIRST_WORD = 40

@@ -1,4 +1,4 @@
-"""Incremental decoding (trainers.models.common.KVCache): the same tokens and log-probs as recomputing the prefix."""
+"""Incremental decoding (trainers.models.layers.KVCache): the same tokens and log-probs as recomputing the prefix."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import torch
 
 from tests.unit import test_iamm
 from tests.unit.model_batches import EMOTION_WORD_IDS, make_batch
-from trainers.decoding import DecodeConfig, beam_search, decode, greedy
+from trainers.config import DecodeConfig
+from trainers.decoding import beam_search, decode, greedy
 from trainers.models import build_model
-from trainers.models.common import KVCache
+from trainers.models.layers import KVCache
 from trainers.tokens import EOS, SOS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

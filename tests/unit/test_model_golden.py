@@ -15,7 +15,7 @@ import torch
 from tests.unit import test_iamm
 from tests.unit.model_batches import EMOTION_WORD_IDS, make_batch
 from trainers.models import build_model
-from trainers.models.common import Targets
+from trainers.models.interface import Targets
 from trainers.tokens import SOS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

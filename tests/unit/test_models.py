@@ -9,7 +9,8 @@ import torch
 
 from tests.unit.model_batches import EMOTION_WORD_IDS, UNK, collate, make_batch, make_example
 from trainers.models import MODELS, build_model, config_for
-from trainers.models.common import Targets, label_smoothed_nll
+from trainers.models.interface import Targets
+from trainers.models.output import label_smoothed_nll
 
 V = 60
 VARIANTS = [("transformer", {}), ("escm", {}), ("escm", {"no_desv": True}), ("escm", {"no_dcgcn": True}),
@@ -32,12 +33,12 @@ def test_special_ids_are_the_vocabulary_positions_of_their_tokens():
     from trainers import tokens
     from trainers.data.emotions import EMOTIONS, NUM_EMOTIONS
     from trainers.data.vocab import Vocab
-    from trainers.models import common
+    from trainers.models import output
     vocab = Vocab.build([["hello"]])
     for name in ("PAD", "UNK", "SOS", "EOS", "CLS", "SPK", "LSN", "SIT"):
         assert vocab.stoi[f"[{name}]"] == getattr(tokens, name)
     assert vocab.emotion_ids() == list(range(len(tokens.SPECIALS), len(tokens.SPECIALS) + len(EMOTIONS)))
-    assert common.NUM_EMOTIONS == NUM_EMOTIONS
+    assert output.NUM_EMOTIONS == NUM_EMOTIONS
 
 
 def test_paper_defaults_and_tiny_flavour():
@@ -328,7 +329,7 @@ def test_packed_output_layer_gives_the_same_loss(name):
 def test_target_log_prob_equals_the_full_distribution_at_the_target():
     """PointerGenerator.log_prob_of (the training path without label smoothing) gives log P(y) of eq. 20 for
     in-vocabulary targets, copied OOV targets (ids >= V) and targets that are both generated and copied."""
-    from trainers.models.common import PointerGenerator
+    from trainers.models.output import PointerGenerator
 
     torch.manual_seed(0)
     gen = PointerGenerator(8, vocab_size=10)
@@ -346,7 +347,8 @@ def test_closed_form_label_smoothing_equals_the_materialised_loss(seed):
     """PointerGenerator.smoothed_nll (the training path with label smoothing) gives the loss, NLL and gradients
     of `label_smoothed_nll` over the full (N, V + max_oov) mixture: source words repeated, copied OOV targets,
     targets both generated and copied, masked (PAD) source positions, a [CLS]-like special copied."""
-    from trainers.models.common import NEG_INF, PointerGenerator
+    from trainers.models.layers import NEG_INF
+    from trainers.models.output import PointerGenerator
     from trainers.tokens import PAD
 
     g = torch.Generator().manual_seed(seed)

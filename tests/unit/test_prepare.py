@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 
-from trainers.config import load_config
+from trainers.config import DataConfig, load_config
 from trainers.data import prepare as prep
 from trainers.data.annotate import ROOT_LABEL
 from trainers.data.collate import encode_example, pad_escm, pad_iamm
 from trainers.data.features import DEP_ID
-from trainers.data.prepare import DataConfig, prepare
+from trainers.data.prepare import prepare
 from trainers.data.records import DataError
 from trainers.tokens import CLS, EOS, UNK
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainers.config import ConfigError, load_config
-from trainers.loop import OOV_EMBEDDING_STD, TrainConfig, Trainer
+from trainers.config import ConfigError, TrainConfig, load_config
+from trainers.loop import OOV_EMBEDDING_STD, Trainer
 from trainers.models import build_model
-from trainers.models.common import xavier_init_
 from trainers.models.escm import reference_graph, symmetric_graph
+from trainers.models.layers import xavier_init_
 from trainers.tokens import DEP_SELF, PAD, SOS
 
 pytestmark = pytest.mark.usefixtures("one_thread")

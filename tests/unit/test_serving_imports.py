@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-TRAINING_MODULES = ["trainers.loop", "trainers.evaluator", "trainers.optim", "trainers.batching",
-                    "trainers.evaluate", "trainers.train"]
+TRAINING_MODULES = ["trainers.loop", "trainers.evaluation", "trainers.optim", "trainers.batching",
+                    "trainers.train"]
 
 
 def test_serving_imports_no_training_module():

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
-from trainers.config import ConfigError, load_config
-from trainers.loop import TrainConfig, Trainer
+from trainers.config import ConfigError, TrainConfig, load_config
+from trainers.loop import Trainer, rng_state, seed_everything, set_rng_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only thrashes
 
@@ -101,3 +103,12 @@ def test_no_samples_requested_writes_an_empty_samples_file(tmp_path, prepared_sa
     cfg = make_cfg(tmp_path, prepared_sample, max_steps=2, eval_every=2, eval_generate=1, num_samples=0)
     Trainer(cfg, prepared_sample, log=lambda s: None).train()
     assert (tmp_path / "run" / "samples.jsonl").read_text() == ""
+
+
+def test_rng_state_round_trip():
+    seed_everything(3)
+    state = rng_state()
+    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_everything(99)
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from trainers.data.records import DataError
-from trainers.data.vectors import OOV_STD, load_vectors, token_oov_rate
+from trainers.data.vectors import OOV_STD, load_vectors
 from trainers.tokens import SPECIALS
 
 DIM = 4
@@ -89,11 +89,6 @@ def test_non_number_is_named(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_vectors(ITOS, source=str(tmp_path / "nope.txt"), dim=DIM)
-
-
-def test_token_oov_rate():
-    assert token_oov_rate([["the", "zzqx"], ["the", "the"]], {"the"}) == pytest.approx(0.25)
-    assert token_oov_rate([], {"the"}) == 0.0
 
 
 @pytest.fixture(scope="module")

@@ -83,9 +83,6 @@ class KnowledgeSource:
         """Backend name and settings, flat, for MLflow params."""
         return {"backend": self.name, "available": self.available}
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def _key(self, text: str) -> str:
         return " ".join(text.split())
 

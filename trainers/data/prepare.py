@@ -27,61 +27,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from trainers.config import StrictModel
+from trainers.config import DataConfig
 from trainers.data import annotate as ann
 from trainers.data.features import ExampleFeatures, TextFeatures, example_texts, featurize, featurize_texts
 from trainers.data.knowledge import build_knowledge
 from trainers.data.records import DataError, Example, InvalidRecord, examples_from
-from trainers.data.sources import EMBEDDED_SAMPLE, discover, load_splits
+from trainers.data.sources import discover, load_splits
 from trainers.data.vocab import Vocab
 
 FORMAT = "edp-prepared/1"
 Progress = Callable[[str, int, int], None]
-
-
-class DataConfig(StrictModel):
-    """Where the data comes from and how it is preprocessed (all fields hashed except the runtime ones)."""
-
-    source: str = Field("sample", description="'sample' (embedded), a dir/file/.tar.gz, or s3://bucket/prefix")
-    cache_dir: str = Field("~/.cache/edp/prepared", description="where prepared entries live")
-    skip_invalid: bool = Field(False, description="skip malformed records (counted) instead of failing")
-    splits: list[str] = Field(default_factory=lambda: ["train", "valid"], min_length=1)
-    min_freq: int = Field(1, ge=1, description="words seen fewer times in train map to [UNK]")
-    max_vocab: int | None = Field(None, ge=64)
-    spacy_model: str = Field(ann.DEFAULT_PIPELINE, description="spaCy package name or model path")
-    contractions: Literal["keep", "expand"] = Field(
-        "keep", description="'expand': rewrite contractions to full words before spaCy, as the authors' "
-                            "preprocessing (\"don't\" -> \"do not\")")
-    vectors: str = Field("spacy", description="'spacy' (en_core_web_md vectors), 'none', or a GloVe .txt path")
-    knowledge: Literal["none", "precomputed", "comet"] = "none"
-    knowledge_path: str | None = Field(None, description="jsonl (precomputed) or checkpoint dir/s3:// (comet)")
-    s3_endpoint_url: str | None = None
-    shared_cache: str | None = Field(None, description="s3:// prefix where entries are published and fetched, so "
-                                     "the nodes of a cluster share one preparation (runtime only, not hashed)")
-    n_process: int = Field(1, ge=1, le=64, description="spaCy worker processes (runtime only, not hashed)")
-    parse_batch_size: int = Field(256, ge=1, description="spaCy nlp.pipe batch size (not hashed)")
-
-    @field_validator("splits")
-    @classmethod
-    def _known_splits(cls, v: list[str]) -> list[str]:
-        bad = [s for s in v if s not in ("train", "valid", "test")]
-        if bad:
-            raise ValueError(f"unknown split(s) {bad}; choose from train, valid, test")
-        if "train" not in v:
-            raise ValueError("'train' is required: the vocabulary is built from it")
-        return v
-
-    def resolved_source(self) -> str:
-        return str(EMBEDDED_SAMPLE) if self.source == "sample" else self.source
-
-    def hashed_settings(self) -> dict:
-        runtime = {"cache_dir", "n_process", "parse_batch_size", "s3_endpoint_url", "shared_cache", "source"}
-        return {k: v for k, v in self.model_dump().items() if k not in runtime}
 
 
 @dataclass
@@ -119,8 +77,9 @@ class Prepared:
         return np.load(file) if file.exists() else None
 
 
-def code_version() -> str:
-    """Hash of the data-pipeline source: a change to preprocessing code invalidates the cache."""
+def data_pipeline_source_hash() -> str:
+    """Hash of the data-pipeline source (every .py in trainers/data/): a change to preprocessing code invalidates
+    the cache."""
     h = hashlib.sha256()
     for f in sorted(Path(__file__).parent.glob("*.py")):
         h.update(f.name.encode() + f.read_bytes())
@@ -140,7 +99,7 @@ def cache_key(cfg: DataConfig, source_files: list[Path], pipeline_version: str) 
         "format": FORMAT,
         "files": sorted((p.name, _file_digest(p)) for p in source_files),
         "settings": cfg.hashed_settings(),
-        "code": code_version(),
+        "code": data_pipeline_source_hash(),
         "pipeline": pipeline_version,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -197,7 +156,7 @@ def prepare(cfg: DataConfig, progress: Progress | None = None, publish: bool = F
                             "skipped": len(report.invalid), "texts": len(split.texts)}
             progress(f"encode {name}", 1, 1)
         manifest = {
-            "format": FORMAT, "key": key, "settings": cfg.model_dump(), "code_version": code_version(),
+            "format": FORMAT, "key": key, "settings": cfg.model_dump(), "code_version": data_pipeline_source_hash(),
             "source": cfg.resolved_source(), "source_files": [str(p) for p in source_files],
             "splits": list(reports), "counts": counts, "vocab_size": len(vocab),
             "substitutions": {"parser": pipeline_version, "vectors": vec_info["source"],

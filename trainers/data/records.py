@@ -63,11 +63,6 @@ class Example:
     def emotion_id(self) -> int:
         return EMOTION_TO_ID[self.emotion]
 
-    @property
-    def context_speakers(self) -> tuple[str, ...]:
-        """Turns alternate starting with the speaker, so turn i is the speaker's when i is even."""
-        return tuple(SPEAKER if i % 2 == 0 else LISTENER for i in range(len(self.context)))
-
 
 def validate_conversation(record: object) -> Conversation:
     """Check one decoded record against the ED format; raise `DataError` naming the problem.

@@ -238,9 +238,3 @@ def _guess_conv_id(raw: bytes) -> str:
                 return rest[1:].split('"', 1)[0]
         return "<unknown>"
     return text.split(",", 1)[0]
-
-
-def write_jsonl(conversations: Iterable[Conversation], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for c in conversations:
-            f.write(json.dumps(c.to_json(), ensure_ascii=False) + "\n")

@@ -9,7 +9,6 @@ Words without a vector get N(0, 0.1^2) rows from a seeded generator; the PAD row
 from __future__ import annotations
 
 import gzip
-from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,13 +143,3 @@ def load_vectors(itos: list[str], source: str = SPACY_SOURCE, dim: int = 300, se
         source_name=name,
         words_with_vectors=frozenset(words[k] for k in found),
     )
-
-
-def token_oov_rate(token_lists: Iterable[Iterable[str]], words_with_vectors: Collection[str]) -> float:
-    """Fraction of running tokens without a pre-trained vector (0.0 when there are no tokens)."""
-    total = oov = 0
-    for tokens in token_lists:
-        for t in tokens:
-            total += 1
-            oov += t not in words_with_vectors
-    return oov / total if total else 0.0

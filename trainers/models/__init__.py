@@ -4,7 +4,7 @@
     model = build_model("escm", vocab_size=len(vocab), emotion_word_ids=vocab.emotion_ids(), no_vr=True)
 
 Every model takes (config, vocab_size, emotion_word_ids) and implements the interface documented on
-`trainers.models.common.PointerGeneratorSeq2Seq` (forward / encode / decode_step). `flavour` is a
+`trainers.models.interface.PointerGeneratorSeq2Seq` (forward / encode / decode_step). `flavour` is a
 pseudo-override: "paper" (the defaults) or "tiny" (d=32, for CPU tests); explicit overrides win.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from trainers.models.common import ModelConfig, xavier_init_
 from trainers.models.escm import ESCM, ESCMConfig
 from trainers.models.iamm import IAMM, IAMMConfig
+from trainers.models.layers import ModelConfig, xavier_init_
 from trainers.models.transformer import TransformerConfig, TransformerSeq2Seq
 
 _TINY = {"emb_dim": 32, "d_model": 32, "attn_depth": 16, "ffn_dim": 32, "max_len": 256}

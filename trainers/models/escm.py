@@ -65,17 +65,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainers.models.common import (
-    CONTEXT_KEYS,
-    NEG_INF,
-    NUM_EMOTIONS,
-    EmotionHead,
-    Encoder,
-    Encoding,
-    ModelConfig,
-    PointerGeneratorSeq2Seq,
-    require,
-)
+from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
+from trainers.models.layers import NEG_INF, Encoder, ModelConfig
+from trainers.models.output import NUM_EMOTIONS, EmotionHead
 from trainers.tokens import DEP_SELF
 
 GCN_GRAPHS = ("symmetric", "reference")  # eq. 8's graph (module docstring)

@@ -92,18 +92,9 @@ from trainers.models.association import (
     select_words,
     squeeze_padding,
 )
-from trainers.models.common import (
-    CONTEXT_KEYS,
-    NUM_EMOTIONS,
-    Decoder,
-    EmotionHead,
-    Encoder,
-    Encoding,
-    KVCache,
-    ModelConfig,
-    PointerGeneratorSeq2Seq,
-    require,
-)
+from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
+from trainers.models.layers import Decoder, Encoder, KVCache, ModelConfig
+from trainers.models.output import NUM_EMOTIONS, EmotionHead
 from trainers.tokens import CLS, STATE_CLS
 
 IAMM_KEYS = ("utt_ids", "utt_mask", "utt_state", "turn_mask", "situation_ids", "situation_mask",

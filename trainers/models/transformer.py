@@ -2,7 +2,7 @@
 
 Encoder over the context (word + position + dialogue-state embeddings), decoder with the
 pointer-generator output layer, no emotion head (emotion_logits is None, emo_loss is 0). Blocks and
-interface in `trainers.models.common`. Label smoothing 0.1 by default, as the authors' MoEL-derived
+interface in `trainers.models.interface`. Label smoothing 0.1 by default, as the authors' MoEL-derived
 Transformer trains with LabelSmoothing(0.1).
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainers.models.common import CONTEXT_KEYS, Encoder, Encoding, ModelConfig, PointerGeneratorSeq2Seq, require
+from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
+from trainers.models.layers import Encoder, ModelConfig
 
 
 @dataclass

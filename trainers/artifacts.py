@@ -1,0 +1,208 @@
+"""What a training run writes and what everything else loads: training checkpoints and serving bundles.
+
+A training checkpoint (`*.pt`, pickled) describes itself (nanoGPT style): the resolved run config, the model
+name and config, the vocabulary, the prepared data's key, the hash of the trainers/ source that wrote it, the
+step and the training state (optimizer, schedule, RNG), so that it can resume a run (`trainers.loop.Trainer`),
+be evaluated or be exported with nothing else at hand. It is written atomically and pruned to the newest few.
+
+A serving bundle is what is registered and served; nothing in it is ever unpickled, so a bundle downloaded
+from the registry cannot run code when it is loaded:
+
+    bundle/
+      model.safetensors   the model's parameters and buffers (tensors only: the format cannot carry code)
+      config.json         {"format": "edp-bundle/1", "model_name", "model_config", "train_config", "data_key"}
+      vocab.json          the vocabulary (trainers.data.vocab format)
+
+One way to load a model, whatever holds it:
+
+    loaded = load("runs/train/checkpoints/best.pt")     # a training checkpoint file
+    loaded = load("bundle/")                            # a serving bundle directory (JSON + safetensors)
+    loaded = load("models:/escm@champion", resolve=...) # a registry URI: `resolve` (services.registry) turns
+                                                        # it into a local bundle directory first
+    loaded.model, loaded.vocab, loaded.train_config(), loaded.inference_config(), loaded.data_key
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from trainers.config import InferenceConfig, TrainConfig
+from trainers.data.records import DataError
+from trainers.data.vocab import Vocab
+from trainers.device import resolve_device
+from trainers.models import build_model
+
+CHECKPOINT_FORMAT = "edp-checkpoint/1"
+BUNDLE_FORMAT = "edp-bundle/1"
+WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
+REGISTRY_SCHEME = "models:/"
+TRAINERS_DIR = Path(__file__).resolve().parent
+
+
+class BundleError(DataError):
+    """Not a serving bundle (missing or malformed file); says which file and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A trained model ready to use: weights loaded, on its device, in eval mode."""
+
+    run_config: dict            # the run's config as saved (a dumped TrainConfig)
+    model: torch.nn.Module
+    vocab: Vocab
+    data_key: str | None        # the prepared data's key (trainers.data.prepare), when recorded
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.model_validate(self.run_config)
+
+    def inference_config(self) -> InferenceConfig:
+        """Only the part of the run config that inference needs (what serving reads)."""
+        return InferenceConfig.of_run(self.run_config)
+
+
+def load(source: str | Path, device: str = "cpu", *, resolve: Callable[[str], Path] | None = None,
+         bundle_only: bool = False) -> LoadedModel:
+    """The model held by `source`: a training checkpoint file, a serving bundle directory, or a `models:/` URI
+    that `resolve` (the registry's, services.registry) downloads to a bundle directory. `bundle_only` refuses
+    anything but a bundle (serving: nothing is unpickled)."""
+    if str(source).startswith(REGISTRY_SCHEME):
+        if resolve is None:
+            raise DataError(f"{source} is a registry URI: load it with a resolver (services.registry), "
+                            "or give a local checkpoint file or bundle directory")
+        source = resolve(str(source))
+    path = Path(source)
+    if bundle_only or path.is_dir():
+        return _load_bundle(path, device)
+    dev = resolve_device(device)
+    return _from_checkpoint_state(read_checkpoint(path, dev), dev)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints: save (atomic), prune, read
+
+
+def save_checkpoint(state: dict, path: Path) -> Path:
+    """Write `state` to `path` atomically (a reader never sees a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def step_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"step_{step:08d}.pt"
+
+
+def step_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The `step_*.pt` checkpoints in `ckpt_dir`, oldest first."""
+    return sorted(ckpt_dir.glob("step_*.pt"))
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` step checkpoints (`best.pt` is never pruned)."""
+    for old in step_checkpoints(ckpt_dir)[:-keep]:
+        old.unlink()
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's whole state dict (training state included, for resuming); `DataError` when the file is
+    missing or not an edp checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path} is not an edp checkpoint (expected format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def _from_checkpoint_state(state: dict, dev: torch.device) -> LoadedModel:
+    vocab = Vocab(state["vocab"])
+    model = build_model(state["model_name"], len(vocab), vocab.emotion_ids(), **state["model_config"])
+    model.load_state_dict(state["model"])
+    return LoadedModel(state["config"], model.to(dev).eval(), vocab, state.get("data_key"))
+
+
+@functools.cache
+def trainers_source_hash() -> str:
+    """Hash of the trainers/ source (every .py under it): the code version a checkpoint records."""
+    h = hashlib.sha256()
+    for f in sorted(TRAINERS_DIR.rglob("*.py")):
+        h.update(str(f.relative_to(TRAINERS_DIR)).encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Serving bundles: save, export, find, read
+
+
+def save_bundle(out_dir: str | Path, cfg: InferenceConfig, model: torch.nn.Module, vocab: Vocab,
+                data_key: str | None = None) -> Path:
+    """Write `model`'s weights, its resolved config and `vocab` into `out_dir` (created); returns it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT, "model": cfg.model})
+    config = {"format": BUNDLE_FORMAT, "model_name": cfg.model, "model_config": vars(model.cfg),
+              "train_config": cfg.model_dump(mode="json"), "data_key": data_key}
+    (out / CONFIG).write_text(json.dumps(config, indent=1))
+    vocab.save(out / VOCAB)
+    return out
+
+
+def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A serving bundle (weights, config, vocabulary; no optimizer state) from a local training checkpoint."""
+    loaded = _from_checkpoint_state(read_checkpoint(checkpoint), torch.device("cpu"))
+    return save_bundle(out_dir, loaded.train_config(), loaded.model, loaded.vocab, data_key=loaded.data_key)
+
+
+def is_bundle(path: Path) -> bool:
+    return all((path / f).is_file() for f in (WEIGHTS, CONFIG, VOCAB))
+
+
+def find_bundle(root: str | Path) -> Path | None:
+    """The shallowest directory under `root` (itself included) that holds a bundle's three files."""
+    root = Path(root)
+    candidates = [root, *sorted((p.parent for p in root.rglob(CONFIG)), key=lambda p: (len(p.parts), str(p)))]
+    return next((p for p in candidates if is_bundle(p)), None)
+
+
+def read_bundle_config(path: str | Path) -> dict:
+    """The bundle's config.json, checked for the format."""
+    file = Path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {file}: {e}") from e
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{file} is not an edp bundle config (expected format {BUNDLE_FORMAT!r})")
+    return config
+
+
+def _load_bundle(path: Path, device: str) -> LoadedModel:
+    """JSON + safetensors only: a directory without a bundle's three files is refused, its pickles named."""
+    if not is_bundle(path):
+        pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES) if path.is_dir() else []
+        raise BundleError(f"{path} is not a serving bundle: it needs {WEIGHTS}, {CONFIG} and {VOCAB}"
+                          + (f"; pickled files are never loaded for serving ({', '.join(pickles)})" if pickles else "")
+                          + ". Export one from a training checkpoint with trainers.artifacts.export_bundle.")
+    config = read_bundle_config(path)
+    vocab = Vocab.load(path / VOCAB)
+    model = build_model(config["model_name"], len(vocab), vocab.emotion_ids(), **config["model_config"])
+    try:
+        load_safetensors(model, str(path / WEIGHTS), strict=True)
+    except (SafetensorError, RuntimeError) as e:
+        raise BundleError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {e}") from e
+    return LoadedModel(config["train_config"], model.to(resolve_device(device)).eval(), vocab, config.get("data_key"))
