@@ -36,7 +36,6 @@ from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from trainers.data.emotions import NUM_EMOTIONS
 
@@ -64,11 +63,10 @@ METRIC_MODES = {"valid_ppl": "min", "valid_ppl_token": "min", "valid_loss": "min
 
 
 def _as_list(x) -> list:
-    if isinstance(x, torch.Tensor):
+    """A tensor, array, sequence or scalar as a flat list (this module does not import torch: configs import it)."""
+    if hasattr(x, "detach"):  # a torch.Tensor
         return x.detach().cpu().reshape(-1).tolist()
-    if isinstance(x, np.ndarray):
-        return x.reshape(-1).tolist()
-    return list(x)
+    return np.asarray(x).reshape(-1).tolist()
 
 
 def emotion_accuracy(pred_ids, gold_ids) -> float:
@@ -189,7 +187,7 @@ class MetricAccumulator:
         if (nll_sum is None) != (num_tokens is None):
             raise ValueError("MetricAccumulator.add: give nll_sum and num_tokens together")
         if nll_sum is not None:
-            nll, ntok = _as_list(torch.as_tensor(nll_sum)), _as_list(torch.as_tensor(num_tokens))
+            nll, ntok = _as_list(nll_sum), _as_list(num_tokens)
             if len(nll) != len(ntok):
                 raise ValueError(f"MetricAccumulator.add: nll_sum has {len(nll)} entries, "
                                  f"num_tokens {len(ntok)}")
