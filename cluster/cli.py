@@ -14,6 +14,9 @@ from typing import Annotated
 import typer
 
 from cluster.console import console, plain, prepare_with_summary, rich_progress
+from cluster.jobs import train as train_job
+from cluster.jobs.runner import run_job
+from trainers import train as train_entry
 from trainers.config import ConfigError, load_config
 from trainers.data.records import DataError
 
@@ -100,39 +103,30 @@ def data_validate(
         raise typer.Exit(1)
 
 
-@app.command()
-def train(
-    model: Annotated[str | None, typer.Option("--model", help="transformer | escm | iamm")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="dataset source (default: the sample)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N]")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    local: Annotated[bool, typer.Option("--local", help="single process, plain PyTorch (no Ray)")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Ray Train DDP workers")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option("--gpus-per-worker", help="GPUs per worker")] = None,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore checkpoints already in --out")] = False,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-) -> None:
-    """Train one model: Ray Train (TorchTrainer, DDP), or with `--local` the plain-PyTorch trainer in this process."""
-    if not local:  # what `python -m cluster.jobs.train` runs, from the same config builder
-        from cluster.jobs import run_job
-        from cluster.jobs import train as train_job
-
-        raise typer.Exit(run_job(lambda: train_job.build_config(
-            config, overrides, model=model, data=data, out=out, device=device, max_steps=max_steps,
-            workers=workers, gpus_per_worker=gpus_per_worker, resume=False if no_resume else None), train_job.run))
-    if workers is not None or gpus_per_worker is not None:
-        _fail("--workers and --gpus-per-worker are Ray Train options: drop them or drop --local")
-    from trainers import train as local_train  # what `python -m trainers.train` runs, from the same builder
-
-    try:
-        cfg = local_train.build_config(str(config) if config else None, overrides, model=model, data=data,
-                                       out_dir=str(out) if out else None, device=device, max_steps=max_steps)
-        result = local_train.run(cfg, resume=not no_resume)
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train one model: Ray Train (TorchTrainer, DDP), or with `--local` the plain-PyTorch trainer in this process.
+    The options are `python -m cluster.jobs.train`'s (one parser) plus --local: `edp train --help`."""
+    args = _train_parser().parse_args(ctx.args)
+    if not args.local:  # what `python -m cluster.jobs.train` runs, from the same parser and config builder
+        raise typer.Exit(run_job(lambda: train_job.config_from_args(args), train_job.run))
+    ray_only = train_entry.flag_fields(args, train_job.RAY_FLAGS)
+    if ray_only:
+        _fail("--workers and --gpus-per-worker are Ray Train options (as are --cpus-per-worker, --storage-path, "
+              "--max-failures, --tracking-uri and --name): drop them or drop --local")
+    try:  # what `python -m trainers.train` runs, from the same flags and config builder
+        result = train_entry.run(train_entry.config_from_args(args), resume=not args.no_resume)
     except (ConfigError, DataError) as e:
         _fail(str(e))
     console.print({k: round(v, 4) for k, v in result["final"].items()})
+
+
+def _train_parser():
+    p = train_job.parser("edp train", "Train one model on Ray Train (what `python -m cluster.jobs.train` runs), or "
+                                      "with --local in this process (what `python -m trainers.train` runs).")
+    p.add_argument("--local", action="store_true", help="single process, plain PyTorch (no Ray): `python -m "
+                   "trainers.train`; --config is then a TrainConfig and --set sets its fields")
+    return p
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from cluster.jobs import run_job
+from cluster.jobs.runner import run_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -118,7 +118,8 @@ def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
     from cluster.jobs import train as train_job
     from cluster.tracking.runs import RUN_ID_FILE
 
-    cfg = train_job.build_config(name="r1", out=tmp_path / "out", storage_path=str(tmp_path / "ray"), resume=False)
+    cfg = train_job.build_config(name="r1", train={"out_dir": str(tmp_path / "out")},
+                                 storage_path=str(tmp_path / "ray"), resume=False)
     stored, other = tmp_path / "ray" / "r1" / "checkpoint_000001", tmp_path / "ray" / "r2"
     stored.mkdir(parents=True)
     other.mkdir()
