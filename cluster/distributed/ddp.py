@@ -6,7 +6,8 @@ Ray appears at four points only (the trainer itself stays plain PyTorch):
      `on_checkpoint` (a resume checkpoint before `eval_from`): the same without evaluation metrics;
   3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
   4. `TorchTrainer(...).fit()` in `run_train`.
-`worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
+`worker_loop(config, session)` is shared with single-worker Tune trials: the session (`cluster.distributed.session`)
+is Ray Train's or Ray Tune's.
 Only rank 0 logs to MLflow (`cluster.tracking.runs.RunLogger`), into the run whose id the driver created.
 """
 
@@ -22,8 +23,10 @@ from typing import Any
 
 from pydantic import Field
 
+from cluster.distributed.session import TrainSession, WorkerSession
 from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
 from trainers.config import ConfigError, StrictModel
+from trainers.data.prepare import prepare
 from trainers.loop import TrainConfig, Trainer
 
 
@@ -101,19 +104,15 @@ def storage_location(path: str) -> tuple[Any, str]:
 
 def train_worker(config: dict) -> None:
     """`train_loop_per_worker` of the TorchTrainer."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    worker_loop(config, ray.train, ctx.get_world_rank(), ctx.get_world_size())
+    worker_loop(config, TrainSession())
 
 
-def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
-    """Prepare data, build the Trainer (DDP when world_size > 1), resume, train, log (rank 0)."""
-    from trainers.data.prepare import prepare
-
+def worker_loop(config: dict, session: WorkerSession) -> dict:
+    """Prepare data, build the Trainer (DDP when the session's world_size > 1), resume, train, log (rank 0)."""
+    rank, world_size = session.rank, session.world_size
     cfg = TrainConfig.model_validate(config["train"])
     if config.get("gpus_per_worker", 0) > 0 and world_size > 1:
-        import ray.train.torch
+        import ray.train.torch  # Ray only inside a worker
 
         cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     prepared = prepare(cfg.data)
@@ -125,11 +124,11 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
     def report(metrics: dict, checkpoint_path: Path | None) -> None:
         reported = {**metrics, "resumed_from_step": state["resumed_from"] or 0, "world_size": world_size}
         if checkpoint_path is None:
-            api.report(reported)
+            session.report(reported)
             return
         with tempfile.TemporaryDirectory() as tmp:
             _stage(checkpoint_path, Path(tmp), run_id)
-            api.report(reported, checkpoint=api.Checkpoint.from_directory(tmp))
+            session.report(reported, Path(tmp))
 
     def on_eval(metrics: dict, checkpoint_path: Path | None) -> None:
         if logger is not None:
@@ -140,14 +139,13 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
     # not to require it, `cluster.distributed.tuning.tuner`), so a restarted worker or trial continues from it
     trainer = Trainer(cfg, prepared, rank=rank, world_size=world_size,
                       wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval, on_checkpoint=report)
-    checkpoint = api.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.resume(Path(d) / "checkpoint.pt")
-            if (Path(d) / "best.pt").exists():  # finish() evaluates the best weights
+    with session.resume_dir() as d:
+        if d is not None:
+            trainer.resume(d / "checkpoint.pt")
+            if (d / "best.pt").exists():  # finish() evaluates the best weights
                 (trainer.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(d) / "best.pt", trainer.out / "checkpoints" / "best.pt")
-        state["resumed_from"] = trainer.step
+                shutil.copyfile(d / "best.pt", trainer.out / "checkpoints" / "best.pt")
+            state["resumed_from"] = trainer.step
     if logger is not None:
         logger.log_setup(trainer, state["resumed_from"])
     result = trainer.train()
@@ -240,8 +238,6 @@ def ensure_ray() -> None:
 
 def run_train(cfg: RayTrainConfig) -> dict:
     """Run one distributed training job; its MLflow run is created here and reused by retries."""
-    from trainers.data.prepare import prepare
-
     t0 = time.perf_counter()
     ensure_ray()
     import ray

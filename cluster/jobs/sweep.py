@@ -33,7 +33,7 @@ def dry_run(cfg) -> int:
     EDP_NODE_TYPES when set; exit 2 when trials can never run."""
     import os
 
-    from cluster.distributed.tuning import check_placement, plan_lines
+    from cluster.distributed.placement import check_placement, plan_lines
 
     print("\n".join(plan_lines(cfg)))
     if not os.environ.get("RAY_ADDRESS"):

@@ -97,7 +97,8 @@ def loss_figure(history: list[dict]):
 # Parent run: the ablation table and the best child
 
 
-def child_runs(uri: str, parent_run_id: str) -> list:
+def runs_of_parent(uri: str, parent_run_id: str) -> list:
+    """Every child run (any status) nested under `parent_run_id`."""
     c = client(uri)
     parent = c.get_run(parent_run_id)
     return c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -213,7 +214,7 @@ def log_table(uri: str, parent_run_id: str, children: list, variants: list[str],
 
 def log_table_so_far(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None) -> None:
     """The table of the parent's FINISHED children, logged each time a trial ends (`log_table`, `so_far`)."""
-    finished = [r for r in child_runs(uri, parent_run_id) if r.info.status == "FINISHED"]
+    finished = [r for r in runs_of_parent(uri, parent_run_id) if r.info.status == "FINISHED"]
     log_table(uri, parent_run_id, finished, variants, paper, so_far=True)
 
 
@@ -222,7 +223,7 @@ def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants
     """Log the ablation table (CSV + markdown, with `paper`'s figures) on the parent and tag the best child by
     final `metric`."""
     c = client(uri)
-    children = child_runs(uri, parent_run_id)
+    children = runs_of_parent(uri, parent_run_id)
     rows = log_table(uri, parent_run_id, children, variants, paper)
     scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
     best = None

@@ -166,7 +166,7 @@ HEAD = {"Alive": True, "Resources": {"memory": 1e10}}  # the chart's head: num-c
 
 
 def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
-    from cluster.distributed.tuning import PlacementError, check_placement
+    from cluster.distributed.placement import PlacementError, check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")  # 1 CPU + 0.25 GPU per trial
     with pytest.raises(PlacementError, match=r"needs \{'CPU': 1.0, 'GPU': 0.25\} on one node.*resources.gpu"):
@@ -174,7 +174,7 @@ def test_gpu_trials_on_a_cpu_only_cluster_fail_at_once_naming_what_to_change():
 
 
 def test_placement_counts_node_types_an_autoscaler_can_add():
-    from cluster.distributed.tuning import check_placement
+    from cluster.distributed.placement import check_placement
 
     escm = load_sweep(SWEEPS / "escm-ablation.yaml")
     gpu_type = {"group": "gpu", "max": 2, "CPU": 8.0, "GPU": 1.0}
@@ -184,7 +184,7 @@ def test_placement_counts_node_types_an_autoscaler_can_add():
 
 
 def test_node_types_parse_kubernetes_cpu_quantities(monkeypatch):
-    from cluster.distributed.tuning import PlacementError, node_types_from_env
+    from cluster.distributed.placement import PlacementError, node_types_from_env
 
     monkeypatch.setenv("EDP_NODE_TYPES", '[{"group": "cpu", "max": 3, "CPU": "500m", "GPU": 0}]')
     assert node_types_from_env() == [{"group": "cpu", "max": 3, "CPU": 0.5, "GPU": 0.0}]
