@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.distributed.ddp import (
     RayTrainConfig,
@@ -42,8 +43,10 @@ from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, end_run
 from cluster.tracking.sweeps import close_stopped_children, finished_trial_metrics, open_parent, start_trial_run
 from trainers.config import StrictModel, load_config
 from trainers.config import deep_merge as merge
+from trainers.data.prepare import DataConfig, prepare
 from trainers.loop import TrainConfig
 from trainers.metrics import METRIC_MODES
+from trainers.models import MODELS, config_for
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -183,16 +186,12 @@ class SweepConfig(StrictModel):
 
 
 def _first_line(e: Exception) -> str:
-    from pydantic import ValidationError
-
     if isinstance(e, ValidationError):
         return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
     return str(e)
 
 
 def _check_model(cfg: TrainConfig, where: str) -> None:
-    from trainers.models import MODELS, config_for
-
     if cfg.model not in MODELS:  # model not registered in this build (e.g. IAMM landing separately)
         return
     try:
@@ -336,10 +335,6 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool 
 
 def run_sweep(cfg: SweepConfig) -> dict:
     """Prepare data, open the parent run, run every trial, then log the ablation table and the best child."""
-    import yaml
-
-    from trainers.data.prepare import DataConfig, prepare
-
     t0 = time.perf_counter()
     ensure_ray()
     import ray

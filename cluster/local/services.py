@@ -7,6 +7,7 @@ MLflow server, SeaweedFS S3 (`weed mini`), a Ray head (`ray start --head`) and P
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -180,8 +181,6 @@ def ray_temp_dir(state_dir: Path) -> Path:
     """
     path = state_dir.resolve() / "tmp"
     if len(str(path)) + RAY_SOCKET_SUFFIX > 107:
-        import hashlib
-
         path = Path("/tmp") / f"edp-ray-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     return path
 

