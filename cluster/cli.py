@@ -47,7 +47,7 @@ from services.registry import RegistryError
 from trainers import train as train_entry
 from trainers.config import ConfigError, load_config, parse_overrides
 from trainers.data.records import DataError
-from trainers.data.remote import OFFICIAL_URL, download_release
+from trainers.data.release import OFFICIAL_URL, download_release
 from trainers.data.sources import load_splits
 
 app = typer.Typer(help="Empathetic response generation platform: data, training, sweeps, registry, serving.",
@@ -214,7 +214,7 @@ def sweep(
 ) -> None:
     """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
     from cluster.distributed.tuning import load_sweep, run_sweep  # torch, Ray: only for this command
-    from cluster.jobs.sweep import dry_run as print_plan
+    from cluster.jobs.sweep import dry_run as print_plan  # imports the tuning module (torch)
 
     try:
         cfg = load_sweep(config, overrides)  # validated before Ray starts

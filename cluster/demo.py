@@ -144,9 +144,9 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
                  timeout: float = 1800) -> list[TrialRun]:
     """`ray job submit --working-dir <project> -- python -m cluster.jobs.sweep --config demo.yaml`, then
     the sweep's child runs (variant, model, metrics) from MLflow."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient  # Ray: only for this step
 
-    from cluster.distributed.tuning import load_sweep
+    from cluster.distributed.tuning import load_sweep  # torch: not at `edp` start-up
 
     data_source = source if source == "sample" or "://" in source else str(Path(source).resolve())
     overrides = [f"base.data.source={data_source}", *sweep_set]
@@ -204,7 +204,7 @@ def deploy(env: dict[str, str], ports: dict[str, int], app_name: str) -> str:
     """`serve deploy` of the application `app_name` of the shared Serve config (the chart's RayService file) to
     the stack's Ray, through the dashboard's REST API, with the demo's model name and this machine's host/port;
     returns the application's base URL (with its route prefix)."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # Ray: only for this step
 
 
     config = serve_local.deploy_config(app_name, {"model_name": REGISTERED_NAME, "model_alias": "champion",

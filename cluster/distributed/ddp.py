@@ -87,7 +87,7 @@ def storage_location(path: str) -> tuple[Any, str]:
     uri = absolute(path)
     if not uri.startswith("s3://"):
         return None, uri
-    import pyarrow.fs
+    import pyarrow.fs  # pyarrow: only when storage is resolved
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(uri)
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
@@ -155,7 +155,7 @@ def worker_loop(config: dict, session: WorkerSession) -> dict:
 
 
 def _ddp(model):
-    import ray.train.torch
+    import ray.train.torch  # Ray: only in a worker
 
     # ablated / tiny models can leave a branch out of the loss on a step: let DDP tolerate that
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -186,7 +186,7 @@ def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None
                   storage: tuple | None = None):
     """The TorchTrainer for `cfg` (gloo on CPU, NCCL on GPU); `storage` = a (filesystem, path) already
     resolved by `storage_location` on the driver, else it is resolved here."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # Ray: driver
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -217,7 +217,7 @@ def with_absolute_paths(cfg: RayTrainConfig) -> RayTrainConfig:
 def forget_run(cfg: RayTrainConfig) -> None:
     """Start afresh: drop Ray's record of the run named `cfg.name` (its checkpoints in storage_path, which Ray
     Train would restore) and the MLflow run id in the output directory (a new MLflow run is created)."""
-    import pyarrow.fs
+    import pyarrow.fs  # pyarrow: only when storage is resolved
 
     fs, path = storage_location(cfg.storage_path)
     if fs is None:
@@ -230,7 +230,7 @@ def forget_run(cfg: RayTrainConfig) -> None:
 
 def ensure_ray() -> None:
     """Attach to RAY_ADDRESS (inside a submitted job: no resources) or start a local instance."""
-    import ray
+    import ray  # Ray: only once a run starts (configs are validated before)
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
@@ -240,7 +240,7 @@ def run_train(cfg: RayTrainConfig) -> dict:
     """Run one distributed training job; its MLflow run is created here and reused by retries."""
     t0 = time.perf_counter()
     ensure_ray()
-    import ray
+    import ray  # Ray: only once a run starts (configs are validated before)
 
     storage = resolve_storage(cfg.storage_path, ray.nodes())
     data = cfg.train.data

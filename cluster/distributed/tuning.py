@@ -84,7 +84,7 @@ class SearchSpec(StrictModel):
         return [lo, hi]
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # Ray: only once the sweep runs
 
         if self.type in ("choice", "grid"):
             return (tune.choice if self.type == "choice" else tune.grid_search)(list(self.values))
@@ -247,7 +247,7 @@ def _run_id_from_checkpoint(checkpoint, run_id_file: Path) -> None:
 def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
     """One trial; `storage` is (filesystem, path) resolved on the driver (`storage_location`): a trial actor
     may lack the driver's S3 endpoint and credentials."""
-    import ray.tune
+    import ray.tune  # Ray: only in a trial
 
     sw = SweepConfig.model_validate(sweep)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -272,7 +272,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
         if sw.resources.workers == 1:
             worker_loop(loop_config, TuneSession())
         else:
-            from ray.tune.integration.ray_train import TuneReportCallback
+            from ray.tune.integration.ray_train import TuneReportCallback  # Ray: in a trial
 
             rt = RayTrainConfig(name=f"{sw.name}-{trial_id}", train=cfg, storage_path=sw.storage_path,
                                 scaling=Scaling(workers=sw.resources.workers,
@@ -296,7 +296,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
 def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool = False):
     """The Tuner of `cfg`; with `resume`, the experiment in storage is restored instead (finished trials are kept,
     unfinished and errored ones continue from their last checkpoint) when storage holds one."""
-    from ray import tune
+    from ray import tune  # Ray: only once the sweep runs (configs are validated before)
     from ray.tune.schedulers import ASHAScheduler
 
     # trials also report resume checkpoints between evaluations, which carry no `cfg.metric` (ASHA and the grid
@@ -337,7 +337,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     """Prepare data, open the parent run, run every trial, then log the ablation table and the best child."""
     t0 = time.perf_counter()
     ensure_ray()
-    import ray
+    import ray  # Ray: only once the sweep runs
 
     nodes = ray.nodes()
     print(check_placement(cfg, nodes), flush=True)  # never wait forever on trials that cannot be placed

@@ -20,7 +20,7 @@ def run_job(build: Callable[[], T], run: Callable[[T], int]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import ray
+    import ray  # Ray only after the input is validated
 
     try:
         return run(cfg)

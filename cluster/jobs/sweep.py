@@ -42,7 +42,7 @@ def dry_run(cfg) -> int:
         else:
             print("not attached to a cluster (RAY_ADDRESS unset): placement not checked")
         return 0
-    import ray
+    import ray  # Ray only to attach for the placement check
 
     ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, log_to_driver=False)
     print(check_placement(cfg, ray.nodes()))

@@ -248,7 +248,7 @@ def start_ray_worker(state_dir: Path, gcs_address: str, dashboard_url: str, name
 
 def ray_nodes(dashboard_url: str) -> dict[str, dict[str, float]]:
     """{node id: total resources} of the ALIVE nodes of the cluster whose dashboard is at `dashboard_url`."""
-    from ray.util.state import list_nodes
+    from ray.util.state import list_nodes  # Ray: only for this check
 
     try:
         nodes = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)

@@ -65,7 +65,7 @@ class Decision:
 
 def metric_mode(metric: str, mode: str | None = None) -> str:
     """`mode` when given, else the metric's direction from the trainer's table (`final_<m>` as `<m>`)."""
-    from trainers.metrics import METRIC_MODES
+    from trainers.metrics import METRIC_MODES  # torch: not at `edp` start-up
 
     if mode is not None:
         if mode not in ("max", "min"):
@@ -98,7 +98,7 @@ def _say(decision: Decision, log: Callable[[str], None], line: str) -> None:
 
 def ranked_child_runs(c, experiment: str, metric: str, mode: str, where: str | None) -> list:
     """FINISHED child runs of the experiment matching `where` that logged a finite `metric`, best first."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: not at `edp` start-up
 
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -174,7 +174,7 @@ def version_tags(run, experiment: str, metric: str, mode: str) -> dict[str, str]
 
 
 def _register(c, name: str, run, source: tuple[str, str | None], experiment: str, metric: str, mode: str):
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: not at `edp` start-up
 
     try:
         c.create_registered_model(name, description="empathetic response generator (edp promote)")

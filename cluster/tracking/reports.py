@@ -48,7 +48,7 @@ class PaperReference(StrictModel):
 
 def confusion_figure(trainer):
     """Row-normalised emotion confusion matrix of the trainer's final evaluation (valid split, teacher-forced)."""
-    import matplotlib
+    import matplotlib  # matplotlib, numpy, torch: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,7 +75,7 @@ def confusion_figure(trainer):
 
 
 def loss_figure(history: list[dict]):
-    import matplotlib
+    import matplotlib  # matplotlib, numpy, torch: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
