@@ -79,7 +79,7 @@ def parser(prog: str = "python -m trainers.train", description: str | None = __d
     help (flag -> text) where the run happens elsewhere (e.g. `--out` on Ray: rank 0's working directory)."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help=config_help)
+    p.add_argument("--config", "-c", help=config_help)
     add_flags(p, TRAIN_FLAGS, helps)
     p.add_argument("--no-resume", action="store_true",
                    help=(helps or {}).get("--no-resume", "start fresh even if --out has checkpoints"))
