@@ -9,7 +9,7 @@ Ray Tune (a single-worker trial, which trains in the trial process).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -22,7 +22,7 @@ class WorkerSession(Protocol):
     def report(self, metrics: dict, checkpoint_dir: Path | None = None) -> None:
         """Report `metrics`, with the directory `checkpoint_dir` persisted as this step's checkpoint."""
 
-    def resume_dir(self):  # -> a context manager of Path | None
+    def resume_dir(self) -> AbstractContextManager[Path | None]:
         """The directory of the checkpoint to resume from (None: start afresh), while the context is open."""
 
 
