@@ -7,15 +7,48 @@ prints a summary. Errors from bad input are printed as one clear message with ex
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
-from cluster.console import console, plain, prepare_with_summary, rich_progress
-from trainers.config import ConfigError, load_config
+from cluster import demo as demo_loop
+from cluster import prometheus as sm
+from cluster.compare import compare as do_compare
+from cluster.console import (
+    console,
+    plain,
+    print_comparison,
+    print_demo,
+    print_evaluation,
+    print_latency,
+    print_prepared,
+    print_sweep,
+    rich_progress,
+    stack_table,
+)
+from cluster.jobs import train as train_job
+from cluster.jobs.runner import run_job
+from cluster.local import serve as serve_local
+from cluster.local import stack
+from cluster.local.processes import log_tail
+from cluster.local.stack import StackError
+from cluster.serve_rollout import apply_version
+from cluster.tracking.promotion import PromotionError, promote_challenger
+from cluster.tracking.promotion import promote as do_promote
+from cluster.tracking.promotion import rollback as do_rollback
+from cluster.tracking.runs import resolve_tracking_uri
+from services import registry
+from services.registry import RegistryError
+from trainers import train as train_entry
+from trainers.config import ConfigError, DataConfig, load_config, parse_overrides
 from trainers.data.records import DataError
+from trainers.data.release import OFFICIAL_URL, download_release
+from trainers.data.sources import load_splits
 
 app = typer.Typer(help="Empathetic response generation platform: data, training, sweeps, registry, serving.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -42,18 +75,19 @@ def data_prepare(
     overrides: SetOpt = None,
 ) -> None:
     """Load, validate, annotate and cache a dataset; print a summary table."""
-    import os
+    from trainers.data.prepare import prepare  # spaCy, numpy: only for this command
 
-    from trainers.config import DataConfig
-
+    bar, update = rich_progress()
     try:
         cfg = load_config(DataConfig, config, overrides,
                           source=data or (None if config else os.environ.get("ED_DATA_DIR")),
                           cache_dir=str(out) if out else None,
                           skip_invalid=skip_invalid or None, n_process=n_process)
-        prepare_with_summary(cfg)
+        with bar:
+            prepared = prepare(cfg, progress=update)
     except (ConfigError, DataError) as e:
         _fail(str(e))
+    print_prepared(prepared)
 
 
 @data_app.command("download")
@@ -63,8 +97,6 @@ def data_download(
     sha256: Annotated[str | None, typer.Option("--sha256", help="expected checksum")] = None,
 ) -> None:
     """Download the official EMPATHETIC-DIALOGUES release tarball (train/valid/test CSV)."""
-    from trainers.data.remote import OFFICIAL_URL, download_release
-
     bar, update = rich_progress()
     try:
         with bar:
@@ -81,8 +113,6 @@ def data_validate(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
 ) -> None:
     """Check every record of a source; list each invalid one with its conv_id and reason."""
-    from trainers.data.sources import load_splits
-
     try:
         reports = load_splits(data, skip_invalid=True)
     except DataError as e:
@@ -100,39 +130,30 @@ def data_validate(
         raise typer.Exit(1)
 
 
-@app.command()
-def train(
-    model: Annotated[str | None, typer.Option("--model", help="transformer | escm | iamm")] = None,
-    data: Annotated[str | None, typer.Option("--data", help="dataset source (default: the sample)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="run directory")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda[:N]")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps")] = None,
-    local: Annotated[bool, typer.Option("--local", help="single process, plain PyTorch (no Ray)")] = False,
-    workers: Annotated[int | None, typer.Option("--workers", help="Ray Train DDP workers")] = None,
-    gpus_per_worker: Annotated[float | None, typer.Option("--gpus-per-worker", help="GPUs per worker")] = None,
-    no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore checkpoints already in --out")] = False,
-    config: ConfigOpt = None,
-    overrides: SetOpt = None,
-) -> None:
-    """Train one model: Ray Train (TorchTrainer, DDP), or with `--local` the plain-PyTorch trainer in this process."""
-    if not local:  # what `python -m cluster.jobs.train` runs, from the same config builder
-        from cluster.jobs import run_job
-        from cluster.jobs import train as train_job
-
-        raise typer.Exit(run_job(lambda: train_job.build_config(
-            config, overrides, model=model, data=data, out=out, device=device, max_steps=max_steps,
-            workers=workers, gpus_per_worker=gpus_per_worker, resume=False if no_resume else None), train_job.run))
-    if workers is not None or gpus_per_worker is not None:
-        _fail("--workers and --gpus-per-worker are Ray Train options: drop them or drop --local")
-    from trainers import train as local_train  # what `python -m trainers.train` runs, from the same builder
-
-    try:
-        cfg = local_train.build_config(str(config) if config else None, overrides, model=model, data=data,
-                                       out_dir=str(out) if out else None, device=device, max_steps=max_steps)
-        result = local_train.run(cfg, resume=not no_resume)
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def train(ctx: typer.Context) -> None:
+    """Train one model: Ray Train (TorchTrainer, DDP), or with `--local` the plain-PyTorch trainer in this process.
+    The options are `python -m cluster.jobs.train`'s (one parser) plus --local: `edp train --help`."""
+    args = _train_parser().parse_args(ctx.args)
+    if not args.local:  # what `python -m cluster.jobs.train` runs, from the same parser and config builder
+        raise typer.Exit(run_job(lambda: train_job.config_from_args(args), train_job.run))
+    ray_only = train_entry.flag_fields(args, train_job.RAY_FLAGS)
+    if ray_only:
+        _fail("--workers and --gpus-per-worker are Ray Train options (as are --cpus-per-worker, --storage-path, "
+              "--max-failures, --tracking-uri and --name): drop them or drop --local")
+    try:  # what `python -m trainers.train` runs, from the same flags and config builder
+        result = train_entry.run(train_entry.config_from_args(args), resume=not args.no_resume)
     except (ConfigError, DataError) as e:
         _fail(str(e))
     console.print({k: round(v, 4) for k, v in result["final"].items()})
+
+
+def _train_parser():
+    p = train_job.parser("edp train", "Train one model on Ray Train (what `python -m cluster.jobs.train` runs), or "
+                                      "with --local in this process (what `python -m trainers.train` runs).")
+    p.add_argument("--local", action="store_true", help="single process, plain PyTorch (no Ray): `python -m "
+                   "trainers.train`; --config is then a TrainConfig and --set sets its fields")
+    return p
 
 
 TrackingOpt = Annotated[str | None, typer.Option("--tracking-uri", help="default: $MLFLOW_TRACKING_URI")]
@@ -158,9 +179,6 @@ def evaluate(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Evaluate a checkpoint or a registered model on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU."""
-    from cluster.console import print_evaluation
-    from services.registry import RegistryError
-
     if (checkpoint is None) == (model is None):
         _fail("give exactly one of --checkpoint (a local file or bundle) and --model (models:/<name>@<alias>)")
     try:
@@ -174,12 +192,10 @@ def evaluate(
 
 def _evaluate(checkpoint: str | None, model: str | None, tracking_uri: str | None, *args, **kwargs) -> dict:
     """Evaluate a local checkpoint/bundle, or a registered version's bundle (never unpickled) downloaded here."""
-    from trainers.evaluation import evaluate_model
+    from trainers.evaluation import evaluate_model  # torch: only for this command
 
     if model is None:
         return evaluate_model(checkpoint, *args, **kwargs)
-    from cluster.tracking.runs import resolve_tracking_uri
-    from services import registry
 
     resolved = registry.resolve(model, resolve_tracking_uri(tracking_uri))
     try:
@@ -197,9 +213,8 @@ def sweep(
                                           "fit the cluster at RAY_ADDRESS; run nothing")] = False,
 ) -> None:
     """Run a Ray Tune sweep (ablation grid or ASHA search), tracked as one MLflow parent run."""
-    from cluster.console import print_sweep
-    from cluster.distributed.tuning import load_sweep, run_sweep
-    from cluster.jobs.sweep import dry_run as print_plan
+    from cluster.distributed.tuning import load_sweep, run_sweep  # torch, Ray: only for this command
+    from cluster.jobs.sweep import dry_run as print_plan  # imports the tuning module (torch)
 
     try:
         cfg = load_sweep(config, overrides)  # validated before Ray starts
@@ -239,9 +254,6 @@ def promote(
 ) -> None:
     """Register the best child run of a sweep and move alias `champion` (or `challenger`) to it, or promote the
     challenger (exit 1 when refused)."""
-    from cluster.tracking.promotion import PromotionError, promote_challenger
-    from cluster.tracking.promotion import promote as do_promote
-
     if from_challenger and (experiment is not None or metric is not None):
         _fail("--from-challenger promotes the version behind alias `challenger`: drop --experiment and --metric")
     if not from_challenger and (experiment is None or metric is None):
@@ -264,8 +276,6 @@ def promote(
 
 
 def _apply(name: str, version: str, serve_address: str | None) -> None:
-    from cluster.serve_rollout import apply_version
-
     try:
         apply_version(name, version, serve_address, log=plain)
     except (RuntimeError, OSError, ValueError) as e:  # RolloutError, the dashboard's refusal or absence
@@ -280,9 +290,6 @@ def rollback(
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Move alias `champion` back to `previous` (with --apply, pin it in the running Serve application too)."""
-    from cluster.tracking.promotion import PromotionError
-    from cluster.tracking.promotion import rollback as do_rollback
-
     try:
         decision = do_rollback(name, tracking_uri=tracking_uri, log=plain)
     except PromotionError as e:
@@ -307,14 +314,6 @@ def serve(
 ) -> None:
     """Serve one application of the Serve config (models:/NAME@ALIAS, under its route prefix) on 127.0.0.1
     until Ctrl-C."""
-    import os
-
-    from pydantic import ValidationError
-
-    from cluster.local import serve as serve_local
-    from cluster.tracking.runs import resolve_tracking_uri
-    from trainers.config import parse_overrides
-
     try:
         spec = serve_local.from_config(config, name, alias, {"mlflow_tracking_uri": tracking_uri,
                                                              **parse_overrides(overrides or [])}, app=app_name)
@@ -329,7 +328,7 @@ def serve(
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve as ray_serve
+        from ray import serve as ray_serve  # already loaded by serve_local.run
 
         ray_serve.shutdown()
 
@@ -354,9 +353,6 @@ def stack_up(
 ) -> None:
     """Start Ray head (and --workers nodes), MLflow, SeaweedFS S3 and Prometheus (what is not running yet) and write
     the env file."""
-    from cluster.console import stack_table
-    from cluster.local import stack
-
     start = time.perf_counter()
     try:
         stack.up(state_dir, stack.parse_ports(ports), num_cpus=num_cpus, log=plain, workers=workers,
@@ -377,8 +373,6 @@ def stack_up(
 @stack_app.command("down")
 def stack_down(state_dir: StateDirOpt = None) -> None:
     """Stop what `edp stack up` started (its recorded process groups); data and logs stay."""
-    from cluster.local import stack
-
     start = time.perf_counter()
     try:
         stopped = stack.down(state_dir, log=plain)
@@ -390,9 +384,6 @@ def stack_down(state_dir: StateDirOpt = None) -> None:
 @stack_app.command("status")
 def stack_status(state_dir: StateDirOpt = None) -> None:
     """Service (and worker node), URL, pid and health of the stack (exit 1 unless all are healthy)."""
-    from cluster.console import stack_table
-    from cluster.local import stack
-
     try:
         rows = stack.status(state_dir)
     except stack.StackError as e:
@@ -411,11 +402,6 @@ def stack_logs(
     state_dir: StateDirOpt = None,
 ) -> None:
     """Print the last lines of a stack service's log (and with -f, what it writes next)."""
-    import sys
-
-    from cluster.local import stack
-    from cluster.local.processes import log_tail
-
     try:
         path = stack.log_file(service, state_dir)
     except stack.StackError as e:
@@ -436,9 +422,6 @@ def metrics(
     window: Annotated[str, typer.Option("--window", help="rate window, a PromQL duration")] = "1m",
 ) -> None:
     """Request rate and p50/p95/p99 latency of the Serve app by route, from Prometheus."""
-    from cluster import prometheus as sm
-    from cluster.console import print_latency
-
     if not sm.is_duration(window):
         _fail(f"--window {window!r} is not a PromQL duration like 30s, 1m, 5m")
     url = prometheus or sm.default_prometheus_url()
@@ -464,10 +447,6 @@ def compare(
         "--prometheus", help="Prometheus URL (default: $EDP_PROMETHEUS_URL, the local stack's, or :9090)")] = None,
 ) -> None:
     """Champion vs challenger on live traffic: requests, errors, latency, response length, emotions, agreement."""
-    from cluster import prometheus as sm
-    from cluster.compare import compare as do_compare
-    from cluster.console import print_comparison
-
     if not sm.is_duration(window):
         _fail(f"--window {window!r} is not a PromQL duration like 30s, 5m, 1h")
     url = prometheus or sm.default_prometheus_url()
@@ -489,11 +468,6 @@ def demo(
     requests: Annotated[int, typer.Option("--requests", help="HTTP requests sent to the endpoint")] = 60,
 ) -> None:
     """The whole loop on this machine: stack up, data, sweep (ray job), promote, serve, requests, latency."""
-    from cluster import demo as demo_loop
-    from cluster.console import print_demo
-    from cluster.local.stack import StackError
-    from cluster.tracking.promotion import PromotionError
-
     try:
         result = demo_loop.run(data, state_dir, console, requests)
     except (ConfigError, DataError, StackError, PromotionError, demo_loop.DemoError) as e:

@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cluster.prometheus import fmt_ms
+from cluster.tracking.reports import TABLE_METRICS
+
 console = Console()
 
 
@@ -32,17 +35,6 @@ def rich_progress() -> tuple[Progress, Callable[[str, int, int], None]]:
         bar.update(tasks[phase], completed=done, total=max(total, 1))
 
     return bar, update
-
-
-def prepare_with_summary(cfg):
-    """`trainers.data.prepare.prepare(cfg)` with a progress bar, then its summary tables."""
-    from trainers.data.prepare import prepare
-
-    bar, update = rich_progress()
-    with bar:
-        prepared = prepare(cfg, progress=update)
-    print_prepared(prepared)
-    return prepared
 
 
 def print_prepared(prepared) -> None:
@@ -88,8 +80,6 @@ def print_evaluation(result: dict, split: str) -> None:
 
 def print_sweep(name: str, summary: dict) -> None:
     """The ablation table (mean ± std over seeds) and the parent / best child runs of a finished sweep."""
-    from cluster.tracking.reports import TABLE_METRICS
-
     table = Table(title=f"sweep {name}: {summary['trials']} trials in {summary['wall_s']:.0f} s")
     table.add_column("variant")
     for col in TABLE_METRICS:
@@ -118,8 +108,6 @@ def stack_table(rows, title: str = "edp stack") -> Table:
 
 def print_latency(rows, window: str, url: str) -> None:
     """Rate and p50/p95/p99 per route (`cluster.prometheus.RouteLatency` rows)."""
-    from cluster.prometheus import fmt_ms
-
     table = Table(title=f"request latency over the last {window} ({url})")
     for col in ("source", "route", "req/s", "p50 ms", "p95 ms", "p99 ms"):
         table.add_column(col, justify="left" if col in ("source", "route") else "right")
@@ -130,8 +118,6 @@ def print_latency(rows, window: str, url: str) -> None:
 
 def print_comparison(result, url: str, out: Console = console) -> None:
     """Champion vs challenger figures (`cluster.compare.Comparison`), one row per role and version."""
-    from cluster.prometheus import fmt_ms
-
     pct = lambda v: "-" if math.isnan(v) else f"{v * 100:.1f}%"  # noqa: E731
     table = Table(title=f"{result.name}: champion vs challenger over the last {result.window} ({url})")
     for col in ("role", "version", "requests", "errors", "p50 ms", "p95 ms", "tokens", "top emotions",

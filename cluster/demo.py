@@ -26,14 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from cluster.console import prepare_with_summary
+from cluster.console import print_prepared, rich_progress
+from cluster.local import serve as serve_local
 from cluster.local import stack
 from cluster.local.processes import http_ok
 from cluster.polling import poll_until
 from cluster.prometheus import Prometheus, parse_vector, quantile_query, series_query
 from cluster.tracking.promotion import Decision, promote
 from cluster.tracking.reports import TABLE_METRICS, final_value
+from cluster.tracking.runs import client as mlflow_client
+from services import registry
+from trainers.config import DataConfig, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
@@ -94,10 +99,13 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"
-    from trainers.config import DataConfig, load_config
+    from trainers.data.prepare import prepare  # spaCy, numpy: not at `edp` start-up
 
     start = time.perf_counter()
-    prepare_with_summary(load_config(DataConfig, source=source, n_process=2))
+    bar, update = rich_progress()
+    with bar:
+        prepared = prepare(load_config(DataConfig, source=source, n_process=2), progress=update)
+    print_prepared(prepared)
     lap("prepare data", start)
 
     start = time.perf_counter()
@@ -136,10 +144,9 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
                  timeout: float = 1800) -> list[TrialRun]:
     """`ray job submit --working-dir <project> -- python -m cluster.jobs.sweep --config demo.yaml`, then
     the sweep's child runs (variant, model, metrics) from MLflow."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus, JobSubmissionClient  # Ray: only for this step
 
-    from cluster.distributed.tuning import load_sweep
-    from cluster.tracking.runs import client as mlflow_client
+    from cluster.distributed.tuning import load_sweep  # torch: not at `edp` start-up
 
     data_source = source if source == "sample" or "://" in source else str(Path(source).resolve())
     overrides = [f"base.data.source={data_source}", *sweep_set]
@@ -153,7 +160,6 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     })
     console.print(f"  submitted ray job [bold]{job_id}[/]: {entrypoint}")
     since_ms = int(time.time() * 1000) - 5000
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     mlflow = mlflow_client(env["MLFLOW_TRACKING_URI"])
     total = len(sweep.grid()) * sweep.num_samples
@@ -189,8 +195,6 @@ def _children(mlflow, since_ms: int) -> list:
 def champion_model(tracking_uri: str) -> str:
     """The model family (`params.model`: escm or iamm) of the run `models:/edp-demo@champion` was registered from
     (this run's promotion, or an earlier one when this run's candidate was refused)."""
-    from services import registry
-
     mlflow = registry.client(tracking_uri)
     champion = registry.lookup(mlflow, REGISTERED_NAME, "champion")
     return mlflow.get_run(champion.run_id).data.params["model"]
@@ -200,9 +204,8 @@ def deploy(env: dict[str, str], ports: dict[str, int], app_name: str) -> str:
     """`serve deploy` of the application `app_name` of the shared Serve config (the chart's RayService file) to
     the stack's Ray, through the dashboard's REST API, with the demo's model name and this machine's host/port;
     returns the application's base URL (with its route prefix)."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # Ray: only for this step
 
-    from cluster.local import serve as serve_local
 
     config = serve_local.deploy_config(app_name, {"model_name": REGISTERED_NAME, "model_alias": "champion",
                                                   "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]},

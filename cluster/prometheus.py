@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.local.stack import Stack, StackError
+
 SOURCES = {"serve": "ray_serve_http_request_latency_ms", "app": "ray_edp_request_latency_ms"}
 QUANTILES = (0.5, 0.95, 0.99)
 DEFAULT_URL = "http://127.0.0.1:9090"
@@ -138,7 +140,6 @@ def default_prometheus_url(state_dir: Path | None = None) -> str:
     """$EDP_PROMETHEUS_URL, else the local stack's Prometheus (its state file), else 127.0.0.1:9090."""
     if os.environ.get("EDP_PROMETHEUS_URL"):
         return os.environ["EDP_PROMETHEUS_URL"]
-    from cluster.local.stack import Stack, StackError
 
     try:
         record = Stack.at(state_dir).load()["services"].get("prometheus")

@@ -20,6 +20,8 @@ import copy
 import os
 from collections.abc import Callable
 
+from services.rollout import RolloutConfig
+
 DEPLOYMENT = "Responder"  # services.app.ResponderDeployment
 DEPLOY_KEYS = ("proxy_location", "http_options", "grpc_options", "target_capacity")
 
@@ -53,8 +55,6 @@ def running_config(details: dict) -> dict:
 def pin_version(config: dict, model_name: str, version: str) -> str:
     """Set `user_config.model_version` of the Responder deployment of the one application serving
     `model_name` (its args.model_name) in a `serve deploy` body; the application's name."""
-    from services.rollout import RolloutConfig
-
     apps = config["applications"]
     matches = [a for a in apps if (a.get("args") or {}).get("model_name") == model_name]
     if len(matches) != 1:
@@ -76,7 +76,7 @@ def pin_version(config: dict, model_name: str, version: str) -> str:
 def apply_version(model_name: str, version: str, address: str | None = None,
                   log: Callable[[str], None] = print) -> str:
     """Pin `version` in the running application serving `model_name`; the application's name."""
-    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # Ray: only for --apply
 
     address = dashboard_address(address)
     client = ServeSubmissionClient(address)

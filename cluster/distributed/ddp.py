@@ -6,7 +6,8 @@ Ray appears at four points only (the trainer itself stays plain PyTorch):
      `on_checkpoint` (a resume checkpoint before `eval_from`): the same without evaluation metrics;
   3. resume: `get_checkpoint()` -> `Trainer.resume(path)` (after a worker failure, FailureConfig);
   4. `TorchTrainer(...).fit()` in `run_train`.
-`worker_loop(config, api, rank, world_size)` is shared with single-worker Tune trials (api = ray.tune).
+`worker_loop(config, session)` is shared with single-worker Tune trials: the session (`cluster.distributed.session`)
+is Ray Train's or Ray Tune's.
 Only rank 0 logs to MLflow (`cluster.tracking.runs.RunLogger`), into the run whose id the driver created.
 """
 
@@ -22,8 +23,10 @@ from typing import Any
 
 from pydantic import Field
 
+from cluster.distributed.session import TrainSession, WorkerSession
 from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, end_run, start_run
 from trainers.config import ConfigError, StrictModel, TrainConfig
+from trainers.data.prepare import prepare
 from trainers.loop import Trainer
 
 
@@ -84,7 +87,7 @@ def storage_location(path: str) -> tuple[Any, str]:
     uri = absolute(path)
     if not uri.startswith("s3://"):
         return None, uri
-    import pyarrow.fs
+    import pyarrow.fs  # pyarrow: only when storage is resolved
 
     fs, fs_path = pyarrow.fs.FileSystem.from_uri(uri)
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
@@ -101,19 +104,15 @@ def storage_location(path: str) -> tuple[Any, str]:
 
 def train_worker(config: dict) -> None:
     """`train_loop_per_worker` of the TorchTrainer."""
-    import ray.train
-
-    ctx = ray.train.get_context()
-    worker_loop(config, ray.train, ctx.get_world_rank(), ctx.get_world_size())
+    worker_loop(config, TrainSession())
 
 
-def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
-    """Prepare data, build the Trainer (DDP when world_size > 1), resume, train, log (rank 0)."""
-    from trainers.data.prepare import prepare
-
+def worker_loop(config: dict, session: WorkerSession) -> dict:
+    """Prepare data, build the Trainer (DDP when the session's world_size > 1), resume, train, log (rank 0)."""
+    rank, world_size = session.rank, session.world_size
     cfg = TrainConfig.model_validate(config["train"])
     if config.get("gpus_per_worker", 0) > 0 and world_size > 1:
-        import ray.train.torch
+        import ray.train.torch  # Ray only inside a worker
 
         cfg = cfg.model_copy(update={"device": str(ray.train.torch.get_device())})
     prepared = prepare(cfg.data)
@@ -125,11 +124,11 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
     def report(metrics: dict, checkpoint_path: Path | None) -> None:
         reported = {**metrics, "resumed_from_step": state["resumed_from"] or 0, "world_size": world_size}
         if checkpoint_path is None:
-            api.report(reported)
+            session.report(reported)
             return
         with tempfile.TemporaryDirectory() as tmp:
             _stage(checkpoint_path, Path(tmp), run_id)
-            api.report(reported, checkpoint=api.Checkpoint.from_directory(tmp))
+            session.report(reported, Path(tmp))
 
     def on_eval(metrics: dict, checkpoint_path: Path | None) -> None:
         if logger is not None:
@@ -140,14 +139,13 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
     # not to require it, `cluster.distributed.tuning.tuner`), so a restarted worker or trial continues from it
     trainer = Trainer(cfg, prepared, rank=rank, world_size=world_size,
                       wrap_model=_ddp if world_size > 1 else None, on_eval=on_eval, on_checkpoint=report)
-    checkpoint = api.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            trainer.resume(Path(d) / "checkpoint.pt")
-            if (Path(d) / "best.pt").exists():  # finish() evaluates the best weights
+    with session.resume_dir() as d:
+        if d is not None:
+            trainer.resume(d / "checkpoint.pt")
+            if (d / "best.pt").exists():  # finish() evaluates the best weights
                 (trainer.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(Path(d) / "best.pt", trainer.out / "checkpoints" / "best.pt")
-        state["resumed_from"] = trainer.step
+                shutil.copyfile(d / "best.pt", trainer.out / "checkpoints" / "best.pt")
+            state["resumed_from"] = trainer.step
     if logger is not None:
         logger.log_setup(trainer, state["resumed_from"])
     result = trainer.train()
@@ -157,7 +155,7 @@ def worker_loop(config: dict, api, rank: int, world_size: int) -> dict:
 
 
 def _ddp(model):
-    import ray.train.torch
+    import ray.train.torch  # Ray: only in a worker
 
     # ablated / tiny models can leave a branch out of the loss on a step: let DDP tolerate that
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -188,7 +186,7 @@ def torch_trainer(cfg: RayTrainConfig, loop_config: dict, callbacks: list | None
                   storage: tuple | None = None):
     """The TorchTrainer for `cfg` (gloo on CPU, NCCL on GPU); `storage` = a (filesystem, path) already
     resolved by `storage_location` on the driver, else it is resolved here."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # Ray: driver
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -219,7 +217,7 @@ def with_absolute_paths(cfg: RayTrainConfig) -> RayTrainConfig:
 def forget_run(cfg: RayTrainConfig) -> None:
     """Start afresh: drop Ray's record of the run named `cfg.name` (its checkpoints in storage_path, which Ray
     Train would restore) and the MLflow run id in the output directory (a new MLflow run is created)."""
-    import pyarrow.fs
+    import pyarrow.fs  # pyarrow: only when storage is resolved
 
     fs, path = storage_location(cfg.storage_path)
     if fs is None:
@@ -232,7 +230,7 @@ def forget_run(cfg: RayTrainConfig) -> None:
 
 def ensure_ray() -> None:
     """Attach to RAY_ADDRESS (inside a submitted job: no resources) or start a local instance."""
-    import ray
+    import ray  # Ray: only once a run starts (configs are validated before)
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True)
@@ -240,11 +238,9 @@ def ensure_ray() -> None:
 
 def run_train(cfg: RayTrainConfig) -> dict:
     """Run one distributed training job; its MLflow run is created here and reused by retries."""
-    from trainers.data.prepare import prepare
-
     t0 = time.perf_counter()
     ensure_ray()
-    import ray
+    import ray  # Ray: only once a run starts (configs are validated before)
 
     storage = resolve_storage(cfg.storage_path, ray.nodes())
     data = cfg.train.data

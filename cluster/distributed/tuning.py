@@ -6,7 +6,8 @@
 The file is validated completely BEFORE Ray starts: every variant x seed (and the search space's
 lower corner) must resolve to a valid `TrainConfig` with valid model overrides; errors name the field.
 
-One sweep = one MLflow experiment + parent run; each trial is a nested child run (cluster.tracking.runs).
+One sweep = one MLflow experiment + parent run; each trial is a nested child run (the bookkeeping is
+cluster.tracking.sweeps'; the placement check before any trial starts is cluster.distributed.placement's).
 A trial is a Tune function trainable: with `resources.workers == 1` it runs the Trainer in the trial
 process (fractional CPU / GPU from the config, so several pack on one GPU); with more workers it runs
 a TorchTrainer inside the trial and reports back through `TuneReportCallback` (Train v2 cannot be
@@ -16,13 +17,13 @@ passed to `Tuner` directly).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.distributed.ddp import (
     RayTrainConfig,
@@ -35,11 +36,16 @@ from cluster.distributed.ddp import (
     torch_trainer,
     worker_loop,
 )
+from cluster.distributed.placement import check_placement
+from cluster.distributed.session import TuneSession
 from cluster.tracking.reports import PaperReference, finish_parent, log_table_so_far
-from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, client, end_run, start_run
-from trainers.config import ConfigError, StrictModel, TrainConfig, load_config
+from cluster.tracking.runs import RUN_ID_FILE, TrackingConfig, end_run
+from cluster.tracking.sweeps import close_stopped_children, finished_trial_metrics, open_parent, start_trial_run
+from trainers.config import DataConfig, StrictModel, TrainConfig, load_config
 from trainers.config import deep_merge as merge
+from trainers.data.prepare import prepare
 from trainers.metrics import METRIC_MODES
+from trainers.models import MODELS, config_for
 
 NAME = r"^[A-Za-z0-9_.-]+$"
 
@@ -77,7 +83,7 @@ class SearchSpec(StrictModel):
         return [lo, hi]
 
     def to_tune(self):
-        from ray import tune
+        from ray import tune  # Ray: only once the sweep runs
 
         if self.type in ("choice", "grid"):
             return (tune.choice if self.type == "choice" else tune.grid_search)(list(self.values))
@@ -179,16 +185,12 @@ class SweepConfig(StrictModel):
 
 
 def _first_line(e: Exception) -> str:
-    from pydantic import ValidationError
-
     if isinstance(e, ValidationError):
         return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
     return str(e)
 
 
 def _check_model(cfg: TrainConfig, where: str) -> None:
-    from trainers.models import MODELS, config_for
-
     if cfg.model not in MODELS:  # model not registered in this build (e.g. IAMM landing separately)
         return
     try:
@@ -228,88 +230,6 @@ def with_absolute_paths(cfg: SweepConfig) -> SweepConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Placement: what each trial asks of the cluster, checked before any trial starts
-
-
-class PlacementError(ConfigError):
-    """A sweep's trials can never be placed on the cluster it is attached to."""
-
-
-def trial_bundles(cfg: SweepConfig) -> list[dict[str, float]]:
-    """The resource bundles of one trial: one bundle in the trial process, or a driver + one per DDP worker.
-    Each bundle must fit on a single node."""
-    r = cfg.resources
-    worker = {"CPU": r.cpu, **({"GPU": r.gpu} if r.gpu else {})}
-    return [worker] if r.workers == 1 else [{"CPU": r.driver_cpu}] + [worker] * r.workers
-
-
-def trial_count(cfg: SweepConfig) -> int:
-    return len(cfg.grid()) * cfg.num_samples
-
-
-def plan_lines(cfg: SweepConfig) -> list[str]:
-    """A human-readable plan: every grid point, the trial's resources, and the total."""
-    bundles = trial_bundles(cfg)
-    storage = cfg.storage_path or os.environ.get("EDP_CHECKPOINT_URI") or "runs/ray"
-    per_trial = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
-    lines = [f"sweep {cfg.name}: {trial_count(cfg)} trial(s) = {len(cfg.variants)} variant(s) x "
-             f"{len(cfg.seeds)} seed(s) x {cfg.num_samples} sample(s); metric {cfg.metric} ({cfg.mode})",
-             f"per trial: {bundles} (total CPU {per_trial['CPU']:g}, GPU {per_trial['GPU']:g}); "
-             f"max_concurrent_trials {cfg.max_concurrent_trials or 'unlimited'}; storage {storage}"]
-    for v in cfg.variants:
-        for seed in cfg.seeds:
-            model = cfg.trial_config(v.name, seed, {}).model
-            sets = ", ".join(f"{k}={val}" for k, val in v.set.items()) or "-"
-            lines.append(f"  {v.name:<20} seed {seed:<3} model {model:<12} set: {sets}")
-    if cfg.search:
-        lines.append("  search: " + ", ".join(f"{k}~{s.type}" for k, s in cfg.search.items()))
-    return lines
-
-
-def _cpu_quantity(q: str | float) -> float:
-    """A Kubernetes CPU quantity ("4", "500m", 2) in CPUs."""
-    q = str(q)
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
-
-
-def node_types_from_env() -> list[dict]:
-    """The node types an autoscaling cluster can add (EDP_NODE_TYPES, set by the chart): a cluster that scales
-    from zero has no GPU node until a trial asks for one, so the placement check counts these too."""
-    raw = os.environ.get("EDP_NODE_TYPES", "").strip()
-    if not raw:
-        return []
-    try:
-        types = json.loads(raw)
-        return [{"group": t.get("group", "?"), "max": int(t.get("max", 1)), "CPU": _cpu_quantity(t["CPU"]),
-                 "GPU": float(t.get("GPU", 0))} for t in types]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise PlacementError(f"EDP_NODE_TYPES is not a JSON list of {{group, max, CPU, GPU}}: {e}") from None
-
-
-def check_placement(cfg: SweepConfig, nodes: list[dict], node_types: list[dict] | None = None) -> str:
-    """Raise PlacementError when some bundle of a trial fits on no alive node (`ray.nodes()` entries) and on no
-    node type the cluster can scale to; otherwise return a one-line summary of how many trials fit at once."""
-    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", False)]
-    types = node_types_from_env() if node_types is None else node_types
-    capacities = alive + [{"CPU": t["CPU"], "GPU": t["GPU"]} for t in types]
-    for bundle in trial_bundles(cfg):
-        if not any(all(cap.get(k, 0.0) >= need for k, need in bundle.items()) for cap in capacities):
-            have = [{k: cap[k] for k in ("CPU", "GPU") if cap.get(k)} for cap in capacities]
-            raise PlacementError(
-                f"sweep {cfg.name}: a trial needs {bundle} on one node, but no node of this cluster has it "
-                f"(nodes and node types: {have}); lower resources.cpu/resources.gpu in the sweep file, or add "
-                f"nodes that provide them (e.g. the chart's GPU worker group: ray.workerGroups.gpu.enabled=true)")
-    totals = {k: sum(cap.get(k, 0.0) for cap in alive) + sum(t[k] * t["max"] for t in types) for k in ("CPU", "GPU")}
-    need = {k: sum(b.get(k, 0.0) for b in trial_bundles(cfg)) for k in ("CPU", "GPU")}
-    at_once = min(int(totals[k] // need[k]) for k in need if need[k])
-    if cfg.max_concurrent_trials:
-        at_once = min(at_once, cfg.max_concurrent_trials)
-    scaled = f" (+ {sum(t['max'] for t in types)} autoscaled node(s))" if types else ""
-    return (f"fits: {len(alive)} node(s){scaled}, CPU {totals['CPU']:g}, GPU {totals['GPU']:g} in all; "
-            f"up to {at_once} trial(s) at once")
-
-
-# ------------------------------------------------------------------------------------------------
 # Trial (runs in a Tune trial actor)
 
 
@@ -323,25 +243,10 @@ def _run_id_from_checkpoint(checkpoint, run_id_file: Path) -> None:
             run_id_file.write_text((Path(d) / RUN_ID_FILE).read_text())
 
 
-def _report_if_finished(run_id_file: Path, tracking_uri: str) -> bool:
-    """A trial whose MLflow run already FINISHED (its driver died before Tune recorded the trial as done) is not
-    trained again: its final metrics are reported to Tune as they were logged."""
-    import ray.tune
-
-    if not run_id_file.exists():
-        return False
-    run = client(tracking_uri).get_run(run_id_file.read_text().strip())
-    if run.info.status != "FINISHED":
-        return False
-    metrics = run.data.metrics
-    ray.tune.report({**metrics, **{k.removeprefix("final_"): v for k, v in metrics.items() if k.startswith("final_")}})
-    return True
-
-
 def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, storage: tuple) -> None:
     """One trial; `storage` is (filesystem, path) resolved on the driver (`storage_location`): a trial actor
     may lack the driver's S3 endpoint and credentials."""
-    import ray.tune
+    import ray.tune  # Ray: only in a trial
 
     sw = SweepConfig.model_validate(sweep)
     trial_id = ray.tune.get_context().get_trial_id()
@@ -349,23 +254,24 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
     search = config.get("search", {})
     work = Path(sw.work_dir) / sw.name / trial_id
     _run_id_from_checkpoint(ray.tune.get_checkpoint(), work / RUN_ID_FILE)
-    if _report_if_finished(work / RUN_ID_FILE, tracking_uri):
+    finished = finished_trial_metrics(work / RUN_ID_FILE, tracking_uri)
+    if finished is not None:  # not trained again: its final metrics are reported as they were logged
+        ray.tune.report(finished)
         return
     cfg = sw.trial_config(variant, seed, search, out_dir=str(work))
     tracking = sw.tracking.model_copy(update={"uri": tracking_uri})
-    run_id = start_run(tracking, tracking.experiment or sw.name, f"{variant}-s{seed}-{trial_id}",
-                       parent_run_id=parent_run_id, run_id_file=work / RUN_ID_FILE,
-                       tags={"variant": variant, "seed": str(seed), "trial_id": trial_id, "model": cfg.model,
-                             **{f"search.{k}": str(v) for k, v in search.items()}})
-    client(tracking_uri).set_tag(run_id, "node_id", ray.get_runtime_context().get_node_id())  # where it (last) ran
+    run_id = start_trial_run(tracking, tracking.experiment or sw.name, f"{variant}-s{seed}-{trial_id}",
+                             parent_run_id, work / RUN_ID_FILE, ray.get_runtime_context().get_node_id(),
+                             tags={"variant": variant, "seed": str(seed), "trial_id": trial_id, "model": cfg.model,
+                                   **{f"search.{k}": str(v) for k, v in search.items()}})
     loop_config = {"train": cfg.model_dump(), "run_id": run_id, "tracking_uri": tracking_uri,
                    "log_model": tracking.log_model, "gpus_per_worker": sw.resources.gpu}
     ok = False
     try:
         if sw.resources.workers == 1:
-            worker_loop(loop_config, ray.tune, 0, 1)
+            worker_loop(loop_config, TuneSession())
         else:
-            from ray.tune.integration.ray_train import TuneReportCallback
+            from ray.tune.integration.ray_train import TuneReportCallback  # Ray: in a trial
 
             rt = RayTrainConfig(name=f"{sw.name}-{trial_id}", train=cfg, storage_path=sw.storage_path,
                                 scaling=Scaling(workers=sw.resources.workers,
@@ -389,7 +295,7 @@ def run_trial(config: dict, sweep: dict, parent_run_id: str, tracking_uri: str, 
 def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool = False):
     """The Tuner of `cfg`; with `resume`, the experiment in storage is restored instead (finished trials are kept,
     unfinished and errored ones continue from their last checkpoint) when storage holds one."""
-    from ray import tune
+    from ray import tune  # Ray: only once the sweep runs (configs are validated before)
     from ray.tune.schedulers import ASHAScheduler
 
     # trials also report resume checkpoints between evaluations, which carry no `cfg.metric` (ASHA and the grid
@@ -426,28 +332,11 @@ def tuner(cfg: SweepConfig, parent_run_id: str, tracking_uri: str, resume: bool 
     )
 
 
-def unfinished_parent(c, experiment: str, name: str, storage: str) -> str | None:
-    """The newest parent run of sweep `name` (same storage) that did not finish: its driver died or failed, and
-    a re-submission continues it. A finished sweep submitted again starts a new parent run."""
-    exp = c.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = c.search_runs([exp.experiment_id], f"tags.kind = 'sweep' and tags.sweep = '{name}' and "
-                         f"tags.storage = '{storage}' and attributes.status != 'FINISHED'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
-
-
 def run_sweep(cfg: SweepConfig) -> dict:
     """Prepare data, open the parent run, run every trial, then log the ablation table and the best child."""
-    import yaml
-
-    from trainers.config import DataConfig
-    from trainers.data.prepare import prepare
-
     t0 = time.perf_counter()
     ensure_ray()
-    import ray
+    import ray  # Ray: only once the sweep runs
 
     nodes = ray.nodes()
     print(check_placement(cfg, nodes), flush=True)  # never wait forever on trials that cannot be placed
@@ -464,25 +353,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
         # it for the other nodes), fail early on bad data
     uri = cfg.tracking.resolved_uri()
     experiment = cfg.tracking.experiment or cfg.name
-    c = client(uri)
-    parent = unfinished_parent(c, experiment, cfg.name, cfg.storage_path)  # a retried job after its driver died
-    resume = parent is not None
-    if parent is None:
-        parent = start_run(cfg.tracking, experiment, cfg.name,
-                           tags={"sweep": cfg.name, "kind": "sweep", "storage": cfg.storage_path})
-        c.log_text(parent, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "sweep.yaml")
-        c.log_param(parent, "variants", ",".join(v.name for v in cfg.variants))
-        c.log_param(parent, "seeds", ",".join(map(str, cfg.seeds)))
-        c.log_param(parent, "metric", cfg.metric)
-    else:
-        c.update_run(parent, status="RUNNING")
+    parent, resume = open_parent(cfg.tracking, experiment, cfg.name, cfg.storage_path,
+                                 yaml.safe_dump(cfg.model_dump(), sort_keys=False),
+                                 {"variants": ",".join(v.name for v in cfg.variants),
+                                  "seeds": ",".join(map(str, cfg.seeds)), "metric": cfg.metric})
     ok = False
     try:
         results = tuner(cfg, parent, uri, resume=resume).fit()
         errors = [str(r.error) for r in results if r.error]
-        for run in c.search_runs([c.get_run(parent).info.experiment_id],
-                                 f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'"):
-            c.set_terminated(run.info.run_id, "KILLED")  # stopped early by ASHA
+        close_stopped_children(uri, parent)  # stopped early by ASHA
         summary = finish_parent(uri, parent, cfg.metric, cfg.mode, [v.name for v in cfg.variants], cfg.paper)
         ok = not errors
     finally:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from cluster.jobs import run_job
+from cluster.distributed.placement import check_placement, plan_lines
+from cluster.distributed.tuning import load_sweep, run_sweep
+from cluster.jobs.runner import run_job
+from cluster.tracking.reports import table_markdown
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,10 +35,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def dry_run(cfg) -> int:
     """Print the plan and check placement: on the cluster at RAY_ADDRESS when set, else on the node types in
     EDP_NODE_TYPES when set; exit 2 when trials can never run."""
-    import os
-
-    from cluster.distributed.tuning import check_placement, plan_lines
-
     print("\n".join(plan_lines(cfg)))
     if not os.environ.get("RAY_ADDRESS"):
         if os.environ.get("EDP_NODE_TYPES"):  # a chart's pod before its cluster exists: check its node types
@@ -42,7 +42,7 @@ def dry_run(cfg) -> int:
         else:
             print("not attached to a cluster (RAY_ADDRESS unset): placement not checked")
         return 0
-    import ray
+    import ray  # Ray only to attach for the placement check
 
     ray.init(address=os.environ["RAY_ADDRESS"], include_dashboard=False, log_to_driver=False)
     print(check_placement(cfg, ray.nodes()))
@@ -51,8 +51,6 @@ def dry_run(cfg) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cluster.distributed.tuning import load_sweep, run_sweep
-    from cluster.tracking.reports import table_markdown
 
     def run(cfg) -> int:
         summary = run_sweep(cfg)

@@ -164,7 +164,9 @@ def free_ports(n: int) -> list[int]:
 
 
 def _ephemeral_low() -> int:
-    """First port of the kernel's ephemeral range (Linux; 32768 elsewhere, the common default)."""
+    """First port of the kernel's ephemeral range (Linux; 32768 elsewhere, the common default).
+
+    The one /proc read left here: psutil reports processes and connections, not the kernel's port range."""
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):

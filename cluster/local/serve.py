@@ -32,7 +32,7 @@ def from_config(path: Path | None, name: str | None = None, alias: str | None = 
                 overrides: dict[str, Any] | None = None, *, app: str | None = None) -> LocalServe:
     """Application args + deployment options of one application in a Serve config file: the one called `app`,
     else the one whose model_name is `name`, else the first. `name`, `alias` and `overrides` replace its args."""
-    from services.app import AppArgs
+    from services.app import AppArgs  # Ray Serve: not at `edp` start-up
 
     path = Path(path or DEFAULT_CONFIG)
     config = load(path)
@@ -67,7 +67,7 @@ def deploy_config(app: str, args: dict[str, Any], port: int, path: Path | None =
 
 def load(path: Path) -> dict[str, Any]:
     """A Serve config file, checked against Serve's own `serve deploy` schema."""
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.schema import ServeDeploySchema  # Ray Serve: not at `edp` start-up
 
     config = yaml.safe_load(path.read_text())
     ServeDeploySchema.model_validate(config)
@@ -87,8 +87,8 @@ def _application(config: dict[str, Any], path: Path, app: str | None, name: str 
 def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, address: str | None = None,
         metrics_port: int | None = None, num_cpus: int | None = None) -> str:
     """Start (or attach to) Ray, start Serve's HTTP proxy on host:port, deploy; returns the base URL."""
-    import ray
-    from ray import serve
+    import ray  # Ray: only when serving
+    from ray import serve  # Ray: only when serving
 
     from services.app import make_app
 
@@ -106,7 +106,7 @@ def run(spec: LocalServe, host: str = "127.0.0.1", port: int | None = None, addr
 
 def replica_states(app_name: str, deployment: str = "Responder") -> dict[str, int]:
     """{state: count} of a running app's deployment, e.g. {"RUNNING": 2} ({} while the app is not listed)."""
-    from ray import serve
+    from ray import serve  # Ray: only when serving
 
     app = serve.status().applications.get(app_name)
     if app is None or deployment not in app.deployments:

@@ -7,6 +7,7 @@ MLflow server, SeaweedFS S3 (`weed mini`), a Ray head (`ray start --head`) and P
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -180,8 +181,6 @@ def ray_temp_dir(state_dir: Path) -> Path:
     """
     path = state_dir.resolve() / "tmp"
     if len(str(path)) + RAY_SOCKET_SUFFIX > 107:
-        import hashlib
-
         path = Path("/tmp") / f"edp-ray-{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     return path
 
@@ -249,7 +248,7 @@ def start_ray_worker(state_dir: Path, gcs_address: str, dashboard_url: str, name
 
 def ray_nodes(dashboard_url: str) -> dict[str, dict[str, float]]:
     """{node id: total resources} of the ALIVE nodes of the cluster whose dashboard is at `dashboard_url`."""
-    from ray.util.state import list_nodes
+    from ray.util.state import list_nodes  # Ray: only for this check
 
     try:
         nodes = list_nodes(address=dashboard_url, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)

@@ -12,6 +12,7 @@
       3. compare the best one with the current champion on the same metric; refuse a worse one unless
          `force` (a tie is not worse; the champion's own run is left as it is);
          with alias="challenger" the same rules decide whether it may be tried live as the challenger;
+      (steps 2-3 are `decide`: a pure function over what was read, testable without MLflow)
       4. register the run's model as a new version (tags: run_id, experiment, the comparison key, the
          code version, the recipe, metric.<k> for every metric of the run), move alias `previous` to the
          replaced champion and `champion` to the new one (or only `challenger` to it). `dry_run` prints steps
@@ -64,7 +65,7 @@ class Decision:
 
 def metric_mode(metric: str, mode: str | None = None) -> str:
     """`mode` when given, else the metric's direction from the trainer's table (`final_<m>` as `<m>`)."""
-    from trainers.metrics import METRIC_MODES
+    from trainers.metrics import METRIC_MODES  # torch: not at `edp` start-up
 
     if mode is not None:
         if mode not in ("max", "min"):
@@ -95,9 +96,9 @@ def _say(decision: Decision, log: Callable[[str], None], line: str) -> None:
     log(line)
 
 
-def child_runs(c, experiment: str, metric: str, mode: str, where: str | None) -> list:
+def ranked_child_runs(c, experiment: str, metric: str, mode: str, where: str | None) -> list:
     """FINISHED child runs of the experiment matching `where` that logged a finite `metric`, best first."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: not at `edp` start-up
 
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
@@ -130,6 +131,14 @@ def _champion(c, name: str):
         return lookup(c, name, CHAMPION)
     except RegistryError:
         return None
+
+
+def _champion_standing(c, name: str, metric: str) -> Standing | None:
+    """The champion's run, value of `metric` and comparison key (None: `name` has no champion)."""
+    mv = _champion(c, name)
+    if mv is None:
+        return None
+    return Standing(mv.run_id, _champion_value(c, mv, metric), _champion_key(c, mv), version=str(mv.version))
 
 
 def _champion_value(c, mv, metric: str) -> float | None:
@@ -165,7 +174,7 @@ def version_tags(run, experiment: str, metric: str, mode: str) -> dict[str, str]
 
 
 def _register(c, name: str, run, source: tuple[str, str | None], experiment: str, metric: str, mode: str):
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow: not at `edp` start-up
 
     try:
         c.create_registered_model(name, description="empathetic response generator (edp promote)")
@@ -213,16 +222,57 @@ def _rank(runs: list, metric: str, dry_run: bool) -> str:
     return " " + ", ".join(label(r) for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
 
 
+@dataclass(frozen=True)
+class Standing:
+    """What the decision compares, read from the registry and the runs beforehand (no MLflow in `decide`)."""
+
+    run_id: str
+    value: float | None
+    key: dict[str, str]
+    version: str | None = None  # the champion's version (None for the candidate)
+
+
+def decide(candidate: Standing, apart: list[Standing], champion: Standing | None, *, name: str, metric: str,
+           mode: str, force: bool, say: Callable[[str], None]) -> Literal["promote", "refused", "unchanged"]:
+    """Whether `candidate` may become `name`'s champion (or challenger) in place of `champion` (None: there is
+    none); `apart` are the ranked runs measured on another comparison key than the candidate. Pure: every
+    reason goes to `say`, nothing is read or written."""
+    key = candidate.key
+    if apart and not _go_on(say, force, f"not comparable: {len(apart)} ranked run(s) were measured on other "
+                                        f"data or metric definitions, e.g. run {apart[0].run_id} on "
+                                        f"{_show(apart[0].key)}, the candidate on {_show(key)}"):
+        return "refused"
+    if champion is None:
+        say(f"champion: none ({name!r} has no alias {CHAMPION!r}) -> promote")
+        return "promote"
+    champ_value, value = champion.value, candidate.value
+    say(f"champion: {name} v{champion.version} (run {champion.run_id}) {metric}="
+        + ("n/a" if champ_value is None else f"{champ_value:.6g}"))
+    if champion.run_id == candidate.run_id:
+        say(f"decision: the candidate run already is champion v{champion.version}; nothing to do")
+        return "unchanged"
+    if champion.key != key and not _go_on(say, force, "not comparable: the champion was measured on "
+                                                      f"{_show(champion.key)}, the candidate on {_show(key)}"):
+        return "refused"
+    if champ_value is None or _better(champ_value, value, mode):
+        why = ("the champion has no value to compare" if champ_value is None else
+               f"candidate {value:.6g} is worse than champion {champ_value:.6g} ({mode} is better)")
+        return "promote" if _go_on(say, force, why) else "refused"
+    say(f"decision: candidate {value:.6g} is not worse than champion {champ_value:.6g} ({mode} is better): promote")
+    return "promote"
+
+
 def promote(experiment: str, metric: str, mode: str | None = None, where: str | None = None, *, name: str,
             force: bool = False, dry_run: bool = False, tracking_uri: str | None = None,
             log: Callable[[str], None] = print, alias: str = CHAMPION) -> Decision:
     """Register the best child run of `experiment` by `metric` and make it the champion, or with
-    `alias="challenger"` the challenger beside the unchanged champion (see module doc)."""
+    `alias="challenger"` the challenger beside the unchanged champion (see module doc): read the runs and the
+    champion, `decide`, then write the registry."""
     if alias not in (CHAMPION, CHALLENGER):
         raise ValueError(f"alias must be {CHAMPION!r} or {CHALLENGER!r}, got {alias!r}")
     mode = metric_mode(metric, mode)
     c = client(resolve_tracking_uri(tracking_uri))
-    runs = child_runs(c, experiment, metric, mode, where)
+    runs = ranked_child_runs(c, experiment, metric, mode, where)
     if not runs:
         raise PromotionError(f"no FINISHED child run of {experiment!r} with metric {metric!r}"
                              + (f" matching {where!r}" if where else ""))
@@ -231,48 +281,31 @@ def promote(experiment: str, metric: str, mode: str | None = None, where: str | 
     say(f"{len(runs)} child run(s) of {experiment!r}" + (f" matching {where!r}" if where else "")
         + f", ranked by {metric} ({mode} is better):" + _rank(runs, metric, dry_run))
     run, source = _with_model(c, runs, experiment, say)
-    value, key = run.data.metrics[metric], comparison_key(run.data.params)
-    decision.candidate_run_id, decision.candidate_value = run.info.run_id, value
-    say(f"candidate: run {run.info.run_id} ({run.info.run_name}) {metric}={value:.6g} model {source[0]}")
-    say(f"candidate measured on: {_show(key)}")
-    apart = [r for r in runs if comparison_key(r.data.params) != key]
-    if apart and not _go_on(say, force, f"not comparable: {len(apart)} ranked run(s) were measured on other "
-                                        f"data or metric definitions, e.g. run {apart[0].info.run_id} on "
-                                        f"{_show(comparison_key(apart[0].data.params))}, "
-                                        f"the candidate on {_show(key)}"):
+    candidate = Standing(run.info.run_id, run.data.metrics[metric], comparison_key(run.data.params))
+    decision.candidate_run_id, decision.candidate_value = candidate.run_id, candidate.value
+    say(f"candidate: run {run.info.run_id} ({run.info.run_name}) {metric}={candidate.value:.6g} model {source[0]}")
+    say(f"candidate measured on: {_show(candidate.key)}")
+    apart = [Standing(r.info.run_id, r.data.metrics[metric], comparison_key(r.data.params)) for r in runs
+             if comparison_key(r.data.params) != candidate.key]
+    champion = _champion_standing(c, name, metric)
+    verdict = decide(candidate, apart, champion, name=name, metric=metric, mode=mode, force=force, say=say)
+    if champion is not None and (force or not apart):  # the decision got as far as the champion
+        decision.champion_value, decision.version = champion.value, champion.version
+    if verdict != "promote":
+        decision.action = verdict
         return decision
-
-    champion = _champion(c, name)
-    if champion is None:
-        say(f"champion: none ({name!r} has no alias {CHAMPION!r}) -> promote")
-    else:
-        champ_value = _champion_value(c, champion, metric)
-        decision.champion_value = champ_value
-        decision.version = str(champion.version)
-        say(f"champion: {name} v{champion.version} (run {champion.run_id}) {metric}="
-            + ("n/a" if champ_value is None else f"{champ_value:.6g}"))
-        if champion.run_id == run.info.run_id:
-            decision.action = "unchanged"
-            say(f"decision: the candidate run already is champion v{champion.version}; nothing to do")
-            return decision
-        champ_key = _champion_key(c, champion)
-        if champ_key != key and not _go_on(say, force, "not comparable: the champion was measured on "
-                                                       f"{_show(champ_key)}, the candidate on {_show(key)}"):
-            return decision
-        if champ_value is None or _better(champ_value, value, mode):
-            why = ("the champion has no value to compare" if champ_value is None else
-                   f"candidate {value:.6g} is worse than champion {champ_value:.6g} ({mode} is better)")
-            if not _go_on(say, force, why):
-                return decision
-        else:
-            say(f"decision: candidate {value:.6g} is not worse than champion {champ_value:.6g} "
-                f"({mode} is better): promote")
-
     if dry_run:
         decision.action = "would_promote"
         say(f"dry run: would register run {run.info.run_id} as a new version of {name} and move {alias}; "
             "nothing registered")
         return decision
+    return _register_and_move(c, decision, run, source, experiment, metric, mode, alias, champion, say)
+
+
+def _register_and_move(c, decision: Decision, run, source: tuple[str, str | None], experiment: str, metric: str,
+                       mode: str, alias: str, champion: Standing | None, say: Callable[[str], None]) -> Decision:
+    """The registry writes of a promotion: a new version from the run, then the aliases."""
+    name = decision.name
     mv = _register(c, name, run, source, experiment, metric, mode)
     if alias == CHALLENGER:
         c.set_registered_model_alias(name, CHALLENGER, mv.version)
@@ -281,7 +314,7 @@ def promote(experiment: str, metric: str, mode: str | None = None, where: str | 
         return decision
     if champion is not None:
         c.set_registered_model_alias(name, PREVIOUS, champion.version)
-        decision.previous_version = str(champion.version)
+        decision.previous_version = champion.version
     c.set_registered_model_alias(name, CHAMPION, mv.version)
     decision.action, decision.version = "promoted", str(mv.version)
     say(f"registered {name} v{mv.version}; {CHAMPION} -> v{mv.version}"

@@ -8,6 +8,7 @@ ablation's change against the full model beside the paper's, and whether the two
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 from collections import defaultdict
@@ -17,6 +18,7 @@ from pydantic import Field, model_validator
 
 from services.registry import client
 from trainers.config import StrictModel
+from trainers.data.emotions import EMOTIONS
 
 TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_token": ("valid_ppl_token", 1.0),
                  "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0)}  # papers' layout: x100
@@ -46,13 +48,12 @@ class PaperReference(StrictModel):
 
 def confusion_figure(trainer):
     """Row-normalised emotion confusion matrix of the trainer's final evaluation (valid split, teacher-forced)."""
-    import matplotlib
+    import matplotlib  # matplotlib, numpy, torch: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from trainers.data.emotions import EMOTIONS
     from trainers.metrics import confusion_matrix
 
     pred, gold = trainer.final_evaluation.emotion_pred, trainer.final_evaluation.emotion_gold
@@ -74,7 +75,7 @@ def confusion_figure(trainer):
 
 
 def loss_figure(history: list[dict]):
-    import matplotlib
+    import matplotlib  # matplotlib, numpy, torch: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -97,7 +98,8 @@ def loss_figure(history: list[dict]):
 # Parent run: the ablation table and the best child
 
 
-def child_runs(uri: str, parent_run_id: str) -> list:
+def runs_of_parent(uri: str, parent_run_id: str) -> list:
+    """Every child run (any status) nested under `parent_run_id`."""
     c = client(uri)
     parent = c.get_run(parent_run_id)
     return c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -129,8 +131,6 @@ def ablation_table(children: list, variants: list[str] | None = None) -> list[di
 
 
 def table_csv(rows: list[dict]) -> str:
-    import csv
-
     buf = io.StringIO()
     cols = ["variant", "seeds", *(c for col in TABLE_METRICS for c in (col, f"{col}_std"))]
     writer = csv.DictWriter(buf, fieldnames=cols)
@@ -213,7 +213,7 @@ def log_table(uri: str, parent_run_id: str, children: list, variants: list[str],
 
 def log_table_so_far(uri: str, parent_run_id: str, variants: list[str], paper: PaperReference | None = None) -> None:
     """The table of the parent's FINISHED children, logged each time a trial ends (`log_table`, `so_far`)."""
-    finished = [r for r in child_runs(uri, parent_run_id) if r.info.status == "FINISHED"]
+    finished = [r for r in runs_of_parent(uri, parent_run_id) if r.info.status == "FINISHED"]
     log_table(uri, parent_run_id, finished, variants, paper, so_far=True)
 
 
@@ -222,7 +222,7 @@ def finish_parent(uri: str, parent_run_id: str, metric: str, mode: str, variants
     """Log the ablation table (CSV + markdown, with `paper`'s figures) on the parent and tag the best child by
     final `metric`."""
     c = client(uri)
-    children = child_runs(uri, parent_run_id)
+    children = runs_of_parent(uri, parent_run_id)
     rows = log_table(uri, parent_run_id, children, variants, paper)
     scored = [(v, r) for r in children if (v := final_value(r.data.metrics, metric)) is not None]
     best = None

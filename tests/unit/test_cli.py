@@ -111,6 +111,11 @@ def test_local_train_builds_the_config_of_python_m_trainers_train(monkeypatch, t
     assert runs == [(train_entry.config_from_args(train_entry.parse_args(options)), False)]
     result = runner.invoke(app, ["train", "--local", "--set", "batch_size=0"])
     assert result.exit_code == 2 and "batch_size" in result.output and len(runs) == 1
+    (tmp_path / "run.yaml").write_text("max_steps: 7\n")
+    result = runner.invoke(app, ["train", "--local", "-c", str(tmp_path / "run.yaml")])  # -c: --config, as before
+    assert result.exit_code == 0, result.output
+    assert runs[-1][0] == train_entry.config_from_args(train_entry.parse_args(["--config", str(tmp_path / "run.yaml")]))
+    assert runs[-1][0].max_steps == 7
 
 
 def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
@@ -118,7 +123,8 @@ def test_no_resume_forgets_the_stored_run_and_its_mlflow_run_id(tmp_path):
     from cluster.jobs import train as train_job
     from cluster.tracking.runs import RUN_ID_FILE
 
-    cfg = train_job.build_config(name="r1", out=tmp_path / "out", storage_path=str(tmp_path / "ray"), resume=False)
+    cfg = train_job.build_config(name="r1", train={"out_dir": str(tmp_path / "out")},
+                                 storage_path=str(tmp_path / "ray"), resume=False)
     stored, other = tmp_path / "ray" / "r1" / "checkpoint_000001", tmp_path / "ray" / "r2"
     stored.mkdir(parents=True)
     other.mkdir()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from trainers.data.records import DataError
-from trainers.data.remote import download_release
+from trainers.data.release import download_release
 
 HEADER = "conv_id,utterance_idx,context,prompt,speaker_idx,utterance,selfeval,tags\n"
 
