@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from cluster.distributed.ddp import worker_loop
-from trainers.config import load_config
-from trainers.config import TrainConfig
+from trainers.config import TrainConfig, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
