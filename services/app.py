@@ -18,7 +18,7 @@ Each replica
 - validates before it works: 401 (auth on, bad/missing token), 413 (body over `max_body_bytes`, checked
   from Content-Length and from the bytes actually read, before parsing), 400 (not JSON), 422 (schema,
   naming the field path), 503 (no model loaded yet); anything unexpected is a 500 JSON, never a crash;
-- exports the metrics of services/metrics.py through Ray's metrics agent.
+- exports the metrics of services/replica_metrics.py through Ray's metrics agent.
 """
 
 # no `from __future__ import annotations`: Serve's ingress rebuilds the route functions, and FastAPI
@@ -40,7 +40,7 @@ from ray.serve import Application
 
 from services import registry
 from services.challenger import Answer, Model, Router
-from services.metrics import replica_metrics
+from services.replica_metrics import replica_metrics
 from services.rollout import CHALLENGER, CHAMPION, Loaded, LoadFailed, RolloutConfig, Slot, refresh_slot, targets
 from services.schemas import (
     DEFAULT_MAX_TURN_CHARS,

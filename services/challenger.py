@@ -7,7 +7,7 @@
             the challenger's answer; when the challenger fails the champion answers instead.
 
 The Router is plain asyncio: the Serve deployment (services/app.py) gives it each role's batched model
-call and a Recorder (services/metrics.py), so the routing is tested with fake models.
+call and a Recorder (services/replica_metrics.py), so the routing is tested with fake models.
 """
 
 from __future__ import annotations

@@ -118,10 +118,10 @@ class Recorder:
 def replica(monkeypatch):
     """A Responder replica (no Serve, no MLflow) over FakeRegistry {champion: 1, challenger: 3}, version 2
     broken; `replica.metrics.calls` lists what it recorded."""
-    from services import app, metrics, registry
+    from services import app, registry, replica_metrics
 
     reg = FakeRegistry({"champion": "1", "challenger": "3"}, broken=("2",))
-    monkeypatch.setattr(metrics, "_replica_metrics", Recorder())
+    monkeypatch.setattr(replica_metrics, "_replica_metrics", Recorder())
     monkeypatch.setattr(registry, "client", lambda uri: None)
     monkeypatch.setattr(registry, "lookup", lambda c, name, alias=None, version=None:
                         reg.lookup(Target(alias, version)))
