@@ -1,7 +1,7 @@
 """Roll a running Serve application to a registered version the Ray way (`edp promote --apply`).
 
 The version goes into the `user_config` of the application's `Responder` deployment
-(`user_config.model_version`, services/rollout.py). Through the Serve REST API on the Ray dashboard:
+(`user_config.model_version`, services/replica.py). Through the Serve REST API on the Ray dashboard:
 
     GET  /api/serve/applications/     every application's deployed config (what `serve deploy` sent)
     PUT  /api/serve/applications/     the same configs back, with only that user_config changed
@@ -53,7 +53,7 @@ def running_config(details: dict) -> dict:
 def pin_version(config: dict, model_name: str, version: str) -> str:
     """Set `user_config.model_version` of the Responder deployment of the one application serving
     `model_name` (its args.model_name) in a `serve deploy` body; the application's name."""
-    from services.rollout import RolloutConfig
+    from services.replica import RolloutConfig
 
     apps = config["applications"]
     matches = [a for a in apps if (a.get("args") or {}).get("model_name") == model_name]

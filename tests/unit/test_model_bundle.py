@@ -10,7 +10,7 @@ import torch
 
 from tests.integration.registry_models import train_tiny
 from trainers.evaluate import export_bundle, load_checkpoint
-from trainers.inference import Responder
+from trainers.inference import Request, Responder
 from trainers.model_bundle import CONFIG, VOCAB, WEIGHTS, BundleError, find_bundle, load_bundle
 
 
@@ -40,8 +40,8 @@ def test_bundle_round_trips_weights_config_vocab_and_answers(checkpoint, tmp_pat
     ref = ref_model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
     assert (bundle / WEIGHTS).stat().st_size < checkpoint.stat().st_size  # no optimizer / RNG state
-    (answer,) = Responder.from_bundle(bundle).respond([{"context": ["I lost my keys again."]}])
-    assert isinstance(answer["response"], str) and answer["emotion"]
+    (answer,) = Responder.from_bundle(bundle).respond([Request(["I lost my keys again."])])
+    assert isinstance(answer.response, str) and answer.emotion
 
 
 def test_find_bundle_takes_the_shallowest(checkpoint, tmp_path):

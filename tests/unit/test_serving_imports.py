@@ -1,4 +1,5 @@
-"""Serving (services/*, trainers.inference) loads no training module: a replica needs no training loop."""
+"""Serving (services/*, trainers.inference) loads no training module: a replica needs no training loop. The
+replica's logic (services/replica.py) is plain Python: it imports no Ray, no FastAPI, no MLflow and no torch."""
 
 from __future__ import annotations
 
@@ -8,11 +9,23 @@ import sys
 
 TRAINING_MODULES = ["trainers.loop", "trainers.evaluator", "trainers.optim", "trainers.batching",
                     "trainers.evaluate", "trainers.train"]
+NOT_IN_THE_REPLICA = ["ray", "fastapi", "starlette", "mlflow", "torch"]
+
+
+def loaded_after(imports: str, modules: list[str]) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after `import <imports>` (a package is loaded as soon as
+    any of its submodules is)."""
+    code = ("import json, sys\n"
+            f"import {imports}\n"
+            f"print(json.dumps([m for m in {modules!r} if m in sys.modules]))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_serving_imports_no_training_module():
-    code = ("import json, sys\n"
-            "import services.app, services.pyfunc_model, services.registry, trainers.inference\n"
-            f"print(json.dumps([m for m in {TRAINING_MODULES!r} if m in sys.modules]))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+    imports = "services.app, services.pyfunc_model, services.registry, services.replica, trainers.inference"
+    assert loaded_after(imports, TRAINING_MODULES) == []
+
+
+def test_the_replica_module_imports_no_ray_no_fastapi_no_mlflow_no_torch():
+    assert loaded_after("services.replica", NOT_IN_THE_REPLICA) == []
