@@ -500,6 +500,7 @@ class Replica:
 
 def _respond_one(loaded: Loaded, request: Request) -> Answer | Exception:
     try:
-        return loaded.responder.respond([request])[0]
+        (answer,) = loaded.responder.respond([request])
     except Exception as e:  # noqa: BLE001
         return GenerationFailed(f"generation failed: {type(e).__name__}: {e}")
+    return answer
