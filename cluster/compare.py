@@ -1,6 +1,6 @@
 """`edp compare --name escm`: champion vs challenger on live traffic over a time window, from Prometheus.
 
-The per-model series of services/metrics.py (Ray's exporter adds the `ray_` prefix), grouped by role and
+The per-model series of services/replica_metrics.py (Ray's exporter adds the `ray_` prefix), grouped by role and
 version, `W` the window, `N` the registered model name:
 
     requests   sum by (role, version, outcome) (increase(ray_edp_model_requests_total{name="N"}[W]))

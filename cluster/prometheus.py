@@ -2,7 +2,7 @@
 
 Two histograms, whichever exist (both in milliseconds, both tagged with `route`):
     serve  ray_serve_http_request_latency_ms   Serve's HTTP proxy: the latency a client sees
-    app    ray_edp_request_latency_ms          the app's own, inside the replica (services/metrics.py)
+    app    ray_edp_request_latency_ms          the app's own, inside the replica (services/replica_metrics.py)
 Rate:      sum by (route) (rate(M_count[W]))
 Quantile:  histogram_quantile(q, sum by (route, le) (rate(M_bucket[W])))
 """

@@ -1,7 +1,7 @@
 """Roll a running Serve application to a registered version the Ray way (`edp promote --apply`).
 
 The version goes into the `user_config` of the application's `Responder` deployment
-(`user_config.model_version`, services/rollout.py). Through the Serve REST API on the Ray dashboard:
+(`user_config.model_version`, services/replica.py). Through the Serve REST API on the Ray dashboard:
 
     GET  /api/serve/applications/     every application's deployed config (what `serve deploy` sent)
     PUT  /api/serve/applications/     the same configs back, with only that user_config changed
@@ -20,7 +20,7 @@ import copy
 import os
 from collections.abc import Callable
 
-from services.rollout import RolloutConfig
+from services.replica import RolloutConfig
 
 DEPLOYMENT = "Responder"  # services.app.ResponderDeployment
 DEPLOY_KEYS = ("proxy_location", "http_options", "grpc_options", "target_capacity")

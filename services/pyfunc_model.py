@@ -9,31 +9,66 @@
 
 Logged by `cluster.tracking.runs.log_pyfunc_model` with the bundle (trainers.artifacts: safetensors + JSON,
 never unpickled) as the artifact `bundle`, `SIGNATURE` and `INPUT_EXAMPLE`, and `trainers/` + `services/`
-as code paths. The signature is the HTTP schema's (services.schemas.RespondRequest / RespondResponse, less
-the registry's `model` field). Imports stay minimal: the heavy ones happen in load_context.
+as code paths. The signature is derived from the HTTP schema (services.schemas.RespondRequest /
+RespondResponse, less the registry's `model` field) and each request is validated by RespondRequest, as the
+endpoint validates its body. Imports stay minimal (mlflow, pydantic): the heavy ones happen in load_context.
 """
 
 from __future__ import annotations
+
+import types
+import typing
 
 import mlflow
 from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Object, Property, Schema
+from pydantic import BaseModel, ValidationError
 
-RESPONSE_KEYS = ("response", "emotion", "emotion_top", "evidence")
-INPUT_EXAMPLE = [{"context": ["I finally passed my driving test today!"], "situation": None}]
-SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec(Array(DataType.string), "context"),
-                   ColSpec(DataType.string, "situation", required=False)]),
-    outputs=Schema([ColSpec(DataType.string, "response"), ColSpec(DataType.string, "emotion", required=False),
-                    ColSpec(Array(Object([Property("label", DataType.string), Property("prob", DataType.double)])),
-                        "emotion_top"),
-                    ColSpec(Array(AnyType()), "evidence")]),
-)
+from services.schemas import RespondRequest, RespondResponse, field_errors
+
+SCALARS = {str: DataType.string, float: DataType.double, int: DataType.long, bool: DataType.boolean}
 
 
-def _requests(model_input) -> list[dict]:
-    """A list of request dicts, one dict, or a DataFrame with columns context / situation."""
+def _optional(annotation) -> tuple[object, bool]:
+    """(the annotation less None, whether None is allowed): `str | None` -> (str, True)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+def _mlflow_type(annotation):
+    """A pydantic field annotation (after `_optional`) -> its MLflow type."""
+    base = typing.get_origin(annotation) or annotation
+    if base is typing.Annotated:                                      # a validated type, e.g. schemas.Text
+        return _mlflow_type(typing.get_args(annotation)[0])
+    if base is list:
+        return Array(_mlflow_type(typing.get_args(annotation)[0]))
+    if isinstance(base, type) and issubclass(base, BaseModel):
+        return Object([Property(k, _mlflow_type(_optional(f.annotation)[0])) for k, f in base.model_fields.items()])
+    return SCALARS.get(base, AnyType())                               # dict[str, Any], Any: any JSON
+
+
+def _schema(model: type[BaseModel], leave_out: tuple[str, ...] = ()) -> Schema:
+    """One column per field of a pydantic model, required unless it may be None."""
+    cols = []
+    for name, f in model.model_fields.items():
+        if name not in leave_out:
+            annotation, optional = _optional(f.annotation)
+            cols.append(ColSpec(_mlflow_type(annotation), name, required=not optional))
+    return Schema(cols)
+
+
+# The HTTP schema's, less the registry's `model` field (the pyfunc model is one version, no registry).
+SIGNATURE = ModelSignature(inputs=_schema(RespondRequest), outputs=_schema(RespondResponse, leave_out=("model",)))
+INPUT_EXAMPLE = RespondRequest.model_config["json_schema_extra"]["examples"]
+
+
+def _requests(model_input) -> list[RespondRequest]:
+    """A list of request dicts, one dict, or a DataFrame with columns context / situation, each validated as the
+    HTTP endpoint validates its body (services.schemas.RespondRequest, default limits); other keys are ignored."""
     if hasattr(model_input, "to_dict"):  # pandas DataFrame
         model_input = model_input.to_dict(orient="records")
     if isinstance(model_input, dict):
@@ -43,13 +78,16 @@ def _requests(model_input) -> list[dict]:
         context = r.get("context") if isinstance(r, dict) else None
         if hasattr(context, "tolist"):
             context = context.tolist()
-        ok = isinstance(context, list | tuple) and context and all(isinstance(t, str) for t in context)
-        if not ok:
-            raise ValueError(f"request {i}: 'context' must be a non-empty list of strings")
-        situation = r.get("situation")
+        if isinstance(context, tuple):
+            context = list(context)
+        situation = r.get("situation") if isinstance(r, dict) else None
         if situation is not None and not isinstance(situation, str):
             situation = None if situation != situation else str(situation)  # NaN from a DataFrame -> None
-        out.append({"context": list(context), "situation": situation or None})
+        try:
+            out.append(RespondRequest.model_validate({"context": context, "situation": situation or None}))
+        except ValidationError as e:
+            raise ValueError(f"request {i}: " + "; ".join(f"{f.field}: {f.message}" for f in field_errors(e))) \
+                from e
     return out
 
 
@@ -63,8 +101,10 @@ class ResponderModel(PythonModel):
         self.responder.warm_up()
 
     def predict(self, context, model_input, params=None) -> list[dict]:
-        answers = self.responder.respond(_requests(model_input))
-        return [{k: a[k] for k in RESPONSE_KEYS} for a in answers]
+        from trainers.inference import Request
+
+        answers = self.responder.respond([Request(r.context, r.situation) for r in _requests(model_input)])
+        return [a.body() for a in answers]
 
 
 mlflow.models.set_model(ResponderModel())

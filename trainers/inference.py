@@ -1,29 +1,33 @@
 """`Responder`: a trained checkpoint answering dialogue contexts, batched (MLflow pyfunc and Ray Serve use it).
 
-Preprocessing is the training pipeline's: the same spaCy pipeline (from the checkpoint's data
-config), the same vocabulary (stored in the checkpoint), the same featurisation (`features`), encoding
-(`collate.encode_example`) and padding. A request has no target and no gold emotion; without a
-situation its first turn stands in (IAMM's eq. 3 input). Path: app -> schemas -> inference ->
-features -> collate -> model -> decoding.
+Preprocessing is the training pipeline's, behind one entry (`collate.encode_requests`): the same spaCy
+pipeline (from the checkpoint's data config), the same vocabulary (stored in the checkpoint), the same
+featurisation, encoding and padding. A request has no target and no gold emotion; without a situation its
+first turn stands in (IAMM's eq. 3 input). A served request's path, file by file:
+
+    services/app.py (HTTP) -> services/schemas.py (validation) -> services/replica.py (version, batch queue,
+    challenger routing) -> trainers/inference.py (this) -> trainers/data/collate.py (`encode_requests`)
+    -> the model (trainers/models/) -> trainers/decoding.py
 
     responder = Responder.from_bundle("bundle/")   # trainers.artifacts; or from_checkpoint("best.pt")
-    responder.respond([{"context": ["I passed my driving test!"], "situation": None}])
-    -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...],
-         "evidence": [...], "tokens_generated": 9}]
+    responder.respond([Request(["I passed my driving test!"])])
+    -> [Answer(response="...", emotion="proud", emotion_top=[{"label", "prob"}, ...], evidence=[...],
+               tokens_generated=9)]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from trainers import artifacts
 from trainers.config import InferenceConfig
 from trainers.data import annotate as ann
-from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
+from trainers.data.collate import EncodedExample, encode_requests
 from trainers.data.emotions import EMOTIONS
-from trainers.data.features import example_texts, featurize, featurize_texts
 from trainers.data.knowledge import build_knowledge
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, resolve_device
@@ -34,10 +38,27 @@ from trainers.device import autocast, resolve_device
 CPU_BF16_MIN_BATCH = 8
 
 
-@dataclass
+@dataclass(frozen=True)
 class Request:
+    """One dialogue to answer: its turns, oldest first (speaker first), and optionally the situation."""
+
     context: list[str]
     situation: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The Responder's answer to one Request; `body()` is what the HTTP endpoint and the pyfunc model return."""
+
+    response: str
+    emotion: str | None = None                                          # None for the plain Transformer
+    emotion_top: list[dict[str, Any]] = field(default_factory=list)     # [{"label", "prob"}], likeliest first
+    evidence: list[dict[str, Any]] = field(default_factory=list)        # ESCM {pair, weight}; IAMM {word, ...}
+    tokens_generated: int = 0
+
+    def body(self) -> dict[str, Any]:
+        return {"response": self.response, "emotion": self.emotion, "emotion_top": self.emotion_top,
+                "evidence": self.evidence}
 
 
 class Responder:
@@ -52,6 +73,7 @@ class Responder:
         if cfg.data.knowledge == "precomputed":
             kwargs["on_missing"] = "empty"  # unseen request text: nothing to associate, counted by the source
         self.knowledge = build_knowledge(cfg.data.knowledge, **kwargs)
+        self.decode_config = cfg.decode_config()
 
     @classmethod
     def from_checkpoint(cls, path, device: str = "cpu") -> Responder:
@@ -68,25 +90,20 @@ class Responder:
     def model_name(self) -> str:
         return self.cfg.model
 
-    def encode(self, requests: list[Request]) -> list[EncodedExample]:
-        """Annotate and featurise the requests' distinct texts once, then encode each request as training does."""
-        texts = list(dict.fromkeys(t for r in requests for t in example_texts(r.context, r.situation or None)))
-        table = dict(zip(texts, ann.annotate(texts, self.nlp)))
-        features = featurize_texts(texts, table, self.vocab, self.knowledge, self.nlp)
-        index = {t: i for i, t in enumerate(texts)}
-        return [encode_example(features, featurize(r.context, r.situation or None, None, index), len(self.vocab),
-                               self.cfg.max_context, self.cfg.max_target) for r in requests]
+    def encode(self, requests: Sequence[Request]) -> tuple[list[EncodedExample], dict]:
+        """The requests' encoded examples and their padded batch (`collate.encode_requests`), on the CPU."""
+        return encode_requests([(r.context, r.situation) for r in requests], self.vocab, self.knowledge, self.nlp,
+                               iamm=self.cfg.model == "iamm", max_context=self.cfg.max_context,
+                               max_target=self.cfg.max_target)
 
     @torch.inference_mode()
-    def respond(self, requests: list[Request | dict]) -> list[dict]:
+    def respond(self, requests: Sequence[Request]) -> list[Answer]:
         """Answer a batch of requests in one padded batch (ESCM eqs. 15/19 or IAMM eqs. 25/33)."""
-        reqs = [r if isinstance(r, Request) else Request(list(r["context"]), r.get("situation")) for r in requests]
-        encoded = self.encode(reqs)
-        batch = pad_iamm(encoded) if self.cfg.model == "iamm" else pad_escm(encoded)
+        encoded, batch = self.encode(requests)
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(reqs)):
+        with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(requests)):
             enc = self.model.encode(batch)  # one encoder pass for everything below
-            ids = decode(self.model, batch, self.cfg.decode_config(), state=enc)
+            ids = decode(self.model, batch, self.decode_config, state=enc)
             evidence = self._evidence(batch, encoded, enc)
         tokens = ids_to_tokens(ids.tolist(), self.vocab.itos, [e.oov for e in encoded])
         logits = enc.emotion_logits
@@ -97,8 +114,8 @@ class Responder:
                 {"label": EMOTIONS[int(k)], "prob": round(float(p), 4)}
                 for p, k in zip(*probs[j].topk(self.top_k))
             ]
-            out.append({"response": detokenize(toks), "emotion": top[0]["label"] if top else None,
-                        "emotion_top": top, "evidence": evidence[j], "tokens_generated": len(toks)})
+            out.append(Answer(response=detokenize(toks), emotion=top[0]["label"] if top else None,
+                              emotion_top=top, evidence=evidence[j], tokens_generated=len(toks)))
         return out
 
     def _evidence(self, batch, encoded, enc) -> list[list[dict]]:

@@ -37,7 +37,7 @@ from typing import Literal
 
 from cluster.tracking.runs import resolve_tracking_uri
 from services.registry import RegistryError, client, lookup
-from services.rollout import CHALLENGER
+from services.replica import CHALLENGER
 
 CHAMPION, PREVIOUS = "champion", "previous"
 CHILD_FILTER = "tags.mlflow.parentRunId LIKE '%' and attributes.status = 'FINISHED'"

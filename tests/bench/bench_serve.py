@@ -53,7 +53,7 @@ def quantiles(latencies_s: list[float]) -> dict:
 
 def in_process(checkpoint: Path, batch: int, calls: int) -> dict:
     """The yardstick: `calls` calls of `Responder.respond` with `batch` requests each."""
-    from trainers.inference import Responder
+    from trainers.inference import Request, Responder
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -63,11 +63,11 @@ def in_process(checkpoint: Path, batch: int, calls: int) -> dict:
         latencies, tokens = [], []
         t0 = time.perf_counter()
         for i in range(calls):
-            requests = [CONTEXTS[(i * batch + j) % len(CONTEXTS)] for j in range(batch)]
+            requests = [Request(**CONTEXTS[(i * batch + j) % len(CONTEXTS)]) for j in range(batch)]
             t = time.perf_counter()
             out = responder.respond(requests)
             latencies.append(time.perf_counter() - t)
-            tokens += [o["tokens_generated"] for o in out]
+            tokens += [o.tokens_generated for o in out]
         wall = time.perf_counter() - t0
     finally:
         torch.set_num_threads(threads)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cluster.tracking.promotion import PromotionError, promote, rollback
 from services import registry
 from tests.integration.registry_models import bundle_of, log_sweep
+from trainers.inference import Request
 
 pytestmark = pytest.mark.integration
 
@@ -119,8 +120,8 @@ def test_registry_resolves_both_model_layouts_and_loads_a_responder(mlflow_serve
 
     resolved = registry.resolve(f"models:/{name}@champion", mlflow_server)
     assert (resolved.version, resolved.run_id) == ("1", ids["t0"]) and resolved.bundle.is_dir()
-    (answer,) = registry.load_responder(resolved).respond([{"context": ["I lost my keys again."]}])
-    assert isinstance(answer["response"], str) and answer["emotion"] is not None
+    (answer,) = registry.load_responder(resolved).respond([Request(["I lost my keys again."])])
+    assert isinstance(answer.response, str) and answer.emotion is not None
     registry.discard(resolved)
     assert not resolved.local_dir.exists()
     with pytest.raises(registry.RegistryError, match="no alias 'previous'"):
@@ -280,8 +281,8 @@ def test_a_version_carrying_a_malicious_pickle_never_runs_it(mlflow_server, tiny
 
     if with_bundle:
         resolved = registry.resolve(f"models:/{name}@champion", mlflow_server)
-        (answer,) = registry.load_responder(resolved).respond([{"context": ["I lost my keys again."]}])
-        assert isinstance(answer["response"], str)
+        (answer,) = registry.load_responder(resolved).respond([Request(["I lost my keys again."])])
+        assert isinstance(answer.response, str)
         registry.discard(resolved)
     else:
         with pytest.raises(registry.RegistryError, match=r"no serving bundle.*never loaded: best\.pt, checkpoint\.pt"):

@@ -115,7 +115,7 @@ def test_mlflow_models_predict_answers_like_the_endpoint(logged_run, tmp_path):
     import subprocess
     import sys
 
-    from trainers.inference import Responder
+    from trainers.inference import Request, Responder
 
     requests = [{"context": ["I passed my driving test today!"], "situation": None},
                 {"context": ["My dog died.", "Oh no, I am sorry.", "Thanks."], "situation": "sad day"}]
@@ -129,5 +129,5 @@ def test_mlflow_models_predict_answers_like_the_endpoint(logged_run, tmp_path):
     predicted = json.loads((tmp_path / "out.json").read_text())["predictions"]
     bundle = mlflow.artifacts.download_artifacts(f"runs:/{logged_run['run_id']}/model/artifacts/bundle",
                                                  dst_path=str(tmp_path / "dl"), tracking_uri=logged_run["uri"])
-    expected = Responder.from_bundle(bundle).respond(requests)
-    assert predicted == [{k: e[k] for k in RESPONSE_KEYS} for e in expected]
+    expected = Responder.from_bundle(bundle).respond([Request(**r) for r in requests])
+    assert predicted == [e.body() for e in expected] and all(set(e.body()) == RESPONSE_KEYS for e in expected)

@@ -13,7 +13,7 @@ from tests.integration.registry_models import train_tiny
 from trainers import artifacts
 from trainers.artifacts import CONFIG, VOCAB, WEIGHTS, BundleError, export_bundle, find_bundle, load
 from trainers.data.records import DataError
-from trainers.inference import Responder
+from trainers.inference import Request, Responder
 
 
 class WritesAMarker:
@@ -67,8 +67,8 @@ def test_bundle_round_trips_weights_config_vocab_and_answers(checkpoint, tmp_pat
     ref_state = ref.model.state_dict()
     assert all(torch.equal(v, ref_state[k]) for k, v in loaded.model.state_dict().items())
     assert (bundle / WEIGHTS).stat().st_size < checkpoint.stat().st_size  # no optimizer / RNG state
-    (answer,) = Responder.from_bundle(bundle).respond([{"context": ["I lost my keys again."]}])
-    assert isinstance(answer["response"], str) and answer["emotion"]
+    (answer,) = Responder.from_bundle(bundle).respond([Request(["I lost my keys again."])])
+    assert isinstance(answer.response, str) and answer.emotion
 
 
 def test_find_bundle_takes_the_shallowest(checkpoint, tmp_path):

@@ -1,4 +1,4 @@
-"""Challenger traffic (services/challenger.py) with fake models: shadow share, what the client sees, failures."""
+"""Challenger traffic (services/replica.py: Router) with fake models: shadow share, what the client sees, failures."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.challenger import Model, Router, client_bucket
-from services.rollout import CHALLENGER, CHAMPION, ChallengerConfig, Loaded
+from services.replica import CHALLENGER, CHAMPION, ChallengerConfig, Loaded, Model, Routed, Router, client_bucket
+from trainers.inference import Answer, Request
 
-REQUEST = {"context": ["My dog is sick."], "situation": None}
+REQUEST = Request(["My dog is sick."])
 
 
 def version(v: str) -> Loaded:
@@ -23,7 +23,7 @@ class Recorder:
         self.answers, self.failures, self.agreements = [], [], []
 
     def answered(self, role, loaded, ms, answer):
-        self.answers.append((role, loaded.version, answer["emotion"]))
+        self.answers.append((role, loaded.version, answer.emotion))
 
     def failed(self, role, loaded, ms):
         self.failures.append((role, loaded.version))
@@ -39,12 +39,12 @@ class Fake:
         self.role, self.emotion, self.fail, self.delay, self.calls = role, emotion, fail, delay, []
         self.model = Model(role, version(v), self.call)
 
-    async def call(self, request: dict):
+    async def call(self, request: Request) -> Routed:
         self.calls.append(request)
         await asyncio.sleep(self.delay)
         if self.fail:
             raise RuntimeError(f"{self.role} exploded")
-        return {"response": f"{self.role} says hi", "emotion": self.emotion, "tokens_generated": 3}, self.model.loaded
+        return Routed(Answer(f"{self.role} says hi", self.emotion, tokens_generated=3), self.model.loaded)
 
 
 async def serve(router: Router, champion: Fake, challenger: Fake | None, n: int, keys=None):
@@ -59,8 +59,8 @@ def test_shadow_share_is_honoured_and_the_client_never_sees_a_shadow_answer():
     router = Router(rec, ChallengerConfig(mode="shadow", share=0.25), rng=random.Random(7))
     champion, challenger = Fake(CHAMPION, "1", "sad"), Fake(CHALLENGER, "2", "sad", delay=0.001)
     answers = asyncio.run(serve(router, champion, challenger, 2000))
-    assert {a["response"] for a, _ in answers} == {"champion says hi"}
-    assert {loaded.version for _, loaded in answers} == {"1"}
+    assert {r.answer.response for r in answers} == {"champion says hi"}
+    assert {r.loaded.version for r in answers} == {"1"}
     assert abs(len(challenger.calls) / 2000 - 0.25) < 0.03          # 3 standard deviations of a Bernoulli(0.25)
     assert len(champion.calls) == 2000
     assert rec.agreements == [("2", True)] * len(challenger.calls)  # same emotion: agreement recorded
@@ -73,7 +73,7 @@ def test_a_failing_challenger_never_fails_a_request(mode):
     router = Router(rec, ChallengerConfig(mode=mode, share=1.0))
     champion, challenger = Fake(CHAMPION, "1"), Fake(CHALLENGER, "2", fail=True)
     answers = asyncio.run(serve(router, champion, challenger, 50))
-    assert [loaded.version for _, loaded in answers] == ["1"] * 50
+    assert [r.loaded.version for r in answers] == ["1"] * 50
     assert rec.failures == [(CHALLENGER, "2")] * 50 and rec.agreements == []
 
 
@@ -84,8 +84,8 @@ def test_split_is_sticky_per_client_and_takes_its_share_of_clients():
     keys = [f"user-{i}" for i in range(1000)] * 2                    # every client asks twice
     answers = asyncio.run(serve(router, champion, challenger, len(keys), keys))
     side = {}
-    for key, (_, loaded) in zip(keys, answers, strict=True):
-        assert side.setdefault(key, loaded.version) == loaded.version  # same client, same model
+    for key, r in zip(keys, answers, strict=True):
+        assert side.setdefault(key, r.loaded.version) == r.loaded.version  # same client, same model
     assert abs(sum(v == "2" for v in side.values()) / 1000 - 0.3) < 0.05
     assert all(v == ("2" if client_bucket(k) < 0.3 else "1") for k, v in side.items())
     assert not router.shadows and rec.agreements == []               # split answers are not mirrored
@@ -105,4 +105,4 @@ def test_no_challenger_or_no_config_sends_everything_to_the_champion():
     for config, challenger in [(None, Fake(CHALLENGER, "2")), (ChallengerConfig(share=1.0), None)]:
         champion = Fake(CHAMPION, "1")
         answers = asyncio.run(serve(Router(Recorder(), config), champion, challenger, 20))
-        assert [loaded.version for _, loaded in answers] == ["1"] * 20
+        assert [r.loaded.version for r in answers] == ["1"] * 20

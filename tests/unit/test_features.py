@@ -44,7 +44,7 @@ def test_a_request_encodes_like_the_training_example_with_the_same_texts(prepare
     i = max(range(len(split.examples)), key=lambda k: len(split.examples[k].context))
     ex = split.examples[i]
     trained = encode_example(split, split.features[i], V)
-    served = responder.encode([Request(list(ex.context), ex.situation)])[0]
+    (served,), _ = responder.encode([Request(list(ex.context), ex.situation)])
     for name in ("context_ids", "context_ext_ids", "context_state", "context_pos", "edges", "situation_ids"):
         assert np.array_equal(getattr(served, name), getattr(trained, name)), name
     assert served.oov == trained.oov and all(np.array_equal(a, b) for a, b in zip(served.turns, trained.turns))
@@ -53,7 +53,8 @@ def test_a_request_encodes_like_the_training_example_with_the_same_texts(prepare
 
 def test_a_request_batch_has_no_gold_emotion_and_gets_answers(responder):
     requests = [Request(["I passed my driving test!"]), Request(["My dog ran away.", "Oh no!"], "I lost my dog")]
-    batch = pad_escm(responder.encode(requests))
+    encoded, batch = responder.encode(requests)
+    assert batch.keys() == pad_escm(encoded).keys()
     assert "emotion" not in batch and batch["target_ids"].shape == (2, 1)
     answers = responder.respond(requests)
-    assert len(answers) == 2 and all(a["emotion"] in {t["label"] for t in a["emotion_top"]} for a in answers)
+    assert len(answers) == 2 and all(a.emotion in {t["label"] for t in a.emotion_top} for a in answers)

@@ -1,4 +1,5 @@
-"""Rollout state of a replica (services/rollout.py) and the deployment's reconfigure() on a fake registry."""
+"""Rollout state of a replica (services/replica.py: slots, hot swap) and the deployment's reconfigure() on a fake
+registry."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from services.rollout import (
+from services.replica import (
     CHALLENGER,
     CHAMPION,
     ChallengerConfig,
     Loaded,
     LoadFailed,
+    Replica,
     RolloutConfig,
     Slot,
     Target,
+    next_poll_delay,
     refresh_slot,
     targets,
 )
@@ -103,6 +106,42 @@ def test_a_version_another_slot_serves_is_shared_not_loaded_again():
     assert champion.loaded is challenger.loaded and reg.loads == ["1", "2"]
 
 
+def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval():
+    assert [next_poll_delay(f, 10.0, serving=False) for f in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert next_poll_delay(10_000, 10.0, serving=False) == 10.0  # no overflow after days without a model
+    assert next_poll_delay(0, 10.0, serving=True) == next_poll_delay(3, 10.0, serving=True) == 10.0
+    assert next_poll_delay(0, 0.5, serving=False) == 0.5  # never slower than the configured interval
+
+
+def test_replica_poll_loop_sleeps_between_checks_while_no_model_loads():
+    """The registry poll thread of a replica without a model: checks back off (1 s, then 2 s) and the thread
+    sleeps in between instead of spinning."""
+    import threading
+    import time
+
+    replica = Replica("escm", "champion", 10.0, lookup=None, load=None,
+                      metrics=SimpleNamespace(serving=lambda *a: None))
+    checks, waits, stop = [], [], threading.Event()
+
+    def refresh():
+        checks.append(time.monotonic())
+        raise RuntimeError("registered model 'escm' has no alias 'champion'")
+
+    def wait(timeout):
+        waits.append(timeout)
+        return stop.wait(timeout)
+
+    replica.refresh, replica._stop = refresh, SimpleNamespace(wait=wait)
+    thread = threading.Thread(target=replica.poll_loop, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    time.sleep(3.6)
+    stop.set()
+    thread.join(timeout=5)
+    assert [round(t - t0) for t in checks] == [1, 3]  # after 1 s, then 2 s more
+    assert len(waits) < 20, f"the poll thread woke {len(waits)} times in 3.6 s"
+
+
 # ---- the deployment: reconfigure() on a fake registry --------------------------------------------
 
 
@@ -118,30 +157,30 @@ class Recorder:
 def replica(monkeypatch):
     """A Responder replica (no Serve, no MLflow) over FakeRegistry {champion: 1, challenger: 3}, version 2
     broken; `replica.metrics.calls` lists what it recorded."""
-    from services import app, metrics, registry
+    from services import app, registry, replica_metrics
 
     reg = FakeRegistry({"champion": "1", "challenger": "3"}, broken=("2",))
-    monkeypatch.setattr(metrics, "_replica_metrics", Recorder())
+    monkeypatch.setattr(replica_metrics, "_replica_metrics", Recorder())
     monkeypatch.setattr(registry, "client", lambda uri: None)
     monkeypatch.setattr(registry, "lookup", lambda c, name, alias=None, version=None:
                         reg.lookup(Target(alias, version)))
-    monkeypatch.setattr(app.ResponderDeployment.func_or_class, "_load", lambda self, c, mv, alias: reg.load(mv))
+    monkeypatch.setattr(app.ResponderDeployment.func_or_class, "_load", lambda self, mv, alias: reg.load(mv))
     wrapper = app.ResponderDeployment.func_or_class            # Serve's ingress subclass (async __init__)
     r = object.__new__(wrapper)
     super(wrapper, r).__init__({"mlflow_tracking_uri": "http://fake", "poll_interval_s": 3600})
     r.registry = reg
     yield r
-    r._stop.set()
+    r.replica.stop()
 
 
 def test_reconfigure_rolls_the_champion_to_the_pinned_version_and_back_to_the_alias(replica):
     asyncio.run(replica.reconfigure({}))
-    assert replica.slots[CHAMPION].loaded.version == "1"
+    assert replica.replica.slots[CHAMPION].loaded.version == "1"
     asyncio.run(replica.reconfigure({"model_version": "3"}))
     status = asyncio.run(replica.model(None))
     assert (status.version, status.target, status.alias, status.load_error) == ("3", "version 3", None, None)
     asyncio.run(replica.reconfigure({}))
-    assert replica.slots[CHAMPION].loaded.version == "1"
+    assert replica.replica.slots[CHAMPION].loaded.version == "1"
     assert ("serving", "escm", CHAMPION, "3", "1") in replica.metrics.calls
 
 
@@ -165,8 +204,8 @@ def test_challenger_loads_beside_and_is_dropped_when_its_alias_goes(replica):
     assert status.version == "1" and status.challenger.model.version == "3"
     assert (status.challenger.mode, status.challenger.share) == ("shadow", 0.5)
     replica.registry.aliases = {"champion": "3"}               # challenger promoted, its alias removed
-    replica.refresh()
-    assert replica.slots[CHAMPION].loaded.version == "3" and replica.slots[CHALLENGER].loaded is None
+    replica.replica.refresh()
+    assert replica.replica.slots[CHAMPION].loaded.version == "3" and replica.replica.slots[CHALLENGER].loaded is None
     assert replica.registry.loads == ["1", "3"]                # the promoted challenger was not loaded again
 
 
@@ -214,3 +253,47 @@ def test_apply_refuses_what_it_cannot_roll():
         running_config(details)
     with pytest.raises(ValidationError, match="challenger"):                      # the replicas would refuse it
         pin_version(running_config(serve_details({"challenger": {"share": 2}})), "escm", "3")
+
+
+# ---- a request through the plain-Python Replica (no Ray): queue -> generate -> Responder --------------------
+
+
+class FakeResponder:
+    """Answers each request with its first turn reversed; raises for a turn 'boom' (the whole batch fails)."""
+
+    model_name = "escm"
+
+    def __init__(self):
+        self.batches = []
+
+    def respond(self, requests):
+        from trainers.inference import Answer
+
+        self.batches.append(len(requests))
+        if any(r.context[0] == "boom" for r in requests):
+            raise RuntimeError("boom")
+        return [Answer(r.context[0][::-1], "sad", tokens_generated=2) for r in requests]
+
+
+def test_a_request_reaches_the_champion_through_its_queue_and_a_broken_request_fails_alone():
+    from services.replica import GenerationFailed, NotServing
+    from trainers.inference import Request
+
+    metrics = Recorder()
+    replica = Replica("escm", "champion", 3600, lookup=None, load=None, metrics=metrics)
+    replica.queues = {role: (lambda r, role=role: _one(replica.generate(role, [r]))) for role in (CHAMPION, CHALLENGER)}
+    with pytest.raises(NotServing, match="no model loaded yet .waiting for escm None"):
+        asyncio.run(replica.answer(Request(["hi"]), "client"))
+    responder = FakeResponder()
+    replica.slots[CHAMPION].loaded = Loaded(responder, loaded("1").resolved, 0.0, 0.0)
+    routed = asyncio.run(replica.answer(Request(["hello"]), "client"))
+    assert (routed.answer.response, routed.loaded.version) == ("olleh", "1")
+    assert metrics.calls[-2][:2] == ("batch", 1) and metrics.calls[-1][:3] == ("answered", CHAMPION, routed.loaded)
+    results = asyncio.run(replica.generate(CHAMPION, [Request(["ok"]), Request(["boom"])]))
+    assert results[0].answer.response == "ko" and isinstance(results[1], GenerationFailed)
+    assert str(results[1]) == "generation failed: RuntimeError: boom" and responder.batches[-3:] == [2, 1, 1]
+
+
+async def _one(batch):
+    (result,) = await batch
+    return result

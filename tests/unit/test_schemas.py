@@ -125,7 +125,7 @@ def test_serve_config_apps_args_are_build_app_args(app):
     assert args.model_name == app["name"] and args.model_alias == "champion"
     assert app["route_prefix"] == f"/{app['name']}"
     assert [d["name"] for d in app["deployments"]] == ["Responder"]  # the deployment build_app creates
-    from services.rollout import RolloutConfig
+    from services.replica import RolloutConfig
 
     rollout = RolloutConfig.model_validate(app["deployments"][0]["user_config"])  # what reconfigure() takes
     assert rollout.model_version is None and rollout.challenger is None        # follow the alias by default
@@ -197,47 +197,28 @@ def test_deploy_config_is_one_application_of_the_file_for_this_machine():
         deploy_config("nope", {}, 8000, SERVE_CONFIG)
 
 
-def test_replica_retries_its_first_load_with_backoff_then_polls_at_the_interval():
-    from services.app import next_poll_delay
-
-    assert [next_poll_delay(f, 10.0, serving=False) for f in range(6)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
-    assert next_poll_delay(10_000, 10.0, serving=False) == 10.0  # no overflow after days without a model
-    assert next_poll_delay(0, 10.0, serving=True) == next_poll_delay(3, 10.0, serving=True) == 10.0
-    assert next_poll_delay(0, 0.5, serving=False) == 0.5  # never slower than the configured interval
+# ---- the pyfunc model's signature and validation are the HTTP schema's ----
 
 
-def test_replica_poll_loop_sleeps_between_checks_while_no_model_loads():
-    """The registry poll thread of a replica without a model: checks back off (1 s, then 2 s) and the thread
-    sleeps in between instead of spinning."""
-    import threading
-    import time
-    from types import SimpleNamespace
+def test_pyfunc_signature_and_validation_come_from_the_http_schema():
+    import pandas as pd
+    from mlflow.types.schema import AnyType, Array, DataType, Object, Property
 
-    from services.app import AppArgs, ResponderDeployment
+    from services.pyfunc_model import INPUT_EXAMPLE, SIGNATURE, _requests
+    from services.schemas import RespondResponse
 
-    cls = ResponderDeployment.func_or_class
-    replica = object.__new__(cls)
-    from services.rollout import CHALLENGER, CHAMPION, Slot
-
-    replica.args = AppArgs(poll_interval_s=10.0)
-    replica.slots = {CHAMPION: Slot(CHAMPION), CHALLENGER: Slot(CHALLENGER)}
-    checks, waits, stop = [], [], threading.Event()
-
-    def refresh():
-        checks.append(time.monotonic())
-        raise RuntimeError("registered model 'escm' has no alias 'champion'")
-
-    def wait(timeout):
-        waits.append(timeout)
-        return stop.wait(timeout)
-
-    replica.refresh, replica._stop = refresh, SimpleNamespace(wait=wait)
-    replica.metrics = SimpleNamespace(serving=lambda *a: None)
-    thread = threading.Thread(target=replica._poll_loop, daemon=True)
-    t0 = time.monotonic()
-    thread.start()
-    time.sleep(3.6)
-    stop.set()
-    thread.join(timeout=5)
-    assert [round(t - t0) for t in checks] == [1, 3]  # after 1 s, then 2 s more
-    assert len(waits) < 20, f"the poll thread woke {len(waits)} times in 3.6 s"
+    assert {c.name: (c.type, c.required) for c in SIGNATURE.inputs.inputs} == {
+        "context": (Array(DataType.string), True), "situation": (DataType.string, False)}
+    outputs = {c.name: (c.type, c.required) for c in SIGNATURE.outputs.inputs}
+    assert outputs == {"response": (DataType.string, True), "emotion": (DataType.string, False),
+                       "emotion_top": (Array(Object([Property("label", DataType.string),
+                                                     Property("prob", DataType.double)])), True),
+                       "evidence": (Array(AnyType()), True)}
+    assert set(outputs) == set(RespondResponse.model_fields) - {"model"}
+    assert [r.model_dump() for r in _requests(INPUT_EXAMPLE)] == INPUT_EXAMPLE
+    frame = pd.DataFrame({"context": [["I lost my keys."]], "situation": [float("nan")]})
+    assert [(r.context, r.situation) for r in _requests(frame)] == [(["I lost my keys."], None)]
+    with pytest.raises(ValueError, match=r"request 1: context\[0\]: must not be empty"):
+        _requests([{"context": ["hi"]}, {"context": ["  "]}])
+    with pytest.raises(ValueError, match="request 0: context: List should have at least 1 item"):
+        _requests({"context": []})

@@ -3,7 +3,8 @@
 Each example is first encoded once from its features (`encode_example`, shared by all three models:
 numpy arrays, pointer-generator OOV lists) and then padded into a batch per model family (`pad_escm`
 for the Transformer and ESCM, `pad_iamm`). The trainer encodes a split once and re-uses the arrays,
-so no per-example Python work is left inside a training step.
+so no per-example Python work is left inside a training step. Serving has one entry, `encode_requests`:
+requests -> annotation, features (vocabulary, knowledge), encoding and padding, as training data.
 
 ESCM / Transformer batch (B = batch, L = context length, T = target length, V = vocab size):
     context_ids      (B, L)    word ids; position 0 is [CLS]; turns concatenated; PAD = 0
@@ -29,12 +30,14 @@ IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 rela
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from trainers.data.features import ExampleFeatures, TextFeatures
+from trainers.data import annotate as ann
+from trainers.data.features import ExampleFeatures, TextFeatures, example_texts, featurize, featurize_texts
 from trainers.data.knowledge import RELATIONS
 from trainers.tokens import CLS, EOS, STATE_CLS, STATE_LISTENER, STATE_SPEAKER, UNK
 
@@ -186,3 +189,22 @@ def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: 
         knowledge_ids=know, knowledge_mask=know != 0,
     )
     return out
+
+
+def encode_requests(requests: Sequence[tuple[Sequence[str], str | None]], vocab, knowledge, nlp, *,
+                    iamm: bool, max_context: int, max_target: int) -> tuple[list[EncodedExample], dict]:
+    """Serving's one preprocessing entry: (context turns, situation or None) pairs -> their encoded examples
+    and one padded batch (`pad_iamm` when `iamm`, else `pad_escm`), on the CPU.
+
+    The requests' distinct texts are annotated (`nlp`, the run's spaCy pipeline) and featurised (`vocab`,
+    `knowledge`) once, then each request is encoded as a training example with the same texts would be: no
+    target, no gold emotion; without a situation the first turn stands in (IAMM's eq. 3 input).
+    """
+    texts = list(dict.fromkeys(t for context, situation in requests
+                               for t in example_texts(context, situation or None)))
+    table = dict(zip(texts, ann.annotate(texts, nlp)))
+    features = featurize_texts(texts, table, vocab, knowledge, nlp)
+    index = {t: i for i, t in enumerate(texts)}
+    encoded = [encode_example(features, featurize(context, situation or None, None, index), len(vocab),
+                              max_context, max_target) for context, situation in requests]
+    return encoded, (pad_iamm(encoded) if iamm else pad_escm(encoded))

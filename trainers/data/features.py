@@ -6,7 +6,8 @@
     TextFeatures + ExampleFeatures --collate.encode_example--> EncodedExample --pad_escm/pad_iamm--> batch
 
 `prepare.build_split` featurises a whole split (every distinct text once, shared by its examples) and
-`trainers.inference.Responder` a batch of requests (no target, no gold emotion) with the same two calls.
+`collate.encode_requests` (what `trainers.inference.Responder` calls) a batch of requests (no target, no gold
+emotion) with the same two calls.
 """
 
 from __future__ import annotations

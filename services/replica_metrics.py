@@ -9,7 +9,7 @@ its methods would not be the one the FastAPI middleware reads).
 Ray drops a gauge's series some seconds after its last `set`, so the replica re-marks the served versions
 on every poll tick (`serving`).
 
-Per model (tags name, version and role = champion | challenger; services/challenger.py records them):
+Per model (tags name, version and role = champion | challenger; services/replica.py records them):
     edp_model_requests_total{outcome}     answers (ok) and failures (error) of each version
     edp_model_latency_ms                  one request's wait + generation on that version
     edp_model_emotions_total{emotion}     predicted emotions (the distribution)
@@ -75,14 +75,15 @@ class ServeMetrics:
     def load_failed(self, name: str, role: str, version: str) -> None:
         self.load_failures.inc(tags={"name": name, "version": version, "role": role})
 
-    # services.challenger.Recorder
+    # services.replica.Recorder
 
-    def answered(self, role: str, loaded, ms: float, answer: dict) -> None:
+    def answered(self, role: str, loaded, ms: float, answer) -> None:
+        """`answer`: a trainers.inference.Answer."""
         tags = _model_tags(role, loaded)
         self.model_requests.inc(tags={**tags, "outcome": "ok"})
         self.model_latency.observe(ms, tags=tags)
-        self.model_emotions.inc(tags={**tags, "emotion": str(answer.get("emotion"))})
-        self.response_tokens.observe(answer.get("tokens_generated", 0), tags=tags)
+        self.model_emotions.inc(tags={**tags, "emotion": str(answer.emotion)})
+        self.response_tokens.observe(answer.tokens_generated, tags=tags)
 
     def failed(self, role: str, loaded, ms: float) -> None:
         tags = _model_tags(role, loaded)
@@ -94,7 +95,7 @@ class ServeMetrics:
 
 
 def _model_tags(role: str, loaded) -> dict[str, str]:
-    """Tags of a services.rollout.Loaded version in `role`."""
+    """Tags of a services.replica.Loaded version in `role`."""
     return {"name": loaded.resolved.name, "version": loaded.version, "role": role}
 
 
