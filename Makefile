@@ -40,7 +40,7 @@ CUDA_ONLY := triton cuda-bindings cuda-toolkit nvidia-cudnn-cu13 nvidia-cusparse
 	nvidia-nvshmem-cu13
 UV_EXPORT := $(UV) export --frozen --quiet --no-emit-project --no-emit-package torch $(addprefix --prune ,$(CUDA_ONLY))
 
-.PHONY: demo test test-fast bench bench-gpu lint lock clean-venv prometheus
+.PHONY: demo test test-fast bench bench-gpu lint lock clean-venv prometheus k8s-tools
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -104,3 +104,8 @@ lint: $(VENV)/.dev
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The Kubernetes test cluster's binaries (kube-apiserver, kube-controller-manager, etcd, the KubeRay operator, helm),
+# built from their Go modules and cached per version under ~/.cache/edp/k8s (tests/k8s/toolchain.py says how).
+k8s-tools: $(VENV)/.base
+	$(PY) -m tests.k8s.toolchain
