@@ -12,7 +12,7 @@ pay for 7 turns, and the chance of such a straggler, hence the cost per example,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,13 +88,12 @@ class TensorSplit:
         out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
         if out.utt_ids is not None:  # IAMM: cut turns, turn length and situation to this batch's longest
             M, Lu, Ls = (int(v) for v in b.turns[rows].max(0))
-            out = replace(
-                out, utt_ids=out.utt_ids[:, :M, :Lu], utt_mask=out.utt_mask[:, :M, :Lu],
-                utt_state=out.utt_state[:, :M], turn_mask=out.turn_mask[:, :M],
-                situation_ids=out.situation_ids[:, :Ls], situation_mask=out.situation_mask[:, :Ls],
-                # the situation's knowledge stays in the last slot
-                knowledge_ids=torch.cat([out.knowledge_ids[:, :M], out.knowledge_ids[:, -1:]], dim=1),
-                knowledge_mask=torch.cat([out.knowledge_mask[:, :M], out.knowledge_mask[:, -1:]], dim=1))
+            out.utt_ids, out.utt_mask = out.utt_ids[:, :M, :Lu], out.utt_mask[:, :M, :Lu]
+            out.utt_state, out.turn_mask = out.utt_state[:, :M], out.turn_mask[:, :M]
+            out.situation_ids, out.situation_mask = out.situation_ids[:, :Ls], out.situation_mask[:, :Ls]
+            # the situation's knowledge stays in the last slot
+            out.knowledge_ids = torch.cat([out.knowledge_ids[:, :M], out.knowledge_ids[:, -1:]], dim=1)
+            out.knowledge_mask = torch.cat([out.knowledge_mask[:, :M], out.knowledge_mask[:, -1:]], dim=1)
         return out
 
     def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True,

@@ -9,7 +9,7 @@ Ls = situation length, R = 5 relations, K = phrases, Lk = phrase length. A field
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -47,8 +47,7 @@ class Batch:
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
         """A batch with `fn` applied to every tensor field (None fields and max_oov kept)."""
-        return replace(self, **{f.name: fn(v) for f in fields(self)
-                                if isinstance(v := getattr(self, f.name), torch.Tensor)})
+        return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()})
 
     def to(self, device) -> Batch:
         return self.map_tensors(lambda t: t.to(device))
