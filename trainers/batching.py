@@ -13,7 +13,6 @@ pay for 7 turns, and the chance of such a straggler, hence the cost per example,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +20,13 @@ import torch
 from trainers.config import TrainConfig
 from trainers.data.collate import EncodedExample, encode_example, pad_escm, pad_iamm
 from trainers.data.prepare import PreparedSplit
+from trainers.models.batch import Batch
 
 
 @dataclass
 class Bucket:
     rows: np.ndarray                       # example indices in this bucket
-    tensors: dict[str, torch.Tensor]       # padded to the bucket's lengths, on device
+    padded: Batch                          # all rows, padded to the bucket's lengths, on device
     n_oov: np.ndarray                      # OOV-list length per row (host), for max_oov
     tgt_len: np.ndarray                    # target length (EOS included) per row (host)
     turns: np.ndarray                      # IAMM: (rows, 3) turns, longest turn, situation length (host)
@@ -61,43 +61,39 @@ class TensorSplit:
             rows = np.flatnonzero(key == k)
             members = [self.encoded[i] for i in rows]
             batch = pad(members) if iamm else pad(members, context_len=int(width_units[rows[0]]) * bucket_width)
-            tensors = {n: v.to(device) for n, v in batch.items() if isinstance(v, torch.Tensor)}
-            tensors["context_dep"] = tensors["context_dep"].to(torch.uint8)  # labels < 256: 8x less memory
+            batch = batch.to(device)
+            batch.context_dep = batch.context_dep.to(torch.uint8)  # labels < 256: 8x less memory
             self.where[rows] = np.stack([np.full(len(rows), len(self.buckets)), np.arange(len(rows))], 1)
             self.buckets.append(Bucket(
-                rows, tensors, np.array([len(e.oov) for e in members]), np.array([len(e.target_ids) for e in members]),
+                rows, batch, np.array([len(e.oov) for e in members]), np.array([len(e.target_ids) for e in members]),
                 np.array([(len(e.turns), max(len(t) for t in e.turns), len(e.situation_ids)) for e in members])))
 
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int, target_len: int | None = None) -> dict:
+    def batch(self, bucket: int, rows: torch.Tensor | np.ndarray, max_oov: int, target_len: int | None = None) -> Batch:
         """Gather `rows` of one bucket: a batch following the collate contract, targets cut to `target_len`."""
         b = self.buckets[bucket]
-        idx = torch.as_tensor(rows, device=next(iter(b.tensors.values())).device)
-        out: dict[str, Any] = {n: t.index_select(0, idx) for n, t in b.tensors.items()}
-        out["context_dep"] = out["context_dep"].long()
+        out = b.padded.select_rows(torch.as_tensor(rows, device=b.padded.context_ids.device))
+        out.context_dep = out.context_dep.long()
         if target_len is not None:
-            for name in ("target_ids", "target_ext_ids"):
-                out[name] = out[name][:, :target_len]
-        out["max_oov"] = max_oov
+            out.target_ids, out.target_ext_ids = out.target_ids[:, :target_len], out.target_ext_ids[:, :target_len]
+        out.max_oov = max_oov
         return out
 
-    def rows_batch(self, bucket: int, rows: np.ndarray) -> dict:
+    def rows_batch(self, bucket: int, rows: np.ndarray) -> Batch:
         """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
         b = self.buckets[bucket]
         t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
         out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
-        if "utt_ids" in out:  # IAMM: cut turns, turn length and situation to this batch's longest
+        if out.utt_ids is not None:  # IAMM: cut turns, turn length and situation to this batch's longest
             M, Lu, Ls = (int(v) for v in b.turns[rows].max(0))
-            for name in ("utt_ids", "utt_mask"):
-                out[name] = out[name][:, :M, :Lu]
-            for name in ("utt_state", "turn_mask"):
-                out[name] = out[name][:, :M]
-            for name in ("situation_ids", "situation_mask"):
-                out[name] = out[name][:, :Ls]
-            for name in ("knowledge_ids", "knowledge_mask"):  # the situation's knowledge stays in the last slot
-                out[name] = torch.cat([out[name][:, :M], out[name][:, -1:]], dim=1)
+            out.utt_ids, out.utt_mask = out.utt_ids[:, :M, :Lu], out.utt_mask[:, :M, :Lu]
+            out.utt_state, out.turn_mask = out.utt_state[:, :M], out.turn_mask[:, :M]
+            out.situation_ids, out.situation_mask = out.situation_ids[:, :Ls], out.situation_mask[:, :Ls]
+            # the situation's knowledge stays in the last slot
+            out.knowledge_ids = torch.cat([out.knowledge_ids[:, :M], out.knowledge_ids[:, -1:]], dim=1)
+            out.knowledge_mask = torch.cat([out.knowledge_mask[:, :M], out.knowledge_mask[:, -1:]], dim=1)
         return out
 
     def plan(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True,

@@ -23,12 +23,13 @@ from collections.abc import Callable
 import torch
 
 from trainers.config import DecodeConfig
+from trainers.models.batch import Batch
 from trainers.models.interface import Encoding
 from trainers.models.layers import KVCache
 from trainers.tokens import EOS, PAD, SOS
 
 
-def decode(model, batch: dict, cfg: DecodeConfig, generator: torch.Generator | None = None,
+def decode(model, batch: Batch, cfg: DecodeConfig, generator: torch.Generator | None = None,
            state: Encoding | None = None) -> torch.Tensor:
     """Decode `batch` with the strategy named by `cfg`; `state` is `model.encode(batch)` when the caller
     already has it (e.g. for the emotion logits), so the encoder does not run twice."""
@@ -80,7 +81,7 @@ def _next_log_probs(model, state: Encoding, ys: torch.Tensor, cache: KVCache | N
     return log_probs
 
 
-def _step_loop(model, batch: dict, max_len: int, pick: Callable[[torch.Tensor], torch.Tensor],
+def _step_loop(model, batch: Batch, max_len: int, pick: Callable[[torch.Tensor], torch.Tensor],
                state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """One token per step for every example: `pick` maps log-probs (B, V_ext) to ids (B,)."""
     _check_max_len(max_len)
@@ -104,7 +105,7 @@ def _step_loop(model, batch: dict, max_len: int, pick: Callable[[torch.Tensor], 
 
 # ----------------------------------------------------------------------------- greedy / sampling
 
-def greedy(model, batch: dict, max_len: int = 30, state: Encoding | None = None,
+def greedy(model, batch: Batch, max_len: int = 30, state: Encoding | None = None,
            kv_cache: bool = True) -> torch.Tensor:
     """Arg-max token at every step. Returns (B, <= max_len) extended ids."""
     return _step_loop(model, batch, max_len, lambda log_probs: log_probs.argmax(dim=-1), state, kv_cache)
@@ -132,7 +133,7 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0)
     return logits
 
 
-def sample(model, batch: dict, max_len: int = 30, top_k: int = 0, top_p: float = 1.0,
+def sample(model, batch: Batch, max_len: int = 30, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0, generator: torch.Generator | None = None,
            state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """Ancestral sampling from softmax(log_probs / temperature), after top-k / top-p filtering."""
@@ -153,7 +154,7 @@ def _gnmt_length_penalty(length: torch.Tensor, alpha: float) -> torch.Tensor:
     return ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def beam_search(model, batch: dict, beam_size: int = 5, max_len: int = 30,
+def beam_search(model, batch: Batch, beam_size: int = 5, max_len: int = 30,
                 length_penalty: float = 1.0, state: Encoding | None = None, kv_cache: bool = True) -> torch.Tensor:
     """Batched beam search; returns the best hypothesis per example, (B, <= max_len).
 

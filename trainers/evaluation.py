@@ -103,7 +103,7 @@ class Evaluator:
             has_emotion = out.emotion_logits is not None
             if has_emotion:
                 pred[index] = out.emotion_logits.argmax(-1).cpu().numpy()
-                gold[index] = batch["emotion"].cpu().numpy()
+                gold[index] = batch.emotion.cpu().numpy()
         return (nll_sum, num_tokens) + ((pred, gold) if has_emotion else (None, None))
 
     @torch.inference_mode()

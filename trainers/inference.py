@@ -31,6 +31,7 @@ from trainers.data.emotions import EMOTIONS
 from trainers.data.knowledge import build_knowledge
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, resolve_device
+from trainers.models.batch import Batch
 
 # bf16 on a CPU pays only for batches: for a single request the casts cost more than the bf16 matmuls save
 # (paper-sized ESCM, AVX512-BF16 CPU, 1 thread), for a batch the output layer's matmuls dominate. GPUs use bf16
@@ -90,7 +91,7 @@ class Responder:
     def model_name(self) -> str:
         return self.cfg.model
 
-    def encode(self, requests: Sequence[Request]) -> tuple[list[EncodedExample], dict]:
+    def encode(self, requests: Sequence[Request]) -> tuple[list[EncodedExample], Batch]:
         """The requests' encoded examples and their padded batch (`collate.encode_requests`), on the CPU."""
         return encode_requests([(r.context, r.situation) for r in requests], self.vocab, self.knowledge, self.nlp,
                                iamm=self.cfg.model == "iamm", max_context=self.cfg.max_context,
@@ -100,7 +101,7 @@ class Responder:
     def respond(self, requests: Sequence[Request]) -> list[Answer]:
         """Answer a batch of requests in one padded batch (ESCM eqs. 15/19 or IAMM eqs. 25/33)."""
         encoded, batch = self.encode(requests)
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = batch.to(self.device)
         with autocast(self.cfg.bf16, self.device, min_cpu_batch=CPU_BF16_MIN_BATCH, batch=len(requests)):
             enc = self.model.encode(batch)  # one encoder pass for everything below
             ids = decode(self.model, batch, self.decode_config, state=enc)
@@ -118,7 +119,7 @@ class Responder:
                               emotion_top=top, evidence=evidence[j], tokens_generated=len(toks)))
         return out
 
-    def _evidence(self, batch, encoded, enc) -> list[list[dict]]:
+    def _evidence(self, batch: Batch, encoded, enc) -> list[list[dict]]:
         """ESCM: the most strongly correlated word pairs (GCN p_ij); IAMM: the top associated words."""
         V = len(self.vocab)
         words = [[self.vocab.itos[i] if i < V else e.oov[i - V] for i in e.context_ext_ids.tolist()] for e in encoded]

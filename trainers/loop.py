@@ -34,6 +34,7 @@ from trainers.device import autocast, resolve_device
 from trainers.evaluation import Evaluation, Evaluator
 from trainers.metrics import DEFINITIONS, METRIC_MODES
 from trainers.models import build_model
+from trainers.models.batch import Batch
 from trainers.models.interface import Output, Targets
 from trainers.optim import build_optimizer
 from trainers.tokens import PAD
@@ -137,7 +138,7 @@ class Trainer:
 
     # ---- training --------------------------------------------------------------------------------
 
-    def train_step(self, batch: dict) -> Output:
+    def train_step(self, batch: Batch) -> Output:
         self.model.train()
         with autocast(self.cfg.bf16, self.device):
             out = self.model(batch, Targets.of(batch))

@@ -21,6 +21,7 @@ from trainers.batching import tensor_split
 from trainers.config import DecodeConfig, TrainConfig, load_config
 from trainers.decoding import decode
 from trainers.models import build_model
+from trainers.models.batch import Batch
 
 
 def _timed_decode(model, batch, state, cfg: DecodeConfig) -> tuple[torch.Tensor, float]:
@@ -29,7 +30,7 @@ def _timed_decode(model, batch, state, cfg: DecodeConfig) -> tuple[torch.Tensor,
     return ids, time.perf_counter() - t0
 
 
-def _valid_batches(prepared, name: str, batch_size: int, count: int) -> list[dict]:
+def _valid_batches(prepared, name: str, batch_size: int, count: int) -> list[Batch]:
     """`count` full valid batches of `batch_size`, as the trainer's bucketed split serves them."""
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(TrainConfig, model=name, out_dir=out, device="cpu",
@@ -39,7 +40,7 @@ def _valid_batches(prepared, name: str, batch_size: int, count: int) -> list[dic
     return [split.rows_batch(*p) for p in plan]
 
 
-def measure(model, batches: list[dict], strategy: str, max_len: int = 30, beam_size: int = 5) -> dict:
+def measure(model, batches: list[Batch], strategy: str, max_len: int = 30, beam_size: int = 5) -> dict:
     """ms per token with the cache off and on (interleaved per batch), and whether the tokens agreed."""
     per_token = {False: [], True: []}
     same = True

@@ -43,9 +43,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from trainers.models.batch import Batch
 
 ROOT = Path(__file__).resolve().parents[2]
 GRID = ROOT / "cluster" / "configs" / "sweeps" / "escm-ablation.yaml"
@@ -91,7 +95,7 @@ def with_mode(trainer, mode: str):
     return trainer
 
 
-def one_batch(trainer, batch_size: int) -> dict | None:
+def one_batch(trainer, batch_size: int) -> Batch | None:
     """`batch_size` training examples of the most populated length bucket as one device batch (None when no
     bucket holds that many)."""
     plan = [p for p in trainer.train_data.plan(batch_size, seed=0, epoch=0) if len(p[1]) == batch_size]
@@ -112,7 +116,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(trainer, batch: dict, warmup: int, steps: int) -> dict:
+def time_steps(trainer, batch: Batch, warmup: int, steps: int) -> dict:
     """Seconds of the warm-up steps (compilation included) and ms per step after them."""
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from trainers.models.batch import Batch
 from trainers.tokens import CLS, EOS, PAD, UNK
 
 FIRST_WORD = 8 + 32  # specials, then the 32 emotion words
@@ -67,31 +68,28 @@ def make_example(g: torch.Generator, vocab_size: int, num_pos: int = 20, num_dep
                 tgt_ext=tgt_ext + [EOS], oovs=len(oovs), emotion=rint(0, 31))
 
 
-def collate(examples, pad_ctx: int = 0, pad_tgt: int = 0) -> dict:
+def collate(examples, pad_ctx: int = 0, pad_tgt: int = 0) -> Batch:
     """Pad a list of `make_example` dicts into the contract; pad_* add extra PAD columns."""
     B = len(examples)
     L = max(len(e["words"]) for e in examples) + pad_ctx
     T = max(len(e["tgt"]) for e in examples) + pad_tgt
-    b = {k: torch.zeros(B, L, dtype=torch.long) for k in ("context_ids", "context_ext_ids", "context_state",
-                                                           "context_pos")}
-    b["context_dep"] = torch.zeros(B, L, L, dtype=torch.long)
-    b["target_ids"] = torch.zeros(B, T, dtype=torch.long)
-    b["target_ext_ids"] = torch.zeros(B, T, dtype=torch.long)
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.long)  # noqa: E731
+    b = Batch(context_ids=z(B, L), context_ext_ids=z(B, L), context_state=z(B, L), context_mask=z(B, L).bool(),
+              max_oov=max(e["oovs"] for e in examples), context_pos=z(B, L), context_dep=z(B, L, L),
+              target_ids=z(B, T), target_ext_ids=z(B, T), emotion=torch.tensor([e["emotion"] for e in examples]))
     for i, e in enumerate(examples):
         n, t = len(e["words"]), len(e["tgt"])
-        b["context_ids"][i, :n] = torch.tensor(e["words"])
-        b["context_ext_ids"][i, :n] = torch.tensor(e["ext"])
-        b["context_state"][i, :n] = torch.tensor(e["states"])
-        b["context_pos"][i, :n] = torch.tensor(e["pos"])
-        b["context_dep"][i, :n, :n] = e["dep"]
-        b["target_ids"][i, :t] = torch.tensor(e["tgt"])
-        b["target_ext_ids"][i, :t] = torch.tensor(e["tgt_ext"])
-    b["context_mask"] = b["context_ids"] != PAD
-    b["max_oov"] = max(e["oovs"] for e in examples)
-    b["emotion"] = torch.tensor([e["emotion"] for e in examples])
+        b.context_ids[i, :n] = torch.tensor(e["words"])
+        b.context_ext_ids[i, :n] = torch.tensor(e["ext"])
+        b.context_state[i, :n] = torch.tensor(e["states"])
+        b.context_pos[i, :n] = torch.tensor(e["pos"])
+        b.context_dep[i, :n, :n] = e["dep"]
+        b.target_ids[i, :t] = torch.tensor(e["tgt"])
+        b.target_ext_ids[i, :t] = torch.tensor(e["tgt_ext"])
+    b.context_mask = b.context_ids != PAD
     return b
 
 
-def make_batch(batch_size: int = 4, vocab_size: int = 60, seed: int = 0, **kw) -> dict:
+def make_batch(batch_size: int = 4, vocab_size: int = 60, seed: int = 0, **kw) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return collate([make_example(g, vocab_size, **kw) for _ in range(batch_size)])

@@ -32,15 +32,16 @@ def test_rows_batch_equals_padding_the_same_examples(prepared_sample):
     batch = data.rows_batch(k, rows)
     members = [data.encoded[int(data.buckets[k].rows[r])] for r in rows]
     ref = pad_escm(members)
-    L = ref["context_ids"].shape[1]
-    assert batch["max_oov"] == ref["max_oov"]
+    L = ref.context_ids.shape[1]
+    assert batch.max_oov == ref.max_oov
     for name in ("context_ids", "context_ext_ids", "context_state", "context_pos", "context_mask"):
-        assert torch.equal(batch[name][:, :L], ref[name]) and not batch[name][:, L:].any()
-    assert torch.equal(batch["context_dep"][:, :L, :L], ref["context_dep"])
-    T = ref["target_ids"].shape[1]
-    assert T <= batch["target_ids"].shape[1] <= -(-T // 8) * 8  # cut to the batch's longest, rounded up to 8
-    assert torch.equal(batch["target_ids"][:, :T], ref["target_ids"]) and not batch["target_ids"][:, T:].any()
-    assert np.array_equal(batch["emotion"].numpy(), ref["emotion"].numpy())
+        got = getattr(batch, name)
+        assert torch.equal(got[:, :L], getattr(ref, name)) and not got[:, L:].any()
+    assert torch.equal(batch.context_dep[:, :L, :L], ref.context_dep)
+    T = ref.target_ids.shape[1]
+    assert T <= batch.target_ids.shape[1] <= -(-T // 8) * 8  # cut to the batch's longest, rounded up to 8
+    assert torch.equal(batch.target_ids[:, :T], ref.target_ids) and not batch.target_ids[:, T:].any()
+    assert np.array_equal(batch.emotion.numpy(), ref.emotion.numpy())
 
 
 def test_iamm_buckets_hold_one_turn_count(prepared_sample):
@@ -50,7 +51,7 @@ def test_iamm_buckets_hold_one_turn_count(prepared_sample):
     assert all(len(t) == 1 for t in turns) and len({int(t[0]) for t in turns}) > 1
     k, rows = data.plan(4, seed=0, epoch=0)[0]
     batch = data.rows_batch(k, rows)
-    assert batch["turn_mask"].all() and batch["utt_ids"].shape[1] == turns[k][0]
+    assert batch.turn_mask.all() and batch.utt_ids.shape[1] == turns[k][0]
 
 
 def test_sorted_in_pools_sorts_each_pool_and_keeps_the_rest():

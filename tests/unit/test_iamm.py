@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from trainers.models.association import InformationAssociation, iterate_associations
+from trainers.models.batch import Batch
 from trainers.models.iamm import IAMM, IAMMConfig
 from trainers.models.interface import Targets
 from trainers.tokens import CLS, EOS, PAD, SOS, UNK
@@ -64,7 +67,7 @@ def make_example(g: torch.Generator, n_turns: int | None = None, knowledge: bool
                 emotion=rint(0, 31))
 
 
-def collate(examples, K=2, Lk=3) -> dict:
+def collate(examples, K=2, Lk=3) -> Batch:
     B = len(examples)
     M = max(len(e["turns"]) for e in examples)
     Lu = max(len(t) for e in examples for t in e["turns"])
@@ -72,42 +75,41 @@ def collate(examples, K=2, Lk=3) -> dict:
     Ls = max(len(e["situation"]) for e in examples)
     T = max(len(e["tgt"]) for e in examples)
     z = lambda *shape: torch.zeros(*shape, dtype=torch.long)  # noqa: E731
-    b = {k: z(B, L) for k in ("context_ids", "context_ext_ids", "context_state", "context_pos")}
-    b.update(context_dep=z(B, L, L), target_ids=z(B, T), target_ext_ids=z(B, T), utt_ids=z(B, M, Lu),
-             utt_state=z(B, M), situation_ids=z(B, Ls), knowledge_ids=z(B, M + 1, R, K, Lk))
+    b = Batch(context_ids=z(B, L), context_ext_ids=z(B, L), context_state=z(B, L), context_mask=z(B, L).bool(),
+              max_oov=max(e["oovs"] for e in examples), context_pos=z(B, L), context_dep=z(B, L, L),
+              target_ids=z(B, T), target_ext_ids=z(B, T), emotion=torch.tensor([e["emotion"] for e in examples]),
+              utt_ids=z(B, M, Lu), utt_state=z(B, M), situation_ids=z(B, Ls), knowledge_ids=z(B, M + 1, R, K, Lk))
     for i, e in enumerate(examples):
         ids, ext, state = [CLS], [CLS], [1]
         for m, t in enumerate(e["turns"]):
             ids += [w for w, _ in t]
             ext += [x for _, x in t]
             state += [2 + m % 2] * len(t)
-            b["utt_ids"][i, m, : len(t)] = torch.tensor([w for w, _ in t])
-            b["utt_state"][i, m] = 2 + m % 2
+            b.utt_ids[i, m, : len(t)] = torch.tensor([w for w, _ in t])
+            b.utt_state[i, m] = 2 + m % 2
         n = len(ids)
-        b["context_ids"][i, :n] = torch.tensor(ids)
-        b["context_ext_ids"][i, :n] = torch.tensor(ext)
-        b["context_state"][i, :n] = torch.tensor(state)
-        b["context_pos"][i, :n] = 2
-        b["context_pos"][i, 0] = 1
-        b["context_dep"][i, range(n), range(n)] = 1
-        b["situation_ids"][i, : len(e["situation"])] = torch.tensor(e["situation"])
+        b.context_ids[i, :n] = torch.tensor(ids)
+        b.context_ext_ids[i, :n] = torch.tensor(ext)
+        b.context_state[i, :n] = torch.tensor(state)
+        b.context_pos[i, :n] = 2
+        b.context_pos[i, 0] = 1
+        b.context_dep[i, range(n), range(n)] = 1
+        b.situation_ids[i, : len(e["situation"])] = torch.tensor(e["situation"])
         for slot, rels in [*enumerate(e["knowledge"]), (M, e["sit_knowledge"])]:
             for r, phrases in enumerate(rels):
                 for k, p in enumerate(phrases[:K]):
-                    b["knowledge_ids"][i, slot, r, k, : len(p[:Lk])] = torch.tensor(p[:Lk])
-        b["target_ids"][i, : len(e["tgt"])] = torch.tensor(e["tgt"])
-        b["target_ext_ids"][i, : len(e["tgt"])] = torch.tensor(e["tgt_ext"])
-    b["context_mask"] = b["context_ids"] != PAD
-    b["utt_mask"] = b["utt_ids"] != PAD
-    b["turn_mask"] = torch.arange(M)[None] < torch.tensor([len(e["turns"]) for e in examples])[:, None]
-    b["situation_mask"] = b["situation_ids"] != PAD
-    b["knowledge_mask"] = b["knowledge_ids"] != PAD
-    b["emotion"] = torch.tensor([e["emotion"] for e in examples])
-    b["max_oov"] = max(e["oovs"] for e in examples)
+                    b.knowledge_ids[i, slot, r, k, : len(p[:Lk])] = torch.tensor(p[:Lk])
+        b.target_ids[i, : len(e["tgt"])] = torch.tensor(e["tgt"])
+        b.target_ext_ids[i, : len(e["tgt"])] = torch.tensor(e["tgt_ext"])
+    b.context_mask = b.context_ids != PAD
+    b.utt_mask = b.utt_ids != PAD
+    b.turn_mask = torch.arange(M)[None] < torch.tensor([len(e["turns"]) for e in examples])[:, None]
+    b.situation_mask = b.situation_ids != PAD
+    b.knowledge_mask = b.knowledge_ids != PAD
     return b
 
 
-def make_batch(B=4, seed=0, turns=None, knowledge=True) -> dict:
+def make_batch(B=4, seed=0, turns=None, knowledge=True) -> Batch:
     g = torch.Generator().manual_seed(seed)
     return collate([make_example(g, None if turns is None else turns[i], knowledge) for i in range(B)])
 
@@ -148,7 +150,7 @@ def test_no_knowledge_is_visible_in_the_config_and_model():
     names = {n for n, _ in m.named_parameters()}
     assert not any(n.startswith(("iam_ik.", "enc_cs", "an_cs.")) for n in names)
     b = make_batch(knowledge=False)
-    assert not b["knowledge_mask"].any()
+    assert not b.knowledge_mask.any()
     out = m(b, Targets.of(b))
     assert torch.isfinite(out.loss)
 
@@ -172,7 +174,7 @@ def test_forward_shapes_and_finite():
         assert v.dim() == 0 and torch.isfinite(v), k
     assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
     assert torch.allclose(out.emo_loss, sum(out.emo_losses.values()))
-    assert out.num_tokens.tolist() == (b["target_ids"] != PAD).sum(1).tolist()
+    assert out.num_tokens.tolist() == (b.target_ids != PAD).sum(1).tolist()
     a = out.encoding.extras["associated"]
     assert a["ids"].shape == a["weights"].shape == a["positions"].shape == (B, m.cfg.num_associated)
     out.loss.backward()
@@ -184,18 +186,19 @@ def test_padding_does_not_change_outputs():
     """Extra padded turns, turn columns, situation columns and context columns change nothing."""
     m = tiny().eval()
     b = make_batch(B=3, seed=2)
-    p = dict(b)
-    B, M, Lu = b["utt_ids"].shape
+    p = {}
+    B, M, Lu = b.utt_ids.shape
     pad = lambda x, *n: torch.nn.functional.pad(x, [v for k in reversed(n) for v in (0, k)])  # noqa: E731
-    p["utt_ids"], p["utt_mask"] = pad(b["utt_ids"], 0, 1, 2), pad(b["utt_mask"], 0, 1, 2)
-    p["utt_state"], p["turn_mask"] = pad(b["utt_state"], 0, 1), pad(b["turn_mask"], 0, 1)
-    kn = torch.cat([b["knowledge_ids"][:, :M], torch.zeros_like(b["knowledge_ids"][:, :1]),
-                    b["knowledge_ids"][:, M:]], 1)  # situation stays in the last slot
+    p["utt_ids"], p["utt_mask"] = pad(b.utt_ids, 0, 1, 2), pad(b.utt_mask, 0, 1, 2)
+    p["utt_state"], p["turn_mask"] = pad(b.utt_state, 0, 1), pad(b.turn_mask, 0, 1)
+    kn = torch.cat([b.knowledge_ids[:, :M], torch.zeros_like(b.knowledge_ids[:, :1]),
+                    b.knowledge_ids[:, M:]], 1)  # situation stays in the last slot
     p["knowledge_ids"], p["knowledge_mask"] = kn, kn != PAD
-    p["situation_ids"], p["situation_mask"] = pad(b["situation_ids"], 0, 2), pad(b["situation_mask"], 0, 2)
+    p["situation_ids"], p["situation_mask"] = pad(b.situation_ids, 0, 2), pad(b.situation_mask, 0, 2)
     for k in ("context_ids", "context_ext_ids", "context_state", "context_pos", "context_mask"):
-        p[k] = pad(b[k], 0, 3)
-    p["context_dep"] = pad(b["context_dep"], 0, 3, 3)
+        p[k] = pad(getattr(b, k), 0, 3)
+    p["context_dep"] = pad(b.context_dep, 0, 3, 3)
+    p = replace(b, **p)
     with torch.no_grad():
         o1, o2 = m(b, Targets.of(b)), m(p, Targets.of(p))
     assert torch.allclose(o1.emotion_logits, o2.emotion_logits, atol=1e-5)
@@ -210,14 +213,14 @@ def test_dialogue_encoding_is_aligned_with_the_flat_context():
     """H_c row j encodes context token j: changing the word of turn 1 moves exactly that context row first."""
     m = tiny().eval()
     b = make_batch(B=2, seed=3, turns=[2, 3])
-    q = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in b.items()}
-    q["utt_ids"][1, 1, 0] = FIRST_WORD + 1 if b["utt_ids"][1, 1, 0] != FIRST_WORD + 1 else FIRST_WORD + 2
+    q = b.map_tensors(torch.clone)
+    q.utt_ids[1, 1, 0] = FIRST_WORD + 1 if b.utt_ids[1, 1, 0] != FIRST_WORD + 1 else FIRST_WORD + 2
     m.enc_ctx.blocks = torch.nn.ModuleList()  # no attention mixing: rows are per-token
     with torch.no_grad():
         H1, H2 = m.encode_dialogue(b), m.encode_dialogue(q)
-    j = 1 + int(b["utt_mask"][1, 0].sum())  # context position of turn 1's first token
+    j = 1 + int(b.utt_mask[1, 0].sum())  # context position of turn 1's first token
     changed = (H1[1] - H2[1]).abs().sum(-1) > 1e-6
-    n1, n_real = int(b["utt_mask"][1, 1].sum()), int(b["context_mask"][1].sum())
+    n1, n_real = int(b.utt_mask[1, 1].sum()), int(b.context_mask[1].sum())
     assert changed[j] and torch.equal(H1[0], H2[0])
     assert not changed[:j].any() and not changed[j + n1: n_real].any()  # other turns are untouched
     assert changed[j: j + n1].all()  # the whole of turn 1 (Enc_u attends within the turn)
@@ -239,10 +242,10 @@ def test_encode_decode_step_matches_teacher_forcing():
     b = make_batch(B=3, seed=4)
     with torch.no_grad():
         state = m.encode(b)
-        ys = torch.cat([torch.full_like(b["target_ext_ids"][:, :1], SOS), b["target_ext_ids"][:, :2]], 1)
+        ys = torch.cat([torch.full_like(b.target_ext_ids[:, :1], SOS), b.target_ext_ids[:, :2]], 1)
         lp = m.decode_step(state, ys)
         full = m.generator(*m._decoder_states(state, ys), state.ext_ids, state.max_oov)
-    assert lp.shape == (3, V + b["max_oov"])
+    assert lp.shape == (3, V + b.max_oov)
     assert torch.allclose(lp, full[:, -1], atol=1e-5)
     assert state.memory.size(0) == state.selected.size(0) == state.selected_mask.size(0) == 3
 
@@ -388,7 +391,7 @@ def test_associated_words_point_at_real_words():
     for i, ws in enumerate(words):
         assert [w["weight"] for w in ws] == sorted((w["weight"] for w in ws), reverse=True)
         for w in ws:
-            src = b["context_ids"] if w["source"] == "context" else b["situation_ids"]
+            src = b.context_ids if w["source"] == "context" else b.situation_ids
             assert src[i, w["position"]] == w["id"] != PAD
     assert tiny(no_ea=True).associated_words(b) == [[], [], []]
 
@@ -421,8 +424,8 @@ def test_real_collated_batch(prepared_sample):
 
     split, Vr = prepared_sample.split("train"), len(prepared_sample.vocab)
     b = pad_iamm([encode_example(split, split.features[i], Vr) for i in range(8)])
-    assert ((b["utt_mask"].sum((1, 2)) + 1) == b["context_mask"].sum(1)).all()  # H_c alignment premise
-    assert not b["knowledge_mask"].any()
+    assert ((b.utt_mask.sum((1, 2)) + 1) == b.context_mask.sum(1)).all()  # H_c alignment premise
+    assert not b.knowledge_mask.any()
     torch.manual_seed(0)
     m = IAMM(IAMMConfig(**TINY, has_knowledge=False), Vr)
     out = m(b, Targets.of(b))
@@ -430,7 +433,7 @@ def test_real_collated_batch(prepared_sample):
     for i, ws in enumerate(m.associated_words(b)):
         assert ws
         for w in ws:
-            src = b["context_ids" if w["source"] == "context" else "situation_ids"]
+            src = b.context_ids if w["source"] == "context" else b.situation_ids
             assert src[i, w["position"]] == w["id"]
 
 
@@ -455,8 +458,8 @@ def test_reference_association_weights_reweight_the_selected_scores():
 def _explicit_selections(model, b):
     from trainers.models.association import explicit_memory
 
-    return explicit_memory(model.iam_ek, model.embed(b["utt_ids"]), b["utt_mask"], model.embed(b["situation_ids"]),
-                           b["situation_mask"], b["turn_mask"], b["context_ids"].size(1)).selections
+    return explicit_memory(model.iam_ek, model.embed(b.utt_ids), b.utt_mask, model.embed(b.situation_ids),
+                           b.situation_mask, b.turn_mask, b.context_ids.size(1)).selections
 
 
 def test_reference_word_selector_reads_the_memory_before_its_encoder():

@@ -38,7 +38,7 @@ def model_and_batch(name: str, overrides: dict, B: int = 5, seed: int = 0):
     V = test_iamm.V if name == "iamm" else 60
     m = build_model(name, V, EMOTION_WORD_IDS, flavour="tiny", **overrides).eval()
     b = test_iamm.make_batch(B, seed=seed + 1) if name == "iamm" else make_batch(B, V, seed=seed + 1)
-    assert len(set(b["context_mask"].sum(1).tolist())) > 1
+    assert len(set(b.context_mask.sum(1).tolist())) > 1
     for _ in range(40):
         if len(set(reply_lengths(greedy(m, b, MAX_LEN, kv_cache=False)))) > 1:
             return m, b
@@ -73,7 +73,7 @@ def test_cached_step_log_probs_match_full_recomputation_along_a_reply(name, over
             step = m.decode_step(state, ys[:, :t], cache)
             assert cache.length == t
             torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
-    assert b["max_oov"] > 0  # the extended (copy-only) slots are compared too
+    assert b.max_oov > 0  # the extended (copy-only) slots are compared too
 
 
 def test_decoder_runs_on_the_newest_token_only_with_the_cache():

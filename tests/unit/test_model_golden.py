@@ -82,7 +82,7 @@ def _measure(name: str, overrides: dict) -> dict:
     out = m(b, Targets.of(b))
     out.loss.backward()
     with torch.no_grad():
-        ys = torch.cat([torch.full_like(b["target_ids"][:, :1], SOS), b["target_ext_ids"][:, :2]], 1)
+        ys = torch.cat([torch.full_like(b.target_ids[:, :1], SOS), b.target_ext_ids[:, :2]], 1)
         lp = m.decode_step(m.encode(b), ys)
     el = out.emotion_logits
     return dict(loss=out.loss.item(), gen_loss=out.gen_loss.item(), emo_loss=out.emo_loss.item(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -79,11 +80,11 @@ def test_emotion_word_ids_validated():
 @pytest.mark.parametrize("name,overrides", VARIANTS, ids=IDS)
 def test_forward_encode_decode_shapes(name, overrides):
     m, b = tiny(name, **overrides), make_batch(4, V, seed=3)
-    B, T = b["target_ids"].shape
+    B, T = b.target_ids.shape
     out = m(b, Targets.of(b))
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert torch.allclose(out.loss, out.gen_loss + out.emo_loss)
-    assert out.num_tokens.tolist() == (b["target_ids"] != 0).sum(1).tolist()  # per example
+    assert out.num_tokens.tolist() == (b.target_ids != 0).sum(1).tolist()  # per example
     if name == "transformer":
         assert out.emotion_logits is None and float(out.emo_loss) == 0.0
     else:
@@ -97,7 +98,7 @@ def test_forward_encode_decode_shapes(name, overrides):
     assert all(v.shape == (B, 32) for v in state.head_logits.values())
     ys = torch.full((B, 1), 2, dtype=torch.long)
     lp = m.decode_step(state, ys)
-    assert lp.shape == (B, V + b["max_oov"])
+    assert lp.shape == (B, V + b.max_oov)
     assert torch.allclose(lp.logsumexp(-1), torch.zeros(B), atol=1e-4)
     # beam-style expansion: the encoding's rows can be repeated
     beam = state.select_rows(torch.arange(B).repeat_interleave(3))
@@ -108,7 +109,7 @@ def test_forward_encode_decode_shapes(name, overrides):
 def test_decode_step_matches_teacher_forcing_and_nll_sum():
     m, b = tiny("escm"), make_batch(3, V, seed=5)
     out, state = m(b, Targets.of(b)), m.encode(b)
-    tgt, tgt_ext = b["target_ids"], b["target_ext_ids"]
+    tgt, tgt_ext = b.target_ids, b.target_ext_ids
     ys = torch.full((3, 1), 2, dtype=torch.long)
     nll = torch.zeros(3)  # per example
     for t in range(tgt.size(1)):
@@ -129,8 +130,8 @@ def test_padding_does_not_change_real_positions(name):
     for k in ("loss", "nll_sum", "num_tokens"):
         assert torch.allclose(getattr(out, k).float(), getattr(out_pad, k).float(), atol=1e-5), k
     s, s_pad = m.encode(b), m.encode(b_pad)
-    L = b["context_ids"].size(1)
-    real = b["context_mask"][..., None]
+    L = b.context_ids.size(1)
+    real = b.context_mask[..., None]
     assert torch.allclose(s.memory * real, s_pad.memory[:, :L] * real, atol=1e-5)
     # one example alone equals the same example inside a padded batch
     alone = m.encode(collate(exs[:1]))
@@ -210,9 +211,9 @@ def test_pointer_copies_all_mass_when_p_gen_is_zero(name):
         m.generator.p_gen.bias.fill_(-40.0)
     with torch.no_grad():
         P = m.decode_step(m.encode(b), torch.full((4, 1), 2, dtype=torch.long)).exp()  # (B, V + max_oov)
-    assert b["max_oov"] > 0
+    assert b.max_oov > 0
     for i in range(4):
-        ctx = b["context_ext_ids"][i][b["context_mask"][i]].unique()
+        ctx = b.context_ext_ids[i][b.context_mask[i]].unique()
         assert abs(float(P[i, ctx].sum()) - 1.0) < 1e-4
         others = torch.ones(P.size(1), dtype=torch.bool)
         others[ctx] = False
@@ -274,8 +275,8 @@ def test_gcn_attends_only_to_dependency_neighbours(cls_edges):
     m, b = tiny("escm", cls_edges=cls_edges), make_batch(4, V, seed=6)
     with torch.no_grad():
         p = m.encode(b).extras["gcn_p"]  # (B, L, L), eq. 8
-    mask, L = b["context_mask"], b["context_ids"].size(1)
-    dep = b["context_dep"]  # directed parse; the default graph uses every arc both ways and self loops
+    mask, L = b.context_mask, b.context_ids.size(1)
+    dep = b.context_dep  # directed parse; the default graph uses every arc both ways and self loops
     allowed = (dep > 0) | (dep.transpose(1, 2) > 0) | torch.eye(L, dtype=torch.bool)
     allowed = allowed & mask[:, :, None] & mask[:, None, :]
     if cls_edges:
@@ -301,7 +302,7 @@ def test_evidence_returns_dependency_pairs():
         for (a, c), s in zip(ev["pairs"][i].tolist(), ev["scores"][i].tolist(), strict=True):
             if a < 0:
                 continue
-            assert a != c and a > 0 and c > 0 and int(b["context_dep"][i, a, c] + b["context_dep"][i, c, a]) > 0
+            assert a != c and a > 0 and c > 0 and int(b.context_dep[i, a, c] + b.context_dep[i, c, a]) > 0
             assert 0.0 <= s <= prev
             prev = s
     with pytest.raises(ValueError, match="no_dcgcn"):
@@ -380,3 +381,23 @@ def test_closed_form_label_smoothing_equals_the_materialised_loss(seed):
     assert int(got[2]) == int(want[2]) == N
     for a, b in zip(got_grads, want_grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_given_a_batch_without_its_fields_names_them():
+    b = make_batch(2)
+    with pytest.raises(ValueError, match=r"batch lacks \['context_dep'\]"):
+        build_model("escm", 60, EMOTION_WORD_IDS, flavour="tiny").encode(replace(b, context_dep=None))
+    with pytest.raises(ValueError, match=r"batch lacks \['utt_ids', .*'knowledge_mask'\]"):
+        build_model("iamm", 60, EMOTION_WORD_IDS, flavour="tiny").encode(b)
+
+
+def test_batch_rows_and_device_keep_every_field():
+    b = make_batch(3)
+    rows = b.select_rows(torch.tensor([2, 0]))
+    assert rows.size == 2 and rows.max_oov == b.max_oov and rows.utt_ids is None
+    for f in fields(b):
+        v = getattr(b, f.name)
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(getattr(rows, f.name), v[[2, 0]]), f.name
+    moved = b.to("cpu")
+    assert moved is not b and all(getattr(moved, f.name) is getattr(b, f.name) for f in fields(b))

@@ -83,10 +83,10 @@ def test_escm_collation_shapes_masks_and_copy_ids(prepared_sample):
     split, V = prepared_sample.split("train"), len(prepared_sample.vocab)
     encoded = [encode_example(split, split.features[i], V) for i in range(8)]
     b = pad_escm(encoded)
-    B, L = b["context_ids"].shape
-    dep = b["context_dep"]
-    assert dep.shape == (B, L, L) and (b["context_ids"][:, 0] == CLS).all()
-    mask = b["context_mask"]
+    B, L = b.context_ids.shape
+    dep = b.context_dep
+    assert dep.shape == (B, L, L) and (b.context_ids[:, 0] == CLS).all()
+    mask = b.context_mask
     # the directed parse: every word has exactly one arc in (from its head; a root's from itself, labelled
     # ROOT), [CLS] and padding have none
     words = mask.clone()
@@ -95,13 +95,13 @@ def test_escm_collation_shapes_masks_and_copy_ids(prepared_sample):
     diagonal = dep.diagonal(dim1=1, dim2=2)
     assert ((diagonal == 0) | (diagonal == DEP_ID[ROOT_LABEL])).all() and (diagonal == DEP_ID[ROOT_LABEL]).any()
     assert (dep[~mask] == 0).all() and (dep.transpose(1, 2)[~mask] == 0).all()
-    assert ((b["target_ids"] == EOS).sum(1) == 1).all()
-    assert set(b["context_state"][mask].tolist()) <= {1, 2, 3}
+    assert ((b.target_ids == EOS).sum(1) == 1).all()
+    assert set(b.context_state[mask].tolist()) <= {1, 2, 3}
     # extended ids: only UNK positions change, and they point into V + k
-    changed = b["context_ext_ids"] != b["context_ids"]
-    assert (b["context_ids"][changed] == UNK).all() and (b["context_ext_ids"][changed] >= V).all()
+    changed = b.context_ext_ids != b.context_ids
+    assert (b.context_ids[changed] == UNK).all() and (b.context_ext_ids[changed] >= V).all()
     static = pad_escm(encoded, context_len=L + 5, target_len=40)
-    assert static["context_ids"].shape == (B, L + 5) and static["target_ids"].shape == (B, 40)
+    assert static.context_ids.shape == (B, L + 5) and static.target_ids.shape == (B, 40)
 
 
 def test_copyable_oov_gets_extended_id():
@@ -135,8 +135,8 @@ def test_truncation_keeps_recent_turns(prepared_sample):
 def test_iamm_collation(prepared_sample):
     split, V = prepared_sample.split("train"), len(prepared_sample.vocab)
     b = pad_iamm([encode_example(split, split.features[i], V) for i in range(6)])
-    B, M, Lu = b["utt_ids"].shape
-    assert b["knowledge_ids"].shape[:3] == (B, M + 1, 5)
-    assert not b["knowledge_mask"].any()           # `none` backend: nothing to associate
-    assert (b["utt_state"][b["turn_mask"]] > 0).all() and (b["utt_state"][~b["turn_mask"]] == 0).all()
-    assert b["utt_state"][0, 0] == 2               # conversations start with the speaker
+    B, M, Lu = b.utt_ids.shape
+    assert b.knowledge_ids.shape[:3] == (B, M + 1, 5)
+    assert not b.knowledge_mask.any()           # `none` backend: nothing to associate
+    assert (b.utt_state[b.turn_mask] > 0).all() and (b.utt_state[~b.turn_mask] == 0).all()
+    assert b.utt_state[0, 0] == 2               # conversations start with the speaker

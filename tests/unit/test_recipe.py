@@ -186,8 +186,8 @@ def test_reference_graph_shares_one_pos_relation_table_and_attends_along_it():
     assert V_p.data_ptr() == gcn.tag_rel_emb.weight.data_ptr() and V_r.shape == (49, 8)
     b = make_batch(3, 60, seed=4)
     p = model.encode(b).extras["gcn_p"]
-    allowed = reference_graph(b["context_dep"], b["context_mask"], 48) > 0
-    assert (p[~allowed] == 0).all() and torch.allclose(p.sum(-1)[b["context_mask"]], torch.ones(()))
+    allowed = reference_graph(b.context_dep, b.context_mask, 48) > 0
+    assert (p[~allowed] == 0).all() and torch.allclose(p.sum(-1)[b.context_mask], torch.ones(()))
     ev = model.evidence(b, k=3)  # the evidence pairs are edges of the graph the model used
     for i, pairs in enumerate(ev["pairs"].tolist()):
         assert all(allowed[i, a, c] and a != c and a > 0 and c > 0 for a, c in pairs if a >= 0)
@@ -225,7 +225,7 @@ def test_encode_looks_the_word_table_up_once(tmp_path, prepared_sample, model, s
     m.embedding.register_forward_hook(lambda module, args, out: lookups.append(args[0].shape))
     m.encode(batch)
     assert len(lookups) == 1, lookups
-    ids, states = batch["context_ids"], batch["context_state"]
+    ids, states = batch.context_ids, batch.context_state
     sos = torch.full_like(ids[:, :1], SOS)
     E_c, E_sos, E_r = m.embed_many(ids, sos, states=(states,))
     assert torch.equal(E_c, m.embed(ids)) and torch.equal(E_sos, m.embed(sos))

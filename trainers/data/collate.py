@@ -6,6 +6,8 @@ for the Transformer and ESCM, `pad_iamm`). The trainer encodes a split once and 
 so no per-example Python work is left inside a training step. Serving has one entry, `encode_requests`:
 requests -> annotation, features (vocabulary, knowledge), encoding and padding, as training data.
 
+Both build a `Batch` (trainers.models.batch); a field a model does not read is None.
+
 ESCM / Transformer batch (B = batch, L = context length, T = target length, V = vocab size):
     context_ids      (B, L)    word ids; position 0 is [CLS]; turns concatenated; PAD = 0
     context_ext_ids  (B, L)    as context_ids, but OOV words get V + k (k = index in the example's OOV list)
@@ -17,7 +19,7 @@ ESCM / Transformer batch (B = batch, L = context length, T = target length, V = 
     context_mask     (B, L)    True at real tokens
     target_ids       (B, T)    response ids + EOS, PAD after
     target_ext_ids   (B, T)    as target_ids, OOV words copied from the context get V + k
-    emotion          (B,)      gold emotion id (absent from a batch of requests, which have none)
+    emotion          (B,)      gold emotion id (None in a batch of requests, which have none)
     max_oov          int       extended-vocabulary slots this batch needs
 
 IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 relations, K = phrases):
@@ -31,7 +33,7 @@ IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 rela
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ import torch
 from trainers.data import annotate as ann
 from trainers.data.features import ExampleFeatures, TextFeatures, example_texts, featurize, featurize_texts
 from trainers.data.knowledge import RELATIONS
+from trainers.models.batch import Batch
 from trainers.tokens import CLS, EOS, STATE_CLS, STATE_LISTENER, STATE_SPEAKER, UNK
 
 POS_CLS = 1
@@ -136,7 +139,7 @@ def _pad(arrays: list[np.ndarray], length: int | None = None) -> torch.Tensor:
 
 
 def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
-             target_len: int | None = None) -> dict[str, torch.Tensor | int]:
+             target_len: int | None = None) -> Batch:
     """Pad encoded examples into the ESCM/Transformer batch (module docstring).
 
     Fixed `context_len` / `target_len` give static shapes (length buckets for compiled steps).
@@ -148,22 +151,22 @@ def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
     rows = torch.cat([torch.full((len(x),), b, dtype=torch.long) for b, x in enumerate(edges)])
     flat = torch.cat(edges)
     dep[rows, flat[:, 0], flat[:, 1]] = flat[:, 2]
-    return {
-        "context_ids": ctx,
-        "context_ext_ids": _pad([e.context_ext_ids for e in batch], L),
-        "context_state": _pad([e.context_state for e in batch], L),
-        "context_pos": _pad([e.context_pos for e in batch], L),
-        "context_dep": dep,
-        "context_mask": ctx != 0,
-        "target_ids": _pad([e.target_ids for e in batch], target_len),
-        "target_ext_ids": _pad([e.target_ext_ids for e in batch], target_len),
-        "max_oov": max(len(e.oov) for e in batch),
-        **({} if any(e.emotion is None for e in batch)
-           else {"emotion": torch.tensor([e.emotion for e in batch], dtype=torch.long)}),
-    }
+    return Batch(
+        context_ids=ctx,
+        context_ext_ids=_pad([e.context_ext_ids for e in batch], L),
+        context_state=_pad([e.context_state for e in batch], L),
+        context_mask=ctx != 0,
+        max_oov=max(len(e.oov) for e in batch),
+        context_pos=_pad([e.context_pos for e in batch], L),
+        context_dep=dep,
+        target_ids=_pad([e.target_ids for e in batch], target_len),
+        target_ext_ids=_pad([e.target_ext_ids for e in batch], target_len),
+        emotion=(None if any(e.emotion is None for e in batch)
+                 else torch.tensor([e.emotion for e in batch], dtype=torch.long)),
+    )
 
 
-def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: int = 12) -> dict:
+def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: int = 12) -> Batch:
     """The ESCM batch plus IAMM's per-turn, situation and knowledge tensors (module docstring)."""
     out = pad_escm(batch)
     B, M = len(batch), max(len(e.turns) for e in batch)
@@ -182,17 +185,16 @@ def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: 
                 for k, phrase in enumerate(rels.get(rel, [])[:max_phrases]):
                     know[b, slot, r, k, : len(phrase[:max_phrase_len])] = torch.tensor(phrase[:max_phrase_len])
     sit = _pad([e.situation_ids for e in batch])
-    out.update(
-        utt_ids=utt, utt_mask=utt != 0, utt_state=state,
+    return replace(
+        out, utt_ids=utt, utt_mask=utt != 0, utt_state=state,
         turn_mask=torch.arange(M)[None, :] < n_turns[:, None],
         situation_ids=sit, situation_mask=sit != 0,
         knowledge_ids=know, knowledge_mask=know != 0,
     )
-    return out
 
 
 def encode_requests(requests: Sequence[tuple[Sequence[str], str | None]], vocab, knowledge, nlp, *,
-                    iamm: bool, max_context: int, max_target: int) -> tuple[list[EncodedExample], dict]:
+                    iamm: bool, max_context: int, max_target: int) -> tuple[list[EncodedExample], Batch]:
     """Serving's one preprocessing entry: (context turns, situation or None) pairs -> their encoded examples
     and one padded batch (`pad_iamm` when `iamm`, else `pad_escm`), on the CPU.
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers.models.batch import Batch
+
 
 def attendable(mask: torch.Tensor) -> torch.Tensor:
     """Rows with no real position attend to all of them (finite garbage, masked downstream) instead of NaN."""
@@ -253,7 +255,7 @@ def select_words(w_v: nn.Linear, H_m, valid, k3: int):
 
 
 @torch.no_grad()
-def associated_words(selections: dict, batch: dict, k: int) -> dict:
+def associated_words(selections: dict, batch: Batch, k: int) -> dict:
     """The k top weighted associated words of the explicit sentence pairs, per example.
 
     Word space: the M * Lu turn positions, then the Ls situation positions; a word's weight is the
@@ -262,7 +264,7 @@ def associated_words(selections: dict, batch: dict, k: int) -> dict:
     -> {"ids" (B, k) word ids (PAD if none), "source" (B, k) 0 none / 1 context / 2 situation,
         "positions" (B, k) index into context_ids (source 1) or situation_ids (2), -1 if none,
         "weights" (B, k)}."""
-    utt, sit = batch["utt_ids"], batch["situation_ids"]
+    utt, sit = batch.utt_ids, batch.situation_ids
     B, M, Lu = utt.shape
     dev = utt.device
     P = selections["t"][0].size(0)  # M utterance-situation pairs, then M - 1 utterance-history pairs
@@ -278,7 +280,7 @@ def associated_words(selections: dict, batch: dict, k: int) -> dict:
     weights, pos = score.topk(k, dim=-1)
     found = weights > 0
     in_ctx = pos < M * Lu
-    ctx_pos = batch["utt_mask"].flatten(1).long().cumsum(1)  # context position of each turn token
+    ctx_pos = batch.utt_mask.flatten(1).long().cumsum(1)  # context position of each turn token
     ids = torch.cat([utt.flatten(1), sit], 1).gather(1, pos)
     position = torch.where(in_ctx, ctx_pos.gather(1, pos.clamp_max(M * Lu - 1)), pos - M * Lu)
     return {"ids": ids.masked_fill(~found, 0), "source": torch.where(in_ctx, 1, 2).masked_fill(~found, 0),

@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers.models.batch import Batch
 from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
 from trainers.models.layers import NEG_INF, Encoder, ModelConfig
 from trainers.models.output import NUM_EMOTIONS, EmotionHead
@@ -220,27 +221,27 @@ class ESCM(PointerGeneratorSeq2Seq):
         V_des = torch.cat([self.w_ce(E_dot), self.w_s(H_ctx)], dim=-1)  # (B, L, E + d_s), eqs. 4, 2, 5
         return self.enc_des(V_des, mask)
 
-    def encode(self, batch) -> Encoding:
+    def encode(self, batch: Batch) -> Encoding:
         require(batch, *CONTEXT_KEYS, "context_pos", "context_dep")
-        mask = batch["context_mask"]
-        E_c, E_e, E_r = self.embed_many(batch["context_ids"], self.emotion_word_ids,
-                                        states=(batch["context_state"],))  # (B, L, emb), (E, emb), (B, L, emb)
+        mask = batch.context_mask
+        E_c, E_e, E_r = self.embed_many(batch.context_ids, self.emotion_word_ids,
+                                        states=(batch.context_state,))  # (B, L, emb), (E, emb), (B, L, emb)
         H_ctx = self.enc_ctx(E_c + E_r, mask)  # (B, L, d), eq. 1
         H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(E_c, E_e, H_ctx, mask)
         extras = {}
         if self.cfg.no_dcgcn:
             H_cor = H_des
         else:
-            H_cor, extras["gcn_p"] = self.gcn(H_des, batch["context_pos"], batch["context_dep"], mask)
+            H_cor, extras["gcn_p"] = self.gcn(H_des, batch.context_pos, batch.context_dep, mask)
         heads = {"ctx": self.head_ctx(H_ctx, mask), "cor": self.head_cor(H_cor, mask)}  # eqs. 14-17
         return Encoding(
             memory=torch.cat([H_ctx, H_cor], dim=-1),  # (B, L, d + d_cor), eq. 18
-            mask=mask, ext_ids=batch["context_ext_ids"], max_oov=int(batch["max_oov"]),
+            mask=mask, ext_ids=batch.context_ext_ids, max_oov=int(batch.max_oov),
             emotion_logits=(heads["ctx"] + heads["cor"]).log_softmax(-1),  # eq. 15 as the authors' code
             head_logits=heads, extras=extras)
 
     @torch.no_grad()
-    def evidence(self, batch, k: int = 5, encoding: Encoding | None = None) -> dict:
+    def evidence(self, batch: Batch, k: int = 5, encoding: Encoding | None = None) -> dict:
         """Top-k correlated word pairs per example from the GCN attention p_ij (eq. 8).
 
         `encoding`, the batch's `encode(batch)` when the caller has it, saves an encoder pass. Self loops and
@@ -252,7 +253,7 @@ class ESCM(PointerGeneratorSeq2Seq):
         B, L, _ = p.shape
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)
-        keep = keep & (self.gcn.relations(batch["context_dep"], batch["context_mask"]) > 0)
+        keep = keep & (self.gcn.relations(batch.context_dep, batch.context_mask) > 0)
         flat = p.masked_fill(~keep, -1.0).flatten(1)  # (B, L*L)
         scores, top = flat.topk(min(k, L * L), dim=-1)
         pairs = torch.stack([top // L, top % L], dim=-1)

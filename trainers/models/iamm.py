@@ -92,6 +92,7 @@ from trainers.models.association import (
     select_words,
     squeeze_padding,
 )
+from trainers.models.batch import Batch
 from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
 from trainers.models.layers import Decoder, Encoder, KVCache, ModelConfig
 from trainers.models.output import NUM_EMOTIONS, EmotionHead
@@ -211,19 +212,19 @@ class IAMM(PointerGeneratorSeq2Seq):
 
     # -- encoders (eqs. 1-7)
 
-    def embed_inputs(self, batch) -> dict:
+    def embed_inputs(self, batch: Batch) -> dict:
         """The word embeddings of a step through ONE lookup of the word table (`embed_many`): E_u (B, M, Lu, emb)
         of the turns, E_s (B, Ls, emb) of the situation, E_cls (1, emb) of [CLS], and the dialogue-state
         embeddings E_r (B, M, emb) of the turns and E_r_cls (1, emb) of [CLS]'s state."""
-        cls = batch["utt_ids"].new_full((1,), CLS)
-        E_u, E_s, E_cls, E_r, E_r_cls = self.embed_many(batch["utt_ids"], batch["situation_ids"], cls,
-                                                         states=(batch["utt_state"], torch.full_like(cls, STATE_CLS)))
+        cls = batch.utt_ids.new_full((1,), CLS)
+        E_u, E_s, E_cls, E_r, E_r_cls = self.embed_many(batch.utt_ids, batch.situation_ids, cls,
+                                                         states=(batch.utt_state, torch.full_like(cls, STATE_CLS)))
         return {"E_u": E_u, "E_s": E_s, "E_cls": E_cls, "E_r": E_r, "E_r_cls": E_r_cls}
 
-    def encode_dialogue(self, batch, E: dict | None = None):
+    def encode_dialogue(self, batch: Batch, E: dict | None = None):
         """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2; E from `embed_inputs`."""
         E = self.embed_inputs(batch) if E is None else E
-        umask = batch["utt_mask"]
+        umask = batch.utt_mask
         B, M, Lu = umask.shape
         x = (E["E_u"] + E["E_r"][:, :, None]).flatten(0, 1)  # E_w + E_r
         real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
@@ -233,20 +234,20 @@ class IAMM(PointerGeneratorSeq2Seq):
         cls = self.enc_u((E["E_cls"] + E["E_r_cls"]).expand(B, 1, -1), cls_mask)  # (B, 1, d)
         flat = torch.cat([cls, H_u], 1)
         flat_mask = torch.cat([cls_mask, umask.flatten(1)], 1)
-        L = batch["context_ids"].size(1)
+        L = batch.context_ids.size(1)
         flat, _ = squeeze_padding(pad_to(flat, L, 1), pad_to(flat_mask, L, 1))
-        return self.enc_ctx(flat[:, :L], batch["context_mask"])  # (B, L, d)
+        return self.enc_ctx(flat[:, :L], batch.context_mask)  # (B, L, d)
 
-    def encode_situation(self, batch, E: dict):
+    def encode_situation(self, batch: Batch, E: dict):
         """H_s (B, 1 + Ls, d) over [CLS] + situation, and its mask, eq. 3; E from `embed_inputs`."""
         E_s = E["E_s"]
         x = torch.cat([E["E_cls"].expand(E_s.size(0), 1, -1), E_s], 1)
-        mask = torch.cat([batch["situation_mask"].new_ones(E_s.size(0), 1), batch["situation_mask"]], 1)
+        mask = torch.cat([batch.situation_mask.new_ones(E_s.size(0), 1), batch.situation_mask], 1)
         return self.enc_sit(x, mask), mask
 
-    def encode_commonsense(self, batch):
+    def encode_commonsense(self, batch: Batch):
         """H^cs per sentence: (B, M + 1, R, d) [CLS] vectors of each relation and their mask, eqs. 4-5."""
-        ids, mask = batch["knowledge_ids"], batch["knowledge_mask"]  # (B, M + 1, R, K, Lk)
+        ids, mask = batch.knowledge_ids, batch.knowledge_mask  # (B, M + 1, R, K, Lk)
         B, S, R = ids.shape[:3]
         ids, mask = ids.flatten(3), mask.flatten(3)  # phrases of a relation concatenated
         order = (~mask).to(torch.uint8).argsort(dim=-1, stable=True)  # real tokens first, in order
@@ -269,16 +270,16 @@ class IAMM(PointerGeneratorSeq2Seq):
 
     # -- association memory (eqs. 8-19), emotion (eqs. 20-25), word selector (eqs. 26-28)
 
-    def encode(self, batch) -> IAMMEncoding:
+    def encode(self, batch: Batch) -> IAMMEncoding:
         require(batch, *CONTEXT_KEYS, *IAMM_KEYS)
-        cfg, turn_mask = self.cfg, batch["turn_mask"]
+        cfg, turn_mask = self.cfg, batch.turn_mask
         E = self.embed_inputs(batch)
         H_c = self.encode_dialogue(batch, E)  # eqs. 1-2
         H_s, s_mask = self.encode_situation(batch, E)  # eq. 3
         memories, extras = [], {"trace": {}}
         if not cfg.no_ea:
-            ek = explicit_memory(self.iam_ek, E["E_u"], batch["utt_mask"], E["E_s"], batch["situation_mask"],
-                                 turn_mask, batch["context_ids"].size(1))
+            ek = explicit_memory(self.iam_ek, E["E_u"], batch.utt_mask, E["E_s"], batch.situation_mask,
+                                 turn_mask, batch.context_ids.size(1))
             memories.append(ek)
             extras["associated"] = associated_words(ek.selections, batch, cfg.num_associated)
             extras["trace"]["explicit"] = ek.trace
@@ -294,11 +295,11 @@ class IAMM(PointerGeneratorSeq2Seq):
                                   torch.cat([m.valid for m in memories], 1))  # eq. 18, real entries first
         H_m = self.enc_m(V, attendable(V_ok))  # eq. 19
         an_cs = self.an_cs if cfg.has_knowledge else None
-        heads = emotion_heads(self.an_u, self.an_a, an_cs, H_c, batch["context_mask"], H_s, s_mask, H_m, V_ok,
+        heads = emotion_heads(self.an_u, self.an_a, an_cs, H_c, batch.context_mask, H_s, s_mask, H_m, V_ok,
                               H_cs_sum, cs_sum_mask)  # eqs. 20-23
         selector_input = V if cfg.word_selector == "reference" else H_m
         selected, selected_mask = (None, None) if cfg.no_ws else select_words(self.w_v, selector_input, V_ok, cfg.k3)
-        return IAMMEncoding(H_c, batch["context_mask"], batch["context_ext_ids"], int(batch["max_oov"]),
+        return IAMMEncoding(H_c, batch.context_mask, batch.context_ext_ids, int(batch.max_oov),
                             emotion_product(heads), heads, extras, selected, selected_mask)  # eq. 24
 
     # -- decoding (eqs. 29-33)
@@ -315,18 +316,18 @@ class IAMM(PointerGeneratorSeq2Seq):
     # -- analysis / serving
 
     @torch.no_grad()
-    def trace(self, batch) -> dict:
+    def trace(self, batch: Batch) -> dict:
         """Per-branch memory growth of the iterative association (see `AssociationMemory.trace`)."""
         return self.encode(batch).extras["trace"]
 
     @torch.no_grad()
-    def associated_words(self, batch, encoding: Encoding | None = None) -> list[list[dict]]:
+    def associated_words(self, batch: Batch, encoding: Encoding | None = None) -> list[list[dict]]:
         """Per example, the top weighted associated words (best first): dicts with "id", "source"
         ("context" | "situation"), "position" (index into context_ids / situation_ids) and "weight".
         `encoding`, the batch's `encode(batch)` when the caller has it, saves an encoder pass. Empty lists
         under no_ea (the implicit branch associates relation vectors, not words)."""
         extras = (self.encode(batch) if encoding is None else encoding).extras
-        B = batch["utt_ids"].size(0)
+        B = batch.size
         if "associated" not in extras:
             return [[] for _ in range(B)]
         a = {k: v.tolist() for k, v in extras["associated"].items()}

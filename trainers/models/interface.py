@@ -4,8 +4,8 @@
     log_probs = model.decode_step(enc, ys, cache)  # the next token's distribution (trainers.decoding)
     out = model(batch, Targets.of(batch))          # Output: the encoding and the losses (training)
 
-`batch` is a collated batch (trainers/data/collate.py); `PointerGeneratorSeq2Seq` holds the word and
-dialogue-state embeddings, the decoder (trainers.models.layers) and the pointer-generator
+`batch` is a `Batch` (trainers.models.batch; built by trainers/data/collate.py); `PointerGeneratorSeq2Seq`
+holds the word and dialogue-state embeddings, the decoder (trainers.models.layers) and the pointer-generator
 (trainers.models.output); subclasses implement `encode`.
 
 Models import only torch (and the dependency-free special-token table, trainers.tokens).
@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from trainers.models.batch import Batch
 from trainers.models.layers import STATE_WORDS, Decoder, KVCache, ModelConfig
 from trainers.models.output import PointerGenerator, label_smoothed_nll
 from trainers.tokens import CLS, LSN, PAD, SIT, SOS, SPK, STATE_PAD, UNK
@@ -27,8 +28,9 @@ from trainers.tokens import CLS, LSN, PAD, SIT, SOS, SPK, STATE_PAD, UNK
 CONTEXT_KEYS = ("context_ids", "context_ext_ids", "context_state", "context_mask", "max_oov")
 
 
-def require(batch: dict, *keys: str) -> None:
-    missing = [k for k in keys if k not in batch]
+def require(batch: Batch, *keys: str) -> None:
+    """Raise a clear error when `batch` lacks (has None in) any of the fields `keys` a model reads."""
+    missing = [k for k in keys if getattr(batch, k, None) is None]
     if missing:
         raise ValueError(f"batch lacks {missing}; see the batch contract in trainers/data/collate.py")
 
@@ -66,10 +68,10 @@ class Targets:
     emotion: torch.Tensor | None = None  # (B,) gold emotion ids; None: no emotion loss
 
     @classmethod
-    def of(cls, batch: dict) -> Targets:
+    def of(cls, batch: Batch) -> Targets:
         """The targets of a collated batch (trainers/data/collate.py)."""
         require(batch, "target_ids", "target_ext_ids")
-        return cls(batch["target_ids"], batch["target_ext_ids"], batch.get("emotion"))
+        return cls(batch.target_ids, batch.target_ext_ids, batch.emotion)
 
 
 @dataclass
@@ -143,11 +145,11 @@ class PointerGeneratorSeq2Seq(nn.Module):
             return self.embed(self.state_words[state])
         return self.state_embedding(state) * math.sqrt(self.cfg.emb_dim)
 
-    def embed_context(self, batch):  # word + dialogue-state embeddings of the context, one lookup, (B, L, emb)
-        E_c, E_r = self.embed_many(batch["context_ids"], states=(batch["context_state"],))
+    def embed_context(self, batch: Batch):  # word + dialogue-state embeddings of the context, one lookup, (B, L, emb)
+        E_c, E_r = self.embed_many(batch.context_ids, states=(batch.context_state,))
         return E_c + E_r
 
-    def encode(self, batch) -> Encoding:
+    def encode(self, batch: Batch) -> Encoding:
         raise NotImplementedError
 
     def _decoder_states(self, enc: Encoding, ys, cache: KVCache | None = None):
@@ -198,7 +200,7 @@ class PointerGeneratorSeq2Seq(nn.Module):
             loss_sum, token_nll, _ = self.generator.smoothed_nll(s, copy_logits, ext, target, eps)
         return loss_sum, token_nll.new_zeros(len(tgt_ext)).index_add(0, b, token_nll), num_tokens
 
-    def forward(self, batch, targets: Targets | None = None) -> Output:
+    def forward(self, batch: Batch, targets: Targets | None = None) -> Output:
         """The encoding of `batch`; with `targets`, also the losses (teacher forcing)."""
         enc = self.encode(batch)
         if targets is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from trainers.models.batch import Batch
 from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
 from trainers.models.layers import Encoder, ModelConfig
 
@@ -24,8 +25,8 @@ class TransformerSeq2Seq(PointerGeneratorSeq2Seq):
         super().__init__(cfg, vocab_size, d_mem=cfg.d_model)
         self.enc_ctx = Encoder(cfg.emb_dim, cfg.d_model, cfg)
 
-    def encode(self, batch) -> Encoding:
+    def encode(self, batch: Batch) -> Encoding:
         require(batch, *CONTEXT_KEYS)
-        mask = batch["context_mask"]
+        mask = batch.context_mask
         H_ctx = self.enc_ctx(self.embed_context(batch), mask)  # (B, L, d)
-        return Encoding(H_ctx, mask, batch["context_ext_ids"], int(batch["max_oov"]))
+        return Encoding(H_ctx, mask, batch.context_ext_ids, int(batch.max_oov))
