@@ -163,6 +163,19 @@ def confusion_matrix(pred, gold, num_classes: int = NUM_EMOTIONS) -> np.ndarray:
     return counts.reshape(num_classes, num_classes)
 
 
+def _paired(name_a: str, a, name_b: str, b) -> tuple[list, list]:
+    """Two per-example arguments of `MetricAccumulator.add` as flat lists: both given with one entry per example,
+    or both None (two empty lists)."""
+    if (a is None) != (b is None):
+        raise ValueError(f"MetricAccumulator.add: give {name_a} and {name_b} together")
+    if a is None:
+        return [], []
+    a, b = _as_list(a), _as_list(b)
+    if len(a) != len(b):
+        raise ValueError(f"MetricAccumulator.add: {name_a} has {len(a)} entries, {name_b} {len(b)}")
+    return a, b
+
+
 class MetricAccumulator:
     """Collects per-batch evaluation outputs; `compute()` gives the metrics of everything added.
 
@@ -184,24 +197,12 @@ class MetricAccumulator:
             hypotheses: list[list[str]] | None = None, references: list[list[str]] | None = None) -> None:
         """Add one batch. nll_sum/num_tokens: per example, (B,) (a scalar is one example): each example's summed
         target NLL and its number of target tokens."""
-        if (nll_sum is None) != (num_tokens is None):
-            raise ValueError("MetricAccumulator.add: give nll_sum and num_tokens together")
-        if nll_sum is not None:
-            nll, ntok = _as_list(nll_sum), _as_list(num_tokens)
-            if len(nll) != len(ntok):
-                raise ValueError(f"MetricAccumulator.add: nll_sum has {len(nll)} entries, "
-                                 f"num_tokens {len(ntok)}")
-            self.example_nll += [float(v) for v in nll]
-            self.example_tokens += [int(n) for n in ntok]
-        if (emotion_pred is None) != (emotion_gold is None):
-            raise ValueError("MetricAccumulator.add: give emotion_pred and emotion_gold together")
-        if emotion_pred is not None:
-            pred, gold = _as_list(emotion_pred), _as_list(emotion_gold)
-            if len(pred) != len(gold):
-                raise ValueError(f"MetricAccumulator.add: {len(pred)} emotion predictions "
-                                 f"for {len(gold)} golds")
-            self.emotion_pred += [int(p) for p in pred]
-            self.emotion_gold += [int(g) for g in gold]
+        nll, ntok = _paired("nll_sum", nll_sum, "num_tokens", num_tokens)
+        self.example_nll += [float(v) for v in nll]
+        self.example_tokens += [int(n) for n in ntok]
+        pred, gold = _paired("emotion_pred", emotion_pred, "emotion_gold", emotion_gold)
+        self.emotion_pred += [int(p) for p in pred]
+        self.emotion_gold += [int(g) for g in gold]
         if hypotheses is not None:
             if references is not None and len(references) != len(hypotheses):
                 raise ValueError(f"MetricAccumulator.add: {len(hypotheses)} hypotheses for "
