@@ -17,8 +17,8 @@ One way to load a model, whatever holds it:
 
     loaded = load("runs/train/checkpoints/best.pt")     # a training checkpoint file
     loaded = load("bundle/")                            # a serving bundle directory (JSON + safetensors)
-    loaded = load("models:/escm@champion", resolve=...) # a registry URI: `resolve` (services.registry) turns
-                                                        # it into a local bundle directory first
+    # a registry URI (models:/escm@champion): services.registry resolves it and downloads its bundle, then
+    # hands that directory to load()
     loaded.model, loaded.vocab, loaded.train_config(), loaded.inference_config(), loaded.data_key
 """
 
@@ -28,7 +28,6 @@ import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,16 +71,13 @@ class LoadedModel:
         return InferenceConfig.of_run(self.run_config)
 
 
-def load(source: str | Path, device: str = "cpu", *, resolve: Callable[[str], Path] | None = None,
-         bundle_only: bool = False) -> LoadedModel:
-    """The model held by `source`: a training checkpoint file, a serving bundle directory, or a `models:/` URI
-    that `resolve` (the registry's, services.registry) downloads to a bundle directory. `bundle_only` refuses
-    anything but a bundle (serving: nothing is unpickled)."""
+def load(source: str | Path, device: str = "cpu", *, bundle_only: bool = False) -> LoadedModel:
+    """The model held by `source`: a training checkpoint file or a serving bundle directory. `bundle_only`
+    refuses anything but a bundle (serving: nothing is unpickled). A `models:/` URI is the registry's to resolve
+    (services.registry downloads its bundle first), and is refused here with a message that says so."""
     if str(source).startswith(REGISTRY_SCHEME):
-        if resolve is None:
-            raise DataError(f"{source} is a registry URI: load it with a resolver (services.registry), "
-                            "or give a local checkpoint file or bundle directory")
-        source = resolve(str(source))
+        raise DataError(f"{source} is a registry URI: resolve it through the registry first (`edp evaluate "
+                        "--model`, services.registry.resolve), or give a local checkpoint file or bundle directory")
     path = Path(source)
     if bundle_only or path.is_dir():
         return _load_bundle(path, device)
