@@ -17,8 +17,9 @@ def control_plane(tmp_path_factory):
     missing = [name for name in NEEDED if name not in built]
     if missing:
         pytest.skip(f"Kubernetes toolchain not built ({', '.join(missing)} missing): run `make k8s-tools`")
-    if not shutil.which(KUBECTL):
-        pytest.skip("kubectl is not on PATH")
+    for tool in (KUBECTL, "unshare", "openssl"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not on PATH")
     if os.geteuid() != 0:
         pytest.skip("the test cluster runs as root (it will give pods their own namespaces)")
     with ControlPlane(built, tmp_path_factory.mktemp("k8s")) as cp:

@@ -39,9 +39,9 @@ class ControlPlane:
 
     # ---------- processes ----------
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def _spawn(self, name: str, *args: str, wrap: tuple[str, ...] = ()) -> subprocess.Popen:
         log = open(self.dir / f"{name}.log", "wb")
-        proc = subprocess.Popen([self.bin.get(name, name), *args], stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*wrap, self.bin[name], *args], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, cwd=self.dir, start_new_session=True)
         log.close()
         self.procs.append((name, proc))
@@ -101,11 +101,23 @@ class ControlPlane:
         self.kubectl("apply", "--server-side", "-f", str(CRDS))
         self.kubectl("wait", "--for", "condition=established", "--timeout", "60s", "crd",
                      "rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io")
+        # The operator reaches Ray heads by their cluster DNS names (<head-svc>.<ns>.svc.cluster.local): it runs in
+        # its own mount namespace whose /etc/hosts is `self.hosts`, extended by add_host() (the machine's stays as is).
+        self.hosts = d / "hosts"
+        self.hosts.write_text(Path("/etc/hosts").read_text())
         probe = free_port()
+        in_own_hosts = ("unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+                        'mount --bind "$0" /etc/hosts && exec "$@"', str(self.hosts))
         self._spawn("ray-operator", "--kubeconfig", str(self.kubeconfig), "--metrics-addr", f"127.0.0.1:{free_port()}",
-                    "--health-probe-bind-address", f"127.0.0.1:{probe}", "--enable-leader-election=false")
+                    "--health-probe-bind-address", f"127.0.0.1:{probe}", "--enable-leader-election=false",
+                    wrap=in_own_hosts)
         self._wait("the KubeRay operator", lambda: _http_ok(f"http://127.0.0.1:{probe}/readyz"))
         return self
+
+    def add_host(self, ip: str, name: str) -> None:
+        """Resolve `name` to `ip` for the operator (written in place: its bind mount follows the file's inode)."""
+        with open(self.hosts, "a") as f:
+            f.write(f"{ip} {name}\n")
 
     def stop(self) -> None:
         for _, proc in reversed(self.procs):

@@ -8,10 +8,14 @@ stored and what the operator generated. There is no kubelet yet: where the opera
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -149,6 +153,100 @@ def test_mlflow_allows_the_port_forward_hosts(control_plane):
     for host in ("127.0.0.1:5000", "localhost:5000", "127.0.0.1", "localhost",
                  "edp-empathy-platform-mlflow.mlflow.svc:5000"):
         assert host in hosts, hosts
+
+
+# ---------- blocker 3: the RayService's stable services and its token Secret ----------
+
+class ServeDashboard:
+    """Stands in for a Ray head's dashboard, only its Serve REST API, until the process kubelet runs real heads:
+    `PUT /api/serve/applications/` keeps the config the operator deploys, `GET` reports its applications RUNNING."""
+
+    def __init__(self, host: str, port: int = 8265):
+        self.deployed: list[dict] = []
+        dashboard = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_PUT(self):  # noqa: N802 - http.server's naming
+                dashboard.deployed.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self._reply({})
+
+            def do_GET(self):  # noqa: N802
+                apps = dashboard.deployed[-1]["applications"] if dashboard.deployed else []
+                self._reply({"applications": {a["name"]: {"status": "RUNNING", "message": "", "deployments": {
+                    "Responder": {"status": "HEALTHY", "message": ""}}} for a in apps}})
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def readme_kubernetes_section() -> str:
+    text = (REPO / "README.md").read_text()
+    return text[text.index("## Kubernetes"):text.index("\n## ", text.index("## Kubernetes") + 1)]
+
+
+def test_rayservice_stable_services_and_the_readme_token_command(control_plane):
+    """The README's install with the RayService: the operator names the stable services `<rayservice>-head-svc` and
+    `<rayservice>-serve-svc` and points them at its generated cluster once Serve reports the applications RUNNING
+    (a stand-in dashboard on loopback answers for the head); the README port-forwards exactly those, and its
+    commands read the token from the Secret KubeRay names after the generated cluster."""
+    cp, ns = control_plane, "serve"
+    dash_ip = "127.88.0.1"  # loopback, its own address so that port 8265 is free
+    try:
+        dashboard = ServeDashboard(dash_ip)
+    except OSError as e:
+        pytest.skip(f"cannot listen on {dash_ip}:8265 for the stand-in dashboard: {e}")
+    try:
+        t0 = time.monotonic()
+        install(cp, "edp", ns)
+        service = "edp-empathy-platform-serve"
+        cluster = wait_for("the RayService's generated RayCluster", lambda: get(cp, ns, "rayservice", service).get(
+            "status", {}).get("pendingServiceStatus", {}).get("rayClusterName"))
+        assert cluster.startswith(f"{service}-") and cluster != service
+        cp.add_host(dash_ip, f"{cluster}-head-svc.{ns}.svc.cluster.local")
+        wait_for("the head pod", lambda: get(cp, ns, "pods", "-l", f"ray.io/cluster={cluster},ray.io/node-type=head")
+                 ["items"])
+        report_running(cp, ns, f"ray.io/cluster={cluster}")
+        names = (f"{service}-head-svc", f"{service}-serve-svc")
+        wait_for(f"the operator's {names}", lambda: all(
+            cp.kubectl("-n", ns, "get", "service", n, check=False).returncode == 0 for n in names), timeout=120)
+        print(f"helm install -> the RayService's stable services: {time.monotonic() - t0:.1f} s")
+    finally:
+        dashboard.close()
+    for name in names:
+        assert get(cp, ns, "service", name)["spec"]["selector"]["ray.io/cluster"] == cluster
+    assert [a["name"] for a in dashboard.deployed[-1]["applications"]] == ["escm", "iamm"]
+    active = wait_for("the active cluster in the RayService's status", lambda: get(cp, ns, "rayservice", service).get(
+        "status", {}).get("activeServiceStatus", {}).get("rayClusterName"))
+    assert active == cluster
+
+    readme = readme_kubernetes_section()
+    forwards = set(re.findall(r"port-forward svc/(\S+) 8265:8265", readme))
+    assert forwards == {names[0]}, forwards
+    assert f"svc/{names[1]} 8000:8000" in readme
+    token_lines = [line for line in readme.splitlines() if "RAY_CLUSTER" in line]
+    assert len(token_lines) == 2, token_lines
+    kubectl = f"kubectl --kubeconfig {cp.kubeconfig}"
+    script = "\n".join(line.replace("kubectl", kubectl).replace("-n ml ", f"-n {ns} ") for line in token_lines)
+    proc = subprocess.run(["bash", "-ec", script + '\nprintf %s "$RAY_AUTH_TOKEN"'], capture_output=True, text=True,
+                          timeout=60)
+    secret = get(cp, ns, "secret", cluster)
+    assert proc.returncode == 0 and proc.stdout, proc.stderr
+    assert proc.stdout == base64.b64decode(secret["data"]["auth_token"]).decode()
 
 
 # ---------- blocker 4: monitoring needs the Prometheus Operator's CRDs ----------
