@@ -200,7 +200,8 @@ def readme_kubernetes_section() -> str:
 
 
 def test_rayservice_stable_services_and_the_readme_token_command(control_plane):
-    """The README's install with the RayService: the operator names the stable services `<rayservice>-head-svc` and
+    """The README's install with the RayService (and the GPU group, with no node selector that only GPU Feature
+    Discovery would satisfy): the operator names the stable services `<rayservice>-head-svc` and
     `<rayservice>-serve-svc` and points them at its generated cluster once Serve reports the applications RUNNING
     (a stand-in dashboard on loopback answers for the head); the README port-forwards exactly those, and its
     commands read the token from the Secret KubeRay names after the generated cluster."""
@@ -230,6 +231,9 @@ def test_rayservice_stable_services_and_the_readme_token_command(control_plane):
     for name in names:
         assert get(cp, ns, "service", name)["spec"]["selector"]["ray.io/cluster"] == cluster
     assert [a["name"] for a in dashboard.deployed[-1]["applications"]] == ["escm", "iamm"]
+    groups = {g["groupName"]: g["template"]["spec"] for g in get(cp, ns, "raycluster", cluster)["spec"]
+              ["workerGroupSpecs"]}
+    assert "nodeSelector" not in groups["gpu"], groups["gpu"]["nodeSelector"]  # GPU Feature Discovery's: opt-in
     active = wait_for("the active cluster in the RayService's status", lambda: get(cp, ns, "rayservice", service).get(
         "status", {}).get("activeServiceStatus", {}).get("rayClusterName"))
     assert active == cluster
