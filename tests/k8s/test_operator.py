@@ -3,7 +3,8 @@
 Each test installs the chart with the real `helm` into its own namespace, as the README does (minus monitoring,
 which needs the Prometheus Operator's CRDs: `test_monitoring_*` covers that), and reads back what the API server
 stored and what the operator generated. There is no kubelet yet: where the operator waits for a ready RayCluster,
-`report_running` reports the Ray pods Running and Ready, as a kubelet would (nothing runs in them).
+`report_running` reports the Ray pods Running and Ready, as a kubelet would (nothing runs in them), and for the
+RayService `ServeDashboard` answers the head's Serve REST API on a loopback address.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ def shell_commands(script: str) -> list[list[str]]:
     return [c for c in commands + [current] if c]
 
 
+def _runs(command: list[str], *program: str) -> bool:
+    """Whether a simple command runs `program` (after shell keywords such as `then`, `!`)."""
+    while command and command[0] in ("then", "else", "do", "!", "if", "while"):
+        command = command[1:]
+    return tuple(command[:len(program)]) == program
+
+
 def rayjob_cluster_pods_running(cp, namespace: str, rayjob: str) -> str:
     """Waits for the RayCluster the operator creates for `rayjob` and its pods, reports them running; its name."""
     cluster = wait_for(f"the RayCluster of RayJob {rayjob}",
@@ -118,10 +126,9 @@ def test_smoke_rayjob_submitter_hands_the_whole_sweep_command_to_ray_job_submit(
                                                            check=False).stdout)
     print(f"helm install -> submitter Job: {time.monotonic() - t0:.1f} s")
     (container,) = json.loads(job)["spec"]["template"]["spec"]["containers"]
-    assert container["command"][:2] == ["/bin/bash", "-ce"] or container["command"][-1] == "-ce", container
-    script = " ".join(container["args"])
-    (submit,) = [c for c in shell_commands(script) if c[c.index("ray") if "ray" in c else 0:][:3] ==
-                 ["ray", "job", "submit"]]
+    assert container["command"] == ["/bin/bash", "-ce", "--"], container["command"]
+    (script,) = container["args"]
+    (submit,) = [c for c in shell_commands(script) if _runs(c, "ray", "job", "submit")]
     entry = submit[submit.index("--") + 1:]
     assert entry[:4] == ["python", "-m", "cluster.jobs.sweep", "--config"], (
         f"`ray job submit` receives {entry} from the submitter script:\n{script}")
