@@ -95,6 +95,7 @@ def test_strict_crd_validation_catches_a_misspelled_field(rendered):
 def test_monitoring_kinds_have_their_required_fields(rendered, value_set):
     for doc in (d for d in rendered[value_set] if d["kind"] in MONITORING_KINDS):
         assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert doc["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # what kube-prometheus-stack selects
         spec = doc["spec"]
         if doc["kind"] == "PrometheusRule":
             for group in spec["groups"]:
@@ -234,15 +235,16 @@ def test_gpu_sweep_renders_one_rayjob_per_sweep_on_gpu_workers(rendered):
     jobs = {j["metadata"]["name"]: j["spec"] for j in of_kind(docs, "RayJob")}
     assert set(jobs) == {"edp-empathy-platform-escm-ablation", "edp-empathy-platform-iamm-search"}
     job = jobs["edp-empathy-platform-iamm-search"]
+    # One simple command (no `cd ... &&`: KubeRay 1.5.1 pastes it unquoted after `ray job submit --`), absolute config.
     assert job["entrypoint"] == \
-        "cd /home/ray/app && python -m cluster.jobs.sweep --config cluster/configs/sweeps/iamm-hparams.yaml" \
+        "python -m cluster.jobs.sweep --config /home/ray/app/cluster/configs/sweeps/iamm-hparams.yaml" \
         " '--set' 'num_samples=16' '--set' 'seeds=[0,1]'"
     lifecycle = (job["shutdownAfterJobFinishes"], job["ttlSecondsAfterFinished"], job["backoffLimit"])
     assert lifecycle == (True, 600, 1)
     (group,) = job["rayClusterSpec"]["workerGroupSpecs"]
     pod = group["template"]["spec"]
     assert group["groupName"] == "gpu" and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "nodeSelector" not in pod  # GPU Feature Discovery's label is opt-in: the GPU limit places the pod
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
 
 
@@ -252,19 +254,19 @@ def _env(container: dict) -> dict:
 
 @pytest.mark.parametrize("value_set", VALUE_SETS)
 def test_every_rayjob_entrypoint_runs_with_the_jobs_own_parser_and_fits_its_cluster(rendered, value_set):
-    """The rendered entrypoint, run by a shell from the repo root (the image's workdir) with `--dry-run`: the job's
-    argparse, the sweep file's loading and validation, and the placement check against the node types the RayJob's
-    cluster can have (EDP_NODE_TYPES, as its pods see it)."""
+    """The rendered entrypoint, run by a shell from a scratch directory with `--dry-run`, the image's project root
+    mapped to the checkout: the job's argparse, the sweep file's loading and validation, and the placement check
+    against the node types the RayJob's cluster can have (EDP_NODE_TYPES, as its pods see it)."""
     jobs = of_kind(rendered[value_set], "RayJob")
     for job in jobs:
         entrypoint = job["spec"]["entrypoint"]
-        workdir = shlex.split(entrypoint)[1]
+        assert not {"&&", ";", "||", "|"} & set(shlex.split(entrypoint)), entrypoint  # one simple command
         (head,) = [c for _, _, c in containers(job) if c["name"] == "ray-head"]
         env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
                "PYTHONPATH": str(REPO), "EDP_NODE_TYPES": _env(head)["EDP_NODE_TYPES"]}
         env.pop("RAY_ADDRESS", None)
-        proc = subprocess.run(["bash", "-c", entrypoint.replace(f"cd {workdir}", f"cd {REPO}", 1) + " --dry-run"],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run(["bash", "-c", entrypoint.replace(" /home/ray/app/", f" {REPO}/", 1) + " --dry-run"],
+                              capture_output=True, text=True, env=env, timeout=120, cwd=HERE / "values")
         assert proc.returncode == 0, f"{job['metadata']['name']}: {entrypoint}\n{proc.stderr[-3000:]}"
         assert "trial(s)" in proc.stdout and "fits:" in proc.stdout, proc.stdout
     if value_set == "gpu-sweep":
@@ -278,7 +280,7 @@ def test_a_gpu_sweep_on_a_cpu_only_rayjob_cluster_is_refused_before_it_starts(ch
     (head,) = [c for _, _, c in containers(job) if c["name"] == "ray-head"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "EDP_NODE_TYPES": _env(head)["EDP_NODE_TYPES"]}
     env.pop("RAY_ADDRESS", None)
-    args = shlex.split(job["spec"]["entrypoint"])[4:]  # after `cd <workdir> && python`
+    args = [a.replace("/home/ray/app/", f"{REPO}/", 1) for a in shlex.split(job["spec"]["entrypoint"])[1:]]
     proc = subprocess.run([sys.executable, *args, "--dry-run"], cwd=REPO, capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and "no node of this cluster has it" in proc.stderr, proc.stderr[-2000:]
@@ -314,8 +316,7 @@ def test_required_kuberay_version_covers_every_field_the_chart_renders(chart):
                          ["annotations"]["empathy-platform/requires"]).group(1)
     required = tuple(int(x) for x in required.split("."))
     widest = load_values("gpu-sweep")
-    widest.update(rayCluster={"enabled": True}, serve={"enabled": True, "upgradeStrategy": {
-        "type": "NewClusterWithIncrementalUpgrade"}})
+    widest.update(rayCluster={"enabled": True}, serve={"enabled": True, "upgradeStrategy": {"type": "NewCluster"}})
     widest["sweeps"]["submissionMode"] = "SidecarMode"
     features = {f for doc in render_docs(chart, widest) if doc["kind"] in KUBERAY_KINDS for f in _kuberay_features(doc)}
     assert {"authOptions", "submissionMode=SidecarMode"} <= features
@@ -341,7 +342,8 @@ def test_mlflow_server_flags(rendered):
     assert args["artifacts-destination"] == "s3://edp-artifacts/mlflow-artifacts" and args["serve-artifacts"]
     assert (args["host"], args["port"], args["workers"]) == ("0.0.0.0", "5000", "4")
     hosts = args["allowed-hosts"].split(",")
-    for host in ("edp-empathy-platform-mlflow:5000", "edp-empathy-platform-mlflow.ml.svc:5000",
+    for host in ("127.0.0.1:5000", "localhost:5000",  # `kubectl port-forward`: the explicit list replaces the defaults
+                 "edp-empathy-platform-mlflow:5000", "edp-empathy-platform-mlflow.ml.svc:5000",
                  "edp-empathy-platform-mlflow.ml.svc.cluster.local:5000", "mlflow.example.org"):
         assert host in hosts
     env = {e["name"]: e for e in c["env"]}

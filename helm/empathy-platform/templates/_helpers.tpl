@@ -17,7 +17,8 @@
 {{/* KubeRay derives pod and service names from these: keep them short. */}}
 {{- define "edp.rayClusterName" -}}{{ include "edp.fullname" . | trunc 40 | trimSuffix "-" }}-ray{{- end }}
 {{- define "edp.rayServiceName" -}}{{ include "edp.fullname" . | trunc 40 | trimSuffix "-" }}-serve{{- end }}
-{{- define "edp.rayJobName" -}}{{ printf "%s-%s" (include "edp.fullname" .root | trunc 30 | trimSuffix "-") .name }}{{- end }}
+{{/* KubeRay 1.5.1 refuses RayJob names over 47 characters: the prefix gives way to the job's name (<= 24). */}}
+{{- define "edp.rayJobName" -}}{{ printf "%s-%s" (include "edp.fullname" .root | trunc (int (sub 46 (len .name))) | trimSuffix "-") .name }}{{- end }}
 {{- define "edp.rayHeadServiceName" -}}{{ include "edp.rayClusterName" . }}-head-svc{{- end }}
 {{- define "edp.mlflowName" -}}{{ include "edp.fullname" . }}-mlflow{{- end }}
 {{- define "edp.postgresName" -}}{{ include "edp.fullname" . }}-postgres{{- end }}
@@ -228,6 +229,9 @@ workerGroupSpecs:
 {{- if gt (int $g.minReplicas) (int $g.maxReplicas) }}
 {{- fail (printf "ray.workerGroups.%s: minReplicas (%v) must not exceed maxReplicas (%v)" $name $g.minReplicas $g.maxReplicas) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.monitoring.enabled .Values.monitoring.requireCRDs (not (.Capabilities.APIVersions.Has "monitoring.coreos.com/v1")) }}
+{{- fail "monitoring.enabled=true needs the Prometheus Operator's CRDs (API monitoring.coreos.com/v1), which this cluster does not serve: install them first (helm install prometheus-operator-crds prometheus-community/prometheus-operator-crds --version 33.0.1, or kube-prometheus-stack), or set monitoring.enabled=false" }}
 {{- end }}
 {{- if and (not .Values.mlflow.enabled) (not .Values.mlflow.trackingUri) (or .Values.rayCluster.enabled .Values.serve.enabled .Values.sweeps.jobs) }}
 {{- fail "mlflow.trackingUri is required when mlflow.enabled=false (Ray jobs and Serve log to and load from MLflow)" }}
