@@ -19,7 +19,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-CRDS = Path(__file__).resolve().parent / "crds" / "v1.5.1"
 NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "ray-operator", "helm")
 KUBECTL = "kubectl"
 
@@ -31,8 +30,9 @@ def free_port() -> int:
 
 
 class ControlPlane:
-    def __init__(self, binaries: dict[str, Path], workdir: Path):
+    def __init__(self, binaries: dict[str, Path], crds: Path, workdir: Path):
         self.bin = {name: str(binaries[name]) for name in NEEDED}
+        self.crds = crds  # the operator's CRDs at its version (tests.k8s.toolchain copies them from its module)
         self.dir = Path(workdir)
         self.kubeconfig = self.dir / "kubeconfig"
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -98,7 +98,7 @@ class ControlPlane:
                     "--controllers", "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route")
         self._wait("the default ServiceAccount",
                    lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0)
-        self.kubectl("apply", "--server-side", "-f", str(CRDS))
+        self.kubectl("apply", "--server-side", "-f", str(self.crds))
         self.kubectl("wait", "--for", "condition=established", "--timeout", "60s", "crd",
                      "rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io")
         # The operator reaches Ray heads by their cluster DNS names (<head-svc>.<ns>.svc.cluster.local): it runs in

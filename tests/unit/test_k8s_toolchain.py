@@ -31,3 +31,8 @@ def test_every_wrapper_module_is_pinned_and_every_tool_has_its_own_cache_dir():
             assert (MODULES / tool.module / "go.sum").is_file(), tool.module
     kubernetes = next(t for t in TOOLS if t.name == "kubernetes")
     assert f"-X k8s.io/component-base/version.gitVersion={K8S_VERSION}" in kubernetes.ldflags
+
+
+def test_the_operator_brings_its_own_crds_at_its_version():
+    kuberay = next(t for t in TOOLS if t.name == "kuberay")
+    assert ("config/crd/bases", "crds") in kuberay.module_files
