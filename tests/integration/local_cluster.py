@@ -30,8 +30,8 @@ def stack_env(state_dir: Path) -> dict[str, str]:
 
 
 def chart_rayjob_entrypoint(name: str, config: str, args: list[str]) -> str:
-    """The entrypoint the chart renders for a RayJob of sweep `config` (values sweeps.jobs), run from this checkout
-    instead of the image's /home/ray/app."""
+    """The entrypoint the chart renders for a RayJob of sweep `config` (values sweeps.jobs), with this checkout as
+    `sweeps.workdir` in place of the image's /home/ray/app (one command, no `cd`: what KubeRay submits whole)."""
     import sys
 
     import pytest
@@ -42,11 +42,12 @@ def chart_rayjob_entrypoint(name: str, config: str, args: list[str]) -> str:
 
     chart = helm.Chart.load(CHART_DIR)
     try:
-        (job,) = of_kind(render_docs(chart, {"sweeps": {"jobs": [{"name": name, "config": config, "args": args}]}}),
+        (job,) = of_kind(render_docs(chart, {"sweeps": {"workdir": str(ROOT),
+                                                         "jobs": [{"name": name, "config": config, "args": args}]}}),
                          "RayJob")
     finally:
         chart.close()
-    return job["spec"]["entrypoint"].replace("cd /home/ray/app", f"cd {ROOT}", 1)
+    return job["spec"]["entrypoint"]
 
 
 def submit_and_wait(env: dict[str, str], entrypoint: str, timeout: float = 900) -> float:
