@@ -11,6 +11,7 @@ This module is the Ray and HTTP side only:
   Content-Length and from the bytes actually read, before parsing), 400 (not JSON), 422 (schema,
   services/schemas.py, naming the field path), 503 (no model loaded yet); anything unexpected is a 500
   JSON, never a crash;
+- the crisis screen (services/safety.py, `args.crisis_screen`), handed to the Replica, which applies it;
 - the two `@serve.batch` queues (champion, challenger), each one `Replica.generate` call per batch;
 - the registry wiring: the Replica gets services/registry.py's lookup and load as callables;
 - request latency by route (services/replica_metrics.py, exported through Ray's metrics agent).
@@ -49,6 +50,7 @@ from services.replica import (
     Routed,
 )
 from services.replica_metrics import replica_metrics
+from services.safety import CrisisScreen, CrisisScreenConfig
 from services.schemas import (
     DEFAULT_MAX_TURN_CHARS,
     DEFAULT_MAX_TURNS,
@@ -88,6 +90,9 @@ class AppArgs(StrictModel):
     max_body_bytes: int = Field(64 * 1024, ge=256, description="larger bodies get 413 before parsing")
     auth_token_env: str | None = Field(None, description="env var holding the bearer token; None = auth off")
     device: str = Field("cpu", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    crisis_screen: CrisisScreenConfig = Field(
+        default_factory=CrisisScreenConfig,
+        description="requests speaking of suicide or self-harm get a fixed supportive message (on by default)")
 
     def tracking_uri(self) -> str:
         uri = self.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -206,7 +211,8 @@ class ResponderDeployment:
                                lookup=lambda t: registry.lookup(registry.client(self.tracking_uri), name, t.alias,
                                                                 t.version),
                                load=self._load, metrics=self.metrics,
-                               queues={CHAMPION: self._champion_batch, CHALLENGER: self._challenger_batch})
+                               queues={CHAMPION: self._champion_batch, CHALLENGER: self._challenger_batch},
+                               screen=CrisisScreen(self.args.crisis_screen))
         for batch in (self._champion_batch, self._challenger_batch):
             batch.set_max_batch_size(self.args.max_batch_size)
             batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
@@ -275,7 +281,8 @@ class ResponderDeployment:
             raise ApiError(500, str(e)) from e
         except Exception as e:  # noqa: BLE001
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}") from e
-        return RespondResponse(**routed.answer.body(), model=routed.loaded.info())
+        model = routed.loaded.info() if routed.loaded is not None else None  # None: the crisis screen answered
+        return RespondResponse(**routed.answer.body(), model=model)
 
     @api.get("/healthz", responses={503: ERRORS[503]})
     async def healthz(self) -> dict:

@@ -2,7 +2,8 @@
 
     model = mlflow.pyfunc.load_model("runs:/<run_id>/model")
     model.predict([{"context": ["I passed my driving test!"], "situation": None}])
-    -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...], "evidence": [...]}]
+    -> [{"response": "...", "emotion": "proud", "emotion_top": [{"label", "prob"}, ...], "evidence": [...],
+         "screened": false, "screen": null}]
 
     mlflow models predict -m runs:/<run_id>/model -t json --env-manager local \
         -i <(echo '{"inputs": [{"context": ["I passed my driving test!"]}]}')
@@ -11,7 +12,11 @@ Logged by `cluster.tracking.runs.log_pyfunc_model` with the bundle (trainers.art
 never unpickled) as the artifact `bundle`, `SIGNATURE` and `INPUT_EXAMPLE`, and `trainers/` + `services/`
 as code paths. The signature is derived from the HTTP schema (services.schemas.RespondRequest /
 RespondResponse, less the registry's `model` field) and each request is validated by RespondRequest, as the
-endpoint validates its body. Imports stay minimal (mlflow, pydantic): the heavy ones happen in load_context.
+endpoint validates its body. The crisis screen (services/safety.py) applies as on the endpoint: a screened request
+gets the fixed message and never reaches the model; it is on with the default lexicon unless the model's
+`model_config` says otherwise (`mlflow.pyfunc.load_model(uri, model_config={"crisis_screen": {...}})`, the
+Serve config's `args.crisis_screen` schema). Imports stay minimal (mlflow, pydantic): the heavy ones happen in
+load_context.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from mlflow.pyfunc import PythonModel
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Object, Property, Schema
 from pydantic import BaseModel, ValidationError
 
+from services.safety import CrisisScreen, CrisisScreenConfig, respond_screened
 from services.schemas import RespondRequest, RespondResponse, field_errors
 
 SCALARS = {str: DataType.string, float: DataType.double, int: DataType.long, bool: DataType.boolean}
@@ -91,20 +97,30 @@ def _requests(model_input) -> list[RespondRequest]:
     return out
 
 
+def screen_from(model_config: dict | None) -> CrisisScreen:
+    """The crisis screen a pyfunc model's `model_config["crisis_screen"]` configures (default: on, default
+    lexicon); ValueError naming the field when it is invalid."""
+    try:
+        return CrisisScreen(CrisisScreenConfig.model_validate((model_config or {}).get("crisis_screen") or {}))
+    except ValidationError as e:
+        raise ValueError(f"invalid model_config crisis_screen: {e}") from e
+
+
 class ResponderModel(PythonModel):
     """Wraps `trainers.inference.Responder`; loads the bundle once and warms it up."""
 
     def load_context(self, context) -> None:
         from trainers.inference import Responder
 
+        self.screen = screen_from(getattr(context, "model_config", None))
         self.responder = Responder.from_bundle(context.artifacts["bundle"], device="cpu")
         self.responder.warm_up()
 
     def predict(self, context, model_input, params=None) -> list[dict]:
         from trainers.inference import Request
 
-        answers = self.responder.respond([Request(r.context, r.situation) for r in _requests(model_input)])
-        return [a.body() for a in answers]
+        requests = [Request(r.context, r.situation) for r in _requests(model_input)]
+        return [a.body() for a in respond_screened(self.screen, self.responder.respond, requests)]
 
 
 mlflow.models.set_model(ResponderModel())

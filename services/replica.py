@@ -24,6 +24,10 @@ new version fails to load the slot keeps serving the old one and records a LoadF
 Poller. A thread checks the targets every `poll_interval_s` (`next_poll_delay`: a backoff of 1, 2, 4, ... s
 while nothing is served yet) and re-marks the served versions every GAUGE_TICK_S.
 
+Crisis screen. `Replica.answer` first asks the CrisisScreen (services/safety.py): a request it catches is answered
+with the fixed message at once (counted by edp_crisis_screened_total), never queued, routed or generated, and is
+answered even while no model is loaded.
+
 Challenger traffic (`Router`):
     shadow  `share` of the requests are mirrored to the challenger once the champion has answered; the
             challenger's answer is recorded (metrics, agreement of its emotion with the champion's) and
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from pydantic import ConfigDict, Field, ValidationError
 
 from services.registry import RegistryError
+from services.safety import CrisisScreen
 from services.schemas import ChallengerStatus, LoadError, ModelInfo, ModelStatus
 from trainers.config import StrictModel
 
@@ -213,10 +218,10 @@ def next_poll_delay(failures: int, poll_interval_s: float, serving: bool) -> flo
 
 @dataclass(frozen=True)
 class Routed:
-    """A Responder's answer to one request and the version that gave it."""
+    """A Responder's answer to one request and the version that gave it (None: the crisis screen answered)."""
 
     answer: Answer
-    loaded: Loaded
+    loaded: Loaded | None
 
 
 def client_bucket(key: str) -> float:
@@ -251,6 +256,8 @@ class Metrics(Recorder, Protocol):
     def load_failed(self, name: str, role: str, version: str) -> None: ...
 
     def batch(self, size: int, ms: float, tokens: int) -> None: ...
+
+    def screened(self, name: str) -> None: ...
 
 
 class Router:
@@ -320,14 +327,16 @@ BatchQueue = Callable[["Request"], Awaitable["Routed | Exception"]]   # one role
 class Replica:
     """The state of one replica: its rollout config, one Slot per role, the Router and the poll thread.
 
-    `queues` are the roles' batch queues (the app's `@serve.batch` methods, which call `generate`).
+    `queues` are the roles' batch queues (the app's `@serve.batch` methods, which call `generate`); `screen` the
+    crisis screen (None: none, every request reaches a model).
     """
 
     def __init__(self, model_name: str, default_alias: str, poll_interval_s: float, lookup: Lookup,
                  load: Callable[[Any, str | None], Loaded], metrics: Metrics,
-                 queues: dict[str, BatchQueue] | None = None):
+                 queues: dict[str, BatchQueue] | None = None, screen: CrisisScreen | None = None):
         self.model_name, self.default_alias, self.poll_interval_s = model_name, default_alias, poll_interval_s
         self.lookup, self.load, self.metrics, self.queues = lookup, load, metrics, queues or {}
+        self.screen = screen
         self.rollout = RolloutConfig()
         self.slots = {CHAMPION: Slot(CHAMPION), CHALLENGER: Slot(CHALLENGER)}
         self.router = Router(metrics)
@@ -434,8 +443,12 @@ class Replica:
         return self.rollout.challenger.client_key_header if self.rollout.challenger else "x-client-id"
 
     async def answer(self, request: Request, client_key: str) -> Routed:
-        """The client's answer: from the champion, or the challenger (split); raises NotServing when no
-        champion is loaded, NoModel, GenerationFailed or the Responder's error when generation fails."""
+        """The client's answer: the crisis screen's fixed one (no model involved), else from the champion, or the
+        challenger (split); raises NotServing when no champion is loaded, NoModel, GenerationFailed or the
+        Responder's error when generation fails."""
+        if self.screen is not None and self.screen.match(request) is not None:
+            self.metrics.screened(self.model_name)
+            return Routed(self.screen.answer(), None)
         champion = self._model(CHAMPION)
         if champion is None:
             raise NotServing(f"no model loaded yet (waiting for {self.model_name} {self.slots[CHAMPION].target})")

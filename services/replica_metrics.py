@@ -17,6 +17,9 @@ Per model (tags name, version and role = champion | challenger; services/replica
     edp_model_agreement_total{agree}      shadowed requests whose challenger emotion equals the champion's
     edp_model_load_failures_total         versions a replica was told to serve but could not load
 `edp compare` (cluster/compare.py) reads them back from Prometheus.
+
+Per application (tag name = the registered model the application serves):
+    edp_crisis_screened_total             requests the crisis screen answered with its fixed message (no model)
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class ServeMetrics:
         self.load_failures = Counter("edp_model_load_failures_total",
                                      "versions a replica was told to serve and could not load (it kept the old one)",
                                      tag_keys=MODEL_TAGS)
+        self.crisis_screened = Counter("edp_crisis_screened_total",
+                                       "requests the crisis screen answered with its fixed message (never generated)",
+                                       tag_keys=("name",))
 
     def request(self, route: str, status: int, ms: float) -> None:
         self.request_latency.observe(ms, tags={"route": route, "status": str(status)})
@@ -74,6 +80,9 @@ class ServeMetrics:
 
     def load_failed(self, name: str, role: str, version: str) -> None:
         self.load_failures.inc(tags={"name": name, "version": version, "role": role})
+
+    def screened(self, name: str) -> None:
+        self.crisis_screened.inc(tags={"name": name})
 
     # services.replica.Recorder
 

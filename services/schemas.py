@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from services.safety import DEFAULT_MESSAGE, SCREEN
+
 DEFAULT_MAX_TURNS = 16
 DEFAULT_MAX_TURN_CHARS = 1000
 
@@ -75,13 +77,29 @@ class ModelInfo(BaseModel):
 
 
 class RespondResponse(BaseModel):
+    """The model's answer; or, for a request the crisis screen caught (services/safety.py), the fixed supportive
+    message, `screened` true, no emotion or evidence, and `model` null (no model answered)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"response": "congratulations ! that is a big deal .", "emotion": "proud",
+         "emotion_top": [{"label": "proud", "prob": 0.41}, {"label": "joyful", "prob": 0.22},
+                         {"label": "excited", "prob": 0.12}],
+         "evidence": [{"pair": ["passed", "test"], "weight": 0.31}], "screened": False, "screen": None,
+         "model": {"name": "escm", "version": "3", "run_id": "5f1c0e9b2a7d4c3e8f6a1b2c3d4e5f60"}},
+        {"response": DEFAULT_MESSAGE, "emotion": None, "emotion_top": [], "evidence": [], "screened": True,
+         "screen": SCREEN, "model": None},
+    ]})
+
     response: str
     emotion: str | None = Field(None, description="predicted emotion (None for the plain Transformer)")
     emotion_top: list[EmotionScore] = Field(default_factory=list, description="top emotions, likeliest first")
     evidence: list[dict[str, Any]] = Field(
         default_factory=list,
         description="ESCM: correlated word pairs {pair, weight}; IAMM: associated words {word, ...}")
-    model: ModelInfo
+    screened: bool = Field(False, description="true: the crisis screen answered with its fixed message, "
+                                              "the request never reached the model")
+    screen: str | None = Field(None, description="which screen answered (\"crisis\"); null when the model did")
+    model: ModelInfo | None = Field(..., description="the registered version that answered; null when screened")
 
 
 class LoadError(BaseModel):

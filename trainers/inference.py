@@ -56,10 +56,11 @@ class Answer:
     emotion_top: list[dict[str, Any]] = field(default_factory=list)     # [{"label", "prob"}], likeliest first
     evidence: list[dict[str, Any]] = field(default_factory=list)        # ESCM {pair, weight}; IAMM {word, ...}
     tokens_generated: int = 0
+    screen: str | None = None                                           # "crisis": services/safety.py answered
 
     def body(self) -> dict[str, Any]:
         return {"response": self.response, "emotion": self.emotion, "emotion_top": self.emotion_top,
-                "evidence": self.evidence}
+                "evidence": self.evidence, "screened": self.screen is not None, "screen": self.screen}
 
 
 class Responder:

@@ -60,9 +60,15 @@ def test_field_path_and_response_shape():
     resp = RespondResponse(response="Oh no.", emotion="sad", emotion_top=[{"label": "sad", "prob": 0.5}],
                            evidence=[{"pair": ["lost", "keys"], "weight": 0.2}],
                            model=ModelInfo(name="escm", version="3", run_id="abc"))
-    assert set(resp.model_dump()) == {"response", "emotion", "emotion_top", "evidence", "model"}
+    assert set(resp.model_dump()) == {"response", "emotion", "emotion_top", "evidence", "screened", "screen",
+                                      "model"}
+    assert (resp.screened, resp.screen) == (False, None)
     with pytest.raises(ValidationError):
         RespondResponse(response="x", emotion_top=[{"label": "sad", "prob": 1.5}], model=resp.model)
+    with pytest.raises(ValidationError, match="model"):      # required: null only when said (a screened answer)
+        RespondResponse(response="x")
+    for example in RespondResponse.model_config["json_schema_extra"]["examples"]:   # the OpenAPI examples
+        assert RespondResponse.model_validate(example).model_dump() == example
 
 
 # ---- the HTTP layer's parsing (no Ray needed) ----
@@ -213,7 +219,8 @@ def test_pyfunc_signature_and_validation_come_from_the_http_schema():
     assert outputs == {"response": (DataType.string, True), "emotion": (DataType.string, False),
                        "emotion_top": (Array(Object([Property("label", DataType.string),
                                                      Property("prob", DataType.double)])), True),
-                       "evidence": (Array(AnyType()), True)}
+                       "evidence": (Array(AnyType()), True), "screened": (DataType.boolean, True),
+                       "screen": (DataType.string, False)}
     assert set(outputs) == set(RespondResponse.model_fields) - {"model"}
     assert [r.model_dump() for r in _requests(INPUT_EXAMPLE)] == INPUT_EXAMPLE
     frame = pd.DataFrame({"context": [["I lost my keys."]], "situation": [float("nan")]})
