@@ -140,6 +140,9 @@ def test_serve_config_apps_args_are_build_app_args(app):
         build_app({**app["args"], "max_batch_size": 0})
     with pytest.raises(ValidationError, match="model_nmae"):
         build_app({**app["args"], "model_nmae": "x"})
+    assert args.crisis_screen.enabled                                        # the crisis screen is on
+    with pytest.raises(ValidationError, match=r"crisis_screen\.patterns"):
+        build_app({**app["args"], "crisis_screen": {"patterns": ["[unclosed"]}})
 
 
 def test_app_args_auth_and_tracking_uri(monkeypatch):
