@@ -58,7 +58,7 @@ def test_two_worker_ddp_reports_checkpoints_and_logs(ray_local, mlflow_server, p
                           env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(answer[0]) == {"response", "emotion", "emotion_top", "evidence"}
+    assert set(answer[0]) == {"response", "emotion", "emotion_top", "evidence", "screened", "screen"}
 
 
 @pytest.mark.parametrize("eval_from", [0, 8], ids=["evaluated-checkpoint", "resume-checkpoint"])

@@ -25,7 +25,7 @@ from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence"}
+RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence", "screened", "screen"}
 
 
 def keys_under(s3, bucket: str, prefix: str) -> list[str]:

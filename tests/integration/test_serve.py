@@ -82,12 +82,17 @@ def test_respond_schema_health_model_and_openapi(served):
         r = c.post("/v1/respond", json={"context": dialogue, "situation": "lost wallet"})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert set(body) == {"response", "emotion", "emotion_top", "evidence", "model"}
+        assert set(body) == {"response", "emotion", "emotion_top", "evidence", "screened", "screen", "model"}
+        assert (body["screened"], body["screen"]) == (False, None)
         assert isinstance(body["response"], str) and body["response"]
         assert body["emotion"] == body["emotion_top"][0]["label"] and 0 <= body["emotion_top"][0]["prob"] <= 1
         assert all({"pair", "weight"} <= set(e) for e in body["evidence"])        # ESCM word pairs
         assert (body["model"]["name"], body["model"]["version"]) == (served.name, "1")
         assert body["model"]["run_id"]
+        crisis = c.post("/v1/respond", json={"context": ["I lost my job and I want to end my life."]})
+        assert crisis.status_code == 200, crisis.text        # the crisis screen (on by default) answers, no model
+        assert (crisis.json()["screened"], crisis.json()["screen"], crisis.json()["model"]) == (True, "crisis", None)
+        assert "988" in crisis.json()["response"] and crisis.json()["emotion"] is None
 
         health = c.get("/healthz")
         assert health.status_code == 200 and health.json()["model"]["version"] == "1"
@@ -241,6 +246,7 @@ def test_metrics_reach_rays_metrics_endpoint(served):
     """After the traffic above: the app's series and Serve's built-in latency histograms, non-zero."""
     httpx.post(f"{served.url}/v1/respond", content=b"{", timeout=30)  # a 400 and a 422 for the status label
     httpx.post(f"{served.url}/v1/respond", json={"context": []}, timeout=30)
+    httpx.post(f"{served.url}/v1/respond", json={"context": ["I keep thinking about suicide."]}, timeout=30)
     burst = [threading.Thread(target=lambda: [httpx.post(f"{served.url}/v1/respond", json=GOOD, timeout=60)
                                               for _ in range(2)]) for _ in range(8)]
     for t in burst:  # concurrent clients: some batches hold more than one request
@@ -249,7 +255,8 @@ def test_metrics_reach_rays_metrics_endpoint(served):
         t.join(timeout=120)
     serving = httpx.get(f"{served.url}/v1/model", timeout=10).json()["version"]
     app_series = ("ray_edp_request_latency_ms_count", "ray_edp_generation_latency_ms_count",
-                  "ray_edp_tokens_generated_total", "ray_edp_batch_size_count", "ray_edp_model_version")
+                  "ray_edp_tokens_generated_total", "ray_edp_batch_size_count", "ray_edp_model_version",
+                  "ray_edp_crisis_screened_total")
 
     missing: list[str] = []
 
@@ -267,6 +274,7 @@ def test_metrics_reach_rays_metrics_endpoint(served):
     assert by_status.get(("/v1/respond", "200"), 0) > 0 and by_status.get(("/v1/respond", "422"), 0) > 0
     assert sum(v for _, v in m["ray_edp_generation_latency_ms_count"]) > 0
     assert sum(v for _, v in m["ray_edp_tokens_generated_total"]) > 0
+    assert sum(v for lb, v in m["ray_edp_crisis_screened_total"] if lb["name"] == served.name) >= 1
     versions = {lb["version"]: v for lb, v in m["ray_edp_model_version"] if lb["name"] == served.name}
     assert versions[serving] == 1
     assert all(v == 0 for k, v in versions.items() if k != serving)       # swapped out -> 0

@@ -14,7 +14,7 @@ from cluster.tracking.runs import RUN_ID_FILE, RunLogger, TrackingConfig, client
 from trainers.metrics import METRIC_DEFINITION
 
 pytestmark = pytest.mark.integration
-RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence"}
+RESPONSE_KEYS = {"response", "emotion", "emotion_top", "evidence", "screened", "screen"}
 
 
 @pytest.fixture(scope="module")

@@ -87,6 +87,12 @@ def test_the_embedded_ed_sample_is_not_flagged():
     assert dialogues == 128
 
 
+def test_the_demos_examples_reach_the_model():
+    from cluster.demo import EXAMPLES
+
+    assert [CrisisScreen().match(Request(e["context"], e.get("situation"))) for e in EXAMPLES] == [None] * len(EXAMPLES)
+
+
 def test_normalize_folds_case_apostrophes_punctuation_and_whitespace():
     assert normalize("  I DON'T\twant to...   live!! ") == "i dont want to live"
     assert normalize("Self-harm") == "self harm" and normalize("I’m ＯＫ") == "im ok"   # curly ', full-width letters
