@@ -112,6 +112,8 @@ def test_on_by_default_and_off_when_disabled():
     from services.app import AppArgs
 
     assert AppArgs().crisis_screen == CrisisScreenConfig() and CrisisScreen(AppArgs().crisis_screen).enabled
+    assert all(part in DEFAULT_MESSAGE for part in ("glad you reached out", "can't help in a crisis",
+                                                    "emergency number", "988", "findahelpline.com"))
     off = CrisisScreen(app_args({"enabled": False}).crisis_screen)
     assert not any(screened(t, off) for t in FLAGGED)
 
