@@ -13,7 +13,8 @@ sweep parameters, `model_overrides` keys) wins over the recipe's value for that 
   sqrt(emb_dim)) and words without a vector drawn from N(0, 0.01^2); xavier-uniform for every other matrix;
   dialogue states as word-table rows; the FFN's ReLU after its last layer too; greedy decoding of up to 51
   tokens (their loop runs max_dec_step + 1 = 51 steps); their schedule and checkpoint rule (`SCHEDULES`);
-  ESCM's graph as their code builds it (`gcn_graph: reference`, unscaled eq. 8 scores); the Transformer
+  ESCM's graph as their code builds it (`gcn_graph: reference`, unscaled eq. 8 scores, POS and relation
+  embeddings x sqrt(d_pr) as their `Embeddings` wrapper returns them: `gcn_embed_scale`); the Transformer
   baseline with their label smoothing 0.1.
 """
 
@@ -45,7 +46,7 @@ _PAPER_COMMON: dict[str, Any] = {
 
 _PAPER_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "transformer": {"label_smoothing": 0.1},
-    "escm": {"gcn_graph": "reference", "gcn_scaled": False},
+    "escm": {"gcn_graph": "reference", "gcn_scaled": False, "gcn_embed_scale": True},
     "iamm": {},
 }
 
