@@ -109,6 +109,11 @@ class Trainer:
             raise ValueError(f"not an edp checkpoint (format {state.get('format')!r})")
         if state["vocab"] != self.vocab.itos:
             raise ValueError("checkpoint vocabulary differs from the prepared data's; same data settings needed")
+        saved = state["config"].get("batching", "bucketed")  # older checkpoints: the bucketed plan
+        if saved != self.cfg.batching:
+            raise ValueError(f"checkpoint was trained with batching={saved!r}, this run has {self.cfg.batching!r}: "
+                             f"its epoch position indexes the other plan; resume with --set batching={saved} "
+                             "or start afresh (--no-resume)")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -152,7 +157,10 @@ class Trainer:
         return out
 
     def _my_batches(self, epoch: int) -> list:
-        plan = self.train_data.plan(self.cfg.batch_size, self.cfg.seed, epoch)
+        """This rank's share of the epoch's plan (`batching`); a function of (seed, epoch), so (epoch, position)
+        is all the resume state it needs."""
+        make_plan = self.train_data.random_plan if self.cfg.batching == "random" else self.train_data.plan
+        plan = make_plan(self.cfg.batch_size, self.cfg.seed, epoch)
         usable = len(plan) - len(plan) % self.world_size  # every rank gets the same number of steps
         return plan[self.rank:usable:self.world_size]
 
