@@ -43,8 +43,10 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size
     assert evals[0]["valid_sample_size"] == 8 and "valid_dist_1_sampled" in evals[0] and "valid_dist_1" not in evals[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the final evaluation decodes the whole valid split
-    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2"}
+    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2",
+                                     "valid_dist_1_nltk", "valid_dist_2_nltk"}
     assert not any(k.endswith("_sampled") for k in metrics["final"]) and "ppl" in metrics["definitions"]
+    assert "dist_n_nltk" in metrics["definitions"] and "valid_dist_1_nltk_sampled" in evals[0]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"context", "reference", "generated", "gold_emotion"} <= set(samples[0])
     if model != "transformer":
