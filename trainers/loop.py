@@ -17,6 +17,7 @@ AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -109,6 +110,11 @@ class Trainer:
             raise ValueError(f"not an edp checkpoint (format {state.get('format')!r})")
         if state["vocab"] != self.vocab.itos:
             raise ValueError("checkpoint vocabulary differs from the prepared data's; same data settings needed")
+        changed = model_config_changes(state.get("model_config", {}), self.raw_model.cfg)
+        if changed:
+            raise ValueError(f"checkpoint's model differs from this run's ({'; '.join(changed)}): resume with the "
+                             "run's own settings (e.g. --set model_overrides.<field>=<checkpoint's value>) or start "
+                             "afresh (--no-resume)")
         saved = state["config"].get("batching", "bucketed")  # older checkpoints: the bucketed plan
         if saved != self.cfg.batching:
             raise ValueError(f"checkpoint was trained with batching={saved!r}, this run has {self.cfg.batching!r}: "
@@ -260,6 +266,14 @@ class Trainer:
                     f.write(json.dumps({k: v for k, v in s.items() if not k.endswith("_tokens")}) + "\n")
         self.log("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
         return result
+
+
+def model_config_changes(saved: dict, cfg) -> list[str]:
+    """"field: checkpoint's value -> this model's" for each model config field that differs from a checkpoint's
+    `model_config`; a field the checkpoint predates counts at its default (older runs keep their computation)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in vars(cfg).items()
+            if saved.get(k, defaults[k]) != v]
 
 
 def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: str) -> None:

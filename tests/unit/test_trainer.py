@@ -181,3 +181,19 @@ def test_paper_recipe_batches_at_random(tmp_path):
     assert load_config(TrainConfig, overrides=["recipe=paper", "batching=bucketed"]).batching == "bucketed"
     with pytest.raises(ConfigError, match="batching"):
         load_config(TrainConfig, overrides=["batching=sorted"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config(tmp_path, prepared_sample):
+    """A recipe that changes a model option (the paper recipe's gcn_embed_scale) must not silently change the model
+    of a run it resumes; a field the checkpoint predates counts at its default."""
+    cfg = make_cfg(tmp_path, prepared_sample, max_steps=2, eval_every=2, eval_generate=1)
+    Trainer(cfg, prepared_sample, log=lambda s: None).train()
+    scaled = {**cfg.model_overrides, "gcn_embed_scale": True}
+    other = Trainer(cfg.model_copy(update={"model_overrides": scaled}), prepared_sample, log=lambda s: None)
+    with pytest.raises(ValueError, match="gcn_embed_scale: False -> True"):
+        other.resume()
+    same = Trainer(cfg, prepared_sample, log=lambda s: None)
+    state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    del state["model_config"]["gcn_embed_scale"]  # a checkpoint written before the field existed
+    same.load_state_dict(state)
+    assert same.step == 2
