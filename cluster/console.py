@@ -136,12 +136,14 @@ def print_comparison(result, url: str, out: Console = console) -> None:
 def print_demo(result, out: Console = console) -> None:
     """The demo's runs, champion and why, example responses, latency, timings and the URLs to look at."""
     runs = Table(title="sweep `demo`: one MLflow parent run, one nested child run per trial")
-    for col in ("variant", "valid Acc", "valid PPL", "PPL_token", "Dist-1", "Dist-2", "run"):
+    for col in ("variant", "valid Acc", "valid PPL", "PPL_token", "Dist-1", "Dist-2", "Dist-1_nltk", "Dist-2_nltk",
+                "run"):
         runs.add_column(col, justify="right" if col != "variant" else "left")
     fmt = lambda v, scale=1.0: "-" if v is None else f"{v * scale:.2f}"  # noqa: E731
     for r in sorted(result.runs, key=lambda r: r.valid_ppl if r.valid_ppl is not None else math.inf):
         runs.add_row(r.variant, fmt(r.valid_acc, 100), fmt(r.valid_ppl), fmt(r.valid_ppl_token),
-                     fmt(r.valid_dist_1, 100), fmt(r.valid_dist_2, 100), r.run_id[:8])
+                     fmt(r.valid_dist_1, 100), fmt(r.valid_dist_2, 100), fmt(r.valid_dist_1_nltk, 100),
+                     fmt(r.valid_dist_2_nltk, 100), r.run_id[:8])
     out.print(runs)
     d = result.decision
     out.print(f"[bold]champion[/]: models:/{d.name}@champion -> version {d.version} ({d.action})")

@@ -62,7 +62,8 @@ class DemoError(RuntimeError):
 
 @dataclass
 class TrialRun:
-    """One child run of the demo sweep, with its final valid metrics (None: not logged)."""
+    """One child run of the demo sweep, with its final valid metrics (None: not logged), in the order of
+    cluster.tracking.reports.TABLE_METRICS."""
     variant: str
     run_id: str
     valid_acc: float | None
@@ -70,6 +71,8 @@ class TrialRun:
     valid_ppl_token: float | None
     valid_dist_1: float | None
     valid_dist_2: float | None
+    valid_dist_1_nltk: float | None = None
+    valid_dist_2_nltk: float | None = None
 
 
 @dataclass

@@ -8,6 +8,13 @@ each batch, their extended-vocabulary size) is built on the host, so a step does
 IAMM buckets by turn count as well as length: its association memory iterates over the batch's most
 turns and grows with them (eqs. 16-18), so one 7-turn dialogue among 3-turn ones made the whole batch
 pay for 7 turns, and the chance of such a straggler, hence the cost per example, grew with the batch size.
+
+Two epoch plans (TrainConfig.batching): "bucketed" (`plan`: batches within one bucket, target lengths sorted in
+pools) and "random" (`random_plan`: the reference's DataLoader(shuffle=True), one permutation of the whole split
+cut into consecutive batches). A random batch's examples come from several buckets; `examples_batch` gathers
+each bucket's share from the same device tensors and pads the shares to the batch's own longest context (a
+multiple of `bucket_width`), target (a multiple of 8) and, for IAMM, turns: the same shapes a bucketed batch of
+those lengths gets, at one gather per bucket touched instead of one per batch.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class Bucket:
 
 
 SORT_POOL = 8  # batches per pool sorted by target length in a shuffled epoch plan (`TensorSplit.plan`)
+MIXED = -1  # the bucket of a `random_plan` entry: its rows are example indices of the split, from any bucket
 
 
 def sorted_in_pools(order: np.ndarray, key: np.ndarray, pool: int) -> np.ndarray:
@@ -82,7 +90,10 @@ class TensorSplit:
         return out
 
     def rows_batch(self, bucket: int, rows: np.ndarray) -> Batch:
-        """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays."""
+        """`batch` with max_oov and the target length (rounded up to 8: few shapes) read from host arrays;
+        `bucket` MIXED: `examples_batch(rows)`, so every plan entry is `rows_batch(*entry)`."""
+        if bucket == MIXED:
+            return self.examples_batch(rows)
         b = self.buckets[bucket]
         t_len = int(-(-b.tgt_len[rows].max() // 8) * 8)
         out = self.batch(bucket, rows, int(b.n_oov[rows].max()), t_len)
@@ -113,6 +124,62 @@ class TensorSplit:
         if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
+
+
+    def examples_batch(self, examples: np.ndarray) -> Batch:
+        """The split's `examples` (indices, from any buckets) as one batch in that order: each bucket's share
+        gathered and cut as `rows_batch` does, zero-padded to the longest share and concatenated."""
+        where = self.where[np.asarray(examples)]
+        parts, placed = [], []
+        for k in np.unique(where[:, 0]):
+            sel = np.flatnonzero(where[:, 0] == k)
+            parts.append(self.rows_batch(int(k), where[sel, 1]))
+            placed.append(sel)
+        if len(parts) == 1:
+            return parts[0]
+        out = concat_padded(parts)
+        back = np.argsort(np.concatenate(placed))  # concatenation order -> the order of `examples`
+        return out.select_rows(torch.as_tensor(back, device=out.context_ids.device))
+
+    def random_plan(self, batch_size: int, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
+        """The reference's epoch: a permutation of the whole split, deterministic in (seed, epoch), cut into
+        consecutive batches of `batch_size` (the last one shorter); entries (MIXED, example indices)."""
+        order = np.random.default_rng([seed, epoch]).permutation(len(self))
+        return [(MIXED, order[s:s + batch_size]) for s in range(0, len(order), batch_size)]
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`t` zero-padded at the end of each dimension to `shape`."""
+    if tuple(t.shape) == shape:
+        return t
+    out = t.new_zeros(shape)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Tensors alike but for their lengths, padded to the longest in every dimension after the first, and
+    concatenated along the first."""
+    shape = tuple(max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim()))
+    return torch.cat([_pad_to(t, (t.shape[0], *shape)) for t in tensors])
+
+
+def concat_padded(parts: list[Batch]) -> Batch:
+    """Batches of different lengths as one (fields zero-padded, masks False there). IAMM's knowledge keeps the
+    situation in its last turn slot: the turn slots are padded before it."""
+    fields = {}
+    for name, first in vars(parts[0]).items():
+        values = [getattr(p, name) for p in parts]
+        if len({v is None for v in values}) > 1:
+            raise ValueError(f"concat_padded: field {name} is None in some batches only")
+        if not isinstance(first, torch.Tensor):
+            fields[name] = max(values) if name == "max_oov" else first
+        elif name in ("knowledge_ids", "knowledge_mask"):
+            turns, situation = _cat_padded([v[:, :-1] for v in values]), _cat_padded([v[:, -1:] for v in values])
+            fields[name] = torch.cat([turns, situation], dim=1)
+        else:
+            fields[name] = _cat_padded(values)
+    return Batch(**fields)
 
 
 def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:

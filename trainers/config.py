@@ -242,6 +242,9 @@ class TrainConfig(InferenceConfig):
     patience: int = Field(10, ge=1, description="evaluations without improvement before stopping")
     keep_checkpoints: int = Field(2, ge=1)
     bucket_width: int = Field(32, ge=8)
+    batching: Literal["bucketed", "random"] = Field(
+        "bucketed", description="epoch plan: batches within a length bucket, target lengths sorted in pools "
+                                "(bucketed), or random batches of the whole split as the authors' (random)")
     compile: bool = Field(False, description="torch.compile the model (CUDA)")
     use_vectors: bool = Field(True, description="initialise word embeddings from the prepared vectors")
     num_samples: int = Field(100, ge=0, description="sample generations written at the end")

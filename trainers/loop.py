@@ -17,6 +17,7 @@ AMX: the output layer's matmuls run ~5x faster there); optional torch.compile on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -109,6 +110,16 @@ class Trainer:
             raise ValueError(f"not an edp checkpoint (format {state.get('format')!r})")
         if state["vocab"] != self.vocab.itos:
             raise ValueError("checkpoint vocabulary differs from the prepared data's; same data settings needed")
+        changed = model_config_changes(state.get("model_config", {}), self.raw_model.cfg)
+        if changed:
+            raise ValueError(f"checkpoint's model differs from this run's ({'; '.join(changed)}): resume with the "
+                             "run's own settings (e.g. --set model_overrides.<field>=<checkpoint's value>) or start "
+                             "afresh (--no-resume)")
+        saved = state["config"].get("batching", "bucketed")  # older checkpoints: the bucketed plan
+        if saved != self.cfg.batching:
+            raise ValueError(f"checkpoint was trained with batching={saved!r}, this run has {self.cfg.batching!r}: "
+                             f"its epoch position indexes the other plan; resume with --set batching={saved} "
+                             "or start afresh (--no-resume)")
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -152,7 +163,10 @@ class Trainer:
         return out
 
     def _my_batches(self, epoch: int) -> list:
-        plan = self.train_data.plan(self.cfg.batch_size, self.cfg.seed, epoch)
+        """This rank's share of the epoch's plan (`batching`); a function of (seed, epoch), so (epoch, position)
+        is all the resume state it needs."""
+        make_plan = self.train_data.random_plan if self.cfg.batching == "random" else self.train_data.plan
+        plan = make_plan(self.cfg.batch_size, self.cfg.seed, epoch)
         usable = len(plan) - len(plan) % self.world_size  # every rank gets the same number of steps
         return plan[self.rank:usable:self.world_size]
 
@@ -252,6 +266,14 @@ class Trainer:
                     f.write(json.dumps({k: v for k, v in s.items() if not k.endswith("_tokens")}) + "\n")
         self.log("final " + " ".join(f"{k}={v:.4g}" for k, v in final.items()))
         return result
+
+
+def model_config_changes(saved: dict, cfg) -> list[str]:
+    """"field: checkpoint's value -> this model's" for each model config field that differs from a checkpoint's
+    `model_config`; a field the checkpoint predates counts at its default (older runs keep their computation)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in vars(cfg).items()
+            if saved.get(k, defaults[k]) != v]
 
 
 def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: str) -> None:

@@ -17,6 +17,9 @@ the primary figures, named as in `DEFINITIONS`:
              |unique n-grams over all responses| / |n-grams over all responses| (CEM's `calc_distinct_n`), a
              fraction (tables x100). The step limit is the run's `decode.max_len` (the authors' max_dec_step 50
              lets greedy emit 51 tokens); metrics.json records the decoding used.
+  dist_n_nltk  dist_n as the reference computes it (ESCM's src/scripts/evaluate.py, CEM's calc_distinct_n): each
+             greedy response is written out as its tokens joined by spaces, re-tokenised with nltk's
+             word_tokenize, and the distinct n-grams counted over those words (`nltk_words`).
 Also reported:
   ppl_token  exp(total NLL / total non-PAD target tokens): token-level, what this platform called PPL before.
   loss       total NLL / total target tokens (log ppl_token).
@@ -25,8 +28,17 @@ Also reported:
              comparable with the papers' figures (Dist-1 4.65 on 256 responses vs 0.82 on the whole split for
              the same ESCM checkpoint), hence never under the primary name.
 
-Dist-n counts n-grams over the given token lists; CEM re-tokenises the detokenised strings with nltk's
-word_tokenize, which gives the same tokens for spaCy-tokenised text up to rare punctuation splits.
+`dist_n` counts n-grams over our decoded tokens (spaCy's tokenisation of the vocabulary). `dist_n_nltk` splits
+the space-joined response as nltk does, which differs from our tokens where nltk's rules split further: "cannot"
+-> "can" "not", "wanna" -> "wan" "na", emoticons (":)" -> ":" ")"), misspelt contractions ("don;t"), ...; a
+response's final token that carries its own period ("p.m." -> "p.m" "."); and `"` becomes "``" (one to one).
+word_tokenize first splits a text into sentences with punkt, whose model is data nltk downloads at run time
+(impossible here), then runs NLTKWordTokenizer on each sentence; `nltk_words` runs NLTKWordTokenizer on the whole
+response. On our decoded text the two agree at any sentence split punkt could choose between two tokens
+(tests/unit/test_metrics.py checks every split point), except after a token with its own final period (an
+abbreviation such as "p.m." or "etc.") where punkt ends a sentence: word_tokenize then splits that period off,
+we do not. The reference's reading of its results file also strips the leading characters of "Greedy:" from
+each response (str.strip with a character set, so "really ..." is read as "ally ..."); not reproduced.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
 
@@ -45,7 +58,10 @@ DEFINITIONS = {
            "teacher-forced pointer-generator mixture (papers, CEM/MoEL evaluation)",
     "ppl_token": "exp(total NLL / total non-PAD target tokens, EOS included), teacher-forced (token-level)",
     "loss": "total NLL / total non-PAD target tokens",
-    "dist_n": "corpus unique n-grams / all n-grams over the decoded responses of the whole split (papers)",
+    "dist_n": "corpus unique n-grams / all n-grams over the decoded tokens of the whole split's responses",
+    "dist_n_nltk": "dist_n over nltk words as the papers' code: each response's tokens joined by spaces and split "
+                   "by nltk's NLTKWordTokenizer (word_tokenize without punkt's sentence split: the same words "
+                   "except after an abbreviation with a final period that punkt would end a sentence at)",
     "bleu_n": "corpus BLEU-n, one reference per response, no smoothing",
     "*_sampled": "the same over the first sample_size examples of the split only: not comparable with the papers",
 }
@@ -56,7 +72,8 @@ METRIC_DEFINITION = ("papers: acc per example (summed head logits); ppl exp(mean
 
 PPL_LOG_CAP = 100.0  # the authors' exp(min(loss, 100)): keeps exp finite for a diverged model
 SAMPLED = "_sampled"  # suffix of generation metrics computed over a sample of the split
-GENERATION_METRICS = ("valid_dist_1", "valid_dist_2", "valid_bleu_4")  # from decoded responses; all: higher better
+GENERATION_METRICS = ("valid_dist_1", "valid_dist_2", "valid_dist_1_nltk", "valid_dist_2_nltk",
+                      "valid_bleu_4")  # from decoded responses; all: higher better
 # Which way is better for each validation metric (early stopping, sweeps, promotion).
 METRIC_MODES = {"valid_ppl": "min", "valid_ppl_token": "min", "valid_loss": "min", "valid_acc": "max",
                 **{k: "max" for k in GENERATION_METRICS}, **{k + SAMPLED: "max" for k in GENERATION_METRICS}}
@@ -120,6 +137,19 @@ def distinct_n(responses: list[list[str]], n: int) -> float:
     return len(set(all_ngrams)) / len(all_ngrams) if all_ngrams else 0.0
 
 
+@cache
+def _nltk_tokenizer():
+    from nltk.tokenize import NLTKWordTokenizer  # here: configs import this module, serving never needs nltk
+
+    return NLTKWordTokenizer()
+
+
+def nltk_words(tokens: Sequence[str]) -> list[str]:
+    """A decoded response's `tokens` as the reference's Dist sees them: joined by spaces, split into words by
+    nltk's word tokenizer (the module docstring says where this can differ from word_tokenize)."""
+    return _nltk_tokenizer().tokenize(" ".join(tokens))
+
+
 def bleu(hypotheses: list[list[str]], references: list[list[str]], max_n: int = 4) -> dict[str, float]:
     """Corpus BLEU-1..max_n (Papineni et al., 2002) of tokenised hypotheses, one reference each.
 
@@ -179,9 +209,9 @@ def _paired(name_a: str, a, name_b: str, b) -> tuple[list, list]:
 class MetricAccumulator:
     """Collects per-batch evaluation outputs; `compute()` gives the metrics of everything added.
 
-    Keys of `compute()` (see DEFINITIONS): "loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2",
-    "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no "dist_*"/"bleu_*"
-    for a validation pass without decoding).
+    Keys of `compute()` (see DEFINITIONS): "loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2", "dist_1_nltk",
+    "dist_2_nltk", "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no
+    "dist_*"/"bleu_*" for a validation pass without decoding).
     """
 
     def __init__(self, num_classes: int = NUM_EMOTIONS):
@@ -226,6 +256,8 @@ class MetricAccumulator:
         if self.hypotheses:
             out["dist_1"] = distinct_n(self.hypotheses, 1)
             out["dist_2"] = distinct_n(self.hypotheses, 2)
+            words = [nltk_words(h) for h in self.hypotheses]
+            out["dist_1_nltk"], out["dist_2_nltk"] = distinct_n(words, 1), distinct_n(words, 2)
             if len(self.references) == len(self.hypotheses):
                 out.update(bleu(self.hypotheses, self.references))
         return out

@@ -13,7 +13,10 @@ sweep parameters, `model_overrides` keys) wins over the recipe's value for that 
   sqrt(emb_dim)) and words without a vector drawn from N(0, 0.01^2); xavier-uniform for every other matrix;
   dialogue states as word-table rows; the FFN's ReLU after its last layer too; greedy decoding of up to 51
   tokens (their loop runs max_dec_step + 1 = 51 steps); their schedule and checkpoint rule (`SCHEDULES`);
-  ESCM's graph as their code builds it (`gcn_graph: reference`, unscaled eq. 8 scores); the Transformer
+  their batches (`batching: random`: DataLoader(shuffle=True) over the whole split, so a batch mixes lengths and
+  its generation loss, a mean over the batch's target tokens as their NLLLoss, weighs long targets more);
+  ESCM's graph as their code builds it (`gcn_graph: reference`, unscaled eq. 8 scores, POS and relation
+  embeddings x sqrt(d_pr) as their `Embeddings` wrapper returns them: `gcn_embed_scale`); the Transformer
   baseline with their label smoothing 0.1.
 """
 
@@ -39,13 +42,14 @@ _PAPER_COMMON: dict[str, Any] = {
     "embedding_init": "vectors",
     "eval_every": 800,
     "selection": "reference",
+    "batching": "random",
     "decode": {"strategy": "greedy", "max_len": 51},
     "model_overrides": {"xavier_init": True, "state_from_words": True, "ffn_relu_out": True},
 }
 
 _PAPER_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "transformer": {"label_smoothing": 0.1},
-    "escm": {"gcn_graph": "reference", "gcn_scaled": False},
+    "escm": {"gcn_graph": "reference", "gcn_scaled": False, "gcn_embed_scale": True},
     "iamm": {},
 }
 

@@ -1,5 +1,6 @@
 """MLflow reports: the plots of a run and, on a sweep's parent run, the ablation table in the papers' layout
-(Acc / PPL / PPL_token / Dist-1 / Dist-2 per variant, mean and std over seeds) and the best child.
+(Acc / PPL / PPL_token / Dist-1 / Dist-2, and Dist-n over nltk words as the papers' code counts it, per variant,
+mean and std over seeds) and the best child.
 
 The table reads each child's final evaluation (best weights, whole valid split) under the papers' definitions
 (trainers.metrics.DEFINITIONS); PPL_token, the token-level perplexity, is not in the papers' tables. A sweep
@@ -21,7 +22,9 @@ from trainers.config import StrictModel
 from trainers.data.emotions import EMOTIONS
 
 TABLE_METRICS = {"Acc": ("valid_acc", 100.0), "PPL": ("valid_ppl", 1.0), "PPL_token": ("valid_ppl_token", 1.0),
-                 "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0)}  # papers' layout: x100
+                 "Dist-1": ("valid_dist_1", 100.0), "Dist-2": ("valid_dist_2", 100.0),
+                 "Dist-1_nltk": ("valid_dist_1_nltk", 100.0),  # Dist over nltk words, as the papers' code
+                 "Dist-2_nltk": ("valid_dist_2_nltk", 100.0)}  # papers' layout: x100
 
 
 class PaperReference(StrictModel):
@@ -113,7 +116,7 @@ def final_value(metrics: dict, key: str) -> float | None:
 
 
 def ablation_table(children: list, variants: list[str] | None = None) -> list[dict]:
-    """Rows = variants (tag `variant`), cols Acc / PPL / PPL_token / Dist-1 / Dist-2 as mean and std over seeds."""
+    """Rows = variants (tag `variant`), cols `TABLE_METRICS` as mean and std over seeds."""
     groups: dict[str, list] = defaultdict(list)
     for run in children:
         groups[run.data.tags.get("variant", run.info.run_name)].append(run.data.metrics)

@@ -65,7 +65,8 @@ def test_child_logs_config_versions_substitutions_metrics_and_artifacts(logged_r
     m = run.data.metrics
     assert [x.step for x in c.get_metric_history(run.info.run_id, "valid_dist_1_sampled")] == [2, 4]
     assert m["valid_sample_size"] == 4 and "valid_dist_1" not in m and "final_valid_dist_1_sampled" not in m
-    assert {"final_valid_ppl_token", "final_valid_dist_1", "final_valid_dist_2"} <= set(m)
+    assert {"final_valid_ppl_token", "final_valid_dist_1", "final_valid_dist_2", "final_valid_dist_1_nltk",
+            "final_valid_dist_2_nltk"} <= set(m)
     assert p["eval.split"] == "valid" and p["metric_definition"] == METRIC_DEFINITION
     names = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "vocab.json", "samples.jsonl", "metric_definitions.json", "plots"} <= names

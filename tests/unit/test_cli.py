@@ -53,7 +53,8 @@ def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample
     # the same preprocessing and weights: identical teacher-forced perplexity to the trainer's own evaluation
     assert abs(metrics["metrics"]["ppl"] - trained["valid_ppl"]) < 1e-3 * trained["valid_ppl"]
     assert metrics["metrics"]["ppl_token"] == pytest.approx(trained["valid_ppl_token"], rel=1e-3)
-    assert set(metrics["definitions"]) >= {"acc", "ppl", "ppl_token", "dist_n"}
+    assert set(metrics["definitions"]) >= {"acc", "ppl", "ppl_token", "dist_n", "dist_n_nltk"}
+    assert {"dist_1", "dist_2", "dist_1_nltk", "dist_2_nltk"} <= set(metrics["metrics"])
     assert not any(k.endswith("_sampled") for k in metrics["metrics"])  # edp evaluate decodes the whole split
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == metrics["examples"] == 50

@@ -10,6 +10,7 @@ from cluster import console as out
 from cluster.demo import DemoResult, TrialRun
 from cluster.prometheus import RouteLatency
 from cluster.tracking.promotion import Decision
+from cluster.tracking.reports import TABLE_METRICS
 
 URLS = {name: f"http://127.0.0.1:{port}" for name, port in
         (("ray", 8265), ("mlflow", 5000), ("s3", 8333), ("prometheus", 9090), ("serve", 8000))}
@@ -23,7 +24,7 @@ def recording(monkeypatch) -> Console:
 
 def test_sweep_table(monkeypatch):
     rec = recording(monkeypatch)
-    cols = ("Acc", "PPL", "PPL_token", "Dist-1", "Dist-2")
+    cols = tuple(TABLE_METRICS)
     row = {"variant": "escm", "seeds": 2, **{c: 1.5 for c in cols}, **{f"{c}_std": 0.25 for c in cols}}
     out.print_sweep("smoke", {"trials": 2, "wall_s": 12.0, "rows": [row], "parent_run_id": "p1",
                               "tracking_uri": "sqlite:///x.db", "best_run_id": "c1"})
@@ -41,7 +42,7 @@ def test_latency_table(monkeypatch):
 def test_demo_report(monkeypatch):
     rec = Console(record=True, width=200)
     decision = Decision("promoted", "edp-demo", version="1", lines=["decision: promote"])
-    result = DemoResult(URLS, runs=[TrialRun("escm", "abcdef123456", 0.25, 40.0, 52.5, 0.1, 0.3),
+    result = DemoResult(URLS, runs=[TrialRun("escm", "abcdef123456", 0.25, 40.0, 52.5, 0.1, 0.3, 0.0123, 0.0456),
                                     TrialRun("transformer", "0123456789ab", None, None, None, None, None)],
                         decision=decision,
                         responses=[({"context": ["I got the job!"]},
@@ -52,7 +53,7 @@ def test_demo_report(monkeypatch):
     out.print_demo(result, rec)
     text = rec.export_text()
     assert text.index("escm") < text.index("transformer")  # best PPL first, runs without metrics last
-    assert "PPL_token" in text and "52.50" in text
+    assert "PPL_token" in text and "52.50" in text and "Dist-2_nltk" in text and "4.56" in text
     assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
     assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
     assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text
@@ -70,3 +71,9 @@ def test_comparison_table(monkeypatch):
     assert "escm: champion vs challenger over the last 10m (http://prom)" in text
     assert "10.0%" in text and "sad 60%, proud 30%, joyful 10%" in text and "angry" not in text
     assert "75.0%" in text and "total variation distance 0.400" in text
+
+
+def test_a_trial_run_takes_the_table_metrics_in_order():
+    """The demo builds its runs from the table's metrics, positionally."""
+    run = TrialRun("escm", "id", *range(len(TABLE_METRICS)))
+    assert [getattr(run, key) for key, _ in TABLE_METRICS.values()] == list(range(len(TABLE_METRICS)))

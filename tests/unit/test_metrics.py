@@ -15,6 +15,7 @@ from trainers.metrics import (
     distinct_n,
     emotion_accuracy,
     example_perplexity,
+    nltk_words,
     sampled,
     token_perplexity,
 )
@@ -148,8 +149,10 @@ def test_accumulator_combines_batches():
     assert out["dist_1"] == pytest.approx(5 / 8) and out["dist_2"] == pytest.approx(4 / 5)
     # hyps vs refs: unigram matches 3 + 2 + 2 = 7 of 8 tokens, equal lengths -> BLEU-1 = 7/8.
     assert out["bleu_1"] == pytest.approx(7 / 8)
-    assert set(out) == {"loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2",
+    assert set(out) == {"loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2", "dist_1_nltk", "dist_2_nltk",
                         "bleu_1", "bleu_2", "bleu_3", "bleu_4"}
+    # nltk splits none of these tokens further: the reference's Dist equals ours here
+    assert (out["dist_1_nltk"], out["dist_2_nltk"]) == (out["dist_1"], out["dist_2"])
     np.testing.assert_array_equal(acc.confusion(), [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
 
 
@@ -161,3 +164,67 @@ def test_accumulator_without_generation_has_no_dist_keys():
                    "acc": 0.0}
     with pytest.raises(ValueError, match="together"):
         acc.add(nll_sum=1.0)
+
+
+# ---- Dist as the reference computes it (nltk words of the decoded text) ---------------------------
+
+# Decoded outputs of our greedy decoder: spaCy tokens joined by spaces, one or several sentences.
+DECODED = [
+    "i am sorry to hear that .",
+    "that is great ! i hope you have fun . what did you do ?",
+    'i do n\'t know what to say , but it \'s " fine " ... do you want to talk about it ?',
+    "i cannot wait ! that sounds like fun :) i wanna go too .",
+]
+
+
+def _word_tokenize_with_sentences(monkeypatch, text: str, pieces: list[str]) -> list[str]:
+    """nltk's own word_tokenize on `text`, with punkt's sentence split (data we cannot download) replaced by
+    `pieces`: word_tokenize is NLTKWordTokenizer over each sentence punkt finds."""
+    import nltk.tokenize
+
+    assert " ".join(pieces) == text
+    monkeypatch.setattr(nltk.tokenize, "sent_tokenize", lambda t, language="english": pieces)
+    return nltk.tokenize.word_tokenize(text)
+
+
+def _splits(tokens: list[str]):
+    """Every sentence split punkt could choose: the whole text, each single split between two tokens, and a split
+    after every sentence-final punctuation token."""
+    yield [" ".join(tokens)]
+    for i in range(1, len(tokens)):
+        yield [" ".join(tokens[:i]), " ".join(tokens[i:])]
+    cuts = [0] + [i + 1 for i, t in enumerate(tokens[:-1]) if t in {".", "!", "?"}] + [len(tokens)]
+    yield [" ".join(tokens[a:b]) for a, b in zip(cuts, cuts[1:], strict=False)]
+
+
+@pytest.mark.parametrize("text", DECODED)
+def test_nltk_words_split_decoded_text_as_word_tokenize_does(monkeypatch, text):
+    tokens = text.split(" ")
+    ours = nltk_words(tokens)
+    for pieces in _splits(tokens):
+        assert _word_tokenize_with_sentences(monkeypatch, text, pieces) == ours, pieces
+    if ":)" in tokens:  # where nltk's words are not our tokens
+        assert ours[ours.index("can"):ours.index("can") + 2] == ["can", "not"] and ":)" not in ours
+
+
+def test_nltk_words_differ_from_word_tokenize_only_after_an_abbreviation_ending_a_sentence(monkeypatch):
+    """The documented exception: a sentence ending in a token with its own period ("p.m.") loses the period to
+    word_tokenize; nltk_words keeps the token whole mid-text and splits it only at the very end, as both do."""
+    tokens = "see you at 5 p.m. i will be there".split(" ")
+    ours = nltk_words(tokens)
+    assert "p.m." in ours
+    split_after = [" ".join(tokens[:5]), " ".join(tokens[5:])]
+    theirs = _word_tokenize_with_sentences(monkeypatch, " ".join(tokens), split_after)
+    assert theirs[4:6] == ["p.m", "."] and theirs[:4] + theirs[6:] == ours[:4] + ours[5:]
+    assert nltk_words(tokens[:5])[-2:] == ["p.m", "."]  # at the end of the response: split by both
+
+
+def test_dist_nltk_counts_nltk_words():
+    # ours: "i cannot wait :)" + "i can not wait" -> 8 tokens, unique {i, cannot, wait, :), can, not} = 6
+    # nltk: "i can not wait : )" + "i can not wait" -> 10 words, unique {i, can, not, wait, :, )} = 6;
+    #   bigrams: 5 + 3 = 8, unique {i can, can not, not wait, wait :, : )} = 5 (ours: 3 + 3, all unique)
+    acc = MetricAccumulator()
+    acc.add(hypotheses=[["i", "cannot", "wait", ":)"], ["i", "can", "not", "wait"]])
+    out = acc.compute()
+    assert out["dist_1"] == pytest.approx(6 / 8) and out["dist_1_nltk"] == pytest.approx(6 / 10)
+    assert out["dist_2"] == pytest.approx(1.0) and out["dist_2_nltk"] == pytest.approx(5 / 8)

@@ -230,3 +230,53 @@ def test_encode_looks_the_word_table_up_once(tmp_path, prepared_sample, model, s
     E_c, E_sos, E_r = m.embed_many(ids, sos, states=(states,))
     assert torch.equal(E_c, m.embed(ids)) and torch.equal(E_sos, m.embed(sos))
     assert torch.equal(E_r, m.embed_state(states))
+
+
+def _scaled_pair(**kw):
+    """Two ESCMs with the same weights, without and with `gcn_embed_scale`."""
+    from tests.unit.model_batches import EMOTION_WORD_IDS
+
+    common = dict(flavour="tiny", gcn_graph="reference", gcn_scaled=False, **kw)
+    torch.manual_seed(0)
+    plain = build_model("escm", 60, EMOTION_WORD_IDS, **common)
+    scaled = build_model("escm", 60, EMOTION_WORD_IDS, **common, gcn_embed_scale=True)
+    scaled.load_state_dict(plain.state_dict())  # same parameter set: the flag adds none
+    return plain, scaled
+
+
+def test_gcn_embed_scale_multiplies_the_pos_and_relation_terms_by_d_pr():
+    """The reference's tag/relation rows come out of an Embeddings wrapper (x sqrt(d_pr)), so in eq. 7's dot
+    product the POS and relation terms grow by d_pr and the H_des term does not."""
+    from tests.unit.model_batches import make_batch
+
+    plain, scaled = _scaled_pair()
+    d_pr = plain.cfg.d_pr
+    b = make_batch(3, 60, seed=5)
+    rel = plain.gcn.relations(b.context_dep, b.context_mask)
+    H_des = torch.randn(3, b.context_ids.size(1), plain.cfg.d_s + plain.cfg.num_emotions)
+    V_p, V_r = plain.gcn.tables()
+    P = torch.nn.functional.embedding(b.context_pos, V_p)
+    tag_terms = P @ P.transpose(1, 2) + V_r.pow(2).sum(-1)[rel]
+    got = scaled.gcn.scores(H_des, b.context_pos, rel) - plain.gcn.scores(H_des, b.context_pos, rel)
+    assert torch.allclose(got, (d_pr - 1) * tag_terms, rtol=1e-4, atol=1e-3) and tag_terms.abs().max() > 0.1
+    with torch.no_grad():
+        p_plain, p_scaled = plain.encode(b).extras["gcn_p"], scaled.encode(b).extras["gcn_p"]
+    assert (p_plain - p_scaled).abs().max() > 1e-3  # the attention changes ...
+    assert (p_scaled[rel == 0] == 0).all()  # ... on the same graph
+    assert torch.allclose(p_scaled.sum(-1)[b.context_mask], torch.ones(()))
+
+
+def test_gcn_embed_scale_changes_nothing_without_the_tag_and_relation_terms():
+    from tests.unit.model_batches import make_batch
+
+    plain, scaled = _scaled_pair(no_vp=True, no_vr=True)
+    b = make_batch(3, 60, seed=6)
+    with torch.no_grad():
+        assert torch.equal(plain.encode(b).memory, scaled.encode(b).memory)
+
+
+def test_paper_recipe_scales_the_gcn_embeddings_and_platform_does_not():
+    paper = load_config(TrainConfig, overrides=["model=escm", "recipe=paper"])
+    assert paper.model_overrides["gcn_embed_scale"] is True
+    assert "gcn_embed_scale" not in load_config(TrainConfig, overrides=["model=escm"]).model_overrides
+    assert build_model("escm", 60, list(range(8, 40)), flavour="tiny").cfg.gcn_embed_scale is False

@@ -24,6 +24,8 @@ def test_shipped_sweeps_validate_and_expand():
     assert len(escm.grid()) == 18
     assert escm.trial_config("no_vr", 2, {}).model_overrides == {"no_vr": True}
     assert escm.trial_config("no_vr", 2, {}).seed == 2
+    # the paper's Dist was counted on nltk words: its figures sit under those columns
+    assert escm.paper.rows["escm"]["Dist-1_nltk"] == 1.19 and "Dist-1" not in escm.paper.rows["escm"]
     iamm = load_sweep(SWEEPS / "iamm-ablation.yaml")
     # without a knowledge backend no variant is a paper row: the names say so
     assert [v.name for v in iamm.variants] == ["iamm_no_knowledge", "no_ws_no_knowledge"] and len(iamm.grid()) == 6
@@ -91,7 +93,8 @@ class _Run:
 def test_ablation_table_mean_std_in_paper_units():
     def run(variant, acc, ppl, d1, d2):
         return _Run(variant, final_valid_acc=acc, final_valid_ppl=ppl, final_valid_ppl_token=ppl + 10,
-                    final_valid_dist_1=d1, final_valid_dist_2=d2)
+                    final_valid_dist_1=d1, final_valid_dist_2=d2, final_valid_dist_1_nltk=d1 / 2,
+                    final_valid_dist_2_nltk=d2 / 2)
 
     runs = [run("escm", 0.40, 35.0, 0.01, 0.05), run("escm", 0.42, 37.0, 0.03, 0.07),
             run("no_vr", 0.38, 36.0, 0.02, 0.06)]
@@ -101,7 +104,9 @@ def test_ablation_table_mean_std_in_paper_units():
     assert escm["Acc"] == pytest.approx(41.0) and escm["Acc_std"] == pytest.approx(2 ** 0.5)
     assert escm["PPL"] == pytest.approx(36.0) and escm["Dist-1"] == pytest.approx(2.0)
     md = table_markdown(rows)
-    assert "| escm (n=2) | 41.00 ± 1.41 | 36.00 ± 1.41 | 46.00 ± 1.41 | 2.00 ± 1.41 | 6.00 ± 1.41 |" in md
+    assert ("| escm (n=2) | 41.00 ± 1.41 | 36.00 ± 1.41 | 46.00 ± 1.41 | 2.00 ± 1.41 | 6.00 ± 1.41 | 1.00 ± 0.71 | "
+            "3.00 ± 0.71 |") in md
+    assert md.startswith("| Model | Acc | PPL | PPL_token | Dist-1 | Dist-2 | Dist-1_nltk | Dist-2_nltk |")
     assert table_csv(rows).splitlines()[0].startswith("variant,seeds,Acc,Acc_std,PPL,PPL_std,PPL_token")
 
 
@@ -131,8 +136,8 @@ def test_paper_rows_sit_under_ours_and_each_ablation_is_compared_by_direction():
     assert found["no_vp", "Acc"]["same"] is None and found["no_vp", "PPL"]["same"] is False
     assert ("extra", "Acc") not in found  # no paper row: nothing to compare
     md = table_markdown(rows, paper)
-    assert ("| escm (n=1) | 40.00 ± 0.00 | 36.00 ± 0.00 | n/a | n/a | n/a |\n"
-            "| escm, paper | 41.19 | 34.82 | – | – | – |") in md
+    assert ("| escm (n=1) | 40.00 ± 0.00 | 36.00 ± 0.00 | n/a | n/a | n/a | n/a | n/a |\n"
+            "| escm, paper | 41.19 | 34.82 | – | – | – | – | – |") in md
     assert "| no_vp | +0.00 (-1.78) | +1.00 (-0.37) ✗ |" in md
     assert "2 of 3 changes move in the paper's direction." in md and "Paper: Table 3." in md
 

@@ -11,6 +11,7 @@ import torch
 
 from trainers.config import ConfigError, TrainConfig, load_config
 from trainers.loop import Trainer, rng_state, seed_everything, set_rng_state
+from trainers.models.interface import Targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second intra-op thread only thrashes
 
@@ -42,8 +43,10 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size
     assert evals[0]["valid_sample_size"] == 8 and "valid_dist_1_sampled" in evals[0] and "valid_dist_1" not in evals[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the final evaluation decodes the whole valid split
-    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2"}
+    assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2",
+                                     "valid_dist_1_nltk", "valid_dist_2_nltk"}
     assert not any(k.endswith("_sampled") for k in metrics["final"]) and "ppl" in metrics["definitions"]
+    assert "dist_n_nltk" in metrics["definitions"] and "valid_dist_1_nltk_sampled" in evals[0]
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and {"context", "reference", "generated", "gold_emotion"} <= set(samples[0])
     if model != "transformer":
@@ -112,3 +115,85 @@ def test_rng_state_round_trip():
     seed_everything(99)
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+
+
+def _run_steps(trainer, n):
+    """n train steps along the trainer's own plan (epochs advance as in `train`), -> {step: loss}."""
+    losses = {}
+    for _ in range(n):
+        batches = trainer._my_batches(trainer.epoch)
+        if trainer.position >= len(batches):
+            trainer.epoch, trainer.position = trainer.epoch + 1, 0
+            batches = trainer._my_batches(trainer.epoch)
+        loss = trainer.train_step(trainer.train_data.rows_batch(*batches[trainer.position])).loss.item()
+        losses[trainer.step] = loss  # train_step has advanced .step to this step's number
+        trainer.position += 1
+    return losses
+
+
+def test_random_batching_resumes_mid_epoch_and_across_epochs(tmp_path, prepared_sample):
+    """159 train examples in batches of 64: 3 batches an epoch. Killed after step 4 (epoch 1, batch 1), the
+    resumed run's steps 5-7 (the rest of epoch 1, then epoch 2) are the uninterrupted run's."""
+    kw = dict(batching="random", batch_size=64)
+    straight = Trainer(make_cfg(tmp_path / "a", prepared_sample, **kw), prepared_sample, log=lambda s: None)
+    assert len(straight._my_batches(0)) == 3
+    losses = _run_steps(straight, 7)
+    cfg = make_cfg(tmp_path / "b", prepared_sample, max_steps=4, eval_every=4, eval_generate=2, **kw)
+    Trainer(cfg, prepared_sample, log=lambda s: None).train()
+    torch.manual_seed(1234)
+    resumed = Trainer(cfg.model_copy(update={"max_steps": 7}), prepared_sample, log=lambda s: None)
+    assert resumed.resume() and (resumed.step, resumed.epoch, resumed.position) == (4, 1, 1)
+    again = _run_steps(resumed, 3)
+    assert again == pytest.approx({s: losses[s] for s in (5, 6, 7)}, rel=1e-5, abs=1e-6)
+    # the checkpoint's position indexes the random plan: resuming it with the other plan is refused
+    other = Trainer(cfg.model_copy(update={"batching": "bucketed"}), prepared_sample, log=lambda s: None)
+    with pytest.raises(ValueError, match="batching='random'"):
+        other.resume()
+
+
+def test_batching_picks_the_epoch_plan_and_the_loss_stays_a_token_mean(tmp_path, prepared_sample):
+    bucketed = Trainer(make_cfg(tmp_path / "a", prepared_sample), prepared_sample, log=lambda s: None)
+    assert bucketed.cfg.batching == "bucketed"  # the default: the plan as before
+    want = bucketed.train_data.plan(8, seed=0, epoch=1)
+    assert [(k, r.tolist()) for k, r in bucketed._my_batches(1)] == [(k, r.tolist()) for k, r in want]
+    random = Trainer(make_cfg(tmp_path / "b", prepared_sample, batching="random"), prepared_sample, log=lambda s: None)
+    plan = random._my_batches(1)
+    assert [r.tolist() for _, r in plan] == [r.tolist() for _, r in random.train_data.random_plan(8, 0, 1)]
+    # the generation loss of a mixed batch is its NLL summed over target tokens / its tokens (the reference's
+    # NLLLoss mean), and each example's NLL is the one it gets in its own bucket: padding changes nothing
+    batch = random.train_data.rows_batch(*plan[0])
+    random.raw_model.eval()
+    with torch.no_grad():
+        out = random.raw_model(batch, Targets.of(batch))
+    assert out.gen_loss.item() == pytest.approx(out.nll_sum.sum().item() / out.num_tokens.sum().item(), rel=1e-5)
+    assert out.gen_loss.item() != pytest.approx((out.nll_sum / out.num_tokens).mean().item(), rel=1e-3)
+    data = random.train_data
+    for i, example in enumerate(plan[0][1][:3]):
+        k, row = (int(v) for v in data.where[example])
+        alone = data.rows_batch(k, np.array([row]))
+        with torch.no_grad():
+            nll = random.raw_model(alone, Targets.of(alone)).nll_sum
+        assert nll.item() == pytest.approx(out.nll_sum[i].item(), rel=1e-4)
+
+
+def test_paper_recipe_batches_at_random(tmp_path):
+    assert load_config(TrainConfig, overrides=["recipe=paper"]).batching == "random"
+    assert load_config(TrainConfig, overrides=["recipe=paper", "batching=bucketed"]).batching == "bucketed"
+    with pytest.raises(ConfigError, match="batching"):
+        load_config(TrainConfig, overrides=["batching=sorted"])
+
+
+def test_resume_refuses_a_checkpoint_of_another_model_config(tmp_path, prepared_sample):
+    """A recipe that changes a model option (the paper recipe's gcn_embed_scale) must not silently change the model
+    of a run it resumes; a field the checkpoint predates counts at its default."""
+    cfg = make_cfg(tmp_path, prepared_sample, max_steps=2, eval_every=2, eval_generate=1)
+    Trainer(cfg, prepared_sample, log=lambda s: None).train()
+    scaled = {**cfg.model_overrides, "gcn_embed_scale": True}
+    other = Trainer(cfg.model_copy(update={"model_overrides": scaled}), prepared_sample, log=lambda s: None)
+    with pytest.raises(ValueError, match="gcn_embed_scale: False -> True"):
+        other.resume()
+    same = Trainer(cfg, prepared_sample, log=lambda s: None)
+    state = torch.load(sorted((tmp_path / "run" / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+    del state["model_config"]["gcn_embed_scale"]  # a checkpoint written before the field existed
+    same.load_state_dict(state)
+    assert same.step == 2

@@ -40,6 +40,12 @@ was read to settle what the paper leaves open; nothing was copied):
       attends to [CLS] alone. POS tags and relations share one embedding table (the code's single tag /
       relation vocabulary), and the recipe pairs it with unscaled scores (`gcn_scaled` False, eq. 8 verbatim).
   Padded rows get p = 0.
+- `gcn_embed_scale` (the paper recipe's; off by default): the POS and relation embeddings enter eq. 7 multiplied
+  by sqrt(d_pr), as in the reference. There (src/models/ESCM/model.py) the single tag/relation table is built with
+  `share_embedding(..., pretrain=False, emb_dim=dep_dim)` from src/models/common.py, i.e. their `Embeddings`
+  wrapper, whose forward returns the looked-up rows times sqrt(its width); `dep_dim` is 50 (src/utils/config.py).
+  `gcn_layer` concatenates those scaled rows into the query and key, so in the decomposition above the relation
+  and POS terms are each d_pr = 50 times larger than with unscaled rows (the H_des term is untouched).
 - Eq. 9: the code aggregates W_v H_des (the paper writes V_des); we follow the code, with the bias b_v.
 - Eqs. 14-15: each head returns logits; the losses are CE per head (eqs. 16-17). Eq. 15 adds the heads'
   probabilities, P_e = P_ctx + P_cor; the code that produced the paper's Acc adds their logits, and so do we:
@@ -84,6 +90,7 @@ class ESCMConfig(ModelConfig):
     gcn_graph: str = "symmetric"  # eq. 8's graph from the parse: "symmetric" or "reference" (module docstring)
     cls_edges: bool = True  # connect [CLS] to every token in the GCN (authors' code)
     gcn_scaled: bool = True  # divide eq. 8 scores by sqrt(width of V_qk)
+    gcn_embed_scale: bool = False  # V_p, V_r rows x sqrt(d_pr) in eq. 7, as the reference's Embeddings (docstring)
     no_desv: bool = False
     no_dcgcn: bool = False
     no_vr: bool = False
@@ -155,16 +162,22 @@ class CorrelationGCN(nn.Module):
         self.w_v = nn.Linear(d_in, d_in)
         width = d_in * self.use_des + cfg.d_pr * ((not cfg.no_vp) + (not cfg.no_vr))
         self.scale = width ** -0.5 if cfg.gcn_scaled and width else 1.0
+        self.tag_scale = cfg.d_pr ** 0.5 if cfg.gcn_embed_scale else 1.0  # on V_p, V_r rows (docstring)
 
     def tables(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(V_p (num_pos, d_pr), V_r (num_dep + 1, d_pr)), None where ablated."""
+        """(V_p (num_pos, d_pr), V_r (num_dep + 1, d_pr)) as eq. 7 uses them (x sqrt(d_pr) under
+        `gcn_embed_scale`), None where ablated."""
         if not self.shared_table:
-            return (None if self.pos_emb is None else self.pos_emb.weight,
-                    None if self.rel_emb is None else self.rel_emb.weight)
-        if self.tag_rel_emb is None:
-            return None, None
-        w = self.tag_rel_emb.weight
-        return (w[:self.n_pos] if self.n_pos else None), (w[self.n_pos:] if self.n_rel else None)
+            V_p = None if self.pos_emb is None else self.pos_emb.weight
+            V_r = None if self.rel_emb is None else self.rel_emb.weight
+        elif self.tag_rel_emb is None:
+            V_p = V_r = None
+        else:
+            w = self.tag_rel_emb.weight
+            V_p, V_r = (w[:self.n_pos] if self.n_pos else None), (w[self.n_pos:] if self.n_rel else None)
+        if self.tag_scale == 1.0:
+            return V_p, V_r
+        return tuple(None if t is None else t * self.tag_scale for t in (V_p, V_r))
 
     def relations(self, dep, mask):
         """Relation ids r_ij (B, L, L) of eq. 8's graph, 0 = no edge."""
@@ -172,8 +185,15 @@ class CorrelationGCN(nn.Module):
 
     def attention(self, H_des, pos, dep, mask):
         """-> p (B, L, L), eq. 8; rows of padded positions are all zero."""
-        B, L, _ = H_des.shape
         rel = self.relations(dep, mask)
+        adj = rel > 0  # a_ij
+        p = (self.scores(H_des, pos, rel).float() * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)  # fp32: no NaN
+        return (p * adj).to(H_des.dtype)
+
+    def scores(self, H_des, pos, rel):
+        """V_qk[i] . V_qk[j] (B, L, L) of eq. 8 before the softmax and `gcn_scaled`, for every pair (i, j) with
+        relation ids `rel`, from the decomposition in the module docstring."""
+        B, L, _ = H_des.shape
         scores = H_des.new_zeros(B, L, L)
         if self.use_des:
             scores = scores + H_des @ H_des.transpose(1, 2)  # H_des[i] . H_des[j]
@@ -183,9 +203,7 @@ class CorrelationGCN(nn.Module):
             scores = scores + P @ P.transpose(1, 2)  # V_p[pos_i] . V_p[pos_j]
         if V_r is not None:
             scores = scores + V_r.pow(2).sum(-1)[rel]  # ||V_r[r_ij]||^2
-        adj = rel > 0  # a_ij
-        p = (scores.float() * self.scale).masked_fill(~adj, NEG_INF).softmax(-1)  # fp32: no NaN rows
-        return (p * adj).to(H_des.dtype)
+        return scores
 
     def forward(self, H_des, pos, dep, mask):  # -> H_cor (B, L, d_in), p (B, L, L)
         p = self.attention(H_des, pos, dep, mask)
