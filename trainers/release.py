@@ -38,8 +38,7 @@ CARD_JSON, CARD_MD = "card.json", "card.md"
 CARD_FORMAT = "edp-card/1"
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json")  # trainers.artifacts' WEIGHTS, CONFIG, VOCAB
 MAX_BUNDLE_BYTES = 15_000_000  # a released bundle lives in git: at most 15 MB
-FP16_TOLERANCE = 0.1  # largest move float16 weights may cause, in the papers' table units (TABLE_SCALE)
-TABLE_SCALE = {"acc": 100.0, "dist_1": 100.0, "dist_2": 100.0}  # the papers print Acc and Dist-n x100
+FP16_TOLERANCE = 0.1  # largest move float16 weights may cause, in the papers' table units (table_scale)
 SAMPLE_COUNT = 5
 
 PAPERS = {
@@ -141,11 +140,16 @@ def read_card(directory: str | Path) -> dict:
     return card
 
 
+def table_scale(metric: str) -> float:
+    """The factor the papers' tables print a metric with: Acc and Dist-n (either definition) x100, the rest as is."""
+    return 100.0 if metric == "acc" or metric.startswith("dist") else 1.0
+
+
 def fp16_moves(fp32: dict[str, float], fp16: dict[str, float], tolerance: float = FP16_TOLERANCE) -> dict[str, float]:
     """{metric: move} for each of Acc, PPL and Dist whose float16 value moved by more than `tolerance` from its
     float32 one, in the papers' table units (Acc and Dist-n x100, PPL as is)."""
     gated = [k for k in fp32 if k in ("acc", "ppl", "ppl_token") or k.startswith("dist")]
-    moves = {k: abs(fp16[k] - fp32[k]) * TABLE_SCALE.get(k, 1.0) for k in gated if k in fp16}
+    moves = {k: abs(fp16[k] - fp32[k]) * table_scale(k) for k in gated if k in fp16}
     return {k: m for k, m in moves.items() if m > tolerance}
 
 
@@ -197,10 +201,7 @@ def card_data(name: str, loaded: LoadedModel, files: dict[str, dict], provenance
 
 def _metric_rows(metrics: dict[str, float]) -> list[str]:
     rows = ["| metric | value (as computed) | as in the papers' tables |", "|---|---|---|"]
-    for k, v in metrics.items():
-        scale = TABLE_SCALE.get(k)
-        rows.append(f"| `{k}` | {v!r} | " + (f"{v * scale:.2f}" if scale else f"{v:.2f}") + " |")
-    return rows
+    return rows + [f"| `{k}` | {v!r} | {v * table_scale(k):.2f} |" for k, v in metrics.items()]
 
 
 def _evaluation_lines(card: dict) -> list[str]:
@@ -214,10 +215,11 @@ def _evaluation_lines(card: dict) -> list[str]:
     lines += [f"- `{k}`: {v}" for k, v in e["definitions"].items()]
     check = card.get("fp16_check")
     if check:
-        lines += ["", f"float16 weights against float32 (largest move allowed {check['tolerance']} in table units):",
-                  "", *_metric_rows(check["float32"])[:2]]
-        lines += [f"| `{k}` (float32 -> float16) | {v!r} -> {check['float16'][k]!r} | |"
-                  for k, v in check["float32"].items()]
+        lines += ["", f"float16 weights against float32 (Acc, PPL and Dist may move by at most {check['tolerance']} "
+                      "in table units):", "",
+                  "| metric | float32 | float16 | move (table units) |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | {v!r} | {check['float16'][k]!r} | {abs(check['float16'][k] - v) * table_scale(k):.4f} |"
+                  for k, v in check["float32"].items() if k in check["float16"]]
     return lines
 
 
@@ -228,7 +230,7 @@ def render_card(card: dict) -> str:
                  if card["evaluation"] else f"edp evaluate --model models/{card['name']} --data <ED> --split valid")
     lines = [
         f"# {card['name']}", "",
-        f"A {m['type']} empathetic response generator trained on {d['name']}, released as a serving bundle "
+        f"An empathetic response generator (`{m['type']}`) trained on {d['name']}, released as a serving bundle "
         f"({m['params']:,} parameters, {m['weights_dtype']} weights).", "",
         "## Model", "", f"- paper: {m['paper']}", f"- type: `{m['type']}`; config: `{json.dumps(m['config'])}`", "",
         "## Data and licence", "", f"- {d['name']}: {d['citation']}", f"- licence: {d['licence']}",

@@ -197,3 +197,24 @@ def test_version_tags_carry_the_cards_metrics_source_and_sha(released):
     assert params["model"] == "escm" and params["data.key"] == tags["data.key"] and "valid_acc" not in params
     no_eval = version_tags({**card, "evaluation": None}, "d")
     assert "valid_acc" not in no_eval and "eval.split" not in no_eval
+
+
+def test_serve_model_dir_deploys_the_app_of_its_model_type_with_the_directory_and_no_tracking_uri(released,
+                                                                                                  monkeypatch):
+    """`edp serve --model DIR`: the Serve config's app for the bundle's model type, args naming the directory and
+    the card's name (no MLflow URI resolved); Ray itself is not started here."""
+    from cluster.local import serve as serve_local
+
+    specs = []
+
+    def run(spec, **kwargs):
+        specs.append(spec)
+        raise KeyboardInterrupt  # stop before the command waits for Ctrl-C
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(serve_local, "run", run)
+    runner.invoke(app, ["serve", "--model", str(released)])
+    (spec,) = specs
+    assert spec.app_name == "escm" and spec.route_prefix == "/escm"
+    assert spec.args["model_dir"] == str(released.resolve()) and spec.args["model_name"] == "escm-tiny"
+    assert not spec.args.get("mlflow_tracking_uri")
