@@ -14,7 +14,8 @@ from cluster.cli import app
 from tests.integration.registry_models import train_tiny
 from trainers import artifacts, release
 
-RELEASED = sorted(d for d in release.MODELS_DIR.iterdir() if d.is_dir()) if release.MODELS_DIR.is_dir() else []
+RELEASED = sorted(d for d in release.MODELS_DIR.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+    if release.MODELS_DIR.is_dir() else []
 
 
 def check_released(root: Path) -> list[release.Released]:
