@@ -28,6 +28,7 @@ from cluster.console import (
     print_latency,
     print_prepared,
     print_sweep,
+    released_table,
     rich_progress,
     stack_table,
 )
@@ -44,6 +45,7 @@ from cluster.tracking.promotion import rollback as do_rollback
 from cluster.tracking.runs import resolve_tracking_uri
 from services import registry
 from services.registry import RegistryError
+from trainers import release
 from trainers import train as train_entry
 from trainers.config import ConfigError, DataConfig, load_config, parse_overrides
 from trainers.data.records import DataError
@@ -170,7 +172,8 @@ def evaluate(
     checkpoint: Annotated[str | None, typer.Option(
         "--checkpoint", help="a local training checkpoint (.pt) or a serving bundle directory")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="a registered version: models:/<name>@<alias> or models:/<name>/<version>")] = None,
+        "--model", help="a registered version (models:/<name>@<alias> or models:/<name>/<version>) or a released "
+                        "bundle directory (models/escm-ed: its card's metrics are reproduced)")] = None,
     split: Annotated[str, typer.Option("--split", help="split name in the source")] = "valid",
     out: Annotated[Path, typer.Option("--out", help="where metrics.json and predictions.jsonl go")] = Path("eval"),
     device: Annotated[str, typer.Option("--device")] = "cpu",
@@ -191,11 +194,15 @@ def evaluate(
 
 
 def _evaluate(checkpoint: str | None, model: str | None, tracking_uri: str | None, *args, **kwargs) -> dict:
-    """Evaluate a local checkpoint/bundle, or a registered version's bundle (never unpickled) downloaded here."""
+    """Evaluate a local checkpoint/bundle, a released bundle directory (checked against its card, float32 compute
+    as its card's), or a registered version's bundle (never unpickled) downloaded here."""
     from trainers.evaluation import evaluate_model  # torch: only for this command
 
     if model is None:
         return evaluate_model(checkpoint, *args, **kwargs)
+    if not model.startswith("models:/"):
+        name, digest = release.bundle_identity(release.released_bundle(model))
+        return evaluate_model(model, *args, label=f"{name} (bundle sha256 {digest[:12]})", bf16=False, **kwargs)
 
     resolved = registry.resolve(model, resolve_tracking_uri(tracking_uri))
     try:
@@ -310,20 +317,28 @@ def serve(
     port: Annotated[int | None, typer.Option("--port", help="HTTP port (default: the config's)")] = None,
     address: Annotated[str | None, typer.Option("--address", help="attach to this Ray cluster")] = None,
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Ray metrics port")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="serve this local bundle directory (a released model, e.g. models/escm-ed) instead of "
+                        "models:/NAME@ALIAS: no MLflow; --name and --tracking-uri do not apply")] = None,
     overrides: SetOpt = None,
 ) -> None:
-    """Serve one application of the Serve config (models:/NAME@ALIAS, under its route prefix) on 127.0.0.1
-    until Ctrl-C."""
+    """Serve one application of the Serve config (models:/NAME@ALIAS, or with --model a bundle directory, under its
+    route prefix) on 127.0.0.1 until Ctrl-C."""
     try:
-        spec = serve_local.from_config(config, name, alias, {"mlflow_tracking_uri": tracking_uri,
-                                                             **parse_overrides(overrides or [])}, app=app_name)
-    except (ConfigError, ValidationError, OSError) as e:
+        local = None if model is None else registry.local_version(model)
+        args = {"mlflow_tracking_uri": tracking_uri, **parse_overrides(overrides or [])}
+        if local is not None:  # the app serving this model type; the card's name and the directory replace its args
+            name = json.loads((local.bundle / "config.json").read_text())["model_name"]  # its model type
+            args.update(model_name=local.name, model_dir=str(local.bundle))
+        spec = serve_local.from_config(config, name, alias, args, app=app_name)
+    except (ConfigError, ValidationError, OSError, RegistryError, DataError) as e:
         _fail(str(e))
-    if not spec.args.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if local is None and not spec.args.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI"):
         spec.args["mlflow_tracking_uri"] = resolve_tracking_uri()  # the local sweeps' embedded store
     url = serve_local.run(spec, port=port, address=address, metrics_port=metrics_port)
-    console.print(f"serving models:/{spec.args['model_name']}@{alias} at {url}/v1/respond (OpenAPI: {url}/docs); "
-                  "Ctrl-C stops")
+    what = f"models:/{spec.args['model_name']}@{alias}" if local is None else \
+        f"{local.bundle} ({local.name} {local.version})"
+    console.print(f"serving {what} at {url}/v1/respond (OpenAPI: {url}/docs); Ctrl-C stops")
     try:
         while True:
             time.sleep(3600)
@@ -331,6 +346,89 @@ def serve(
         from ray import serve as ray_serve  # already loaded by serve_local.run
 
         ray_serve.shutdown()
+
+
+models_app = typer.Typer(help="Released models: bundles with model cards under the repo's models/ folder.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("release")
+def models_release(
+    checkpoint: Annotated[Path, typer.Argument(help="a training checkpoint (.pt) or a bundle directory")],
+    out: Annotated[Path, typer.Option("--out", help="the release directory, e.g. models/escm-ed (must not exist)")],
+    fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights (refused when --data shows a metric moving "
+                                                      f"by more than {release.FP16_TOLERANCE})")] = False,
+    data: Annotated[str | None, typer.Option("--data", help="evaluate on this ED source for the card's metrics "
+                                                            "and samples")] = None,
+    split: Annotated[str, typer.Option("--split", help="split of --data")] = "valid",
+    train_command: Annotated[str | None, typer.Option("--train-command", help="the exact training command")] = None,
+    commit: Annotated[str | None, typer.Option("--commit", help="the git commit the model was trained at")] = None,
+) -> None:
+    """Write a serving bundle (at most 15 MB), card.json and card.md: a released model."""
+    try:
+        card = release.release(checkpoint, out, fp16=fp16, source=data, split=split, command=train_command,
+                               commit=commit, log=plain)
+    except (DataError, ConfigError) as e:
+        _fail(str(e))
+    if card["evaluation"]:
+        print_evaluation(card["evaluation"], split)
+    else:
+        console.print("[yellow]no --data: the card has no metrics and no samples[/]")
+    if not (train_command and commit):
+        console.print("[yellow]the card records no training command or commit: give --train-command and --commit[/]")
+
+
+@models_app.command("list")
+def models_list(
+    models_dir: Annotated[Path, typer.Option("--dir", help="the models folder")] = release.MODELS_DIR,
+) -> None:
+    """The released models of a folder, their card's figures and whether their files match the card (exit 1 if
+    any does not)."""
+    rows = release.released_models(models_dir)
+    if not rows:
+        console.print(f"no released models in {models_dir} (make one with: edp models release CHECKPOINT --out "
+                      f"{models_dir}/NAME --data DIR)", soft_wrap=True)
+        return
+    console.print(released_table(rows, models_dir))
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        console.print(f"[red]{len(failed)} of {len(rows)} fail their check:[/]")
+        for r in failed:
+            plain(f"  {r.path}: " + "; ".join(r.problems))
+        raise typer.Exit(1)
+
+
+@models_app.command("verify")
+def models_verify(directory: Annotated[Path, typer.Argument(help="a released model's directory")]) -> None:
+    """Recompute the sha256 of the bundle's files and compare them with card.json (exit 1 on a mismatch)."""
+    try:
+        problems = release.verify(directory)
+    except DataError as e:
+        _fail(str(e))
+    for line in problems:
+        console.print(f"[red]mismatch[/] {directory}/{line}", soft_wrap=True, highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"{directory}: every bundle file matches card.json")
+
+
+@models_app.command("register")
+def models_register(
+    directory: Annotated[Path, typer.Argument(help="a released model's directory")],
+    name: Annotated[str, typer.Option("--name", help="registered model name")],
+    alias: Annotated[str | None, typer.Option("--alias", help="move this alias (e.g. champion) to it")] = None,
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """Register a released model as a new version of NAME, its card's metrics as tags."""
+    from cluster.tracking.releases import register_release  # mlflow: only for this command
+
+    try:
+        registered = register_release(directory, name, alias=alias, tracking_uri=tracking_uri, log=plain)
+    except PromotionError as e:
+        _fail(str(e))
+    console.print(f"[bold]registered[/]: models:/{name}/{registered.version}"
+                  + (f" (alias {alias})" if alias else ""))
 
 
 stack_app = typer.Typer(help="The platform's services on this machine (Ray, MLflow, S3, Prometheus), on 127.0.0.1.",

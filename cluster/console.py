@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -71,11 +72,39 @@ def print_prepared(prepared) -> None:
 
 
 def print_evaluation(result: dict, split: str) -> None:
-    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped)")
+    dtype = result.get("dtype") or {}
+    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped); weights "
+                        f"{dtype.get('weights', '?')}, computed in {dtype.get('compute', '?')}")
     for k in result["metrics"]:
         table.add_column(k, justify="right")
     table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
     console.print(table)
+
+
+def released_table(rows, root) -> Table:
+    """The released models of a folder (`trainers.release.Released` rows): card figures and the hash check."""
+    table = Table(title=f"released models in {root}")
+    for col in ("name", "model", "params", "dtype", "size MB", "split", "Acc", "PPL", "Dist-1", "Dist-2", "commit",
+                "files"):
+        table.add_column(col, justify="right" if col in ("params", "size MB", "Acc", "PPL", "Dist-1", "Dist-2")
+                         else "left")
+    for r in rows:
+        status = "[green]verified[/]" if r.ok else f"[red]{escape('; '.join(r.problems))}[/]"
+        if r.card is None:
+            table.add_row(r.path.name, *["-"] * 10, status)
+            continue
+        c, ev = r.card, r.card.get("evaluation") or {}
+        m = ev.get("metrics", {})
+        figures = [_figure(m, k, scale) for k, scale in (("acc", 100), ("ppl", 1), ("dist_1", 100), ("dist_2", 100))]
+        size = sum(f["bytes"] for f in c["files"].values()) / 1e6
+        table.add_row(c["name"], c["model"]["type"], f"{c['model']['params']:,}", c["model"]["weights_dtype"],
+                      f"{size:.1f}", ev.get("split", "-"), *figures, (c["training"]["commit"] or "-")[:10], status)
+    return table
+
+
+def _figure(metrics: dict, key: str, scale: float) -> str:
+    """A card metric as the papers' tables print it (Acc and Dist-n x100), '-' when the card has none."""
+    return "-" if key not in metrics else f"{metrics[key] * scale:.2f}"
 
 
 def print_sweep(name: str, summary: dict) -> None:

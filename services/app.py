@@ -13,7 +13,8 @@ This module is the Ray and HTTP side only:
   JSON, never a crash;
 - the crisis screen (services/safety.py, `args.crisis_screen`), handed to the Replica, which applies it;
 - the two `@serve.batch` queues (champion, challenger), each one `Replica.generate` call per batch;
-- the registry wiring: the Replica gets services/registry.py's lookup and load as callables;
+- the registry wiring: the Replica gets services/registry.py's lookup and load as callables (or, with
+  args.model_dir, a StaticSource: one local bundle directory, no MLflow);
 - request latency by route (services/replica_metrics.py, exported through Ray's metrics agent).
 The Replica (plain Python) holds the rest: the loaded versions, the hot swap, the alias poller and the
 challenger routing (shadow or split traffic).
@@ -48,6 +49,7 @@ from services.replica import (
     Replica,
     RolloutConfig,
     Routed,
+    StaticSource,
 )
 from services.replica_metrics import replica_metrics
 from services.safety import CrisisScreen, CrisisScreenConfig
@@ -81,6 +83,8 @@ class AppArgs(StrictModel):
 
     model_name: str = Field("escm", min_length=1, description="registered model name")
     model_alias: str = Field("champion", min_length=1, description="alias to serve and follow")
+    model_dir: str | None = Field(None, description="serve this local bundle directory (a released model, "
+                                                    "`edp serve --model`) instead of the registry: no MLflow")
     mlflow_tracking_uri: str | None = Field(None, description="None: the MLFLOW_TRACKING_URI env var")
     max_batch_size: int = Field(32, ge=1, le=256, description="@serve.batch size (1 = batching off)")
     batch_wait_timeout_s: float = Field(0.05, ge=0, le=5, description="how long a batch waits to fill")
@@ -203,14 +207,19 @@ class ResponderDeployment:
     def __init__(self, args: dict):
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm in replica logs
         self.args = AppArgs.model_validate(args)
-        self.tracking_uri = self.args.tracking_uri()
         self.token = self.args.auth_token()
         self.metrics = replica_metrics()
         name = self.args.model_name
-        self.replica = Replica(name, self.args.model_alias, self.args.poll_interval_s,
-                               lookup=lambda t: registry.lookup(registry.client(self.tracking_uri), name, t.alias,
-                                                                t.version),
-                               load=self._load, metrics=self.metrics,
+        if self.args.model_dir:  # a released bundle directory: a fixed version, no registry
+            source = StaticSource(self.args.model_dir, self.args.device)
+            lookup, load = source.lookup, source.load
+        else:
+            self.tracking_uri = self.args.tracking_uri()
+            lookup = lambda t: registry.lookup(registry.client(self.tracking_uri), name, t.alias,  # noqa: E731
+                                               t.version)
+            load = self._load
+        self.replica = Replica(name, self.args.model_alias, self.args.poll_interval_s, lookup=lookup, load=load,
+                               metrics=self.metrics,
                                queues={CHAMPION: self._champion_batch, CHALLENGER: self._challenger_batch},
                                screen=CrisisScreen(self.args.crisis_screen))
         for batch in (self._champion_batch, self._challenger_batch):
@@ -305,6 +314,8 @@ class ResponderDeployment:
 def make_app(args: dict, **deployment_options: Any) -> Application:
     """The application with `deployment_options` (autoscaling_config, ray_actor_options, ...) applied."""
     validated = AppArgs.model_validate(args)  # fail on the driver, naming the field, not in a replica
+    if validated.model_dir:
+        registry.local_version(validated.model_dir)  # RegistryError: not a bundle, or not matching its card
     RolloutConfig.model_validate(deployment_options.get("user_config") or {})
     deployment = ResponderDeployment.options(**deployment_options) if deployment_options else \
         ResponderDeployment

@@ -15,6 +15,10 @@ Contract with whoever registers versions (cluster.tracking.promotion, or by hand
 
     resolved = resolve("models:/escm@champion", tracking_uri)
     responder = load_responder(resolved)
+
+A local bundle directory (a released model under models/) is served without MLflow: `local_version` gives it a
+fixed pseudo-version (name `<card name>`, version `local:<sha12>`) that services.replica.StaticSource hands the
+replica as its only version.
 """
 
 from __future__ import annotations
@@ -122,6 +126,37 @@ def download(c, tracking_uri: str, mv, alias: str | None = None,
         raise
     return ResolvedModel(mv.name, alias, str(mv.version), mv.run_id or mv.tags.get("run_id"), mv.source, bundle,
                          dst)
+
+
+@dataclass(frozen=True)
+class LocalVersion:
+    """A local bundle directory (a released model) standing in for a registry ModelVersion: what `lookup`
+    returns when a replica serves a directory (`edp serve --model models/escm-ed`), with a fixed name and
+    pseudo-version `local:<first 12 hex digits of the bundle's sha256>`."""
+
+    name: str
+    version: str
+    source: str
+    bundle: Path
+    run_id: str | None = None
+
+
+def local_version(directory: str | Path) -> LocalVersion:
+    """The pseudo-version of a bundle directory, checked: a bundle, matching its card.json when it has one;
+    RegistryError naming what is wrong."""
+    from trainers.release import ReleaseError, bundle_identity, released_bundle
+
+    try:
+        bundle = released_bundle(directory).resolve()
+        name, digest = bundle_identity(bundle)
+    except ReleaseError as e:
+        raise RegistryError(str(e)) from e
+    return LocalVersion(name, f"local:{digest[:12]}", f"release:{bundle}", bundle)
+
+
+def resolve_local(mv: LocalVersion, alias: str | None = None) -> ResolvedModel:
+    """A local version as a ResolvedModel (its files are the directory itself: never `discard` them)."""
+    return ResolvedModel(mv.name, alias, mv.version, mv.run_id, mv.source, mv.bundle, mv.bundle)
 
 
 def load_responder(resolved: ResolvedModel, device: str = "cpu", warm_up: bool = True):

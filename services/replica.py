@@ -202,6 +202,29 @@ def refresh_slot(slot: Slot, lookup: Lookup, load: Load, others: list[Slot]) -> 
     return True
 
 
+class StaticSource:
+    """A replica's registry when it serves one local bundle directory (`edp serve --model models/escm-ed`): `lookup`
+    always names the same pseudo-version (services.registry.local_version), so the alias poller keeps serving
+    it, and `load` reads the directory in place (nothing downloaded, nothing discarded). No MLflow."""
+
+    def __init__(self, directory: str, device: str = "cpu", warm_up: bool = True):
+        from services.registry import local_version
+
+        self.version = local_version(directory)  # RegistryError when it is not a (verified) bundle
+        self.device, self.warm_up = device, warm_up
+
+    def lookup(self, target: Target | None):
+        return self.version
+
+    def load(self, mv, alias: str | None = None) -> Loaded:
+        from services.registry import load_responder, resolve_local
+
+        t0 = time.perf_counter()
+        resolved = resolve_local(mv, alias)
+        responder = load_responder(resolved, self.device, warm_up=self.warm_up)
+        return Loaded(responder, resolved, time.time(), time.perf_counter() - t0)
+
+
 def next_poll_delay(failures: int, poll_interval_s: float, serving: bool) -> float:
     """Seconds to a replica's next registry check. While it serves a model: every poll_interval_s. Before its
     first model loads (alias missing, registry down, artifact broken): a retry backoff of 1, 2, 4, ... s after

@@ -10,7 +10,9 @@ from the registry cannot run code when it is loaded:
 
     bundle/
       model.safetensors   the model's parameters and buffers (tensors only: the format cannot carry code)
-      config.json         {"format": "edp-bundle/1", "model_name", "model_config", "train_config", "data_key"}
+      config.json         {"format": "edp-bundle/1", "model_name", "model_config", "train_config", "data_key",
+                           "weights_dtype"}: float32, or float16 (a release's halved weights, cast back to float32
+                           on load: the model always runs in float32 on the CPU)
       vocab.json          the vocabulary (trainers.data.vocab format)
 
 One way to load a model, whatever holds it:
@@ -24,6 +26,7 @@ One way to load a model, whatever holds it:
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -47,6 +50,7 @@ BUNDLE_FORMAT = "edp-bundle/1"
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 REGISTRY_SCHEME = "models:/"
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # what a bundle's weights may be stored as
 TRAINERS_DIR = Path(__file__).resolve().parent
 
 
@@ -62,6 +66,7 @@ class LoadedModel:
     model: torch.nn.Module
     vocab: Vocab
     data_key: str | None        # the prepared data's key (trainers.data.prepare), when recorded
+    weights_dtype: str = "float32"  # how the weights were stored (the model itself is float32)
 
     def train_config(self) -> TrainConfig:
         return TrainConfig.model_validate(self.run_config)
@@ -146,22 +151,28 @@ def trainers_source_hash() -> str:
 
 
 def save_bundle(out_dir: str | Path, cfg: InferenceConfig, model: torch.nn.Module, vocab: Vocab,
-                data_key: str | None = None) -> Path:
-    """Write `model`'s weights, its resolved config and `vocab` into `out_dir` (created); returns it."""
+                data_key: str | None = None, weights_dtype: str = "float32") -> Path:
+    """Write `model`'s weights (its floating-point tensors cast to `weights_dtype`), its resolved config and
+    `vocab` into `out_dir` (created); returns it."""
+    if weights_dtype not in WEIGHT_DTYPES:
+        raise BundleError(f"weights_dtype {weights_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT, "model": cfg.model})
+    stored = model if weights_dtype == "float32" else copy.deepcopy(model).to(WEIGHT_DTYPES[weights_dtype])
+    save_safetensors(stored, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT, "model": cfg.model,
+                                                           "weights_dtype": weights_dtype})
     config = {"format": BUNDLE_FORMAT, "model_name": cfg.model, "model_config": vars(model.cfg),
-              "train_config": cfg.model_dump(mode="json"), "data_key": data_key}
+              "train_config": cfg.model_dump(mode="json"), "data_key": data_key, "weights_dtype": weights_dtype}
     (out / CONFIG).write_text(json.dumps(config, indent=1))
     vocab.save(out / VOCAB)
     return out
 
 
-def export_bundle(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_bundle(checkpoint: str | Path, out_dir: str | Path, weights_dtype: str = "float32") -> Path:
     """A serving bundle (weights, config, vocabulary; no optimizer state) from a local training checkpoint."""
     loaded = _from_checkpoint_state(read_checkpoint(checkpoint), torch.device("cpu"))
-    return save_bundle(out_dir, loaded.train_config(), loaded.model, loaded.vocab, data_key=loaded.data_key)
+    return save_bundle(out_dir, loaded.train_config(), loaded.model, loaded.vocab, data_key=loaded.data_key,
+                       weights_dtype=weights_dtype)
 
 
 def is_bundle(path: Path) -> bool:
@@ -197,8 +208,12 @@ def _load_bundle(path: Path, device: str) -> LoadedModel:
     config = read_bundle_config(path)
     vocab = Vocab.load(path / VOCAB)
     model = build_model(config["model_name"], len(vocab), vocab.emotion_ids(), **config["model_config"])
-    try:
+    dtype = config.get("weights_dtype", "float32")
+    if dtype not in WEIGHT_DTYPES:
+        raise BundleError(f"{path / CONFIG}: weights_dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    try:  # load_state_dict copies into the float32 model: float16 weights are cast back here
         load_safetensors(model, str(path / WEIGHTS), strict=True)
     except (SafetensorError, RuntimeError) as e:
         raise BundleError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {e}") from e
-    return LoadedModel(config["train_config"], model.to(resolve_device(device)).eval(), vocab, config.get("data_key"))
+    return LoadedModel(config["train_config"], model.to(resolve_device(device)).eval(), vocab, config.get("data_key"),
+                       dtype)

@@ -8,7 +8,7 @@ whole split, or `_sampled` over its first examples when only those are decoded.
 
 `evaluate_model` reads any ED-format source (jsonl dir/file, official CSV dir or tar.gz, s3://) and writes
 `metrics.json` (Acc / PPL / PPL_token / Dist-1 / Dist-2 / BLEU over the whole split, and the `definitions` of each)
-and `predictions.jsonl` (one line per example: conv_id, turn, gold and predicted emotion with its probability,
+and `predictions.jsonl` (one line per example: conv_id, turn, context, gold and predicted emotion with its probability,
 generated response, reference, and the reference's teacher-forced summed NLL `nll_sum` over its `num_tokens`
 target tokens, EOS included: enough to recompute both PPLs). Decoding settings are the run's (the paper's greedy
 decoding by default) unless overridden.
@@ -30,7 +30,7 @@ from trainers.data.emotions import EMOTIONS
 from trainers.data.prepare import split_with_vocab
 from trainers.data.sources import load_splits
 from trainers.decoding import decode, ids_to_tokens
-from trainers.device import autocast, resolve_device
+from trainers.device import autocast, native_bf16, resolve_device
 from trainers.metrics import DEFINITIONS, MetricAccumulator, sampled
 from trainers.models.interface import Targets
 
@@ -144,12 +144,15 @@ class Evaluator:
 
 def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str | Path, *,
                    device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
-                   label: str | None = None) -> dict:
+                   label: str | None = None, bf16: bool | None = None) -> dict:
     """Metrics and predictions of the model at `model_path` (a checkpoint file or a bundle directory; `label`
-    names it in metrics.json) on a split."""
+    names it in metrics.json) on a split. `bf16` overrides the run's bf16 setting (False: float32 compute on
+    every machine, what a release's card records); the result's `dtype` says how the weights were stored and
+    what the computation ran in."""
     loaded = artifacts.load(model_path, device)
     cfg, model, vocab = loaded.train_config(), loaded.model, loaded.vocab
-    cfg = cfg.model_copy(update={"device": device, "decode": {**cfg.decode, **(decode or {})}})
+    cfg = cfg.model_copy(update={"device": device, "decode": {**cfg.decode, **(decode or {})},
+                                 **({} if bf16 is None else {"bf16": bf16})})
     report = load_splits(source, splits=[split], skip_invalid=skip_invalid)[split]
     prepared = split_with_vocab(split, report, vocab, cfg.data)
     dev = resolve_device(device)
@@ -160,12 +163,18 @@ def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"checkpoint": label or str(model_path), "source": source, "split": split, "examples": len(data),
-              "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__, "metrics": evaluation.metrics,
-              "definitions": DEFINITIONS}
+              "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__,
+              "dtype": {"weights": loaded.weights_dtype, "compute": compute_dtype(cfg.bf16, dev)},
+              "metrics": evaluation.metrics, "definitions": DEFINITIONS}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     with (out / "predictions.jsonl").open("w") as f:
         for p, nll, n in zip(evaluation.generated, evaluation.nll_sum, evaluation.num_tokens, strict=True):
-            record = {k: p[k] for k in ("conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
-                                        "generated", "reference")}
+            record = {k: p[k] for k in ("conv_id", "turn", "context", "gold_emotion", "predicted_emotion",
+                                        "predicted_prob", "generated", "reference")}
             f.write(json.dumps({**record, "nll_sum": float(nll), "num_tokens": int(n)}) + "\n")
     return result
+
+
+def compute_dtype(bf16: bool, device: torch.device) -> str:
+    """What the evaluation's matmuls ran in: bf16 autocast where it applies (trainers.device), else float32."""
+    return "bfloat16 autocast" if bf16 and native_bf16(device.type) else "float32"

@@ -58,7 +58,7 @@ def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample
     assert not any(k.endswith("_sampled") for k in metrics["metrics"])  # edp evaluate decodes the whole split
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == metrics["examples"] == 50
-    assert set(predictions[0]) == {"conv_id", "turn", "gold_emotion", "predicted_emotion", "predicted_prob",
+    assert set(predictions[0]) == {"conv_id", "turn", "context", "gold_emotion", "predicted_emotion", "predicted_prob",
                                    "generated", "reference", "nll_sum", "num_tokens"}
     # anyone can recompute both perplexities and the accuracy from predictions.jsonl
     nll, tokens = [p["nll_sum"] for p in predictions], [p["num_tokens"] for p in predictions]
