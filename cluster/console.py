@@ -5,6 +5,7 @@ Everything here renders results; nothing computes them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
@@ -178,15 +179,7 @@ def print_demo(result, out: Console = console) -> None:
     out.print(f"[bold]champion[/]: models:/{d.name}@champion -> version {d.version} ({d.action})")
     for line in d.lines:
         out.print(f"  {line}")
-    examples = Table(title="example responses from POST /v1/respond", show_lines=True)
-    for col in ("context", "response", "emotion (top prob)", "evidence"):
-        examples.add_column(col, overflow="fold")
-    for body, answer in result.responses:
-        top = answer["emotion_top"][0] if answer.get("emotion_top") else None
-        ev = ", ".join(_evidence_text(e) for e in answer.get("evidence", [])[:3])
-        examples.add_row(" / ".join(body["context"]), answer["response"],
-                         f"{top['label']} ({top['prob']:.2f})" if top else "-", ev or "-")
-    out.print(examples)
+    out.print(example_table(result))
     lat = result.latency
     if "p50" in lat:
         out.print(f"[bold]latency[/] (Prometheus, Serve HTTP, /v1/respond): p50 {lat['p50']:.0f} ms, "
@@ -201,6 +194,41 @@ def print_demo(result, out: Console = console) -> None:
         urls.add_row(label, result.urls[name] + ("/v1/respond" if name == "serve" else ""))
     urls.add_row("stop it", "edp stack down   (or: .venv/bin/edp stack down)")
     out.print(urls)
+
+
+def example_table(result) -> Table:
+    """The example requests with each served model's answer: the released model's (trained on the full ED train
+    split) beside the sample-trained champion's, when the demo served a release."""
+    released = dict((json.dumps(b, sort_keys=True), a) for b, a in result.released_responses)
+    models = [(f"released model (models:/escm-ed/{result.released_version}, full ED train)", released)] \
+        if released else []
+    champion = dict((json.dumps(b, sort_keys=True), a) for b, a in result.responses)
+    models.append((f"champion (models:/{result.decision.name}/{result.decision.version}, trained on the demo's data)",
+                   champion))
+    table = Table(title="example responses from POST /v1/respond", show_lines=True)
+    table.add_column("context", overflow="fold")
+    for title, _ in models:
+        table.add_column(title, overflow="fold")
+    for key in dict.fromkeys([*released, *champion]):
+        body = json.loads(key)
+        table.add_row(escape(" / ".join(body["context"])), *(_answer_text(answers.get(key)) for _, answers in models))
+    return table
+
+
+def _answer_text(answer: dict | None) -> str:
+    """A response with its top emotion and first evidence (words or word pairs), or why there is none."""
+    if answer is None:
+        return "-"
+    if "response" not in answer:
+        return f"[red]failed: {escape(str(answer.get('error', answer)))}[/]"
+    top = answer["emotion_top"][0] if answer.get("emotion_top") else None
+    lines = [escape(answer["response"])]
+    if top:
+        lines.append(f"[dim]emotion: {top['label']} ({top['prob']:.2f})[/]")
+    evidence = ", ".join(_evidence_text(e) for e in answer.get("evidence", [])[:3])
+    if evidence:
+        lines.append(f"[dim]evidence: {escape(evidence)}[/]")
+    return "\n".join(lines)
 
 
 def _evidence_text(e: dict) -> str:

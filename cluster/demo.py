@@ -1,12 +1,14 @@
 """`edp demo` / `make demo`: the whole loop on one machine, on real services.
 
 1. `edp stack up`: Ray head, MLflow server (sqlite), SeaweedFS S3, Prometheus on 127.0.0.1;
+   then the released model (models/escm-ed, trained on the full ED train split) is registered as a version of
+   `escm-ed` and served under /released, first, so a real model answers within minutes;
 2. prepare the data (the embedded sample, or ED_DATA_DIR / --data);
 3. submit the demo sweep with Ray's job API (what `ray job submit` does): ESCM and IAMM, full and
    ablated, plus the Transformer baseline, one MLflow parent run with nested child runs;
 4. promote the best child run to `models:/<name>@champion` (refused when worse than the current one);
 5. deploy the champion's application (escm or iamm, under /escm or /iamm) from the Serve config file the
-   chart's RayService uses, on the stack's Ray;
+   chart's RayService uses, on the stack's Ray, beside the released model's;
 6. send real HTTP requests, then read p50/p99 latency back from Prometheus with PromQL;
 7. return a `DemoResult` (runs, the champion and why, example responses, latency, timings, URLs), which
    `cluster.console.print_demo` prints with how to stop the stack.
@@ -43,6 +45,10 @@ from trainers.config import DataConfig, load_config
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SWEEP = PROJECT_ROOT / "cluster" / "configs" / "sweeps" / "demo.yaml"
 REGISTERED_NAME = "edp-demo"
+RELEASED = PROJECT_ROOT / "models" / "escm-ed"  # the released model served beside the sample-trained champion
+RELEASED_NAME, RELEASED_APP = "escm-ed", "released"  # its registered name and Serve application (under /released)
+# one replica holding a quarter of a CPU: the stack's Ray has 2, and the sweep's trials need them while it idles
+RELEASED_DEPLOYMENT = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.25}}
 LATENCY_METRIC = "ray_serve_http_request_latency_ms"  # Serve's own HTTP latency histogram
 EXAMPLES = [
     {"context": ["I finally got the job offer I have been waiting for all year!"]},
@@ -81,6 +87,8 @@ class DemoResult:
     runs: list[TrialRun] = field(default_factory=list)
     decision: Decision | None = None                                     # the promotion of the best run
     responses: list[tuple[dict, dict]] = field(default_factory=list)     # (request body, answer) examples
+    released_responses: list[tuple[dict, dict]] = field(default_factory=list)  # the released model's, same bodies
+    released_version: str | None = None                                  # models:/escm-ed/<version> that answered
     latency: dict[str, float | str] = field(default_factory=dict)        # p50, p99 (ms) and the PromQL
     timings: dict[str, float] = field(default_factory=dict)              # step -> seconds
 
@@ -100,6 +108,21 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
         lap("stack up", start)
     env = stack.stack_env(stack.Stack.at(state_dir), state["ports"])
     result = DemoResult(stack.urls(state["ports"]), timings=timings)
+    apps: dict[str, dict] = {}  # name -> its Serve config (one application): every deploy names them all
+
+    if RELEASED.is_dir():
+        start = time.perf_counter()
+        with console.status(f"registering {RELEASED.relative_to(PROJECT_ROOT)} as models:/{RELEASED_NAME}@champion "
+                            "and serving it under /released ..."):
+            result.released_version = register_released(env["MLFLOW_TRACKING_URI"], console)
+            apps[RELEASED_APP] = application(RELEASED_APP, released_model_type(), RELEASED_NAME, env, state["ports"],
+                                             RELEASED_DEPLOYMENT)
+            released_base = deploy(env, state["ports"], apps)[RELEASED_APP]
+            result.released_responses = [(body, post(released_base, body)[1]) for body in EXAMPLES]
+        lap("released model served", start)
+        timings["to a served real model"] = time.perf_counter() - t0
+    else:
+        console.print(f"[yellow]no released model at {RELEASED}: the demo serves only the sample-trained champion[/]")
 
     source = data or os.environ.get("ED_DATA_DIR") or "sample"
     from trainers.data.prepare import prepare  # spaCy, numpy: not at `edp` start-up
@@ -124,8 +147,9 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
 
     start = time.perf_counter()
     app = champion_model(env["MLFLOW_TRACKING_URI"])
+    apps[app] = application(app, app, REGISTERED_NAME, env, state["ports"])
     with console.status(f"deploying the Serve application {app} (models:/{REGISTERED_NAME}@champion) ..."):
-        base = result.urls["serve"] = deploy(env, state["ports"], app)
+        base = result.urls["serve"] = deploy(env, state["ports"], apps)[app]
     lap("serve deploy", start)
 
     start = time.perf_counter()
@@ -137,7 +161,8 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
 
     start = time.perf_counter()
     with console.status("reading latency back from Prometheus (waiting for a scrape) ..."):
-        result.latency = latency_from_prometheus(env["EDP_PROMETHEUS_URL"], nudge=lambda: post(base, EXAMPLES[0]))
+        result.latency = latency_from_prometheus(env["EDP_PROMETHEUS_URL"], nudge=lambda: post(base, EXAMPLES[0]),
+                                                 route=f"/{app}")
     lap("prometheus", start)
     timings["total"] = time.perf_counter() - t0
     return result
@@ -203,20 +228,58 @@ def champion_model(tracking_uri: str) -> str:
     return mlflow.get_run(champion.run_id).data.params["model"]
 
 
-def deploy(env: dict[str, str], ports: dict[str, int], app_name: str) -> str:
-    """`serve deploy` of the application `app_name` of the shared Serve config (the chart's RayService file) to
-    the stack's Ray, through the dashboard's REST API, with the demo's model name and this machine's host/port;
-    returns the application's base URL (with its route prefix)."""
+def register_released(tracking_uri: str, console: Console) -> str:
+    """models:/escm-ed@champion -> the released model: registered once per bundle (a version whose tag
+    `bundle_sha256` is the card's is reused), so a rerun on the same stack adds no version."""
+    from cluster.tracking.releases import register_release  # MLflow, torch: only for this step
+    from trainers.release import read_card
+
+    sha = read_card(RELEASED)["bundle_sha256"]
+    mlflow = registry.client(tracking_uri)
+    try:
+        champion = registry.lookup(mlflow, RELEASED_NAME, "champion")
+        if champion.tags.get("bundle_sha256") == sha:
+            return str(champion.version)
+    except registry.RegistryError:
+        pass  # not registered yet
+    registered = register_release(RELEASED, RELEASED_NAME, alias="champion", tracking_uri=tracking_uri,
+                                  log=lambda line: console.print(f"  [cyan]release[/] {line}"))
+    return registered.version
+
+
+def released_model_type() -> str:
+    """The model family of the released bundle (escm or iamm): which application of the Serve config serves it."""
+    from trainers.release import released_bundle  # torch: only for this step
+
+    return json.loads((released_bundle(RELEASED) / "config.json").read_text())["model_name"]
+
+
+def application(name: str, template: str, model_name: str, env: dict[str, str], ports: dict[str, int],
+                deployment: dict | None = None) -> dict:
+    """The shared Serve config (the chart's RayService file) cut down to its application `template`, renamed
+    `name` under /`name`, serving models:/`model_name`@champion from the stack's MLflow (`deployment`: options
+    replacing the file's)."""
+    config = serve_local.deploy_config(template, {"model_name": model_name, "model_alias": "champion",
+                                                  "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]},
+                                       ports["serve_http"], deployment=deployment)
+    (app,) = config["applications"]
+    return {**config, "applications": [{**app, "name": name, "route_prefix": f"/{name}"}]}
+
+
+def deploy(env: dict[str, str], ports: dict[str, int], apps: dict[str, dict]) -> dict[str, str]:
+    """`serve deploy` of `apps` (the whole set: Serve removes an application a deploy leaves out and leaves an
+    unchanged one running) to the stack's Ray through the dashboard's REST API, the HTTP proxy on this machine's
+    port; returns each application's base URL (with its route prefix) once it answers /healthz."""
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # Ray: only for this step
 
-
-    config = serve_local.deploy_config(app_name, {"model_name": REGISTERED_NAME, "model_alias": "champion",
-                                                  "mlflow_tracking_uri": env["MLFLOW_TRACKING_URI"]},
-                                       ports["serve_http"])
+    configs = list(apps.values())  # each one application of the same file: one envelope, their applications
+    config = {**configs[0], "applications": [c["applications"][0] for c in configs]}
     ServeSubmissionClient(env["RAY_DASHBOARD_ADDRESS"]).deploy_applications(config)
-    base = f"http://127.0.0.1:{ports['serve_http']}{config['applications'][0]['route_prefix'].rstrip('/')}"
-    _wait_ready(base)
-    return base
+    bases = {name: f"http://127.0.0.1:{ports['serve_http']}{c['applications'][0]['route_prefix'].rstrip('/')}"
+             for name, c in apps.items()}
+    for base in bases.values():
+        _wait_ready(base)
+    return bases
 
 
 def _wait_ready(base: str, timeout: float = 180) -> None:
@@ -251,8 +314,8 @@ def wait_for_series(url: str, timeout: float = 90) -> None:
     time.sleep(6)  # one more scrape interval, so the measured requests land after the first sample
 
 
-def latency_from_prometheus(url: str, timeout: float = 180, nudge=None) -> dict[str, float | str]:
-    """p50/p99 of Serve's HTTP latency for /v1/respond over the last 5 minutes, once Prometheus has it
+def latency_from_prometheus(url: str, timeout: float = 180, nudge=None, route: str = "") -> dict[str, float | str]:
+    """p50/p99 of Serve's HTTP latency for `route`/v1/respond over the last 5 minutes, once Prometheus has it
     (what it has after `timeout` s otherwise). rate() needs the histogram to grow between two scrapes: when the
     measured requests all fell before the series' first sample, `nudge()` (one more request) every 20 s gives
     it that growth."""
@@ -267,7 +330,8 @@ def latency_from_prometheus(url: str, timeout: float = 180, nudge=None) -> dict[
             last_nudge = time.monotonic()
         for name, q in (("p50", 0.5), ("p99", 0.99)):
             values = parse_vector(prom.query(quantile_query(LATENCY_METRIC, q, "5m")))
-            found = [v for route, v in values.items() if "respond" in route and not math.isnan(v)]
+            found = [v for r, v in values.items()
+                     if r.startswith(route) and "respond" in r and not math.isnan(v)]
             if found:
                 out[name] = found[0]
         return len(out) == 2

@@ -54,6 +54,14 @@ def test_whole_loop_on_the_sample(tmp_path):
             assert isinstance(answer["evidence"], list)
             assert answer["model"]["name"] == demo.REGISTERED_NAME and answer["model"]["version"] == "1"
         assert "p50" in result.latency and math.isfinite(result.latency["p99"])
+        if demo.RELEASED.is_dir():  # the released model answered first, and still serves beside the champion
+            assert result.released_version == "1" and len(result.released_responses) == len(demo.EXAMPLES)
+            for _body, answer in result.released_responses:
+                assert answer["response"] and answer["emotion"] in EMOTIONS
+                assert answer["model"]["name"] == demo.RELEASED_NAME and answer["model"]["version"] == "1"
+            status, again = demo.post(f"{result.urls['serve'].rsplit('/', 1)[0]}/{demo.RELEASED_APP}", demo.EXAMPLES[0])
+            assert status == 200 and again["model"]["name"] == demo.RELEASED_NAME
+            assert result.timings["to a served real model"] < result.timings["total"]
         check_grafana_dashboard_against(result.urls["prometheus"])
     finally:
         stack.down(tmp_path / "stack", log=lambda line: None)

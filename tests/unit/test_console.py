@@ -56,7 +56,26 @@ def test_demo_report(monkeypatch):
     assert "PPL_token" in text and "52.50" in text and "Dist-2_nltk" in text and "4.56" in text
     assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
     assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
+    assert "released model" not in text  # no release served: the champion's column only
     assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text
+
+
+def test_demo_examples_show_the_released_model_beside_the_champion():
+    rec = Console(record=True, width=240)
+    job, dog = {"context": ["I got the job!"]}, {"context": ["My dog [died]."]}
+    result = DemoResult(URLS, decision=Decision("promoted", "edp-demo", version="3"), released_version="1",
+                        responses=[(job, {"response": "that is the worst .", "emotion_top": [], "evidence": []})],
+                        released_responses=[
+                            (job, {"response": "congratulations !", "emotion_top": [{"label": "proud", "prob": 0.4}],
+                                   "evidence": [{"word": "job"}]}),
+                            (dog, {"error": "generation failed"})])
+    rec.print(out.example_table(result))
+    text = rec.export_text()
+    assert "released model (models:/escm-ed/1, full ED train)" in text and "champion (models:/edp-demo/3" in text
+    job_row = next(line for line in text.splitlines() if "I got the job!" in line)
+    assert job_row.index("congratulations !") < job_row.index("that is the worst .")  # released first, same row
+    assert "proud (0.40)" in text and "evidence: job" in text
+    assert "My dog [died]." in text and "failed: generation failed" in text  # markup-like text shown as is
 
 
 def test_comparison_table(monkeypatch):
