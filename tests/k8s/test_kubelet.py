@@ -62,6 +62,49 @@ def container_log(kubelet, namespace: str, name: str, container: str = "main") -
 
 # ---------- tests ----------
 
+def test_nodes_are_registered_ready_with_capacity_and_heartbeats(control_plane, kubelet):
+    """Each node: capacity, Ready, its address, no not-ready taint (the scheduler would skip it), and a Lease in
+    kube-node-lease renewed by the heartbeats."""
+    cp = control_plane
+    nodes = {n["metadata"]["name"]: n for n in json.loads(cp.kubectl("get", "nodes", "-o", "json").stdout)["items"]}
+    assert sorted(nodes) == ["edp-node-0", "edp-node-1"]
+    for node in nodes.values():
+        assert node["status"]["capacity"] == {"cpu": "8", "memory": "32Gi", "pods": "110"}
+        assert condition(node, "Ready") == "True" and not node["spec"].get("taints")
+        assert {"type": "InternalIP", "address": "10.244.0.1"} in node["status"]["addresses"]
+    assert nodes["edp-node-1"]["spec"]["podCIDR"] == "10.244.2.0/24"
+
+    def renew_time():
+        return json.loads(cp.kubectl("-n", "kube-node-lease", "get", "lease", "edp-node-0", "-o", "json").stdout)[
+            "spec"]["renewTime"]
+    first = renew_time()
+    wait_for("the node Lease to be renewed", lambda: renew_time() != first, timeout=25)
+
+
+def test_init_containers_run_first_in_order(control_plane, kubelet):
+    cp, ns = control_plane, "kubelet-init"
+    p = pod("inits", ["sh", "-c", "cat /work/order"], volumeMounts=[{"name": "work", "mountPath": "/work"}])
+    p["spec"]["volumes"] = [{"name": "work", "emptyDir": {}}]
+    p["spec"]["initContainers"] = [
+        {"name": f"init-{i}", "image": "registry.example/edp:test", "command": ["sh", "-c", f"echo {i} >> /work/order"],
+         "volumeMounts": [{"name": "work", "mountPath": "/work"}]} for i in (1, 2)]
+    apply(cp, ns, p)
+    done = wait_phase(cp, ns, "inits", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Succeeded" and condition(done, "Initialized") == "True"
+    assert [s["state"]["terminated"]["exitCode"] for s in done["status"]["initContainerStatuses"]] == [0, 0]
+    assert container_log(kubelet, ns, "inits").split() == ["1", "2"]
+
+
+def test_failing_init_container_with_restart_never_fails_the_pod(control_plane, kubelet):
+    cp, ns = control_plane, "kubelet-init-fail"
+    p = pod("badinit", ["sh", "-c", "echo main ran"])
+    p["spec"]["initContainers"] = [{"name": "init", "image": "x", "command": ["sh", "-c", "exit 7"]}]
+    apply(cp, ns, p)
+    done = wait_phase(cp, ns, "badinit", "Succeeded", "Failed")
+    assert done["status"]["phase"] == "Failed"
+    assert done["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 7
+    assert not (kubelet.dir / "pods" / f"{ns}_badinit" / "main.log").exists()  # the main container never ran
+
 SHOW = """
 import json, os, pathlib, sys
 sa = pathlib.Path('/var/run/secrets/kubernetes.io/serviceaccount')
@@ -150,6 +193,18 @@ def test_readiness_probe_gates_ready(control_plane, kubelet):
     wait_for("Ready", lambda: condition(get_pod(cp, ns, "gated"), "Ready") == "True", timeout=30)
     assert time.monotonic() - t0 > 1  # not before the file exists
     assert get_pod(cp, ns, "gated")["status"]["containerStatuses"][0]["ready"] is True
+
+
+def test_failing_liveness_probe_restarts_the_container(control_plane, kubelet):
+    cp, ns = control_plane, "kubelet-live"
+    probe = {"tcpSocket": {"port": 9999}, "periodSeconds": 1, "failureThreshold": 2}  # nothing listens there
+    apply(cp, ns, pod("unhealthy", ["sleep", "600"], restart="Always", livenessProbe=probe))
+
+    def restarted():
+        statuses = get_pod(cp, ns, "unhealthy").get("status", {}).get("containerStatuses") or [{}]
+        return statuses[0] if statuses[0].get("restartCount", 0) >= 1 else None
+    status = wait_for("a restart after the liveness probe failed", restarted, timeout=30)
+    assert status["lastState"]["terminated"]["exitCode"] == 137  # SIGKILL
 
 
 CLIENT = """
