@@ -1,6 +1,8 @@
 """The process kubelet: fake nodes registered with the test cluster's API server whose pods run as local processes.
 
-    kubelet = Kubelet(Api(cp.server, cp.token), workdir, checkout=REPO, venv=REPO / ".venv", ca=cp.ca).start()
+    ca = cp.dir / "certs" / "apiserver.crt"
+    kubelet = Kubelet(Api(cp.server, cp.token, str(ca)), workdir, checkout=REPO, venv=REPO / ".venv",
+                      ca=ca.read_bytes()).start()
     ...                                    # the real kube-scheduler binds pods to edp-node-0, ...; they run
     kubelet.stop()                         # kills every pod's processes, removes netns/veths/bridge and the nodes
 
