@@ -9,9 +9,10 @@
 Nodes `edp-node-<n>` (capacity cpu/memory/pods, Ready, heartbeats in their status and a Lease in kube-node-lease,
 InternalIP = the bridge's address, podCIDR 10.244.<n+1>.0/24). For each pod bound to one of them a `PodWorker`
 thread: the pod's network namespace (tests/k8s/netns.py), its volumes, /etc/hosts (tests/k8s/hosts.py), the init
-containers in order, then the containers (tests/k8s/pod_runtime.py), restartPolicy with back-off, readiness and
-liveness probes, and the pod's status written back (phase, podIP, conditions, containerStatuses). A deleted pod's
-processes get SIGTERM, then SIGKILL after its grace period; its netns goes and the pod object is removed (grace 0).
+containers in order, then the containers (tests/k8s/pod_runtime.py), restartPolicy with back-off, startup,
+readiness and liveness probes, and the pod's status written back (phase, podIP, conditions, containerStatuses).
+A deleted pod's processes get SIGTERM, then SIGKILL after its grace period; its netns goes and the pod object is
+removed (grace 0).
 Container output goes to `<workdir>/pods/<namespace>_<pod>/<container>.log` (`kubectl logs` does not work).
 """
 
@@ -77,6 +78,7 @@ class Container:
     last_state: dict = field(default_factory=dict)
     ready: bool = False
     done: bool = False          # exited and will not be started again
+    started_ok: bool = False    # its startup probe succeeded (or it has none)
     next_start: float = 0.0     # monotonic time of the next (re)start
     started_at: float = 0.0
     probe_at: dict = field(default_factory=dict)     # probe kind -> next monotonic time
@@ -88,7 +90,7 @@ class Container:
 
     def status(self) -> dict:
         s = {"name": self.name, "image": self.spec.get("image", ""), "imageID": "", "ready": self.ready,
-             "restartCount": self.restarts, "started": self.proc is not None and "running" in self.state,
+             "restartCount": self.restarts, "started": self.started_ok and "running" in self.state,
              "state": self.state}
         if self.proc is not None:
             s["containerID"] = f"edp-process://{self.proc.pid}"
@@ -163,6 +165,8 @@ class PodWorker(threading.Thread):
             return
         for c in self.inits:
             if not self._run_to_completion(c):
+                if not self.deleting():
+                    self.phase = "Failed"  # an init container failed and will not be restarted
                 return
         self._run_containers()
 
@@ -211,7 +215,7 @@ class PodWorker(threading.Thread):
     def _start(self, c: Container) -> None:
         try:
             c.env = container_env(self.view(), c.spec, self.kubelet.image, self.kubelet.lookup, self.kubelet.capacity)
-            argv = container_command(c.spec)
+            argv = container_command(c.spec, c.env)
             mounts = mounts_for(c.spec, self.kubelet.image, self.volumes, self.hosts_file)
         except ConfigError as e:
             c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}}
@@ -223,7 +227,8 @@ class PodWorker(threading.Thread):
         c.started_at = time.monotonic()
         c.state = {"running": {"startedAt": now()}}
         c.probe_at, c.probe_runs = {}, {}
-        c.ready = "readinessProbe" not in c.spec and not c.init
+        c.started_ok = "startupProbe" not in c.spec
+        c.ready = c.started_ok and "readinessProbe" not in c.spec and not c.init
 
     def _exited(self, c: Container) -> None:
         code = exit_code(c.proc.returncode)
@@ -246,16 +251,14 @@ class PodWorker(threading.Thread):
                                "message": f"back-off {delay:.0f}s restarting failed container {c.name}"}}
 
     def _probe(self, c: Container) -> None:
-        """Readiness (gates `ready`) and liveness (kills the container after failureThreshold failures)."""
+        """The startup probe until it succeeds (the others wait), then readiness (gates `ready`) and liveness; a
+        startup or liveness probe failing failureThreshold times in a row kills the container."""
         if c.proc is None:
             return
-        for kind in ("readinessProbe", "livenessProbe"):
+        for kind in ("startupProbe",) if not c.started_ok else ("readinessProbe", "livenessProbe"):
             probe = c.spec.get(kind)
-            if not probe:
-                continue
             t = time.monotonic()
-            due = c.probe_at.get(kind, c.started_at + probe.get("initialDelaySeconds", 0))
-            if t < due:
+            if not probe or t < c.probe_at.get(kind, c.started_at + probe.get("initialDelaySeconds", 0)):
                 continue
             c.probe_at[kind] = t + probe.get("periodSeconds", 10)
             try:
@@ -270,8 +273,11 @@ class PodWorker(threading.Thread):
                     c.ready = True
                 elif fail >= probe.get("failureThreshold", 3):
                     c.ready = False
+            elif ok and kind == "startupProbe":
+                c.started_ok = True
+                c.ready = "readinessProbe" not in c.spec
             elif fail >= probe.get("failureThreshold", 3):
-                log.info("liveness probe of %s/%s failed: killing it", self.name, c.name)
+                log.info("%s of %s/%s failed: killing it", kind, self.name, c.name)
                 _kill_group(c.proc, signal.SIGKILL)
 
     def _phase(self) -> str:
@@ -285,8 +291,6 @@ class PodWorker(threading.Thread):
 
     def _status(self) -> dict:
         inits_done = all(c.done and c.state["terminated"]["exitCode"] == 0 for c in self.inits)
-        if self.inits and any(c.done and c.state["terminated"]["exitCode"] for c in self.inits):
-            self.phase = "Failed"
         ready = self.phase == "Running" and all(c.ready for c in self.containers)
         conditions = {"PodScheduled": True, "Initialized": inits_done, "ContainersReady": ready, "Ready": ready}
         status = {"phase": self.phase, "hostIP": self.kubelet.bridge.gateway,
@@ -395,7 +399,7 @@ class Kubelet:
     def stop(self) -> None:
         """Stops every pod (its processes, netns, volumes), the threads, the nodes and their leases, the bridge."""
         self.stopping.set()
-        for worker in list(self.workers.values()):
+        for worker in self.current_workers():
             worker.join(timeout=30)
         for t in self.threads:
             t.join(timeout=40)
@@ -452,7 +456,7 @@ class Kubelet:
         last = 0.0
         while not self.stopping.wait(1):
             try:
-                for ns in {w.ns for w in list(self.workers.values())}:
+                for ns in {w.ns for w in self.current_workers()}:
                     self.refresh_hosts(ns)
                 if time.monotonic() - last >= 10:
                     last = time.monotonic()
@@ -503,19 +507,23 @@ class Kubelet:
             worker = self.workers[uid] = PodWorker(self, pod, node)
         worker.start()
 
+    def current_workers(self) -> list[PodWorker]:
+        with self.lock:
+            return list(self.workers.values())
+
     def forget(self, worker: PodWorker) -> None:
         with self.lock:
             self.workers.pop(worker.pod["metadata"]["uid"], None)
 
     def worker(self, namespace: str, name: str) -> PodWorker | None:
-        return next((w for w in list(self.workers.values())
-                     if w.ns == namespace and w.pod["metadata"]["name"] == name), None)
+        found = [w for w in self.current_workers() if w.ns == namespace and w.pod["metadata"]["name"] == name]
+        return found[0] if found else None
 
     def refresh_hosts(self, namespace: str) -> None:
         """Rewrites the hosts files of the namespace's pods from its Services' ready endpoints."""
         endpoints = self.api.get(f"/api/v1/namespaces/{namespace}/endpoints")["items"]
         lines = hosts.service_lines(namespace, endpoints)
-        for w in list(self.workers.values()):
+        for w in self.current_workers():
             if w.ns == namespace and w.net is not None:
                 hosts.write_in_place(w.hosts_file, hosts.pod_hosts(w.pod, w.net.pod_ip, lines))
 

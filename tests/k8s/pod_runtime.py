@@ -154,9 +154,10 @@ def _env_value(pod, container, var, env, lookup, allocatable) -> str | None:
     raise ConfigError(f"env {var['name']}: unsupported valueFrom {sorted(source)}")
 
 
-def container_command(container: dict) -> list[str]:
-    """command + args; the image has no entrypoint of its own here, so a container needs a command or args."""
-    argv = list(container.get("command") or []) + list(container.get("args") or [])
+def container_command(container: dict, env: dict[str, str]) -> list[str]:
+    """command + args, $(VAR) expanded from the container's env; the image has no entrypoint of its own here, so a
+    container needs a command or args."""
+    argv = [_expand(a, env) for a in list(container.get("command") or []) + list(container.get("args") or [])]
     if not argv:
         raise ConfigError(f"container {container['name']} has no command or args (the stand-in image has no "
                           f"default command)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ import yaml
 from tests.k8s.netns import netns_exists
 
 pytestmark = pytest.mark.integration
+
+CHART = Path(__file__).resolve().parents[2] / "helm" / "empathy-platform"
 
 
 # ---------- helpers ----------
@@ -271,3 +274,48 @@ def test_job_runs_to_complete_through_the_job_controller(control_plane, kubelet)
     j = wait_for("the Job to finish", complete)
     assert [c["type"] for c in j["status"]["conditions"] if c["status"] == "True"][-1] == "Complete"
     assert j["status"]["succeeded"] == 1
+
+
+HOST_CHECK = """
+import json, urllib.error, urllib.request
+codes = {}
+for host in HOSTS:
+    request = urllib.request.Request('http://SVC:5000/api/2.0/mlflow/experiments/search?max_results=5',
+                                     headers={'Host': host})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            codes[host] = [r.status, [e['name'] for e in json.load(r)['experiments']]]
+    except urllib.error.HTTPError as e:
+        codes[host] = [e.code, []]
+print(json.dumps(codes))
+"""
+
+
+@pytest.mark.slow  # MLflow's server takes 20 to 90 s to start on a busy 2-core machine
+def test_the_charts_mlflow_runs_from_the_venv_behind_its_probes_and_allowed_hosts(control_plane, kubelet):
+    """The chart's MLflow Deployment, installed with the real helm (a sqlite store through externalDatabase: there is
+    no Postgres image here), runs under the kubelet from the venv: the Deployment and ReplicaSet controllers create
+    its pod, its startup and readiness probes (httpGet /health) make it Ready, and a pod reaches it by the Service's
+    names: a Host header the chart allows is answered, another is refused with 403 (MLflow's own check)."""
+    cp, ns, svc = control_plane, "kubelet-mlflow", "edp-empathy-platform-mlflow"
+    cp.kubectl("create", "namespace", ns)
+    cp.kubectl("-n", ns, "create", "secret", "generic", "empathy-s3-credentials",
+               "--from-literal=AWS_ACCESS_KEY_ID=test", "--from-literal=AWS_SECRET_ACCESS_KEY=test")
+    cp.kubectl("-n", ns, "create", "secret", "generic", "mlflow-db", "--from-literal=uri=sqlite:////tmp/mlflow.db")
+    sets = ("image.repository=registry.example/edp", "s3.bucket=edp-test", "rayCluster.enabled=false",
+            "serve.enabled=false", "postgres.enabled=false", "externalDatabase.existingSecret=mlflow-db")
+    cp.helm("install", "edp", str(CHART), "-n", ns, *(a for s in sets for a in ("--set", s)))
+
+    def ready_pod():
+        pods = json.loads(cp.kubectl("-n", ns, "get", "pods", "-l", "app.kubernetes.io/component=mlflow", "-o",
+                                     "json").stdout)["items"]
+        return pods[0] if pods and condition(pods[0], "Ready") == "True" else None
+    mlflow = wait_for("the MLflow pod Ready", ready_pod, timeout=180, describe=lambda: "\n".join(
+        p.read_text()[-2000:] for p in (kubelet.dir / "pods").glob(f"{ns}_*/mlflow.log")))
+    assert mlflow["status"]["containerStatuses"][0]["started"] is True
+    allowed, refused = f"{svc}.{ns}.svc:5000", "elsewhere.example:5000"
+    script = HOST_CHECK.replace("HOSTS", repr([allowed, refused])).replace("SVC", svc)
+    apply(cp, ns, pod("client", ["python", "-c", script]))
+    wait_phase(cp, ns, "client", "Succeeded", "Failed", timeout=90)
+    codes = json.loads(container_log(kubelet, ns, "client").strip().splitlines()[-1])
+    assert codes == {allowed: [200, ["Default"]], refused: [403, []]}

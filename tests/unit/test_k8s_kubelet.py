@@ -74,11 +74,13 @@ def test_resource_field_refs_round_up_and_fall_back_to_the_node():
     assert resource_value(pod, c, {"resource": "limits.cpu", "divisor": "0"}, {}) == "2"  # stored default
 
 
-def test_command_then_args_and_a_container_without_either_is_refused():
-    assert container_command({"name": "c", "command": ["python"], "args": ["-m", "x"]}) == ["python", "-m", "x"]
-    assert container_command({"name": "c", "args": ["ray", "start"]}) == ["ray", "start"]
+def test_command_then_args_expanded_and_a_container_without_either_is_refused():
+    env = {"URI": "sqlite:///x.db"}
+    c = {"name": "c", "command": ["mlflow", "server"], "args": ["--backend-store-uri=$(URI)", "$(NOPE)", "$$(URI)"]}
+    assert container_command(c, env) == ["mlflow", "server", "--backend-store-uri=sqlite:///x.db", "$(NOPE)", "$(URI)"]
+    assert container_command({"name": "c", "args": ["ray", "start"]}, env) == ["ray", "start"]
     with pytest.raises(ConfigError, match="container c has no command or args"):
-        container_command({"name": "c"})
+        container_command({"name": "c"}, env)
 
 
 def test_volume_files_honour_items_modes_and_the_token(tmp_path):
