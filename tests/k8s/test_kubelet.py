@@ -185,6 +185,16 @@ def test_failing_container_restarts_on_failure_with_back_off(control_plane, kube
     assert container_log(kubelet, ns, "crash").count("try") >= 2
 
 
+def test_failing_container_with_restart_never_fails_the_pod_with_its_exit_code(control_plane, kubelet):
+    cp, ns = control_plane, "kubelet-never"
+    apply(cp, ns, pod("fails", ["python", "-c", "import sys; sys.exit(5)"]))
+    done = wait_phase(cp, ns, "fails", "Succeeded", "Failed")
+    (status,) = done["status"]["containerStatuses"]
+    assert done["status"]["phase"] == "Failed" and status["restartCount"] == 0
+    assert status["state"]["terminated"]["exitCode"] == 5
+    assert status["state"]["terminated"]["reason"] == "Error" and condition(done, "Ready") == "False"
+
+
 def test_readiness_probe_gates_ready(control_plane, kubelet):
     cp, ns = control_plane, "kubelet-ready"
     script = "import pathlib, time; time.sleep(3); pathlib.Path('/tmp/ready').touch(); time.sleep(600)"
