@@ -156,8 +156,12 @@ class PodWorker(threading.Thread):
     def _run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         ip = self.node.ipam.allocate()
-        netns = f"edp-{self.pod['metadata']['uid'][:8]}-{self.pod['metadata']['uid'][-4:]}"
-        self.net = PodNetwork.create(netns, ip, self.kubelet.bridge)
+        uid = self.pod["metadata"]["uid"]
+        try:
+            self.net = PodNetwork.create(f"edp-{uid[:8]}-{uid[-4:]}", ip, self.kubelet.bridge)
+        except BaseException:
+            self.node.ipam.release(ip)
+            raise
         hosts.write_in_place(self.hosts_file, hosts.pod_hosts(self.pod, ip, []))
         self.kubelet.refresh_hosts(self.ns)
         self._report()
@@ -174,7 +178,8 @@ class PodWorker(threading.Thread):
         """Volumes, retried while a Secret or ConfigMap they need is missing; False when the pod is deleted first."""
         while not self.deleting():
             try:
-                self.volumes = prepare_volumes(self.view(), self.dir / "volumes", self.kubelet.lookup,
+                root = self.kubelet.dir / "volumes" / self.pod["metadata"]["uid"]  # a new pod: new emptyDirs
+                self.volumes = prepare_volumes(self.view(), root, self.kubelet.lookup,
                                                self.kubelet.token, self.kubelet.ca)
                 return True
             except ConfigError as e:
