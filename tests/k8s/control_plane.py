@@ -1,5 +1,6 @@
-"""The test cluster's control plane on loopback: etcd, kube-apiserver, kube-controller-manager, the KubeRay v1.5.1
-CRDs and the real KubeRay operator (envtest's control plane plus the operator; no kubelet, so pods stay Pending).
+"""The test cluster's control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, the
+KubeRay v1.5.1 CRDs and the real KubeRay operator (envtest's control plane plus the scheduler and the operator; pods
+run only where tests/k8s/kubelet.py registers nodes, else they stay Pending).
 
     with ControlPlane(toolchain.binaries(), tmp_dir) as cp:
         cp.kubectl("get", "pods", "-A")
@@ -19,7 +20,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "ray-operator", "helm")
+NEEDED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "ray-operator", "helm")
 KUBECTL = "kubectl"
 
 
@@ -35,6 +36,7 @@ class ControlPlane:
         self.crds = crds  # the operator's CRDs at its version (tests.k8s.toolchain copies them from its module)
         self.dir = Path(workdir)
         self.kubeconfig = self.dir / "kubeconfig"
+        self.server = self.token = ""  # the API server's URL and the admin token, set by start()
         self.procs: list[tuple[str, subprocess.Popen]] = []
 
     # ---------- processes ----------
@@ -74,7 +76,8 @@ class ControlPlane:
         subprocess.run(["openssl", "genrsa", "-out", str(d / "sa.key"), "2048"], check=True, capture_output=True)
         subprocess.run(["openssl", "rsa", "-in", str(d / "sa.key"), "-pubout", "-out", str(d / "sa.pub")],
                        check=True, capture_output=True)
-        token = secrets.token_hex(16)
+        token = self.token = secrets.token_hex(16)
+        self.server = f"https://127.0.0.1:{api_port}"
         (d / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
         self._spawn("kube-apiserver", "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
                     "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
@@ -96,11 +99,16 @@ class ControlPlane:
                     "--secure-port", "0", "--service-account-private-key-file", str(d / "sa.key"),
                     "--use-service-account-credentials=false", "--leader-elect=false",
                     "--controllers", "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route")
+        # The real scheduler binds pods to the nodes a process kubelet registers (none: pods stay Pending).
+        self._spawn("kube-scheduler", "--kubeconfig", str(self.kubeconfig), "--bind-address", "127.0.0.1",
+                    "--secure-port", "0", "--leader-elect=false")
         self._wait("the default ServiceAccount",
                    lambda: self.kubectl("get", "serviceaccount", "default", check=False).returncode == 0)
         self.kubectl("apply", "--server-side", "-f", str(self.crds))
-        self.kubectl("wait", "--for", "condition=established", "--timeout", "60s", "crd",
-                     "rayclusters.ray.io", "rayjobs.ray.io", "rayservices.ray.io")
+        # (retried: `kubectl wait` fails at once while a new CRD has no status.conditions yet)
+        self._wait("the KubeRay CRDs", lambda: self.kubectl(
+            "wait", "--for", "condition=established", "--timeout", "10s", "crd", "rayclusters.ray.io",
+            "rayjobs.ray.io", "rayservices.ray.io", check=False).returncode == 0)
         # The operator reaches Ray heads by their cluster DNS names (<head-svc>.<ns>.svc.cluster.local): it runs in
         # its own mount namespace whose /etc/hosts is `self.hosts`, extended by add_host() (the machine's stays as is).
         self.hosts = d / "hosts"

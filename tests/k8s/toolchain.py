@@ -6,6 +6,8 @@ checkout, built once per machine.
 
     kube-apiserver, kube-controller-manager   k8s.io/kubernetes v1.33.13, through the wrapper module
                                               modules/kubernetes (it `replace`s each staging module by v0.33.13)
+    kube-scheduler                            the same module and version, cached apart (added later: building
+                                              it reuses the Go build cache of the two above)
     etcd                                      go.etcd.io/etcd/server/v3 v3.5.21, wrapper module modules/etcd
     ray-operator                              github.com/ray-project/kuberay/ray-operator v1.5.1, `go install`;
                                               its CRDs (config/crd/bases) copied from the same module
@@ -57,6 +59,8 @@ def _k8s_version_flags(version: str) -> tuple[str, ...]:
 TOOLS = (
     Tool("kubernetes", K8S_VERSION, ("kube-apiserver", "kube-controller-manager"),
          ("k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+         module="kubernetes", ldflags=_k8s_version_flags(K8S_VERSION)),
+    Tool("kube-scheduler", K8S_VERSION, ("kube-scheduler",), ("k8s.io/kubernetes/cmd/kube-scheduler",),
          module="kubernetes", ldflags=_k8s_version_flags(K8S_VERSION)),
     Tool("etcd", "v3.5.21", ("etcd",), (".",), module="etcd"),
     Tool("kuberay", "v1.5.1", ("ray-operator",), ("github.com/ray-project/kuberay/ray-operator",),

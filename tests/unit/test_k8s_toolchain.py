@@ -36,3 +36,14 @@ def test_every_wrapper_module_is_pinned_and_every_tool_has_its_own_cache_dir():
 def test_the_operator_brings_its_own_crds_at_its_version():
     kuberay = next(t for t in TOOLS if t.name == "kuberay")
     assert ("config/crd/bases", "crds") in kuberay.module_files
+
+
+def test_every_tool_built_from_the_kubernetes_wrapper_is_imported_by_its_tools_go():
+    """go.sum covers a package only when the wrapper module imports it: a tool added to TOOLS without its line in
+    tools.go would not build offline from the pinned sums."""
+    tools_go = (MODULES / "kubernetes" / "tools.go").read_text()
+    built = [p for t in TOOLS if t.module == "kubernetes" for p in t.packages]
+    assert "k8s.io/kubernetes/cmd/kube-scheduler" in built
+    for package in built:
+        assert f'_ "{package}"' in tools_go, package
+    assert {t.version for t in TOOLS if t.module == "kubernetes"} == {K8S_VERSION}
