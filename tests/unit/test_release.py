@@ -125,24 +125,25 @@ def test_fp16_release_halves_the_weights_loads_in_float32_and_records_both_evalu
     state, ref_state = loaded.model.state_dict(), ref.model.state_dict()
     assert all(v.dtype == ref_state[k].dtype for k, v in state.items())  # float32 again in memory
     assert all(torch.equal(v, ref_state[k].half().to(v.dtype)) for k, v in state.items() if v.is_floating_point())
-    check = card["fp16_check"]
-    assert check["float16"] == card["evaluation"]["metrics"] and check["float32"] == \
-        release.read_card(released)["evaluation"]["metrics"]
+    check = card["precision_check"]
+    assert check["weights"] == "float16" and check["released"] == card["evaluation"]["metrics"]
+    assert check["float32"] == release.read_card(released)["evaluation"]["metrics"]
     assert card["evaluation"]["dtype"]["weights"] == "float16"
 
 
-def test_fp16_moves_names_each_metric_beyond_the_tolerance_in_table_units():
+def test_precision_moves_names_each_metric_beyond_the_tolerance_in_table_units():
     fp32 = {"acc": 0.400, "ppl": 35.00, "ppl_token": 30.0, "dist_1": 0.0100, "dist_2": 0.030, "bleu_1": 0.2}
     fp16 = {"acc": 0.4005, "ppl": 35.05, "ppl_token": 30.2, "dist_1": 0.0115, "dist_2": 0.030, "bleu_1": 0.9}
-    moves = release.fp16_moves(fp32, fp16)
+    moves = release.precision_moves(fp32, fp16)
     assert set(moves) == {"ppl_token", "dist_1"}  # acc moved 0.05 points, ppl 0.05: within 0.1; BLEU is not gated
     assert moves["dist_1"] == pytest.approx(0.15)
 
 
 def test_an_fp16_release_whose_metrics_move_is_refused_and_writes_nothing(checkpoint, sample_dir, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(release, "fp16_moves", lambda a, b, tolerance=0.1: {"acc": 1.5})
-    with pytest.raises(release.ReleaseError, match=r"acc by 1\.500"):
+    monkeypatch.setattr(release, "precision_moves", lambda a, b, tolerance=0.1: {"acc": 1.5})
+    moved = r"float16 weights move acc by 1\.500 \(float32 [0-9.]+, float16 [0-9.]+\)"
+    with pytest.raises(release.ReleaseError, match=moved):
         release.release(checkpoint, tmp_path / "m", fp16=True, source=str(sample_dir), log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
