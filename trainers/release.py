@@ -161,9 +161,11 @@ def weights_format(fp16: bool, quantize: str | None) -> str:
 
 
 def precision_moves(fp32: dict[str, float], released: dict[str, float],
-                    tolerance: float = PRECISION_TOLERANCE) -> dict[str, float]:
+                    tolerance: float | None = None) -> dict[str, float]:
     """{metric: move} for each of Acc, PPL and Dist whose value with the released (float16 or int8) weights moved
-    by more than `tolerance` from its float32 one, in the papers' table units (Acc and Dist-n x100, PPL as is)."""
+    by more than `tolerance` (default PRECISION_TOLERANCE) from its float32 one, in the papers' table units (Acc
+    and Dist-n x100, PPL as is)."""
+    tolerance = PRECISION_TOLERANCE if tolerance is None else tolerance
     gated = [k for k in fp32 if k in ("acc", "ppl", "ppl_token") or k.startswith("dist")]
     moves = {k: abs(released[k] - fp32[k]) * table_scale(k) for k in gated if k in released}
     return {k: m for k, m in moves.items() if m > tolerance}

@@ -219,3 +219,47 @@ def test_serve_model_dir_deploys_the_app_of_its_model_type_with_the_directory_an
     assert spec.app_name == "escm" and spec.route_prefix == "/escm"
     assert spec.args["model_dir"] == str(released.resolve()) and spec.args["model_name"] == "escm-tiny"
     assert not spec.args.get("mlflow_tracking_uri")
+
+
+def test_int8_release_is_checked_against_float32_and_its_card_and_list_show_the_format(checkpoint, sample_dir,
+                                                                                      tmp_path, released,
+                                                                                      monkeypatch):
+    """A low threshold, so that the tiny model's embedding and output projection are int8; a wider tolerance, as
+    int8 moves the barely trained tiny model's PPL (about 850) by about 0.3."""
+    from trainers import quantize
+
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 4000)
+    monkeypatch.setattr(release, "PRECISION_TOLERANCE", 5.0)
+    out = tmp_path / "models" / "escm-int8"
+    result = runner.invoke(app, ["models", "release", str(checkpoint), "--out", str(out), "--quantize", "int8",
+                                 "--data", str(sample_dir)])
+    assert result.exit_code == 0, result.output
+    card, loaded = release.read_card(out), artifacts.load(out)
+    assert loaded.weights_dtype == card["model"]["weights_dtype"] == release.INT8_FORMAT == artifacts.INT8
+    assert card["evaluation"]["dtype"]["weights"] == "int8-rows+fp16"
+    check = card["precision_check"]
+    assert check["weights"] == "int8-rows+fp16" and check["released"] == card["evaluation"]["metrics"]
+    assert check["tolerance"] == 5.0 and check["released"]["ppl"] != check["float32"]["ppl"]
+    assert check["float32"] == release.read_card(released)["evaluation"]["metrics"]
+    assert not release.precision_moves(check["float32"], check["released"])
+    text, size = (out / "card.md").read_text(), sum((out / f).stat().st_size for f in release.BUNDLE_FILES)
+    assert f"int8-rows+fp16 weights, {size / 1e6:.2f} MB" in text
+    assert "| metric | float32 | int8-rows+fp16 | move (table units) |" in text
+    assert repr(check["float32"]["ppl"]) in text and repr(check["released"]["ppl"]) in text
+    assert runner.invoke(app, ["models", "list", "--dir", str(out.parent)]).exit_code == 0
+    rec = Console(record=True, width=250)
+    rec.print(released_table(release.released_models(out.parent), out.parent))
+    listed = rec.export_text()
+    assert "escm-int8" in listed and "int8-rows+fp16" in listed
+
+
+def test_the_size_limit_counts_the_real_files_and_an_unknown_quantization_is_refused(checkpoint, tmp_path):
+    card = release.release(checkpoint, tmp_path / "fits", quantize="int8", log=lambda s: None)
+    size = sum((tmp_path / "fits" / f).stat().st_size for f in release.BUNDLE_FILES)
+    assert sum(f["bytes"] for f in card["files"].values()) == size
+    with pytest.raises(release.ReleaseError, match=rf"\({size} bytes\), over the .* limit.*--quantize int8"):
+        release.release(checkpoint, tmp_path / "over", quantize="int8", limit=size - 1, log=lambda s: None)
+    assert not (tmp_path / "over").exists()
+    result = runner.invoke(app, ["models", "release", str(checkpoint), "--out", str(tmp_path / "q"),
+                                 "--quantize", "int4"])
+    assert result.exit_code == 2 and "--quantize 'int4' is not supported" in result.output
