@@ -358,7 +358,10 @@ def models_release(
     checkpoint: Annotated[Path, typer.Argument(help="a training checkpoint (.pt) or a bundle directory")],
     out: Annotated[Path, typer.Option("--out", help="the release directory, e.g. models/escm-ed (must not exist)")],
     fp16: Annotated[bool, typer.Option("--fp16", help="float16 weights (refused when --data shows a metric moving "
-                                                      f"by more than {release.FP16_TOLERANCE})")] = False,
+                                                      f"by more than {release.PRECISION_TOLERANCE})")] = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="int8: the big matrices (embedding, output "
+                                                 "projection) int8 with a scale per row, the rest float16; checked "
+                                                 "against float32 like --fp16")] = None,
     data: Annotated[str | None, typer.Option("--data", help="evaluate on this ED source for the card's metrics "
                                                             "and samples")] = None,
     split: Annotated[str, typer.Option("--split", help="split of --data")] = "valid",
@@ -367,8 +370,8 @@ def models_release(
 ) -> None:
     """Write a serving bundle (at most 15 MB), card.json and card.md: a released model."""
     try:
-        card = release.release(checkpoint, out, fp16=fp16, source=data, split=split, command=train_command,
-                               commit=commit, log=plain)
+        card = release.release(checkpoint, out, fp16=fp16, quantize=quantize, source=data, split=split,
+                               command=train_command, commit=commit, log=plain)
     except (DataError, ConfigError) as e:
         _fail(str(e))
     if card["evaluation"]:

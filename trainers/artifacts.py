@@ -11,8 +11,10 @@ from the registry cannot run code when it is loaded:
     bundle/
       model.safetensors   the model's parameters and buffers (tensors only: the format cannot carry code)
       config.json         {"format": "edp-bundle/1", "model_name", "model_config", "train_config", "data_key",
-                           "weights_dtype"}: float32, or float16 (a release's halved weights, cast back to float32
-                           on load: the model always runs in float32 on the CPU)
+                           "weights_dtype"}: float32, float16 (a release's halved weights, cast back to float32
+                           on load: the model always runs in float32 on the CPU) or "int8-rows+fp16" (the big
+                           matrices int8 with a float32 scale per row, the rest float16: trainers.quantize;
+                           dequantized to float32 on load)
       vocab.json          the vocabulary (trainers.data.vocab format)
 
 One way to load a model, whatever holds it:
@@ -36,9 +38,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
+from trainers import quantize
 from trainers.config import InferenceConfig, TrainConfig
 from trainers.data.records import DataError
 from trainers.data.vocab import Vocab
@@ -50,7 +54,9 @@ BUNDLE_FORMAT = "edp-bundle/1"
 WEIGHTS, CONFIG, VOCAB = "model.safetensors", "config.json", "vocab.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
 REGISTRY_SCHEME = "models:/"
-WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # what a bundle's weights may be stored as
+WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # the bundle weights cast to one dtype
+INT8 = quantize.FORMAT  # the other way a bundle's weights may be stored
+WEIGHT_FORMATS = (*WEIGHT_DTYPES, INT8)
 TRAINERS_DIR = Path(__file__).resolve().parent
 
 
@@ -151,16 +157,22 @@ def trainers_source_hash() -> str:
 
 
 def save_bundle(out_dir: str | Path, cfg: InferenceConfig, model: torch.nn.Module, vocab: Vocab,
-                data_key: str | None = None, weights_dtype: str = "float32") -> Path:
-    """Write `model`'s weights (its floating-point tensors cast to `weights_dtype`), its resolved config and
-    `vocab` into `out_dir` (created); returns it."""
-    if weights_dtype not in WEIGHT_DTYPES:
-        raise BundleError(f"weights_dtype {weights_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+                data_key: str | None = None, weights_dtype: str = "float32",
+                int8_min_elements: int | None = None) -> Path:
+    """Write `model`'s weights (stored as `weights_dtype`, one of WEIGHT_FORMATS; for INT8, 2-D tensors of at
+    least `int8_min_elements`, default quantize.MIN_ELEMENTS, are int8), its resolved config and `vocab` into
+    `out_dir` (created); returns it."""
+    if weights_dtype not in WEIGHT_FORMATS:
+        raise BundleError(f"weights_dtype {weights_dtype!r} is not one of {', '.join(WEIGHT_FORMATS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stored = model if weights_dtype == "float32" else copy.deepcopy(model).to(WEIGHT_DTYPES[weights_dtype])
-    save_safetensors(stored, str(out / WEIGHTS), metadata={"format": BUNDLE_FORMAT, "model": cfg.model,
-                                                           "weights_dtype": weights_dtype})
+    metadata = {"format": BUNDLE_FORMAT, "model": cfg.model, "weights_dtype": weights_dtype}
+    if weights_dtype == INT8:
+        min_elements = quantize.MIN_ELEMENTS if int8_min_elements is None else int8_min_elements
+        save_file(quantize.quantize_state(unique_state(model), min_elements), str(out / WEIGHTS), metadata=metadata)
+    else:
+        stored = model if weights_dtype == "float32" else copy.deepcopy(model).to(WEIGHT_DTYPES[weights_dtype])
+        save_safetensors(stored, str(out / WEIGHTS), metadata=metadata)
     config = {"format": BUNDLE_FORMAT, "model_name": cfg.model, "model_config": vars(model.cfg),
               "train_config": cfg.model_dump(mode="json"), "data_key": data_key, "weights_dtype": weights_dtype}
     (out / CONFIG).write_text(json.dumps(config, indent=1))
@@ -173,6 +185,18 @@ def export_bundle(checkpoint: str | Path, out_dir: str | Path, weights_dtype: st
     loaded = _from_checkpoint_state(read_checkpoint(checkpoint), torch.device("cpu"))
     return save_bundle(out_dir, loaded.train_config(), loaded.model, loaded.vocab, data_key=loaded.data_key,
                        weights_dtype=weights_dtype)
+
+
+def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with each shared tensor once, under its first name (tied embeddings are stored once)."""
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor
+    return state
 
 
 def is_bundle(path: Path) -> bool:
@@ -209,11 +233,27 @@ def _load_bundle(path: Path, device: str) -> LoadedModel:
     vocab = Vocab.load(path / VOCAB)
     model = build_model(config["model_name"], len(vocab), vocab.emotion_ids(), **config["model_config"])
     dtype = config.get("weights_dtype", "float32")
-    if dtype not in WEIGHT_DTYPES:
-        raise BundleError(f"{path / CONFIG}: weights_dtype {dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-    try:  # load_state_dict copies into the float32 model: float16 weights are cast back here
-        load_safetensors(model, str(path / WEIGHTS), strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        raise BundleError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {e}") from e
+    if dtype not in WEIGHT_FORMATS:
+        raise BundleError(f"{path / CONFIG}: weights_dtype {dtype!r} is not one of {', '.join(WEIGHT_FORMATS)}")
+    if dtype == INT8:
+        _load_int8(model, path / WEIGHTS)
+    else:
+        try:  # load_state_dict copies into the float32 model: float16 weights are cast back here
+            load_safetensors(model, str(path / WEIGHTS), strict=True)
+        except (SafetensorError, RuntimeError) as e:
+            raise BundleError(f"{path / WEIGHTS} does not match the model of {path / CONFIG}: {e}") from e
     return LoadedModel(config["train_config"], model.to(resolve_device(device)).eval(), vocab, config.get("data_key"),
                        dtype)
+
+
+def _load_int8(model: torch.nn.Module, file: Path) -> None:
+    """Dequantize `file`'s tensors into `model` (float32), every tensor checked against the model's first."""
+    try:
+        stored = load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise BundleError(f"cannot read {file}: {e}") from e
+    try:
+        state = quantize.dequantize_state(stored, unique_state(model))
+    except ValueError as e:
+        raise BundleError(f"{file} ({INT8}): {e}") from e
+    model.load_state_dict(state, strict=False)  # exactly the unique tensors: only tied aliases are not named

@@ -1,7 +1,8 @@
 """Released models: a serving bundle with its model card, one directory each under the repo's `models/`.
 
     models/escm-ed/
-      model.safetensors  config.json  vocab.json   the serving bundle (trainers.artifacts), float32 or float16 weights
+      model.safetensors  config.json  vocab.json   the serving bundle (trainers.artifacts): float32, float16 or
+                                                   int8-rows+fp16 weights (trainers.quantize)
       card.json          the card's data: model, paper, data and licence, recipe, command, commit, valid metrics
                          exactly as `evaluate_model` computed them, sample responses, use and limitations, and the
                          sha256 and size of every bundle file
@@ -10,10 +11,10 @@
     card = release("runs/escm/checkpoints/best.pt", "models/escm-ed", source="../shared/data/ed", split="valid")
     problems = verify("models/escm-ed")          # [] when every bundle file matches card.json's sha256
 
-`release` refuses a bundle over MAX_BUNDLE_BYTES, and float16 weights whose metrics move by more than
-FP16_TOLERANCE against float32 (both evaluated when data is given). The card's metrics come from
-`trainers.evaluation.evaluate_model` on the released files with float32 compute, so `edp evaluate --model
-models/escm-ed` on the same split reproduces them exactly.
+`release` refuses a bundle over MAX_BUNDLE_BYTES (its files' real sizes), and float16 or int8 weights whose
+metrics move by more than PRECISION_TOLERANCE against float32 (both evaluated when data is given). The card's
+metrics come from `trainers.evaluation.evaluate_model` on the released files with float32 compute, so `edp evaluate
+--model models/escm-ed` on the same split reproduces them exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ CARD_JSON, CARD_MD = "card.json", "card.md"
 CARD_FORMAT = "edp-card/1"
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json")  # trainers.artifacts' WEIGHTS, CONFIG, VOCAB
 MAX_BUNDLE_BYTES = 15_000_000  # a released bundle lives in git: at most 15 MB
-FP16_TOLERANCE = 0.1  # largest move float16 weights may cause, in the papers' table units (table_scale)
+PRECISION_TOLERANCE = 0.1  # largest move float16/int8 weights may cause, in the papers' table units (table_scale)
+INT8_FORMAT = "int8-rows+fp16"  # trainers.artifacts.INT8: what `--quantize int8` stores
+QUANTIZE_CHOICES = ("int8",)
 SAMPLE_COUNT = 5
 
 PAPERS = {
@@ -73,7 +76,8 @@ TRAINING_SUMMARY_KEYS = ("recipe", "max_steps", "batch_size", "lr_factor", "warm
 
 
 class ReleaseError(DataError):
-    """A release refused (too large, float16 moved the metrics, target exists) or a card that does not verify."""
+    """A release refused (too large, float16/int8 moved the metrics, target exists) or a card that does not
+    verify."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +109,8 @@ def check_size(files: dict[str, dict], limit: int = MAX_BUNDLE_BYTES) -> int:
     total = sum(f["bytes"] for f in files.values())
     if total > limit:
         raise ReleaseError(f"the bundle is {total / 1e6:.1f} MB ({total} bytes), over the {limit / 1e6:.0f} MB limit "
-                           "of a released model: release it with --fp16 (float16 weights, half the size)")
+                           "of a released model: release it with --fp16 (float16 weights, half the size) or --quantize "
+                           "int8 (the big matrices int8: about a quarter)")
     return total
 
 
@@ -145,11 +150,24 @@ def table_scale(metric: str) -> float:
     return 100.0 if metric == "acc" or metric.startswith("dist") else 1.0
 
 
-def fp16_moves(fp32: dict[str, float], fp16: dict[str, float], tolerance: float = FP16_TOLERANCE) -> dict[str, float]:
-    """{metric: move} for each of Acc, PPL and Dist whose float16 value moved by more than `tolerance` from its
-    float32 one, in the papers' table units (Acc and Dist-n x100, PPL as is)."""
+def weights_format(fp16: bool, quantize: str | None) -> str:
+    """How a release stores its weights: float32, float16 (`fp16`) or, with `quantize="int8"` (which implies
+    float16 for the rest), INT8_FORMAT."""
+    if quantize is None:
+        return "float16" if fp16 else "float32"
+    if quantize not in QUANTIZE_CHOICES:
+        raise ReleaseError(f"--quantize {quantize!r} is not supported: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    return INT8_FORMAT
+
+
+def precision_moves(fp32: dict[str, float], released: dict[str, float],
+                    tolerance: float | None = None) -> dict[str, float]:
+    """{metric: move} for each of Acc, PPL and Dist whose value with the released (float16 or int8) weights moved
+    by more than `tolerance` (default PRECISION_TOLERANCE) from its float32 one, in the papers' table units (Acc
+    and Dist-n x100, PPL as is)."""
+    tolerance = PRECISION_TOLERANCE if tolerance is None else tolerance
     gated = [k for k in fp32 if k in ("acc", "ppl", "ppl_token") or k.startswith("dist")]
-    moves = {k: abs(fp16[k] - fp32[k]) * table_scale(k) for k in gated if k in fp16}
+    moves = {k: abs(released[k] - fp32[k]) * table_scale(k) for k in gated if k in released}
     return {k: m for k, m in moves.items() if m > tolerance}
 
 
@@ -180,7 +198,7 @@ class Provenance:
 
 
 def card_data(name: str, loaded: LoadedModel, files: dict[str, dict], provenance: Provenance,
-              evaluation: dict | None, samples: list[dict], fp16_check: dict | None = None) -> dict:
+              evaluation: dict | None, samples: list[dict], precision_check: dict | None = None) -> dict:
     """card.json's content (pure: everything it says comes from the arguments)."""
     model_name = loaded.train_config().model
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -193,7 +211,7 @@ def card_data(name: str, loaded: LoadedModel, files: dict[str, dict], provenance
                      "commit": provenance.commit, "checkpoint": provenance.checkpoint, "step": provenance.step,
                      "code_version": provenance.code_version, "summary": training_summary(loaded.run_config)},
         "evaluation": evaluation and {**evaluation, "metric_definition": METRIC_DEFINITION},
-        "fp16_check": fp16_check, "samples": samples,
+        "precision_check": precision_check, "samples": samples,
         "intended_use": INTENDED_USE, "limitations": LIMITATIONS,
         "files": files, "bundle_sha256": bundle_sha256(files),
     }
@@ -213,25 +231,27 @@ def _evaluation_lines(card: dict) -> list[str]:
              f"decoding {e['decode'].get('strategy', '?')}, up to {e['decode'].get('max_len', '?')} tokens.", "",
              *_metric_rows(e["metrics"]), "", "Definitions:", ""]
     lines += [f"- `{k}`: {v}" for k, v in e["definitions"].items()]
-    check = card.get("fp16_check")
+    check = card.get("precision_check")
     if check:
-        lines += ["", f"float16 weights against float32 (Acc, PPL and Dist may move by at most {check['tolerance']} "
+        w, released = check["weights"], check["released"]
+        lines += ["", f"{w} weights against float32 (Acc, PPL and Dist may move by at most {check['tolerance']} "
                       "in table units):", "",
-                  "| metric | float32 | float16 | move (table units) |", "|---|---|---|---|"]
-        lines += [f"| `{k}` | {v!r} | {check['float16'][k]!r} | {abs(check['float16'][k] - v) * table_scale(k):.4f} |"
-                  for k, v in check["float32"].items() if k in check["float16"]]
+                  f"| metric | float32 | {w} | move (table units) |", "|---|---|---|---|"]
+        lines += [f"| `{k}` | {v!r} | {released[k]!r} | {abs(released[k] - v) * table_scale(k):.4f} |"
+                  for k, v in check["float32"].items() if k in released]
     return lines
 
 
 def render_card(card: dict) -> str:
     """card.md: the model card (Hugging Face layout) from card.json's data."""
     m, d, t = card["model"], card["data"], card["training"]
+    size = sum(f["bytes"] for f in card["files"].values())
     reproduce = (f"edp evaluate --model models/{card['name']} --data <ED> --split {card['evaluation']['split']}"
                  if card["evaluation"] else f"edp evaluate --model models/{card['name']} --data <ED> --split valid")
     lines = [
         f"# {card['name']}", "",
         f"An empathetic response generator (`{m['type']}`) trained on {d['name']}, released as a serving bundle "
-        f"({m['params']:,} parameters, {m['weights_dtype']} weights).", "",
+        f"({m['params']:,} parameters, {m['weights_dtype']} weights, {size / 1e6:.2f} MB).", "",
         "## Model", "", f"- paper: {m['paper']}", f"- type: `{m['type']}`; config: `{json.dumps(m['config'])}`", "",
         "## Data and licence", "", f"- {d['name']}: {d['citation']}", f"- licence: {d['licence']}",
         f"- prepared data key: `{d['data_key']}`", "",
@@ -283,15 +303,17 @@ def _evaluate(bundle: Path, source: str, split: str, work: Path, label: str) -> 
     return result, predictions
 
 
-def release(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = False, source: str | None = None,
-            split: str = "valid", command: str | None = None, commit: str | None = None,
+def release(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = False, quantize: str | None = None,
+            source: str | None = None, split: str = "valid", command: str | None = None, commit: str | None = None,
             limit: int = MAX_BUNDLE_BYTES, log: Callable[[str], None] = print) -> dict:
     """Write `out_dir` (refused when it exists): the bundle of `checkpoint` (a training checkpoint or a bundle
-    directory), card.json and card.md; with `source`, the card's metrics and samples from evaluating the written
-    bundle on `split` (and, for float16, float32 too: refused when a metric moves beyond FP16_TOLERANCE). The
-    directory appears only once everything passed. Returns the card."""
+    directory) with its weights as `weights_format(fp16, quantize)`, card.json and card.md; with `source`, the
+    card's metrics and samples from evaluating the written bundle on `split` (and, for float16 or int8, float32
+    too: refused when a metric moves beyond PRECISION_TOLERANCE). The directory appears only once everything
+    passed. Returns the card."""
     from trainers import artifacts
 
+    dtype = weights_format(fp16, quantize)
     out = Path(out_dir)
     if out.exists():
         raise ReleaseError(f"{out} already exists: remove it first, or release under another name")
@@ -300,7 +322,6 @@ def release(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = False, 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
         work = Path(tmp)
-        dtype = "float16" if fp16 else "float32"
         staged = artifacts.save_bundle(work / out.name, loaded.train_config(), loaded.model, loaded.vocab,
                                        loaded.data_key, weights_dtype=dtype)
         files = file_records(staged)
@@ -310,8 +331,8 @@ def release(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = False, 
             log(f"evaluating the released bundle on {split} of {source}")
             evaluation, predictions = _evaluate(staged, source, split, work, f"release {out.name} ({dtype})")
             samples = pick_samples(predictions)
-            if fp16:
-                check = _fp16_check(loaded, evaluation, source, split, work, log)
+            if dtype != "float32":
+                check = _precision_check(loaded, evaluation, source, split, work, log)
         card = card_data(out.name, artifacts.load(staged), files, provenance, evaluation, samples, check)
         write_card(staged, card)
         staged.rename(out)
@@ -319,20 +340,23 @@ def release(checkpoint: str | Path, out_dir: str | Path, *, fp16: bool = False, 
     return card
 
 
-def _fp16_check(loaded: LoadedModel, fp16_eval: dict, source: str, split: str, work: Path,
-                log: Callable[[str], None]) -> dict:
-    """Evaluate the float32 weights too; ReleaseError naming each metric float16 moved beyond the tolerance."""
+def _precision_check(loaded: LoadedModel, released_eval: dict, source: str, split: str, work: Path,
+                     log: Callable[[str], None]) -> dict:
+    """Evaluate the float32 weights too; ReleaseError naming each metric the released (float16 or int8) weights
+    moved beyond the tolerance, with both values."""
     from trainers import artifacts
 
     fp32_bundle = artifacts.save_bundle(work / "float32", loaded.train_config(), loaded.model, loaded.vocab,
                                         loaded.data_key)
     log("evaluating the float32 weights for comparison")
     fp32_eval, _ = _evaluate(fp32_bundle, source, split, work, "the same weights in float32")
-    moves = fp16_moves(fp32_eval["metrics"], fp16_eval["metrics"])
+    fp32, released, dtype = fp32_eval["metrics"], released_eval["metrics"], released_eval["dtype"]["weights"]
+    moves = precision_moves(fp32, released)
     if moves:
-        raise ReleaseError("float16 weights move " + ", ".join(f"{k} by {v:.3f}" for k, v in moves.items())
-                           + f" (table units; at most {FP16_TOLERANCE} allowed): release in float32")
-    return {"tolerance": FP16_TOLERANCE, "float32": fp32_eval["metrics"], "float16": fp16_eval["metrics"]}
+        raise ReleaseError(f"{dtype} weights move " + ", ".join(
+            f"{k} by {v:.3f} (float32 {fp32[k]:.6g}, {dtype} {released[k]:.6g})" for k, v in moves.items())
+            + f" in table units, at most {PRECISION_TOLERANCE} allowed: release with more bits (--fp16 or float32)")
+    return {"tolerance": PRECISION_TOLERANCE, "weights": dtype, "float32": fp32, "released": released}
 
 
 # ------------------------------------------------------------------------------------------------

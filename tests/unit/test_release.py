@@ -125,24 +125,25 @@ def test_fp16_release_halves_the_weights_loads_in_float32_and_records_both_evalu
     state, ref_state = loaded.model.state_dict(), ref.model.state_dict()
     assert all(v.dtype == ref_state[k].dtype for k, v in state.items())  # float32 again in memory
     assert all(torch.equal(v, ref_state[k].half().to(v.dtype)) for k, v in state.items() if v.is_floating_point())
-    check = card["fp16_check"]
-    assert check["float16"] == card["evaluation"]["metrics"] and check["float32"] == \
-        release.read_card(released)["evaluation"]["metrics"]
+    check = card["precision_check"]
+    assert check["weights"] == "float16" and check["released"] == card["evaluation"]["metrics"]
+    assert check["float32"] == release.read_card(released)["evaluation"]["metrics"]
     assert card["evaluation"]["dtype"]["weights"] == "float16"
 
 
-def test_fp16_moves_names_each_metric_beyond_the_tolerance_in_table_units():
+def test_precision_moves_names_each_metric_beyond_the_tolerance_in_table_units():
     fp32 = {"acc": 0.400, "ppl": 35.00, "ppl_token": 30.0, "dist_1": 0.0100, "dist_2": 0.030, "bleu_1": 0.2}
     fp16 = {"acc": 0.4005, "ppl": 35.05, "ppl_token": 30.2, "dist_1": 0.0115, "dist_2": 0.030, "bleu_1": 0.9}
-    moves = release.fp16_moves(fp32, fp16)
+    moves = release.precision_moves(fp32, fp16)
     assert set(moves) == {"ppl_token", "dist_1"}  # acc moved 0.05 points, ppl 0.05: within 0.1; BLEU is not gated
     assert moves["dist_1"] == pytest.approx(0.15)
 
 
 def test_an_fp16_release_whose_metrics_move_is_refused_and_writes_nothing(checkpoint, sample_dir, tmp_path,
                                                                           monkeypatch):
-    monkeypatch.setattr(release, "fp16_moves", lambda a, b, tolerance=0.1: {"acc": 1.5})
-    with pytest.raises(release.ReleaseError, match=r"acc by 1\.500"):
+    monkeypatch.setattr(release, "precision_moves", lambda a, b, tolerance=0.1: {"acc": 1.5})
+    moved = r"float16 weights move acc by 1\.500 \(float32 [0-9.]+, float16 [0-9.]+\)"
+    with pytest.raises(release.ReleaseError, match=moved):
         release.release(checkpoint, tmp_path / "m", fp16=True, source=str(sample_dir), log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
 
@@ -218,3 +219,47 @@ def test_serve_model_dir_deploys_the_app_of_its_model_type_with_the_directory_an
     assert spec.app_name == "escm" and spec.route_prefix == "/escm"
     assert spec.args["model_dir"] == str(released.resolve()) and spec.args["model_name"] == "escm-tiny"
     assert not spec.args.get("mlflow_tracking_uri")
+
+
+def test_int8_release_is_checked_against_float32_and_its_card_and_list_show_the_format(checkpoint, sample_dir,
+                                                                                      tmp_path, released,
+                                                                                      monkeypatch):
+    """A low threshold, so that the tiny model's embedding and output projection are int8; a wider tolerance, as
+    int8 moves the barely trained tiny model's PPL (about 850) by about 0.3."""
+    from trainers import quantize
+
+    monkeypatch.setattr(quantize, "MIN_ELEMENTS", 4000)
+    monkeypatch.setattr(release, "PRECISION_TOLERANCE", 5.0)
+    out = tmp_path / "models" / "escm-int8"
+    result = runner.invoke(app, ["models", "release", str(checkpoint), "--out", str(out), "--quantize", "int8",
+                                 "--data", str(sample_dir)])
+    assert result.exit_code == 0, result.output
+    card, loaded = release.read_card(out), artifacts.load(out)
+    assert loaded.weights_dtype == card["model"]["weights_dtype"] == release.INT8_FORMAT == artifacts.INT8
+    assert card["evaluation"]["dtype"]["weights"] == "int8-rows+fp16"
+    check = card["precision_check"]
+    assert check["weights"] == "int8-rows+fp16" and check["released"] == card["evaluation"]["metrics"]
+    assert check["tolerance"] == 5.0 and check["released"]["ppl"] != check["float32"]["ppl"]
+    assert check["float32"] == release.read_card(released)["evaluation"]["metrics"]
+    assert not release.precision_moves(check["float32"], check["released"])
+    text, size = (out / "card.md").read_text(), sum((out / f).stat().st_size for f in release.BUNDLE_FILES)
+    assert f"int8-rows+fp16 weights, {size / 1e6:.2f} MB" in text
+    assert "| metric | float32 | int8-rows+fp16 | move (table units) |" in text
+    assert repr(check["float32"]["ppl"]) in text and repr(check["released"]["ppl"]) in text
+    assert runner.invoke(app, ["models", "list", "--dir", str(out.parent)]).exit_code == 0
+    rec = Console(record=True, width=250)
+    rec.print(released_table(release.released_models(out.parent), out.parent))
+    listed = rec.export_text()
+    assert "escm-int8" in listed and "int8-rows+fp16" in listed
+
+
+def test_the_size_limit_counts_the_real_files_and_an_unknown_quantization_is_refused(checkpoint, tmp_path):
+    card = release.release(checkpoint, tmp_path / "fits", quantize="int8", log=lambda s: None)
+    size = sum((tmp_path / "fits" / f).stat().st_size for f in release.BUNDLE_FILES)
+    assert sum(f["bytes"] for f in card["files"].values()) == size
+    with pytest.raises(release.ReleaseError, match=rf"\({size} bytes\), over the .* limit.*--quantize int8"):
+        release.release(checkpoint, tmp_path / "over", quantize="int8", limit=size - 1, log=lambda s: None)
+    assert not (tmp_path / "over").exists()
+    result = runner.invoke(app, ["models", "release", str(checkpoint), "--out", str(tmp_path / "q"),
+                                 "--quantize", "int4"])
+    assert result.exit_code == 2 and "--quantize 'int4' is not supported" in result.output
