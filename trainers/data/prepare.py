@@ -87,11 +87,8 @@ def data_pipeline_source_hash() -> str:
 
 
 def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_key(cfg: DataConfig, source_files: list[Path], pipeline_version: str) -> str:
