@@ -12,7 +12,7 @@ from the registry cannot run code when it is loaded:
       model.safetensors   the model's parameters and buffers (tensors only: the format cannot carry code)
       config.json         {"format": "edp-bundle/1", "model_name", "model_config", "train_config", "data_key",
                            "weights_dtype"}: float32, float16 (a release's halved weights, cast back to float32
-                           on load: the model always runs in float32 on the CPU) or "int8-rows+fp16" (the big
+                           on load: the model always runs in float32 on the CPU) or "int8-rowcol+fp16" (the big
                            matrices int8 with a float32 scale per row, the rest float16: trainers.quantize;
                            dequantized to float32 on load)
       vocab.json          the vocabulary (trainers.data.vocab format)

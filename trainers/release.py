@@ -2,7 +2,7 @@
 
     models/escm-ed/
       model.safetensors  config.json  vocab.json   the serving bundle (trainers.artifacts): float32, float16 or
-                                                   int8-rows+fp16 weights (trainers.quantize)
+                                                   int8-rowcol+fp16 weights (trainers.quantize)
       card.json          the card's data: model, paper, data and licence, recipe, command, commit, valid metrics
                          exactly as `evaluate_model` computed them, sample responses, use and limitations, and the
                          sha256 and size of every bundle file
@@ -40,7 +40,7 @@ CARD_FORMAT = "edp-card/1"
 BUNDLE_FILES = ("model.safetensors", "config.json", "vocab.json")  # trainers.artifacts' WEIGHTS, CONFIG, VOCAB
 MAX_BUNDLE_BYTES = 15_000_000  # a released bundle lives in git: at most 15 MB
 PRECISION_TOLERANCE = 0.1  # largest move float16/int8 weights may cause, in the papers' table units (table_scale)
-INT8_FORMAT = "int8-rows+fp16"  # trainers.artifacts.INT8: what `--quantize int8` stores
+INT8_FORMAT = "int8-rowcol+fp16"  # trainers.artifacts.INT8: what `--quantize int8` stores
 QUANTIZE_CHOICES = ("int8",)
 SAMPLE_COUNT = 5
 

@@ -1,4 +1,4 @@
-"""int8 weights (trainers.quantize, bundle format "int8-rows+fp16"): per-row quantization and its error bound,
+"""int8 weights (trainers.quantize, bundle format "int8-rowcol+fp16"): per-row quantization and its error bound,
 which tensors qualify, the size of a full-vocabulary bundle, a round trip through a trained tiny model's bundle
 (the same logits, nearly), and hostile weight files refused with the tensor named."""
 
@@ -24,18 +24,32 @@ from trainers.tokens import SPECIALS
 FULL_VOCAB = 20_572  # the full-ED vocabulary
 
 
-def test_each_value_is_within_half_its_rows_scale_and_the_row_maximum_is_exact():
+def test_each_value_is_within_half_its_scales_and_each_rows_normalised_maximum_is_exact():
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(64, 300, generator=g) * torch.logspace(-3, 1, 64)[:, None]
+    w = torch.randn(64, 300, generator=g) * torch.logspace(-3, 1, 64)[:, None] * torch.logspace(-1, 0, 300)
     w[5] = 0.0
-    q, scale = quantize.quantize_rows(w)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (64,)
+    w[:, 7] = 0.0  # an all-zero column keeps factor 1
+    q, scale, col = quantize.quantize_rows(w)
+    assert q.dtype == torch.int8 and scale.dtype == col.dtype == torch.float32
+    assert scale.shape == (64,) and col.shape == (300,) and float(col[7]) == 1.0 and bool((col > 0).all())
     assert int(q.abs().max()) == 127 and int(q.min()) >= -127
-    back = quantize.dequantize_rows(q, scale)
+    back = quantize.dequantize_rows(q, scale, col)
     assert back.dtype == torch.float32
-    assert bool(((back - w).abs() <= scale[:, None] / 2 * (1 + 1e-5)).all())
+    assert bool(((back - w).abs() <= scale[:, None] * col[None, :] / 2 * (1 + 1e-5)).all())
     assert torch.equal(back[5], torch.zeros(300)) and float(scale[5]) == 0.0
-    assert torch.allclose(back.abs().amax(dim=1), w.abs().amax(dim=1), rtol=1e-6)  # each row's max survives
+    # each row's largest |W_ij / c_j| survives exactly (it sets the row's scale)
+    assert torch.allclose((back / col).abs().amax(dim=1), (w / col).abs().amax(dim=1), rtol=1e-6)
+
+
+def test_column_factors_cut_the_error_when_columns_differ_in_range():
+    """Columns of different ranges (as a trained embedding's): dividing them out first beats one scale per row."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2000, 300, generator=g) * torch.logspace(-1, 0, 300)
+    q, scale, col = quantize.quantize_rows(w)
+    rowcol = ((quantize.dequantize_rows(q, scale, col) - w) ** 2).mean()
+    row_only_scale = w.abs().amax(dim=1) / quantize.QMAX
+    row_only = ((torch.round(w / row_only_scale[:, None]) * row_only_scale[:, None] - w) ** 2).mean()
+    assert rowcol < 0.5 * row_only
 
 
 def test_only_big_two_dimensional_floating_tensors_are_int8_the_rest_float16_and_integers_as_is():
@@ -43,7 +57,8 @@ def test_only_big_two_dimensional_floating_tensors_are_int8_the_rest_float16_and
              "norm": torch.randn(2000), "conv": torch.randn(10, 10, 20), "ids": torch.arange(3000)}
     stored = quantize.quantize_state(state, min_elements=2000)
     assert {k: v.dtype for k, v in stored.items()} == {
-        "emb": torch.int8, "emb.__scale__": torch.float32, "proj": torch.int8, "proj.__scale__": torch.float32,
+        "emb": torch.int8, "emb.__scale__": torch.float32, "emb.__colscale__": torch.float32,
+        "proj": torch.int8, "proj.__scale__": torch.float32, "proj.__colscale__": torch.float32,
         "small": torch.float16, "norm": torch.float16, "conv": torch.float16, "ids": torch.int64}
     assert quantize.quantizes(torch.empty(FULL_VOCAB, 300), quantize.MIN_ELEMENTS)
     assert not quantize.quantizes(torch.empty(300, 300), quantize.MIN_ELEMENTS)  # attention/feed-forward: fp16
@@ -69,9 +84,9 @@ def test_a_full_vocabulary_bundles_weights_shrink_about_four_times_and_load_dequ
     assert sum(v.dtype == torch.int8 for v in stored.values()) == 2
     size32, size8 = (fp32 / WEIGHTS).stat().st_size, (int8 / WEIGHTS).stat().st_size
     assert 3.8 < size32 / size8 < 4.0, (size32, size8)
-    assert json.loads((int8 / CONFIG).read_text())["weights_dtype"] == "int8-rows+fp16"
+    assert json.loads((int8 / CONFIG).read_text())["weights_dtype"] == "int8-rowcol+fp16"
     loaded = artifacts.load(int8)
-    assert loaded.weights_dtype == "int8-rows+fp16"
+    assert loaded.weights_dtype == "int8-rowcol+fp16"
     state = loaded.model.state_dict()
     for name, ref in model.state_dict().items():
         expected = quantize.dequantize_rows(*quantize.quantize_rows(ref)) if name in (
@@ -144,6 +159,12 @@ HOSTILE = {
                     r"tensor embedding\.weight has shape"),
     "orphan scale": (lambda s: s.__setitem__(_bias(s) + ".__scale__", torch.ones(1)),
                      r"scale tensor\(s\) \S+\.bias\.__scale__ belong to no int8 tensor"),
+    "missing column factors": (lambda s: s.pop("embedding.weight.__colscale__"),
+                               r"scale tensor embedding\.weight\.__colscale__ is missing"),
+    "zero column factor": (lambda s: s["generator.proj.weight.__colscale__"].__setitem__(2, 0.0),
+                           r"scale tensor generator\.proj\.weight\.__colscale__ is corrupt"),
+    "wrong column count": (lambda s: s.__setitem__("embedding.weight.__colscale__", torch.ones(3)),
+                           r"embedding\.weight\.__colscale__ .* expected torch\.float32 of shape \(\d+,\), one per column"),
     "missing tensor": (lambda s: s.pop("generator.proj.weight"), r"missing generator\.proj\.weight"),
     "extra tensor": (lambda s: s.__setitem__("evil", torch.zeros(2)), r"unexpected evil"),
 }
@@ -153,14 +174,14 @@ HOSTILE = {
 def test_a_hostile_int8_weights_file_is_refused_naming_the_tensor(int8_bundle, case):
     change, message = HOSTILE[case]
     _rewrite(int8_bundle, change)
-    with pytest.raises(BundleError, match=r"model\.safetensors \(int8-rows\+fp16\): .*" + message):
+    with pytest.raises(BundleError, match=r"model\.safetensors \(int8-rowcol\+fp16\): .*" + message):
         artifacts.load(int8_bundle)
 
 
 def test_an_unreadable_weights_file_or_an_unknown_format_is_refused(int8_bundle):
     config = json.loads((int8_bundle / CONFIG).read_text())
     (int8_bundle / CONFIG).write_text(json.dumps({**config, "weights_dtype": "int4"}))
-    with pytest.raises(BundleError, match=r"weights_dtype 'int4' is not one of float32, float16, int8-rows\+fp16"):
+    with pytest.raises(BundleError, match=r"weights_dtype 'int4' is not one of float32, float16, int8-rowcol\+fp16"):
         artifacts.load(int8_bundle)
     (int8_bundle / CONFIG).write_text(json.dumps(config))
     (int8_bundle / WEIGHTS).write_bytes(b"\xff" * 64)

@@ -236,21 +236,21 @@ def test_int8_release_is_checked_against_float32_and_its_card_and_list_show_the_
     assert result.exit_code == 0, result.output
     card, loaded = release.read_card(out), artifacts.load(out)
     assert loaded.weights_dtype == card["model"]["weights_dtype"] == release.INT8_FORMAT == artifacts.INT8
-    assert card["evaluation"]["dtype"]["weights"] == "int8-rows+fp16"
+    assert card["evaluation"]["dtype"]["weights"] == "int8-rowcol+fp16"
     check = card["precision_check"]
-    assert check["weights"] == "int8-rows+fp16" and check["released"] == card["evaluation"]["metrics"]
+    assert check["weights"] == "int8-rowcol+fp16" and check["released"] == card["evaluation"]["metrics"]
     assert check["tolerance"] == 5.0 and check["released"]["ppl"] != check["float32"]["ppl"]
     assert check["float32"] == release.read_card(released)["evaluation"]["metrics"]
     assert not release.precision_moves(check["float32"], check["released"])
     text, size = (out / "card.md").read_text(), sum((out / f).stat().st_size for f in release.BUNDLE_FILES)
-    assert f"int8-rows+fp16 weights, {size / 1e6:.2f} MB" in text
-    assert "| metric | float32 | int8-rows+fp16 | move (table units) |" in text
+    assert f"int8-rowcol+fp16 weights, {size / 1e6:.2f} MB" in text
+    assert "| metric | float32 | int8-rowcol+fp16 | move (table units) |" in text
     assert repr(check["float32"]["ppl"]) in text and repr(check["released"]["ppl"]) in text
     assert runner.invoke(app, ["models", "list", "--dir", str(out.parent)]).exit_code == 0
     rec = Console(record=True, width=250)
     rec.print(released_table(release.released_models(out.parent), out.parent))
     listed = rec.export_text()
-    assert "escm-int8" in listed and "int8-rows+fp16" in listed
+    assert "escm-int8" in listed and "int8-rowcol+fp16" in listed
 
 
 def test_the_size_limit_counts_the_real_files_and_an_unknown_quantization_is_refused(checkpoint, tmp_path):
