@@ -190,8 +190,9 @@ def print_demo(result, out: Console = console) -> None:
     out.print(f"[bold]time[/]: {steps}")
     urls = Table(title="the stack is still running", show_header=False)
     for name, label in (("ray", "Ray dashboard"), ("mlflow", "MLflow UI"), ("serve", "Serve endpoint"),
-                        ("prometheus", "Prometheus"), ("s3", "S3 (SeaweedFS)")):
-        urls.add_row(label, result.urls[name] + ("/v1/respond" if name == "serve" else ""))
+                        ("released", "the released model"), ("prometheus", "Prometheus"), ("s3", "S3 (SeaweedFS)")):
+        if name in result.urls:
+            urls.add_row(label, result.urls[name] + ("/v1/respond" if name in ("serve", "released") else ""))
     urls.add_row("stop it", "edp stack down   (or: .venv/bin/edp stack down)")
     out.print(urls)
 

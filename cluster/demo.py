@@ -117,7 +117,7 @@ def run(data: str | None = None, state_dir: Path | None = None, console: Console
             result.released_version = register_released(env["MLFLOW_TRACKING_URI"], console)
             apps[RELEASED_APP] = application(RELEASED_APP, released_model_type(), RELEASED_NAME, env, state["ports"],
                                              RELEASED_DEPLOYMENT)
-            released_base = deploy(env, state["ports"], apps)[RELEASED_APP]
+            released_base = result.urls[RELEASED_APP] = deploy(env, state["ports"], apps)[RELEASED_APP]
             result.released_responses = [(body, post(released_base, body)[1]) for body in EXAMPLES]
         lap("released model served", start)
         timings["to a served real model"] = time.perf_counter() - t0
@@ -184,6 +184,7 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
     job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(PROJECT_ROOT),
+        "excludes": ["/models/"],  # the released bundles: the sweep trains, it loads none of them
         "env_vars": {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "EDP_"))},
     })
     console.print(f"  submitted ray job [bold]{job_id}[/]: {entrypoint}")

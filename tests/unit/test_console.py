@@ -57,6 +57,7 @@ def test_demo_report(monkeypatch):
     assert "models:/edp-demo@champion -> version 1 (promoted)" in text and "decision: promote" in text
     assert "joyful (0.50)" in text and "got~job, job" in text and "p50 30 ms, p99 90 ms" in text
     assert "released model" not in text  # no release served: the champion's column only
+    assert "the released model" not in text  # nor its URL
     assert "http://127.0.0.1:8000/v1/respond" in text and "edp stack down" in text
 
 
@@ -71,6 +72,10 @@ def test_demo_examples_show_the_released_model_beside_the_champion():
                             (dog, {"error": "generation failed"})])
     rec.print(out.example_table(result))
     text = rec.export_text()
+    urls = Console(record=True, width=240)
+    out.print_demo(DemoResult({**URLS, "released": "http://127.0.0.1:8000/released"}, decision=result.decision,
+                              released_version="1", released_responses=result.released_responses), urls)
+    assert "the released model │ http://127.0.0.1:8000/released/v1/respond" in urls.export_text()
     assert "released model (models:/escm-ed/1, full ED train)" in text and "champion (models:/edp-demo/3" in text
     job_row = next(line for line in text.splitlines() if "I got the job!" in line)
     assert job_row.index("congratulations !") < job_row.index("that is the worst .")  # released first, same row
