@@ -164,7 +164,8 @@ HOSTILE = {
     "zero column factor": (lambda s: s["generator.proj.weight.__colscale__"].__setitem__(2, 0.0),
                            r"scale tensor generator\.proj\.weight\.__colscale__ is corrupt"),
     "wrong column count": (lambda s: s.__setitem__("embedding.weight.__colscale__", torch.ones(3)),
-                           r"embedding\.weight\.__colscale__ .* expected torch\.float32 of shape \(\d+,\), one per column"),
+                           r"embedding\.weight\.__colscale__ .* expected torch\.float32 of shape \(\d+,\), "
+                           r"one per column"),
     "missing tensor": (lambda s: s.pop("generator.proj.weight"), r"missing generator\.proj\.weight"),
     "extra tensor": (lambda s: s.__setitem__("evil", torch.zeros(2)), r"unexpected evil"),
 }
