@@ -298,6 +298,8 @@ def test_evidence_returns_dependency_pairs():
     same = m.evidence(b, k=3, encoding=enc)
     assert torch.equal(same["pairs"], ev["pairs"]) and torch.allclose(same["scores"], ev["scores"])
     for i in range(4):
+        pairs = [frozenset(pair) for pair in ev["pairs"][i].tolist() if pair[0] >= 0]
+        assert len(pairs) == len(set(pairs))  # a pair linked both ways is listed once
         prev = 2.0
         for (a, c), s in zip(ev["pairs"][i].tolist(), ev["scores"][i].tolist(), strict=True):
             if a < 0:

@@ -263,7 +263,8 @@ class ESCM(PointerGeneratorSeq2Seq):
         """Top-k correlated word pairs per example from the GCN attention p_ij (eq. 8).
 
         `encoding`, the batch's `encode(batch)` when the caller has it, saves an encoder pass. Self loops and
-        [CLS] pairs are left out. Returns {"pairs": (B, k, 2) long positions (i, j) into the context, -1 where
+        [CLS] pairs are left out, and a pair linked both ways (the symmetric graph) counts once, in its stronger
+        direction. Returns {"pairs": (B, k, 2) long positions (i, j) into the context, -1 where
         an example has fewer than k edges; "scores": (B, k) p_ij (0 there)}."""
         if self.cfg.no_dcgcn:
             raise ValueError("evidence needs the GCN, which no_dcgcn removes")
@@ -272,7 +273,10 @@ class ESCM(PointerGeneratorSeq2Seq):
         idx = torch.arange(L, device=p.device)
         keep = (idx[:, None] != idx[None, :]) & (idx[:, None] > 0) & (idx[None, :] > 0)
         keep = keep & (self.gcn.relations(batch.context_dep, batch.context_mask) > 0)
-        flat = p.masked_fill(~keep, -1.0).flatten(1)  # (B, L*L)
+        edges = p.masked_fill(~keep, -1.0)
+        mirror = edges.transpose(1, 2)  # a pair counts once: in its stronger direction (ties: i < j)
+        first = (edges > mirror) | ((edges == mirror) & (idx[:, None] < idx[None, :]))
+        flat = edges.masked_fill(~first, -1.0).flatten(1)  # (B, L*L)
         scores, top = flat.topk(min(k, L * L), dim=-1)
         pairs = torch.stack([top // L, top % L], dim=-1)
         valid = scores >= 0
