@@ -184,7 +184,6 @@ def submit_sweep(source: str, env: dict[str, str], console: Console, sweep_set: 
     jobs = JobSubmissionClient(env["RAY_API_SERVER_ADDRESS"])
     job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(PROJECT_ROOT),
-        "excludes": ["/models/"],  # the released bundles: the sweep trains, it loads none of them
         "env_vars": {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "EDP_"))},
     })
     console.print(f"  submitted ray job [bold]{job_id}[/]: {entrypoint}")

@@ -67,3 +67,14 @@ def test_edp_evaluate_reproduces_the_cards_metrics_on_ed(directory, ed_data_dir,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["examples"] == card["evaluation"]["examples"]
     assert metrics["metrics"] == card["evaluation"]["metrics"]
+
+
+def test_ray_job_uploads_leave_the_released_bundles_out():
+    """`ray job submit --working-dir .` (README, the demo's sweep) reads .rayignore: no job needs models/."""
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    root = release.MODELS_DIR.parent
+    excluded = get_excludes_from_ignore_files(root, include_gitignore=True)
+    assert any(f(root / "models" / "escm-ed" / "model.safetensors") for f in excluded)
+    assert not any(f(root / "cluster" / "demo.py") for f in excluded)
+    assert not any(f(root / "trainers" / "release.py") for f in excluded)
