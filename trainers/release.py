@@ -14,7 +14,8 @@
 `release` refuses a bundle over MAX_BUNDLE_BYTES (its files' real sizes), and float16 or int8 weights whose
 metrics move by more than PRECISION_TOLERANCE against float32 (both evaluated when data is given). The card's
 metrics come from `trainers.evaluation.evaluate_model` on the released files with float32 compute, so `edp evaluate
---model models/escm-ed` on the same split reproduces them exactly.
+--model models/escm-ed` on the same split reproduces them: the count-based ones (Acc, Dist, BLEU) to every printed
+digit, the NLL sums (loss, PPL) to 1e-6 relative (their last bits follow the thread count and the CPU).
 """
 
 from __future__ import annotations
