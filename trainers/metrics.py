@@ -24,6 +24,8 @@ Also reported:
   ppl_token  exp(total NLL / total non-PAD target tokens): token-level, what this platform called PPL before.
   loss       total NLL / total target tokens (log ppl_token).
   bleu_n     corpus BLEU-1..4, not in the papers' tables (see `bleu`).
+  distinct_responses  the share of responses that are distinct strings (1.0: no two alike): how generic a model
+             is, which corpus Dist hides when a few stock replies repeat across the split.
   *_sampled  dist_n / bleu_n over the first `sample_size` examples only (training-time evaluations): not
              comparable with the papers' figures (Dist-1 4.65 on 256 responses vs 0.82 on the whole split for
              the same ESCM checkpoint), hence never under the primary name.
@@ -63,6 +65,7 @@ DEFINITIONS = {
                    "by nltk's NLTKWordTokenizer (word_tokenize without punkt's sentence split: the same words "
                    "except after an abbreviation with a final period that punkt would end a sentence at)",
     "bleu_n": "corpus BLEU-n, one reference per response, no smoothing",
+    "distinct_responses": "distinct response token sequences / responses, over the whole split",
     "*_sampled": "the same over the first sample_size examples of the split only: not comparable with the papers",
 }
 # What the valid_* figures mean (logged with every run; promotion compares only runs that share it): change it
@@ -210,7 +213,7 @@ class MetricAccumulator:
     """Collects per-batch evaluation outputs; `compute()` gives the metrics of everything added.
 
     Keys of `compute()` (see DEFINITIONS): "loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2", "dist_1_nltk",
-    "dist_2_nltk", "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no
+    "dist_2_nltk", "distinct_responses", "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no
     "dist_*"/"bleu_*" for a validation pass without decoding).
     """
 
@@ -258,6 +261,7 @@ class MetricAccumulator:
             out["dist_2"] = distinct_n(self.hypotheses, 2)
             words = [nltk_words(h) for h in self.hypotheses]
             out["dist_1_nltk"], out["dist_2_nltk"] = distinct_n(words, 1), distinct_n(words, 2)
+            out["distinct_responses"] = len({tuple(h) for h in self.hypotheses}) / len(self.hypotheses)
             if len(self.references) == len(self.hypotheses):
                 out.update(bleu(self.hypotheses, self.references))
         return out

@@ -150,7 +150,7 @@ def test_accumulator_combines_batches():
     # hyps vs refs: unigram matches 3 + 2 + 2 = 7 of 8 tokens, equal lengths -> BLEU-1 = 7/8.
     assert out["bleu_1"] == pytest.approx(7 / 8)
     assert set(out) == {"loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2", "dist_1_nltk", "dist_2_nltk",
-                        "bleu_1", "bleu_2", "bleu_3", "bleu_4"}
+                        "distinct_responses", "bleu_1", "bleu_2", "bleu_3", "bleu_4"}
     # nltk splits none of these tokens further: the reference's Dist equals ours here
     assert (out["dist_1_nltk"], out["dist_2_nltk"]) == (out["dist_1"], out["dist_2"])
     np.testing.assert_array_equal(acc.confusion(), [[1, 0, 0], [0, 1, 1], [0, 0, 0]])
@@ -228,3 +228,9 @@ def test_dist_nltk_counts_nltk_words():
     out = acc.compute()
     assert out["dist_1"] == pytest.approx(6 / 8) and out["dist_1_nltk"] == pytest.approx(6 / 10)
     assert out["dist_2"] == pytest.approx(1.0) and out["dist_2_nltk"] == pytest.approx(5 / 8)
+
+
+def test_distinct_responses_is_the_share_of_distinct_token_sequences():
+    acc = MetricAccumulator()
+    acc.add(hypotheses=[["that", "is", "great"], ["i", "am", "sorry"], ["that", "is", "great"], ["that", "is"]])
+    assert acc.compute()["distinct_responses"] == pytest.approx(3 / 4)
