@@ -80,7 +80,7 @@ class Evaluator:
                     references=[g["reference_tokens"] for g in generated])
         metrics = acc.compute()
         if generate:
-            generation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(("dist_", "bleu_"))}
+            generation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(("dist_", "distinct_", "bleu_"))}
             metrics.update(sampled(generation, n))
         return Evaluation(metrics, nll_sum, num_tokens, pred, gold, generated)
 

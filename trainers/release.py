@@ -145,7 +145,7 @@ def read_card(directory: str | Path) -> dict:
 
 def table_scale(metric: str) -> float:
     """The factor the papers' tables print a metric with: Acc and Dist-n (either definition) x100, the rest as is."""
-    return 100.0 if metric == "acc" or metric.startswith("dist") else 1.0
+    return 100.0 if metric == "acc" or metric.startswith("dist_") else 1.0
 
 
 def weights_format(fp16: bool, quantize: str | None) -> str:
@@ -164,7 +164,7 @@ def precision_moves(fp32: dict[str, float], released: dict[str, float],
     by more than `tolerance` (default PRECISION_TOLERANCE) from its float32 one, in the papers' table units (Acc
     and Dist-n x100, PPL as is)."""
     tolerance = PRECISION_TOLERANCE if tolerance is None else tolerance
-    gated = [k for k in fp32 if k in ("acc", "ppl", "ppl_token") or k.startswith("dist")]
+    gated = [k for k in fp32 if k in ("acc", "ppl", "ppl_token") or k.startswith("dist_")]
     moves = {k: abs(released[k] - fp32[k]) * table_scale(k) for k in gated if k in released}
     return {k: m for k, m in moves.items() if m > tolerance}
 

@@ -41,6 +41,7 @@ def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size
     assert [h["step"] for h in evals] == [steps // 2, steps]
     # training-time Dist/BLEU are over eval_generate examples: labelled sampled, never under the papers' names
     assert evals[0]["valid_sample_size"] == 8 and "valid_dist_1_sampled" in evals[0] and "valid_dist_1" not in evals[0]
+    assert "valid_distinct_responses_sampled" in evals[0] and "valid_distinct_responses" not in evals[0]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     # the final evaluation decodes the whole valid split
     assert set(metrics["final"]) >= {"valid_ppl", "valid_ppl_token", "valid_dist_1", "valid_dist_2",
