@@ -32,7 +32,7 @@ def machine() -> str:
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, Python {platform.python_version()}, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), no GPU")
+            f"torch {torch.__version__} (default threads: {torch.get_num_threads()}), no GPU")
 
 
 SECTIONS = {"data": "Data preparation",  # --only key -> its `## ` heading in BENCHMARKS.md
@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="BENCHMARKS.md")
     p.add_argument("--data", default=os.environ.get("ED_DATA_DIR") or "sample")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="data setting for the train and decode sections' prepared data (e.g. contractions=expand, "
+                        "to reuse a paper-recipe run's cache)")
     p.add_argument("--only", default=None, help=f"comma-separated sections of {list(SECTIONS)} "
                    f"(default {DEFAULT_ONLY}); only these are replaced in --out")
     train = p.add_argument_group("train section (default: the full comparison)")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainers.config import DataConfig, load_config
         from trainers.data.prepare import prepare
 
-        prepared = prepare(load_config(DataConfig, source=args.data, n_process=2))
+        prepared = prepare(load_config(DataConfig, overrides=args.set, source=args.data, n_process=2))
     for key in ("train", "decode"):
         if key in only:
             import importlib

@@ -98,8 +98,8 @@ class Comparison:
     def describe(self) -> str:
         """One line on how the figures were taken."""
         rounds = len(self.order) // max(len(self.sides), 1)
-        return (f"{rounds} interleaved rounds ({', '.join(self.order[:len(self.sides) * 2])}, ...) after warm-up; "
-                f"CPU: {self.cpu_model}; {self.load_note()}; instructions: {self.instructions_note}.")
+        return (f"{rounds} rounds after warm-up, the {len(self.sides)} sides interleaved in each (in the order "
+                f"listed); CPU: {self.cpu_model}; {self.load_note()}; instructions: {self.instructions_note}.")
 
 
 def interleaved(names: list[str], rounds: int) -> list[str]:

@@ -71,8 +71,9 @@ def test_bad_arguments_are_refused_naming_them():
 def test_describe_names_the_rounds_the_cpu_and_the_load():
     c = Comparison({"A": Timings([1.0], [1.0]), "B": Timings([1.0], [1.0])}, ["A", "B", "A", "B"],
                    (1.0, 2.0, 3.0), (4.0, 5.0, 6.0), "Test CPU", "unavailable (no perf)")
-    assert c.describe() == ("2 interleaved rounds (A, B, A, B, ...) after warm-up; CPU: Test CPU; load average "
-                            "(1/5/15 min) 1.0/2.0/3.0 before, 4.0/5.0/6.0 after; instructions: unavailable (no perf).")
+    assert c.describe() == ("2 rounds after warm-up, the 2 sides interleaved in each (in the order listed); CPU: "
+                            "Test CPU; load average (1/5/15 min) 1.0/2.0/3.0 before, 4.0/5.0/6.0 after; "
+                            "instructions: unavailable (no perf).")
 
 
 def test_perf_csv_gives_the_count_or_why_not():
@@ -143,3 +144,18 @@ def test_unknown_only_section_is_refused_naming_it(capsys):
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--only", "train,trian"])
     assert "--only: unknown section(s) ['trian']" in capsys.readouterr().err
+
+
+def test_training_step_table_gives_ms_per_step_and_the_cpu_ratio_per_example():
+    from tests.bench.bench_train import YARDSTICK, as_markdown  # torch: only for this test
+
+    fast = "fast path, batch 256"
+    c = Comparison({YARDSTICK: Timings(wall=[0.02, 0.03, 0.04], cpu=[0.01, 0.01, 0.02]),  # seconds per example
+                    fast: Timings(wall=[0.01] * 3, cpu=[0.0025] * 3)}, [YARDSTICK, fast] * 3,
+                   (9.0, 8.0, 7.0), (9.5, 8.0, 7.0), "Test CPU", "unavailable (no PMU)")
+    md = as_markdown([{"model": "escm", "batch": {YARDSTICK: 16, fast: 256}, "comparison": c}])
+    assert "| escm | yardstick (straightforward) | 16 | 480.0 (320.0-640.0) | 160.0 (160.0-320.0) | 100.0 |  |" in md
+    assert "| escm | fast path, batch 256 | 256 | 2560.0 (2560.0-2560.0) | 640.0 (640.0-640.0) | 400.0 | " \
+           "4.00x (3.00x) |" in md
+    assert "- escm: 3 rounds after warm-up" in md and "9.0/8.0/7.0 before" in md
+    assert "instructions: unavailable (no PMU)" in md
