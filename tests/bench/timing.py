@@ -175,8 +175,12 @@ def count_instructions(work: Callable[[], object]) -> int | None:
     try:
         work()
     finally:
-        perf.send_signal(signal.SIGINT)
-        _, err = perf.communicate(timeout=30)
+        perf.send_signal(signal.SIGINT)  # perf stat prints its counts on SIGINT
+        try:
+            err = perf.communicate(timeout=30)[1]
+        except subprocess.TimeoutExpired:  # never leave it running
+            perf.kill()
+            err = perf.communicate()[1]
     return parse_perf_csv(err)[0]
 
 

@@ -4,6 +4,7 @@ output, and the section splicing of tests/bench/run.py. Clocks are faked: no tim
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -90,18 +91,24 @@ def test_without_perf_the_report_says_instructions_are_unavailable_and_why(monke
     assert result.instructions_note == "unavailable (perf is not installed (Debian: apt-get install linux-perf))"
 
 
-FAKE_PERF = """#!/bin/sh
-# `perf stat ... true` answers at once; `perf stat ... -p PID` counts until SIGINT, like perf
-case "$*" in *" true") echo "1000,,instructions:u,1,100.00,," >&2; exit 0;; esac
-trap 'echo "6000,,instructions:u,1,100.00,," >&2; exit 0' INT
-touch "$READY"
-while :; do sleep 0.05; done
+FAKE_PERF = """#!{python}
+# `perf stat ... true` answers at once; `perf stat ... -p PID` counts until SIGINT, like perf. Python, not sh: a
+# shell cannot trap SIGINT when it starts with SIGINT ignored (as a background job's children do)
+import os, pathlib, signal, sys, time
+if sys.argv[-1] == "true":
+    sys.exit(print("1000,,instructions:u,1,100.00,,", file=sys.stderr))
+def done(*_):
+    sys.exit(print("6000,,instructions:u,1,100.00,,", file=sys.stderr))
+signal.signal(signal.SIGINT, done)
+pathlib.Path(os.environ["READY"]).touch()
+while True:
+    time.sleep(0.05)
 """
 
 
 def test_with_a_counting_perf_each_round_gets_its_instructions_per_unit(monkeypatch, tmp_path):
     perf = tmp_path / "perf"
-    perf.write_text(FAKE_PERF)
+    perf.write_text(FAKE_PERF.format(python=sys.executable))
     perf.chmod(0o755)
     ready = tmp_path / "ready"
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
