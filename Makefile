@@ -92,8 +92,9 @@ test: $(VENV)/.dev prometheus
 test-fast: $(VENV)/.dev
 	$(VENV)/bin/pytest -q -p no:cacheprovider -m "not slow and not integration" $(PYTEST_ARGS)
 
+# BENCH_ARGS="--only train" regenerates one section (tests/bench/run.py lists the options)
 bench: $(VENV)/.dev
-	$(PY) -m tests.bench.run --out BENCHMARKS.md
+	$(PY) -m tests.bench.run --out BENCHMARKS.md $(BENCH_ARGS)
 
 # the GPU figures (tests/bench/bench_gpu.py says how to run it on a GPU machine)
 bench-gpu: $(VENV)/.base

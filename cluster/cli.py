@@ -238,6 +238,26 @@ def sweep(
 
 
 @app.command()
+def report(
+    parent: Annotated[str, typer.Option("--parent", help="the sweep's parent run id (`edp sweep` prints it)")],
+    last: Annotated[int, typer.Option("--last", help="evaluations per seed averaged, from the end")] = 3,
+    out: Annotated[Path, typer.Option("--out", help="directory for curves.md, curves.csv, curves.png")] = Path(
+        "reports"),
+    tracking_uri: TrackingOpt = None,
+) -> None:
+    """A sweep's learning curves from MLflow: per variant, valid Acc/PPL/Dist-1/Dist-2 as mean ± std over its seeds'
+    last N evaluations, and a PNG of each per evaluation step."""
+    from cluster.tracking.curves import ReportError, write_report  # mlflow, matplotlib: only for this command
+
+    try:
+        result = write_report(resolve_tracking_uri(tracking_uri), parent, out, last)
+    except ReportError as e:
+        _fail(str(e))
+    console.print(result.markdown, markup=False, soft_wrap=True)
+    console.print("wrote " + ", ".join(str(p) for p in result.paths.values()))
+
+
+@app.command()
 def promote(
     name: Annotated[str, typer.Option("--name", help="registered model name")],
     experiment: Annotated[str | None, typer.Option("--experiment", help="the sweep's MLflow experiment")] = None,

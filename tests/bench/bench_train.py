@@ -7,23 +7,23 @@ for the encoder, fused Adam, bf16 autocast where the CPU has native bf16 (AVX512
 Yardstick, the straightforward implementation measured side by side: a torch DataLoader over the
 encoded examples with random batches collated per step (padded to the batch maximum), the same
 model in fp32 with the output layer's full distribution at every padded position (pack_targets=False),
-default Adam. Both run the paper-sized model (d=300) on the prepared vocabulary.
-Measured in rounds so that both loops see the same load on a shared machine: each round times the
-yardstick (`steps` batches of 16) and then the fast path at each batch size (`steps` x 16 examples, at
-least 2 batches), back to back, after one warm-up pass of `warmup` batches each. ms/step and examples/s are
-medians over the rounds; the speedup is the median of the rounds' own ratios (fast path examples/s over the
-same round's yardstick examples/s).
+default Adam. Both run the paper-sized model (d=300) on the prepared vocabulary, torch at one thread.
+Timed with tests/bench/timing.py: after `warmup` rounds, `rounds` interleaved rounds (yardstick, fast path at
+each batch size, yardstick, ...); a round is `steps` batches of 16 for the yardstick and `steps` x 16 examples
+(at least one batch) for the fast path, fresh batches every round. Per side: the median and min-max over the
+rounds of wall and CPU (`time.process_time`) ms per step; examples/s from the CPU median. "vs yardstick" is the
+ratio of the CPU-time medians per example (yardstick / fast path): CPU time is what each loop spent, whatever
+else shares the cores; the wall-time ratio beside it moves with the neighbours' load.
 """
 
 from __future__ import annotations
 
-import os
-import statistics
 import tempfile
 import time
 
 import torch
 
+from tests.bench.timing import Comparison, Side, compare
 from trainers.config import TrainConfig, load_config
 from trainers.data.collate import pad_escm, pad_iamm
 from trainers.loop import Trainer
@@ -31,11 +31,14 @@ from trainers.models import MODELS, build_model
 from trainers.models.interface import Targets
 
 
-def _time_steps(step, batches) -> float:
-    t0 = time.perf_counter()
-    for b in batches:
-        step(b)
-    return (time.perf_counter() - t0) / len(batches)
+def _rounds(step, batches, per_round: int):
+    """A side's round function: round i runs `step` on batches [i * per_round, (i + 1) * per_round)."""
+
+    def run(i: int) -> None:
+        for b in batches[i * per_round:(i + 1) * per_round]:
+            step(b)
+
+    return run
 
 
 def fast_path(trainer: Trainer, batch_size: int, n: int):
@@ -97,49 +100,74 @@ def association_share(trainer: Trainer, batch_size: int = 16, batches: int = 8) 
     return spent[0] / total
 
 
-def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 2, steps: int = 12,
+YARDSTICK = "yardstick (straightforward)"
+
+
+def sides(trainer: Trainer, name: str, batch_sizes, steps: int, total_rounds: int) -> tuple[list[Side], dict]:
+    """The yardstick (batch 16) and the fast path at each batch size as timing sides, one unit = one example;
+    and each side's batch size."""
+    n = {bs: max(1, steps * 16 // bs) for bs in batch_sizes}
+    step, batches = yardstick(trainer, name, 16, total_rounds * steps)
+    if len(batches) < total_rounds * steps:
+        raise ValueError(f"{name}: the train split has {len(batches)} batches of 16, the rounds need "
+                         f"{total_rounds * steps}: lower --steps or --rounds")
+    out, batch = [Side(YARDSTICK, _rounds(step, batches, steps), units=16 * steps)], {YARDSTICK: 16}
+    for bs in batch_sizes:
+        step, batches = fast_path(trainer, bs, total_rounds * n[bs])
+        if len(batches) < total_rounds * n[bs]:
+            raise ValueError(f"{name}: the train split has {len(batches)} full batches of {bs}, the rounds need "
+                             f"{total_rounds * n[bs]}: lower --steps or --rounds")
+        label = f"fast path, batch {bs}"
+        out.append(Side(label, _rounds(step, batches, n[bs]), units=bs * n[bs]))
+        batch[label] = bs
+    return out, batch
+
+
+def run(prepared, models=None, batch_sizes=(16, 64, 256), warmup: int = 1, steps: int = 12,
         rounds: int = 3) -> list[dict]:
+    """One row per model: its `Comparison` (see tests/bench/timing.py) and the sides' batch sizes."""
     rows = []
-    for name in models or [m for m in ("transformer", "escm", "iamm") if m in MODELS]:
-        with tempfile.TemporaryDirectory() as out:
-            cfg = load_config(TrainConfig, model=name, out_dir=out, device="cpu",
-                              data={"source": prepared.manifest["source"]})
-            trainer = Trainer(cfg, prepared, log=lambda s: None)
-            n = {bs: max(2, steps * 16 // bs) for bs in batch_sizes}
-            loops = {0: yardstick(trainer, name, 16, warmup + rounds * steps)}
-            loops.update({bs: fast_path(trainer, bs, warmup + rounds * n[bs]) for bs in batch_sizes})
-            n[0] = steps
-            load = [os.getloadavg()[0]]
-            for step, batches in loops.values():
-                _time_steps(step, batches[:warmup])
-            times = {k: [] for k in loops}  # seconds per step, one entry per round
-            for r in range(rounds):
-                for k, (step, batches) in loops.items():
-                    times[k].append(_time_steps(step, batches[warmup + r * n[k]: warmup + (r + 1) * n[k]]))
-            load.append(os.getloadavg()[0])
-            base = statistics.median(times[0])
-            rows.append({"model": name, "variant": "yardstick (straightforward)", "batch": 16,
-                         "ms_per_step": base * 1e3, "examples_per_s": 16 / base, "load": load})
-            for bs in batch_sizes:
-                t = statistics.median(times[bs])
-                ratios = [(bs / tf) / (16 / ty) for tf, ty in zip(times[bs], times[0], strict=True)]
-                rows.append({"model": name, "variant": "trainer fast path", "batch": bs, "ms_per_step": t * 1e3,
-                             "examples_per_s": bs / t, "speedup_vs_yardstick": statistics.median(ratios)})
-            if name == "iamm":
-                rows[-1]["association_share"] = association_share(trainer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time then counts the work, not intra-op threads spinning
+    try:
+        for name in models or [m for m in ("transformer", "escm", "iamm") if m in MODELS]:
+            with tempfile.TemporaryDirectory() as out:
+                cfg = load_config(TrainConfig, model=name, out_dir=out, device="cpu",
+                                  data={"source": prepared.manifest["source"]})
+                trainer = Trainer(cfg, prepared, log=lambda s: None)
+                timed, batch = sides(trainer, name, batch_sizes, steps, warmup + rounds)
+                row = {"model": name, "batch": batch, "comparison": compare(timed, rounds=rounds, warmup=warmup)}
+                if name == "iamm":
+                    row["association_share"] = association_share(trainer)
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 
+def _ms(summary, batch: int) -> str:
+    """Median (min-max) ms per step from per-example seconds."""
+    k = 1e3 * batch
+    return f"{summary.median * k:.1f} ({summary.low * k:.1f}-{summary.high * k:.1f})"
+
+
 def as_markdown(rows: list[dict]) -> str:
-    lines = ["| model | loop | batch | ms/step | examples/s | vs yardstick (b=16) |", "|---|---|---|---|---|---|"]
+    lines = ["| model | loop | batch | wall ms/step, median (min-max) | CPU ms/step, median (min-max) | "
+             "examples per CPU-s | vs yardstick, CPU (wall) |", "|---|---|---|---|---|---|---|"]
+    notes = []
     for r in rows:
-        sp = r.get("speedup_vs_yardstick")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['ms_per_step']:.1f} | "
-                     f"{r['examples_per_s']:.1f} | {'' if sp is None else f'{sp:.2f}x'} |")
-    shares = [f"{r['model']}: information association modules take {r['association_share']:.0%} of the "
-              "forward pass (batch 16)" for r in rows if "association_share" in r]
-    loads = "; ".join(f"{r['model']} {r['load'][0]:.1f} -> {r['load'][1]:.1f}" for r in rows if "load" in r)
-    return "\n".join(lines + [""] + shares + [f"Load average (1 min) before and after each model's rounds: {loads}."])
+        c: Comparison = r["comparison"]
+        for label, t in c.sides.items():
+            bs, cpu = r["batch"][label], t.summary("cpu")
+            ratio = "" if label == YARDSTICK else \
+                f"{c.speedup(YARDSTICK, label):.2f}x ({c.wall_speedup(YARDSTICK, label):.2f}x)"
+            lines.append(f"| {r['model']} | {label} | {bs} | {_ms(t.summary('wall'), bs)} | {_ms(cpu, bs)} | "
+                         f"{1 / cpu.median:.1f} | {ratio} |")
+        notes.append(f"{r['model']}: {c.describe()}")
+        if "association_share" in r:
+            notes.append(f"{r['model']}: information association modules take {r['association_share']:.0%} of the "
+                         "forward pass (batch 16, wall time)")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
 
 
 if __name__ == "__main__":
@@ -147,4 +175,4 @@ if __name__ == "__main__":
     from trainers.data.prepare import prepare
 
     p = prepare(load_config(DataConfig))
-    print(as_markdown(run(p, batch_sizes=(16,), steps=5, rounds=1)))
+    print(as_markdown(run(p, batch_sizes=(16,), steps=2, rounds=2)))
