@@ -527,7 +527,7 @@ def test_utterance_cls_rows_follow_their_turn():
     q.utt_ids[1, 1, 0] = FIRST_WORD + 1 if b.utt_ids[1, 1, 0] != FIRST_WORD + 1 else FIRST_WORD + 2
     m.enc_ctx.blocks = torch.nn.ModuleList()
     with torch.no_grad():
-        (H1, mask, _), (H2, _, _) = m.encode_dialogue(b), m.encode_dialogue(q)
+        (H1, _, _), (H2, _, _) = m.encode_dialogue(b), m.encode_dialogue(q)
     starts = _turn_starts(b, 1)
     first, after = 1 + starts[1], 2 + starts[2]  # [CLS] of turn 1 (one [CLS] before it), the row after turn 1
     changed = (H1[1] - H2[1]).abs().sum(-1) > 1e-6
