@@ -17,7 +17,13 @@ sweep parameters, `model_overrides` keys) wins over the recipe's value for that 
   its generation loss, a mean over the batch's target tokens as their NLLLoss, weighs long targets more);
   ESCM's graph as their code builds it (`gcn_graph: reference`, unscaled eq. 8 scores, POS and relation
   embeddings x sqrt(d_pr) as their `Embeddings` wrapper returns them: `gcn_embed_scale`); the Transformer
-  baseline with their label smoothing 0.1.
+  baseline with their label smoothing 0.1; IAMM as their model.py computes it where it departs from the paper
+  (trainers/models/iamm.py says how): the association weights reweighted by Linear(k, k) + sigmoid
+  (`association_weights: reference`), the word selector over the top 15 of the memory V before Enc_m
+  (`word_selector: reference`, `k3: 15`), a [CLS] before every turn in H_c (`utterance_cls`) and word +
+  dialogue-state embeddings as the explicit association's inputs (`association_inputs: words_states`). Without a
+  knowledge backend (`has_knowledge=False`) IAMM still lacks the implicit association and P_cs: no row of the
+  paper's tables applies to it under either recipe.
 """
 
 from __future__ import annotations
@@ -50,7 +56,8 @@ _PAPER_COMMON: dict[str, Any] = {
 _PAPER_MODEL_OVERRIDES: dict[str, dict[str, Any]] = {
     "transformer": {"label_smoothing": 0.1},
     "escm": {"gcn_graph": "reference", "gcn_scaled": False, "gcn_embed_scale": True},
-    "iamm": {},
+    "iamm": {"association_weights": "reference", "word_selector": "reference", "k3": 15, "utterance_cls": True,
+             "association_inputs": "words_states"},
 }
 
 

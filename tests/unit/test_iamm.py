@@ -114,6 +114,11 @@ def make_batch(B=4, seed=0, turns=None, knowledge=True) -> Batch:
     return collate([make_example(g, None if turns is None else turns[i], knowledge) for i in range(B)])
 
 
+# the four choices of the authors' code (the paper recipe's)
+REFERENCE = dict(association_weights="reference", word_selector="reference", k3=15, utterance_cls=True,
+                 association_inputs="words_states")
+
+
 def tiny(**kw) -> IAMM:
     torch.manual_seed(0)
     return IAMM(IAMMConfig(**{**TINY, **kw}), V)
@@ -182,9 +187,10 @@ def test_forward_shapes_and_finite():
         assert p.grad is not None, n  # every built component takes part in the loss
 
 
-def test_padding_does_not_change_outputs():
+@pytest.mark.parametrize("kw", [{}, REFERENCE])
+def test_padding_does_not_change_outputs(kw):
     """Extra padded turns, turn columns, situation columns and context columns change nothing."""
-    m = tiny().eval()
+    m = tiny(**kw).eval()
     b = make_batch(B=3, seed=2)
     p = {}
     B, M, Lu = b.utt_ids.shape
@@ -217,7 +223,7 @@ def test_dialogue_encoding_is_aligned_with_the_flat_context():
     q.utt_ids[1, 1, 0] = FIRST_WORD + 1 if b.utt_ids[1, 1, 0] != FIRST_WORD + 1 else FIRST_WORD + 2
     m.enc_ctx.blocks = torch.nn.ModuleList()  # no attention mixing: rows are per-token
     with torch.no_grad():
-        H1, H2 = m.encode_dialogue(b), m.encode_dialogue(q)
+        H1, H2 = m.encode_dialogue(b)[0], m.encode_dialogue(q)[0]
     j = 1 + int(b.utt_mask[1, 0].sum())  # context position of turn 1's first token
     changed = (H1[1] - H2[1]).abs().sum(-1) > 1e-6
     n1, n_real = int(b.utt_mask[1, 1].sum()), int(b.context_mask[1].sum())
@@ -237,8 +243,9 @@ def test_packed_targets_give_the_same_loss():
     assert torch.allclose(packed.nll_sum, full.nll_sum, atol=1e-4)
 
 
-def test_encode_decode_step_matches_teacher_forcing():
-    m = tiny().eval()
+@pytest.mark.parametrize("kw", [{}, REFERENCE])
+def test_encode_decode_step_matches_teacher_forcing(kw):
+    m = tiny(**kw).eval()
     b = make_batch(B=3, seed=4)
     with torch.no_grad():
         state = m.encode(b)
@@ -475,3 +482,105 @@ def test_reference_word_selector_reads_the_memory_before_its_encoder():
     assert torch.allclose(enc.selected, top[..., None] * V.gather(1, idx[..., None].expand(-1, -1, V.size(-1))))
     with pytest.raises(ValueError, match="word_selector"):
         IAMMConfig(**TINY, word_selector="code")
+
+
+def _same_weights(**kw):
+    """A tiny IAMM without and with options `kw` that add no parameters, with the same weights."""
+    off, on = tiny(), tiny(**kw)
+    on.load_state_dict(off.state_dict())  # strict: the options add and remove nothing
+    return off.eval(), on.eval()
+
+
+def _turn_starts(b, i):
+    return [0] + torch.cumsum(b.utt_mask[i].sum(-1), 0).tolist()
+
+
+def test_utterance_cls_puts_a_cls_before_every_turn_aligned_with_the_copy_ids():
+    off, on = _same_weights(utterance_cls=True)
+    assert "a [CLS] before every turn" in on.cfg.notes and "[CLS]" not in off.cfg.notes
+    b = make_batch(B=3, seed=3, turns=[1, 2, 3])
+    B, M, _ = b.utt_ids.shape
+    with torch.no_grad():
+        H, mask, ext = on.encode_dialogue(b)
+    L = b.context_ids.size(1) + M - 1
+    assert H.shape == (B, L, on.cfg.d_model) and mask.shape == ext.shape == (B, L)
+    for i in range(B):
+        starts, ctx = _turn_starts(b, i), b.context_ext_ids[i, 1:].tolist()
+        want = [t for m in range(int(b.turn_mask[i].sum())) for t in [CLS] + ctx[starts[m]:starts[m + 1]]]
+        n = len(want)
+        assert mask[i, :n].all() and not mask[i, n:].any()
+        assert ext[i, :n].tolist() == want and (ext[i, n:] == PAD).all()
+    with torch.no_grad():
+        o_off, o_on = off(b, Targets.of(b)), on(b, Targets.of(b))
+    enc = o_on.encoding
+    assert enc.memory.shape[:2] == enc.mask.shape == enc.ext_ids.shape == (B, L)
+    assert torch.equal(enc.ext_ids, ext)  # what the pointer copies is H_c's own layout
+    assert not torch.allclose(o_off.emotion_logits, o_on.emotion_logits)
+    assert not torch.allclose(o_off.nll_sum, o_on.nll_sum)
+
+
+def test_utterance_cls_rows_follow_their_turn():
+    """Without Enc_ctx's mixing, changing a word of turn 1 changes exactly turn 1's rows: its [CLS] and tokens."""
+    m = tiny(utterance_cls=True).eval()
+    b = make_batch(B=2, seed=3, turns=[2, 3])
+    q = b.map_tensors(torch.clone)
+    q.utt_ids[1, 1, 0] = FIRST_WORD + 1 if b.utt_ids[1, 1, 0] != FIRST_WORD + 1 else FIRST_WORD + 2
+    m.enc_ctx.blocks = torch.nn.ModuleList()
+    with torch.no_grad():
+        (H1, _, _), (H2, _, _) = m.encode_dialogue(b), m.encode_dialogue(q)
+    starts = _turn_starts(b, 1)
+    first, after = 1 + starts[1], 2 + starts[2]  # [CLS] of turn 1 (one [CLS] before it), the row after turn 1
+    changed = (H1[1] - H2[1]).abs().sum(-1) > 1e-6
+    assert torch.equal(H1[0], H2[0]) and changed[first:after].all()
+    assert not changed[:first].any() and not changed[after:].any()
+
+
+def test_association_inputs_words_states_feeds_the_dialogue_states_to_the_explicit_pairs(monkeypatch):
+    import trainers.models.iamm as iamm_module
+
+    seen = []
+    real_memory = iamm_module.explicit_memory
+    monkeypatch.setattr(iamm_module, "explicit_memory", lambda iam, X_u, *a: seen.append(X_u) or real_memory(
+        iam, X_u, *a))
+    off, on = _same_weights(association_inputs="words_states")
+    assert "word + dialogue-state embeddings" in on.cfg.notes and "dialogue-state" not in off.cfg.notes
+    b = make_batch(B=3, seed=4)
+    with torch.no_grad():
+        o_off, o_on = off(b, Targets.of(b)), on(b, Targets.of(b))
+        E_w, E_r = off.embed(b.utt_ids), off.embed_state(b.utt_state)
+    assert seen[0].shape == seen[1].shape == b.utt_ids.shape + (off.cfg.emb_dim,)
+    assert torch.allclose(seen[0], E_w) and torch.allclose(seen[1], E_w + E_r[:, :, None])
+    assert E_r[b.turn_mask].abs().sum(-1).gt(0).all()  # speaker and listener rows are not zero
+    assert not torch.allclose(o_off.emotion_logits, o_on.emotion_logits)
+    assert not torch.allclose(o_off.nll_sum, o_on.nll_sum)
+    with pytest.raises(ValueError, match="association_inputs"):
+        IAMMConfig(**TINY, association_inputs="states")
+    with pytest.raises(ValueError, match="utterance_cls"):
+        IAMMConfig(**TINY, utterance_cls="yes")
+
+
+def test_a_bundle_saved_without_the_new_keys_loads_with_them_off(tmp_path, prepared_sample):
+    """Bundles and checkpoints made before `utterance_cls` and `association_inputs` keep their computation."""
+    import json
+
+    from trainers.artifacts import CONFIG, load, save_bundle
+    from trainers.config import InferenceConfig
+    from trainers.loop import model_config_changes
+    from trainers.models import build_model
+
+    vocab = prepared_sample.vocab
+    torch.manual_seed(0)
+    m = build_model("iamm", len(vocab), vocab.emotion_ids(), flavour="tiny", has_knowledge=False)
+    bundle = save_bundle(tmp_path / "bundle", InferenceConfig(model="iamm"), m, vocab)
+    config = json.loads((bundle / CONFIG).read_text())
+    old = {k: v for k, v in config["model_config"].items() if k not in ("utterance_cls", "association_inputs")}
+    assert len(old) == len(config["model_config"]) - 2
+    (bundle / CONFIG).write_text(json.dumps({**config, "model_config": old}))
+    loaded = load(bundle).model
+    assert loaded.cfg.utterance_cls is False and loaded.cfg.association_inputs == "words"
+    assert loaded.cfg == m.cfg and model_config_changes(old, m.cfg) == []  # the trainer's resume check agrees
+    state = m.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    on = build_model("iamm", len(vocab), vocab.emotion_ids(), flavour="tiny", has_knowledge=False,
+                     utterance_cls=True)
+    assert "utterance_cls: False -> True" in model_config_changes(old, on.cfg)

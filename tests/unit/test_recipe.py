@@ -45,6 +45,26 @@ def test_paper_recipe_gives_the_reference_schedule_per_model(model, steps, first
     assert cfg.model_overrides.get("gcn_graph") == ("reference" if model == "escm" else None)
 
 
+IAMM_REFERENCE = {"association_weights": "reference", "word_selector": "reference", "k3": 15, "utterance_cls": True,
+                  "association_inputs": "words_states"}
+
+
+def test_paper_recipe_builds_iamm_with_the_authors_four_choices_and_platform_does_not():
+    from trainers.models import config_for
+
+    paper = load_config(TrainConfig, overrides=["model=iamm", "recipe=paper"])
+    resolved = config_for("iamm", **paper.model_overrides, has_knowledge=False)  # as the trainer builds it
+    assert {k: getattr(resolved, k) for k in IAMM_REFERENCE} == IAMM_REFERENCE
+    for note in ("association weights as", "word selector over V", "[CLS] before every turn", "dialogue-state"):
+        assert note in resolved.notes
+    assert "no commonsense knowledge" in resolved.notes  # no paper row applies without knowledge
+    platform = config_for("iamm", **load_config(TrainConfig, overrides=["model=iamm"]).model_overrides)
+    assert (platform.association_weights, platform.word_selector, platform.k3, platform.utterance_cls,
+            platform.association_inputs) == ("paper", "paper", 5, False, "words")
+    mine = load_config(TrainConfig, overrides=["model=iamm", "recipe=paper", "model_overrides.utterance_cls=false"])
+    assert mine.model_overrides["utterance_cls"] is False and mine.model_overrides["k3"] == 15  # one key wins
+
+
 def test_explicit_settings_win_over_the_recipe():
     cfg = load_config(TrainConfig, overrides=["recipe=paper", "grad_clip=1.5", "model_overrides.gcn_graph=symmetric",
                                               "decode.max_len=20"], model="escm")

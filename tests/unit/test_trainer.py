@@ -28,12 +28,19 @@ def make_cfg(tmp_path, prepared_sample, **kw):
 
 
 # IAMM's loss is mostly its four emotion heads' cross-entropies (eq. 24): batches of 16 give them 60 steps'
-# worth of examples to fall by the same 15% (batches of 8 needed 150 steps)
-@pytest.mark.parametrize("model, steps, batch_size", [("transformer", 60, 8), ("escm", 60, 8), ("iamm", 60, 16)])
-def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size):
+# worth of examples to fall by the same 15% (batches of 8 needed 150 steps). "paper": IAMM under the paper recipe
+# (the authors' association weights, word selector, a [CLS] per turn and word + state association inputs).
+@pytest.mark.parametrize("model, steps, batch_size, recipe", [
+    ("transformer", 60, 8, "platform"), ("escm", 60, 8, "platform"), ("iamm", 60, 16, "platform"),
+    ("iamm", 60, 16, "paper")])
+def test_training_loss_falls(tmp_path, prepared_sample, model, steps, batch_size, recipe):
     cfg = make_cfg(tmp_path, prepared_sample, model=model, max_steps=steps, eval_every=steps // 2,
-                   batch_size=batch_size)
+                   batch_size=batch_size, recipe=recipe, eval_from=0)
     trainer = Trainer(cfg, prepared_sample, log=lambda s: None)
+    if recipe == "paper":
+        c = trainer.raw_model.cfg
+        assert (c.association_weights, c.word_selector, c.k3, c.utterance_cls, c.association_inputs) == (
+            "reference", "reference", 15, True, "words_states")
     result = trainer.train()
     losses = [h["train_loss"] for h in result["history"] if "train_loss" in h]
     assert losses[-1] < 0.85 * losses[0]

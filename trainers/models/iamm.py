@@ -21,7 +21,13 @@ to settle what the paper leaves open; nothing was copied):
 - Eqs. 1-2: Enc_u runs on every turn separately (batched as the real turns of the B*M slots) with word + timing signal +
   speaker/listener state embeddings; Enc_ctx runs on the concatenated real tokens of all turns, preceded
   by Enc_u's encoding of a lone [CLS]. The result is position-aligned with `context_ids` ([CLS] + turns),
-  so the pointer-generator copies from `context_ext_ids` through Dec_c's cross-attention (eq. 33).
+  so the pointer-generator copies from `context_ext_ids` through Dec_c's cross-attention (eq. 33). The paper
+  adds "[CLS] before the dialogue utterances"; the code puts one before every utterance (its data loader), with
+  the [CLS] word row as its state too, encodes [CLS] + tokens in Enc_u and concatenates those outputs for Enc_ctx,
+  so H_c holds a [CLS] per turn: Dec_c attends to them, the emotion head AN_u pools over them, and the pointer can
+  put mass on them (their copy id is [CLS], which decoding never emits). `utterance_cls: true` does that:
+  H_c = Enc_ctx([CLS] U_1 [CLS] U_2 ... [CLS] U_M), its own mask and extended ids ([CLS] at each [CLS], the
+  turn tokens' `context_ext_ids`), no lone [CLS]; nothing reads a [CLS] output apart from those positions.
 - Eq. 3: [CLS] is prepended to the situation before Enc_sit (the paper adds it; the batch has none).
 - Eqs. 4-5: the K phrases of a relation are concatenated (padding squeezed out) after one [CLS]; one
   shared Enc_cs for all relations (the code's `cog_encoder`). A relation vector is real only when the
@@ -46,8 +52,12 @@ to settle what the paper leaves open; nothing was copied):
 - Parameter sharing (code): per branch, one (w_q, w_k, w_v) for the utterance-situation and
   utterance-history pairs and another for the utterance-memory pair. Explicit pairs use word embeddings
   (E_w^i, E_s) as the paper writes; the memory pair feeds memory entries to the same projections, so
-  IAMM needs emb_dim == d_model. The implicit branch uses the 5 relation vectors per sentence, so its k2
-  is `k2_implicit` = 5 (the code's `con_topk`).
+  IAMM needs emb_dim == d_model. `association_inputs: words_states` feeds the turns as the code does: word +
+  dialogue-state (speaker/listener) embeddings E_w^i + E_r, Enc_u's input without the positions, in all three
+  explicit pairs of a turn (the situation stays E_s: it has no state). Left out either way: the code's turns and
+  situation carry their [CLS] into the association too (a candidate keyword / associated word); ours associate
+  words only, so `associated_words` stays a list of words. The implicit branch uses the 5 relation vectors per
+  sentence, so its k2 is `k2_implicit` = 5 (the code's `con_topk`).
 - Eqs. 16-18: iteration i (0-based) stores M_i = E_sc ++ E_cc ++ E_mc (only E_sc at i = 0: history and
   memory are empty), and the utterance-memory pair of turn i sees M_0 ++ ... ++ M_{i-1} (code). The
   memory length after turn i is 2 H k1 (3 i + 1) per branch; entries of padded turns are masked.
@@ -96,7 +106,7 @@ from trainers.models.batch import Batch
 from trainers.models.interface import CONTEXT_KEYS, Encoding, PointerGeneratorSeq2Seq, require
 from trainers.models.layers import Decoder, Encoder, KVCache, ModelConfig
 from trainers.models.output import NUM_EMOTIONS, EmotionHead
-from trainers.tokens import CLS, STATE_CLS
+from trainers.tokens import CLS, PAD, STATE_CLS
 
 IAMM_KEYS = ("utt_ids", "utt_mask", "utt_state", "turn_mask", "situation_ids", "situation_mask",
              "knowledge_ids", "knowledge_mask")
@@ -115,6 +125,8 @@ class IAMMConfig(ModelConfig):
     has_knowledge: bool = True  # False with the `none` knowledge backend: no implicit association and no P_cs
     association_weights: str = "paper"  # "paper": a_kw * A (eqs. 13-14); "reference": the code's reweighting
     word_selector: str = "paper"  # "paper": top-k3 of H_m (eqs. 26-28); "reference": of V before Enc_m (code)
+    utterance_cls: bool = False  # False: one [CLS] before the dialogue (eqs. 1-2); True: one per turn (code)
+    association_inputs: str = "words"  # "words": E_w in the explicit pairs (eqs. 8-15); "words_states": + E_r (code)
     no_ea: bool = False
     no_ia: bool = False
     no_ws: bool = False
@@ -135,6 +147,10 @@ class IAMMConfig(ModelConfig):
         for f in ("association_weights", "word_selector"):
             if getattr(self, f) not in ("paper", "reference"):
                 raise ValueError(f"{f} must be 'paper' or 'reference', got {getattr(self, f)!r}")
+        if self.association_inputs not in ("words", "words_states"):
+            raise ValueError(f"association_inputs must be 'words' or 'words_states', got {self.association_inputs!r}")
+        if not isinstance(self.utterance_cls, bool):
+            raise ValueError(f"utterance_cls must be true or false, got {self.utterance_cls!r}")
         implicit = self.has_knowledge and not self.no_ia
         if self.implicit_association not in (None, implicit):
             raise ValueError(f"implicit_association is derived (has_knowledge and not no_ia = {implicit}), "
@@ -158,6 +174,10 @@ class IAMMConfig(ModelConfig):
             notes.append("association weights as the authors' code (Linear(k, k) + sigmoid of the raw scores)")
         if self.word_selector == "reference":
             notes.append(f"word selector over V before Enc_m as the authors' code (top-{self.k3})")
+        if self.utterance_cls:
+            notes.append("a [CLS] before every turn in H_c as the authors' code")
+        if self.association_inputs == "words_states":
+            notes.append("explicit association over word + dialogue-state embeddings as the authors' code")
         notes = "; ".join(notes) or "full IAMM"
         if self.notes not in (None, notes):
             raise ValueError(f"notes is derived from the flags ({notes!r}), got {self.notes!r}")
@@ -222,21 +242,48 @@ class IAMM(PointerGeneratorSeq2Seq):
         return {"E_u": E_u, "E_s": E_s, "E_cls": E_cls, "E_r": E_r, "E_r_cls": E_r_cls}
 
     def encode_dialogue(self, batch: Batch, E: dict | None = None):
-        """H_c (B, L, d) aligned with context_ids ([CLS] + real turn tokens), eqs. 1-2; E from `embed_inputs`."""
+        """H_c (B, L, d) with its mask (B, L) and the extended ids of its positions (B, L), what the pointer copies,
+        eqs. 1-2; E from `embed_inputs`. Enc_u runs on each real turn (word + state embeddings), Enc_ctx on their
+        outputs concatenated without padding. Default: preceded by Enc_u's encoding of a lone [CLS], so H_c is
+        aligned with context_ids ([CLS] + turn tokens). `utterance_cls`: every turn is [CLS] + its tokens in Enc_u,
+        H_c is [CLS] U_1 [CLS] U_2 ... (L up to context length + M - 1), its ids those tokens' ([CLS] at each
+        [CLS])."""
         E = self.embed_inputs(batch) if E is None else E
         umask = batch.utt_mask
-        B, M, Lu = umask.shape
-        x = (E["E_u"] + E["E_r"][:, :, None]).flatten(0, 1)  # E_w + E_r
-        real = umask.flatten(0, 1).any(-1).nonzero().squeeze(1)  # Enc_u runs on the real turns only
-        H = self.enc_u(x.index_select(0, real), umask.flatten(0, 1).index_select(0, real))  # (n, Lu, d)
-        H_u = H.new_zeros(B * M, Lu, H.size(-1)).index_copy(0, real, H).view(B, M * Lu, -1)
+        B, M, _ = umask.shape
+        x = E["E_u"] + E["E_r"][:, :, None]  # E_w + E_r, (B, M, Lu, emb)
+        cls_x = E["E_cls"] + E["E_r_cls"]  # [CLS] with its own state, (1, emb)
+        turn_real = umask.any(-1)  # (B, M)
+        if self.cfg.utterance_cls:
+            x = torch.cat([cls_x.expand(B, M, 1, -1), x], 2)  # (B, M, 1 + Lu, emb)
+            umask = torch.cat([turn_real[..., None], umask], 2)
+        Lt = umask.size(2)
+        real = turn_real.flatten().nonzero().squeeze(1)  # Enc_u runs on the real turns only
+        H = self.enc_u(x.flatten(0, 1).index_select(0, real), umask.flatten(0, 1).index_select(0, real))
+        H_u = H.new_zeros(B * M, Lt, H.size(-1)).index_copy(0, real, H).view(B, M * Lt, -1)
+        if self.cfg.utterance_cls:
+            return self._encode_turns_with_cls(batch, H_u, umask.flatten(1))
         cls_mask = umask.new_ones(B, 1)
-        cls = self.enc_u((E["E_cls"] + E["E_r_cls"]).expand(B, 1, -1), cls_mask)  # (B, 1, d)
+        cls = self.enc_u(cls_x.expand(B, 1, -1), cls_mask)  # (B, 1, d)
         flat = torch.cat([cls, H_u], 1)
         flat_mask = torch.cat([cls_mask, umask.flatten(1)], 1)
         L = batch.context_ids.size(1)
         flat, _ = squeeze_padding(pad_to(flat, L, 1), pad_to(flat_mask, L, 1))
-        return self.enc_ctx(flat[:, :L], batch.context_mask)  # (B, L, d)
+        return self.enc_ctx(flat[:, :L], batch.context_mask), batch.context_mask, batch.context_ext_ids
+
+    def _encode_turns_with_cls(self, batch: Batch, H_u, mask):
+        """Enc_ctx over [CLS] U_1 [CLS] U_2 ... from H_u (B, M (1 + Lu), d) and its mask (B, M (1 + Lu)): the turn
+        tokens' extended ids are read from context_ext_ids (turn token j of the flattened turns is context position
+        1 + j), [CLS] stands before each turn. -> H_c, its mask, its extended ids, each (B, L + M - 1(, d))."""
+        B, M, Lu = batch.utt_mask.shape
+        ctx_pos = batch.utt_mask.flatten(1).long().cumsum(1).clamp_max(batch.context_ids.size(1) - 1)
+        ext = batch.context_ext_ids.gather(1, ctx_pos).view(B, M, Lu)
+        ext = torch.cat([torch.full_like(ext[..., :1], CLS), ext], 2).flatten(1)  # (B, M (1 + Lu))
+        L = batch.context_ids.size(1) + M - 1  # at most one [CLS] per turn instead of the lone one
+        flat, flat_mask = squeeze_padding(pad_to(H_u, L, 1), pad_to(mask, L, 1))
+        ext, _ = squeeze_padding(pad_to(ext, L, 1)[..., None], pad_to(mask, L, 1))
+        flat, flat_mask, ext = flat[:, :L], flat_mask[:, :L], ext[:, :L, 0].masked_fill(~flat_mask[:, :L], PAD)
+        return self.enc_ctx(flat, flat_mask), flat_mask, ext
 
     def encode_situation(self, batch: Batch, E: dict):
         """H_s (B, 1 + Ls, d) over [CLS] + situation, and its mask, eq. 3; E from `embed_inputs`."""
@@ -274,11 +321,12 @@ class IAMM(PointerGeneratorSeq2Seq):
         require(batch, *CONTEXT_KEYS, *IAMM_KEYS)
         cfg, turn_mask = self.cfg, batch.turn_mask
         E = self.embed_inputs(batch)
-        H_c = self.encode_dialogue(batch, E)  # eqs. 1-2
+        H_c, c_mask, c_ext = self.encode_dialogue(batch, E)  # eqs. 1-2
         H_s, s_mask = self.encode_situation(batch, E)  # eq. 3
         memories, extras = [], {"trace": {}}
         if not cfg.no_ea:
-            ek = explicit_memory(self.iam_ek, E["E_u"], batch.utt_mask, E["E_s"], batch.situation_mask,
+            X_u = E["E_u"] + E["E_r"][:, :, None] if cfg.association_inputs == "words_states" else E["E_u"]
+            ek = explicit_memory(self.iam_ek, X_u, batch.utt_mask, E["E_s"], batch.situation_mask,
                                  turn_mask, batch.context_ids.size(1))
             memories.append(ek)
             extras["associated"] = associated_words(ek.selections, batch, cfg.num_associated)
@@ -295,11 +343,11 @@ class IAMM(PointerGeneratorSeq2Seq):
                                   torch.cat([m.valid for m in memories], 1))  # eq. 18, real entries first
         H_m = self.enc_m(V, attendable(V_ok))  # eq. 19
         an_cs = self.an_cs if cfg.has_knowledge else None
-        heads = emotion_heads(self.an_u, self.an_a, an_cs, H_c, batch.context_mask, H_s, s_mask, H_m, V_ok,
+        heads = emotion_heads(self.an_u, self.an_a, an_cs, H_c, c_mask, H_s, s_mask, H_m, V_ok,
                               H_cs_sum, cs_sum_mask)  # eqs. 20-23
         selector_input = V if cfg.word_selector == "reference" else H_m
         selected, selected_mask = (None, None) if cfg.no_ws else select_words(self.w_v, selector_input, V_ok, cfg.k3)
-        return IAMMEncoding(H_c, batch.context_mask, batch.context_ext_ids, int(batch.max_oov),
+        return IAMMEncoding(H_c, c_mask, c_ext, int(batch.max_oov),
                             emotion_product(heads), heads, extras, selected, selected_mask)  # eq. 24
 
     # -- decoding (eqs. 29-33)
