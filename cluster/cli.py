@@ -179,6 +179,9 @@ def evaluate(
     device: Annotated[str, typer.Option("--device")] = "cpu",
     strategy: Annotated[str | None, typer.Option("--strategy", help="greedy | beam | sample")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
+    unseen_vectors: Annotated[bool | None, typer.Option(
+        "--unseen-vectors/--no-unseen-vectors", help="override the model's unseen_vectors setting (context words "
+                                                     "outside the vocabulary embedded with their pretrained vector)")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Evaluate a checkpoint or a registered model on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU."""
@@ -186,7 +189,8 @@ def evaluate(
         _fail("give exactly one of --checkpoint (a local file or bundle) and --model (models:/<name>@<alias>)")
     try:
         result = _evaluate(checkpoint, model, tracking_uri, data, split, out, device=device,
-                           decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid)
+                           decode={"strategy": strategy} if strategy else None, skip_invalid=skip_invalid,
+                           unseen_vectors=unseen_vectors)
     except (ConfigError, DataError, ValueError, RegistryError) as e:
         _fail(str(e))
     print_evaluation(result, split)

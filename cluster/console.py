@@ -80,6 +80,20 @@ def print_evaluation(result: dict, split: str) -> None:
         table.add_column(k, justify="right")
     table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
     console.print(table)
+    unseen = result.get("unseen_vectors")
+    if unseen:
+        console.print(unseen_line(unseen))
+
+
+def unseen_line(unseen: dict) -> str:
+    """One line on how unseen context words were encoded (metrics.json's `unseen_vectors`)."""
+    how = (f"on ({unseen['source']}, scale {unseen['scale']:.6g}): {unseen['examples_with_unseen_vector']} examples "
+           f"({100 * unseen['share_with_unseen_vector']:.1f} %) had a context word outside the vocabulary encoded "
+           "with its pretrained vector") if unseen["enabled"] else "off: context words outside the vocabulary are [UNK]"
+    setting = (f" (override of the model's setting: {'on' if unseen['model_setting'] else 'off'})"
+               if unseen["override"] else "")
+    return (f"unseen_vectors {how}{setting}; {unseen['examples_with_unk_context_word']} examples "
+            f"({100 * unseen['share_with_unk_context_word']:.1f} %) have an [UNK] context word")
 
 
 def released_table(rows, root) -> Table:

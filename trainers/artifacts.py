@@ -43,7 +43,7 @@ from safetensors.torch import load_model as load_safetensors
 from safetensors.torch import save_model as save_safetensors
 
 from trainers import quantize
-from trainers.config import InferenceConfig, TrainConfig
+from trainers.config import InferenceConfig, TrainConfig, as_recorded
 from trainers.data.records import DataError
 from trainers.data.vocab import Vocab
 from trainers.device import resolve_device
@@ -75,7 +75,7 @@ class LoadedModel:
     weights_dtype: str = "float32"  # how the weights were stored (the model itself is float32)
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.model_validate(self.run_config)
+        return TrainConfig.model_validate(as_recorded(self.run_config))
 
     def inference_config(self) -> InferenceConfig:
         """Only the part of the run config that inference needs (what serving reads)."""

@@ -15,6 +15,10 @@ cut into consecutive batches). A random batch's examples come from several bucke
 each bucket's share from the same device tensors and pads the shares to the batch's own longest context (a
 multiple of `bucket_width`), target (a multiple of 8) and, for IAMM, turns: the same shapes a bucketed batch of
 those lengths gets, at one gather per bucket touched instead of one per batch.
+
+An evaluation under `unseen_vectors` encodes its split with the run's lookup (`unseen`, trainers/data/unseen.py):
+each bucket then carries its examples' unseen-word vectors (the collate contract's optional fields); a training
+split never does.
 """
 
 from __future__ import annotations
@@ -53,10 +57,10 @@ class TensorSplit:
     """A prepared split encoded once and padded per length bucket (static shapes, no per-step collation)."""
 
     def __init__(self, split: PreparedSplit, vocab_size: int, device: torch.device, *, max_context: int,
-                 max_target: int, bucket_width: int, iamm: bool = False):
+                 max_target: int, bucket_width: int, iamm: bool = False, unseen=None):
         self.split = split
         self.encoded: list[EncodedExample] = [
-            encode_example(split, ex, vocab_size, max_context, max_target) for ex in split.features
+            encode_example(split, ex, vocab_size, max_context, max_target, unseen) for ex in split.features
         ]
         lengths = np.array([len(e.context_ids) for e in self.encoded])
         width_units = np.ceil(lengths / bucket_width).astype(int)
@@ -102,6 +106,8 @@ class TensorSplit:
             out.utt_ids, out.utt_mask = out.utt_ids[:, :M, :Lu], out.utt_mask[:, :M, :Lu]
             out.utt_state, out.turn_mask = out.utt_state[:, :M], out.turn_mask[:, :M]
             out.situation_ids, out.situation_mask = out.situation_ids[:, :Ls], out.situation_mask[:, :Ls]
+            if out.utt_unseen is not None:
+                out.utt_unseen, out.situation_unseen = out.utt_unseen[:, :M, :Lu], out.situation_unseen[:, :Ls]
             # the situation's knowledge stays in the last slot
             out.knowledge_ids = torch.cat([out.knowledge_ids[:, :M], out.knowledge_ids[:, -1:]], dim=1)
             out.knowledge_mask = torch.cat([out.knowledge_mask[:, :M], out.knowledge_mask[:, -1:]], dim=1)
@@ -182,7 +188,8 @@ def concat_padded(parts: list[Batch]) -> Batch:
     return Batch(**fields)
 
 
-def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device) -> TensorSplit:
-    """`split` as bucketed device tensors with the run's lengths and bucket width."""
+def tensor_split(cfg: TrainConfig, split, vocab_size: int, device: torch.device, unseen=None) -> TensorSplit:
+    """`split` as bucketed device tensors with the run's lengths and bucket width; `unseen`: the lookup of an
+    evaluation under `unseen_vectors` (trainers/data/unseen.py)."""
     return TensorSplit(split, vocab_size, device, max_context=cfg.max_context, max_target=cfg.max_target,
-                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm")
+                       bucket_width=cfg.bucket_width, iamm=cfg.model == "iamm", unseen=unseen)

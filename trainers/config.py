@@ -192,6 +192,15 @@ class InferenceConfig(StrictModel):
     max_target: int = Field(60, ge=4)
     bf16: bool = Field(True, description="bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)")
     decode: dict[str, Any] = Field(default_factory=dict, description="DecodeConfig fields")
+    unseen_vectors: bool = Field(
+        False, description="evaluation and serving: a context word outside the vocabulary that has a vector in "
+                           "data.vectors is embedded with it (x vector_scale) instead of [UNK] and can still be copied "
+                           "(trainers/data/unseen.py); never used in training; the paper recipe's. Absent from a saved "
+                           "run's config: off")
+    vector_scale: float | None = Field(
+        None, gt=0, description="the factor training applied to the pretrained vectors (1 for embedding_init "
+                                "'vectors'); recorded by the trainer, which replaces any value given. None: not "
+                                "recorded")
 
     @model_validator(mode="after")
     def _check_decode(self) -> InferenceConfig:
@@ -203,8 +212,19 @@ class InferenceConfig(StrictModel):
 
     @classmethod
     def of_run(cls, config: dict) -> InferenceConfig:
-        """The inference part of a checkpoint's run config (a dumped `TrainConfig`)."""
-        return cls.model_validate({k: v for k, v in config.items() if k in cls.model_fields})
+        """The inference part of a checkpoint's run config (a dumped `TrainConfig`, `as_recorded`)."""
+        return cls.model_validate({k: v for k, v in as_recorded(config).items() if k in cls.model_fields})
+
+
+def as_recorded(config: dict) -> dict:
+    """A saved run config (a dumped TrainConfig) with what it means for the fields added after it was saved:
+    `unseen_vectors` absent is off (never a recipe's value), `vector_scale` absent is 1 where the run used the
+    vectors at their own scale (`embedding_init: vectors`) and unknown otherwise."""
+    out = {"unseen_vectors": False, **config}
+    if out.get("vector_scale") is None and out.get("embedding_init") == "vectors" and out.get("use_vectors", True) \
+            and (out.get("data") or {}).get("vectors", "spacy") != "none":
+        out["vector_scale"] = 1.0
+    return out
 
 
 class TrainConfig(InferenceConfig):

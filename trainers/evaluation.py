@@ -11,7 +11,9 @@ whole split, or `_sampled` over its first examples when only those are decoded.
 and `predictions.jsonl` (one line per example: conv_id, turn, context, gold and predicted emotion with its probability,
 generated response, reference, and the reference's teacher-forced summed NLL `nll_sum` over its `num_tokens`
 target tokens, EOS included: enough to recompute both PPLs). Decoding settings are the run's (the paper's greedy
-decoding by default) unless overridden.
+decoding by default) unless overridden. Unseen context words are encoded as the run's `unseen_vectors` says (or its
+override), with the same lookup serving uses (trainers/data/unseen.py); metrics.json's `unseen_vectors` records the
+setting, its source and scale, and how many examples had such a word.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from trainers.config import DecodeConfig
 from trainers.data.emotions import EMOTIONS
 from trainers.data.prepare import split_with_vocab
 from trainers.data.sources import load_splits
+from trainers.data.unseen import unseen_vectors_for
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, native_bf16, resolve_device
 from trainers.metrics import DEFINITIONS, MetricAccumulator, sampled
 from trainers.models.interface import Targets
+from trainers.tokens import UNK
 
 
 @dataclass
@@ -144,19 +148,22 @@ class Evaluator:
 
 def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str | Path, *,
                    device: str = "cpu", decode: dict | None = None, skip_invalid: bool = False,
-                   label: str | None = None, bf16: bool | None = None) -> dict:
+                   label: str | None = None, bf16: bool | None = None, unseen_vectors: bool | None = None) -> dict:
     """Metrics and predictions of the model at `model_path` (a checkpoint file or a bundle directory; `label`
     names it in metrics.json) on a split. `bf16` overrides the run's bf16 setting (False: float32 compute on
     every machine, what a release's card records); the result's `dtype` says how the weights were stored and
-    what the computation ran in."""
+    what the computation ran in. `unseen_vectors` overrides the run's setting of that name."""
     loaded = artifacts.load(model_path, device)
     cfg, model, vocab = loaded.train_config(), loaded.model, loaded.vocab
+    recorded_unseen = cfg.unseen_vectors
     cfg = cfg.model_copy(update={"device": device, "decode": {**cfg.decode, **(decode or {})},
-                                 **({} if bf16 is None else {"bf16": bf16})})
+                                 **({} if bf16 is None else {"bf16": bf16}),
+                                 **({} if unseen_vectors is None else {"unseen_vectors": unseen_vectors})})
+    unseen = unseen_vectors_for(cfg, model.cfg.emb_dim)
     report = load_splits(source, splits=[split], skip_invalid=skip_invalid)[split]
     prepared = split_with_vocab(split, report, vocab, cfg.data)
     dev = resolve_device(device)
-    data = tensor_split(cfg, prepared, len(vocab), dev)
+    data = tensor_split(cfg, prepared, len(vocab), dev, unseen)
     evaluator = Evaluator(model, vocab, dev, batch_size=cfg.eval_batch_size, decode=cfg.decode_config(),
                           bf16=cfg.bf16)
     evaluation = evaluator.run(data, generate=0)
@@ -165,6 +172,7 @@ def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str
     result = {"checkpoint": label or str(model_path), "source": source, "split": split, "examples": len(data),
               "skipped": len(report.invalid), "decode": cfg.decode_config().__dict__,
               "dtype": {"weights": loaded.weights_dtype, "compute": compute_dtype(cfg.bf16, dev)},
+              "unseen_vectors": unseen_report(data, cfg.unseen_vectors, recorded_unseen, unseen),
               "metrics": evaluation.metrics, "definitions": DEFINITIONS}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     with (out / "predictions.jsonl").open("w") as f:
@@ -173,6 +181,20 @@ def evaluate_model(model_path: str | Path, source: str, split: str, out_dir: str
                                         "predicted_prob", "generated", "reference")}
             f.write(json.dumps({**record, "nll_sum": float(nll), "num_tokens": int(n)}) + "\n")
     return result
+
+
+def unseen_report(data: TensorSplit, enabled: bool, recorded: bool, unseen) -> dict:
+    """metrics.json's `unseen_vectors`: the setting used, the model's own (`recorded`; they differ under an
+    override), and with it on the lookup's source and scale and the examples with at least one unseen context word
+    encoded with its vector."""
+    n = max(len(data), 1)
+    with_unk = sum(int((e.context_ids == UNK).any()) for e in data.encoded)
+    out = {"enabled": enabled, "model_setting": recorded, "override": enabled != recorded,
+           "examples_with_unk_context_word": with_unk, "share_with_unk_context_word": with_unk / n}
+    if unseen is not None:
+        with_vector = sum(int(e.context_unseen.any()) for e in data.encoded)
+        out.update(unseen.describe(), examples_with_unseen_vector=with_vector, share_with_unseen_vector=with_vector / n)
+    return out
 
 
 def compute_dtype(bf16: bool, device: torch.device) -> str:

@@ -29,6 +29,7 @@ from trainers.data import annotate as ann
 from trainers.data.collate import EncodedExample, encode_requests
 from trainers.data.emotions import EMOTIONS
 from trainers.data.knowledge import build_knowledge
+from trainers.data.unseen import unseen_vectors_for
 from trainers.decoding import decode, ids_to_tokens
 from trainers.device import autocast, resolve_device
 from trainers.models.batch import Batch
@@ -75,6 +76,7 @@ class Responder:
         if cfg.data.knowledge == "precomputed":
             kwargs["on_missing"] = "empty"  # unseen request text: nothing to associate, counted by the source
         self.knowledge = build_knowledge(cfg.data.knowledge, **kwargs)
+        self.unseen = unseen_vectors_for(cfg, model.cfg.emb_dim)  # `unseen_vectors`: loaded once, as edp evaluate
         self.decode_config = cfg.decode_config()
 
     @classmethod
@@ -96,7 +98,7 @@ class Responder:
         """The requests' encoded examples and their padded batch (`collate.encode_requests`), on the CPU."""
         return encode_requests([(r.context, r.situation) for r in requests], self.vocab, self.knowledge, self.nlp,
                                iamm=self.cfg.model == "iamm", max_context=self.cfg.max_context,
-                               max_target=self.cfg.max_target)
+                               max_target=self.cfg.max_target, unseen=self.unseen)
 
     @torch.inference_mode()
     def respond(self, requests: Sequence[Request]) -> list[Answer]:

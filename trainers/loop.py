@@ -70,7 +70,8 @@ class Trainer:
         self.vocab = vocab
         self.model = build_model(cfg.model, len(vocab), vocab.emotion_ids(),
                                  **model_overrides(cfg, prepared)).to(self.device)
-        init_word_embedding(self.model.embedding.weight, prepared if cfg.use_vectors else None, cfg.embedding_init)
+        cfg.vector_scale = init_word_embedding(self.model.embedding.weight, prepared if cfg.use_vectors else None,
+                                               cfg.embedding_init)  # recorded for `unseen_vectors`
         self.raw_model = self.model
         if wrap_model is not None:
             self.model = wrap_model(self.model)
@@ -120,6 +121,8 @@ class Trainer:
             raise ValueError(f"checkpoint was trained with batching={saved!r}, this run has {self.cfg.batching!r}: "
                              f"its epoch position indexes the other plan; resume with --set batching={saved} "
                              "or start afresh (--no-resume)")
+        if state["config"].get("vector_scale") is not None:  # the factor the run's first start applied
+            self.cfg.vector_scale = state["config"]["vector_scale"]
         self.raw_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -276,21 +279,26 @@ def model_config_changes(saved: dict, cfg) -> list[str]:
             if saved.get(k, defaults[k]) != v]
 
 
-def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: str) -> None:
-    """Set the word embedding (V, emb) from the prepared word vectors (`prepared` None: no vectors).
+def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: str) -> float | None:
+    """Set the word embedding (V, emb) from the prepared word vectors (`prepared` None: no vectors); returns the
+    factor the pretrained vectors were multiplied by (None: no vectors used), which evaluation and serving apply to
+    the vectors of unseen words (`vector_scale`, trainers/data/unseen.py).
 
     "rescaled": the vectors scaled so that their mean row norm is the model's init's (unit scale after the
     embedding's x sqrt(emb_dim)); without vectors the model's init stays. "vectors" (the authors'): the vectors
-    as they are, words without one (and every word without vectors) ~ N(0, 0.01^2); the PAD row stays zero."""
+    as they are (factor 1), words without one (and every word without vectors) ~ N(0, 0.01^2); the PAD row stays
+    zero."""
     vectors = None if prepared is None else prepared.vectors()
     if vectors is not None and tuple(weight.shape) != vectors.shape:
         vectors = None  # a model with its own embedding size: keep its init
     with torch.no_grad():
         if how == "rescaled":
-            if vectors is not None:
-                w = torch.from_numpy(vectors).to(weight.device)
-                weight.copy_(w / w[1:].norm(dim=1).mean().clamp_min(1e-6) * weight[1:].norm(dim=1).mean())
-            return
+            if vectors is None:
+                return None
+            w = torch.from_numpy(vectors).to(weight.device)
+            factor = weight[1:].norm(dim=1).mean() / w[1:].norm(dim=1).mean().clamp_min(1e-6)
+            weight.copy_(w * factor)
+            return float(factor)
         fresh = torch.randn_like(weight) * OOV_EMBEDDING_STD
         if vectors is not None:
             rows = prepared.vector_rows()
@@ -300,6 +308,7 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
             fresh = torch.where(has[:, None], torch.from_numpy(vectors).to(weight.device, weight.dtype), fresh)
         fresh[PAD] = 0.0
         weight.copy_(fresh)
+    return None if vectors is None else 1.0
 
 
 # ------------------------------------------------------------------------------------------------

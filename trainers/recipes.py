@@ -5,8 +5,8 @@ sweep parameters, `model_overrides` keys) wins over the recipe's value for that 
 
 - "platform" (the default): the TrainConfig defaults as they are, tuned on this platform (gradient clipping
   at 2, word vectors rescaled to the model's init scale, the platform's init, 13,500 steps with early
-  stopping on valid PPL every 500 steps, decoding up to 30 tokens). Existing sweeps, benchmarks and
-  checkpoints use it.
+  stopping on valid PPL every 500 steps, decoding up to 30 tokens, unseen context words as [UNK]). Existing
+  sweeps, benchmarks and checkpoints use it.
 - "paper": the authors' code where the papers are silent (github.com/zhouzhouyang520/
   EmpatheticDialogueGeneration_ESCM for the Transformer and ESCM, github.com/zhouzhouyang520/IAMM; read, not
   copied): no gradient clipping; word vectors at their own scale (the embedding multiplies rows by
@@ -24,6 +24,10 @@ sweep parameters, `model_overrides` keys) wins over the recipe's value for that 
   dialogue-state embeddings as the explicit association's inputs (`association_inputs: words_states`). Without a
   knowledge backend (`has_knowledge=False`) IAMM still lacks the implicit association and P_cs: no row of the
   paper's tables applies to it under either recipe.
+  At evaluation and serving (not a training setting), `unseen_vectors`: their vocabulary spans every split, so a
+  word seen only at evaluation keeps its pretrained vector; ours is the training split's, and a context word
+  outside it that has a vector in the run's source is embedded with it (scaled as training scaled the vectors)
+  instead of [UNK] (trainers/data/unseen.py). A run saved before the option has it off.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ _PAPER_COMMON: dict[str, Any] = {
     "eval_every": 800,
     "selection": "reference",
     "batching": "random",
+    "unseen_vectors": True,
     "decode": {"strategy": "greedy", "max_len": 51},
     "model_overrides": {"xavier_init": True, "state_from_words": True, "ffn_relu_out": True},
 }

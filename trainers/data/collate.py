@@ -28,12 +28,20 @@ IAMM batch adds (M = turns, Lu = longest turn, Ls = situation length, R = 5 rela
     situation_ids    (B, Ls)          situation word ids; situation_mask (B, Ls) bool
     knowledge_ids    (B, M + 1, R, K, Lk)  relation phrases per turn and (last) the situation; 0 = none
     knowledge_mask   (B, M + 1, R, K, Lk)  bool (all False with the `none` knowledge backend)
+
+With an `unseen` lookup (evaluation and serving under `unseen_vectors`, trainers/data/unseen.py; never in training)
+a batch adds, for the [UNK] context words that have a pretrained vector (N = most such words in one example):
+    unseen_vectors   (B, N, emb) float  each example's such words' scaled vectors, zeros after
+    context_unseen   (B, L)      1 + the word's row in unseen_vectors at such a position, 0 elsewhere
+    utt_unseen       (B, M, Lu)  the same per turn (IAMM); situation_unseen (B, Ls) the situation's (IAMM)
+Without one these fields are None and the batch is what it always was.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +51,9 @@ from trainers.data.features import ExampleFeatures, TextFeatures, example_texts,
 from trainers.data.knowledge import RELATIONS
 from trainers.models.batch import Batch
 from trainers.tokens import CLS, EOS, STATE_CLS, STATE_LISTENER, STATE_SPEAKER, UNK
+
+if TYPE_CHECKING:
+    from trainers.data.unseen import UnseenVectors
 
 POS_CLS = 1
 
@@ -64,16 +75,21 @@ class EncodedExample:
     turn_states: list[int]           # IAMM: STATE_SPEAKER / STATE_LISTENER per kept turn
     situation_ids: np.ndarray
     knowledge: list[dict[str, list[list[int]]]]  # per turn, then the situation
+    unseen_vectors: np.ndarray | None = None      # (N, emb) the scaled vectors of its unseen words (module docstring)
+    context_unseen: np.ndarray | None = None      # (L,) 1 + row in unseen_vectors at such a word, else 0
+    turn_unseen: list[np.ndarray] | None = None   # IAMM: the same per turn
+    situation_unseen: np.ndarray | None = None    # IAMM: the same for the situation
 
 
 def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: int, max_context: int = 400,
-                   max_target: int = 60) -> EncodedExample:
+                   max_target: int = 60, unseen: UnseenVectors | None = None) -> EncodedExample:
     """Encode one example for any of the three models: its context [CLS] ++ U_1 ++ ... ++ U_M (ESCM eq. 1
     input) with speaker states, POS and dependency edges, IAMM's turns, situation and knowledge, its target.
 
     `texts` holds the featurised texts `example` refers to. Contexts longer than `max_context` keep their
     most recent turns (whole turns are dropped from the start; a single over-long last turn is cut at its
     end). Targets are cut to `max_target` words + EOS; an example without a target (a request) gets EOS only.
+    With `unseen`, its [UNK] context and situation words that have a vector get it (`unseen_fields`).
     """
     turns = example.context
     lengths = [len(texts.ids[t]) for t in turns]
@@ -113,6 +129,8 @@ def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: in
                for w, tok in zip(tgt_words, tgt_tokens)] + [EOS]
     sit = example.situation
     know = [texts.knowledge[t] for t in turns[first:]] + [texts.knowledge[sit]]
+    extra = {} if unseen is None else unseen_fields(
+        unseen, ids, toks, [len(t) for t in turn_ids], texts.ids[sit][:max_context], texts.tokens[sit][:max_context])
     return EncodedExample(
         context_ids=np.asarray(ids, dtype=np.int64),
         context_ext_ids=np.asarray(ext, dtype=np.int64),
@@ -127,7 +145,29 @@ def encode_example(texts: TextFeatures, example: ExampleFeatures, vocab_size: in
         turn_states=turn_states,
         situation_ids=np.asarray(texts.ids[sit][:max_context], dtype=np.int64),
         knowledge=know,
+        **extra,
     )
+
+
+def unseen_fields(unseen: UnseenVectors, ids: list[int], tokens: list[str], turn_lengths: list[int],
+                  sit_ids: list[int], sit_tokens: list[str]) -> dict:
+    """The `EncodedExample` fields of the unseen words of one example: its [UNK] context (`ids`/`tokens`, [CLS]
+    first, then the turns of `turn_lengths`) and situation words, looked up in `unseen`; those with a vector get a
+    row of `unseen_vectors`, in order of first appearance, and their positions 1 + that row."""
+    words = list(dict.fromkeys([t for w, t in zip(ids, tokens) if w == UNK]
+                               + [t for w, t in zip(sit_ids, sit_tokens) if w == UNK]))
+    found = {w: v for w, v in zip(words, unseen.lookup(words)) if v is not None}
+    row = {w: k + 1 for k, w in enumerate(found)}
+
+    def index(word_ids, word_tokens):
+        return np.asarray([row.get(t, 0) if w == UNK else 0 for w, t in zip(word_ids, word_tokens)], dtype=np.int64)
+
+    context = index(ids, tokens)
+    bounds = np.cumsum([1] + turn_lengths)
+    table = np.stack(list(found.values())) if found else np.zeros((0, unseen.dim), dtype=np.float32)
+    return {"unseen_vectors": table.astype(np.float32), "context_unseen": context,
+            "turn_unseen": [context[a:b] for a, b in zip(bounds[:-1], bounds[1:])],
+            "situation_unseen": index(sit_ids, sit_tokens)}
 
 
 def _pad(arrays: list[np.ndarray], length: int | None = None) -> torch.Tensor:
@@ -151,6 +191,11 @@ def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
     rows = torch.cat([torch.full((len(x),), b, dtype=torch.long) for b, x in enumerate(edges)])
     flat = torch.cat(edges)
     dep[rows, flat[:, 0], flat[:, 1]] = flat[:, 2]
+    if any((e.unseen_vectors is None) != (batch[0].unseen_vectors is None) for e in batch):
+        raise ValueError("some examples carry unseen-word vectors and some do not: encode them alike")
+    unseen = {} if batch[0].unseen_vectors is None else {
+        "unseen_vectors": _pad_vectors([e.unseen_vectors for e in batch]),
+        "context_unseen": _pad([e.context_unseen for e in batch], L)}
     return Batch(
         context_ids=ctx,
         context_ext_ids=_pad([e.context_ext_ids for e in batch], L),
@@ -163,7 +208,16 @@ def pad_escm(batch: list[EncodedExample], context_len: int | None = None,
         target_ext_ids=_pad([e.target_ext_ids for e in batch], target_len),
         emotion=(None if any(e.emotion is None for e in batch)
                  else torch.tensor([e.emotion for e in batch], dtype=torch.long)),
+        **unseen,
     )
+
+
+def _pad_vectors(tables: list[np.ndarray]) -> torch.Tensor:
+    """Per-example (N_b, emb) tables -> (B, max(1, max N_b), emb), zeros after each example's rows."""
+    out = np.zeros((len(tables), max(1, max(len(t) for t in tables)), tables[0].shape[1]), dtype=np.float32)
+    for r, t in enumerate(tables):
+        out[r, : len(t)] = t
+    return torch.from_numpy(out)
 
 
 def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: int = 12) -> Batch:
@@ -185,6 +239,13 @@ def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: 
                 for k, phrase in enumerate(rels.get(rel, [])[:max_phrases]):
                     know[b, slot, r, k, : len(phrase[:max_phrase_len])] = torch.tensor(phrase[:max_phrase_len])
     sit = _pad([e.situation_ids for e in batch])
+    if out.unseen_vectors is not None:
+        utt_unseen = torch.zeros_like(utt)
+        for b, e in enumerate(batch):
+            for m, t in enumerate(e.turn_unseen):
+                utt_unseen[b, m, : len(t)] = torch.from_numpy(t)
+        out = replace(out, utt_unseen=utt_unseen,
+                      situation_unseen=_pad([e.situation_unseen for e in batch], sit.size(1)))
     return replace(
         out, utt_ids=utt, utt_mask=utt != 0, utt_state=state,
         turn_mask=torch.arange(M)[None, :] < n_turns[:, None],
@@ -194,13 +255,15 @@ def pad_iamm(batch: list[EncodedExample], max_phrases: int = 5, max_phrase_len: 
 
 
 def encode_requests(requests: Sequence[tuple[Sequence[str], str | None]], vocab, knowledge, nlp, *,
-                    iamm: bool, max_context: int, max_target: int) -> tuple[list[EncodedExample], Batch]:
+                    iamm: bool, max_context: int, max_target: int,
+                    unseen: UnseenVectors | None = None) -> tuple[list[EncodedExample], Batch]:
     """Serving's one preprocessing entry: (context turns, situation or None) pairs -> their encoded examples
     and one padded batch (`pad_iamm` when `iamm`, else `pad_escm`), on the CPU.
 
     The requests' distinct texts are annotated (`nlp`, the run's spaCy pipeline) and featurised (`vocab`,
     `knowledge`) once, then each request is encoded as a training example with the same texts would be: no
-    target, no gold emotion; without a situation the first turn stands in (IAMM's eq. 3 input).
+    target, no gold emotion; without a situation the first turn stands in (IAMM's eq. 3 input). `unseen`: the
+    run's lookup for unseen context words (`unseen_vectors`), as `edp evaluate` encodes them.
     """
     texts = list(dict.fromkeys(t for context, situation in requests
                                for t in example_texts(context, situation or None)))
@@ -208,5 +271,5 @@ def encode_requests(requests: Sequence[tuple[Sequence[str], str | None]], vocab,
     features = featurize_texts(texts, table, vocab, knowledge, nlp)
     index = {t: i for i, t in enumerate(texts)}
     encoded = [encode_example(features, featurize(context, situation or None, None, index), len(vocab),
-                              max_context, max_target) for context, situation in requests]
+                              max_context, max_target, unseen) for context, situation in requests]
     return encoded, (pad_iamm(encoded) if iamm else pad_escm(encoded))

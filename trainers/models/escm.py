@@ -51,6 +51,8 @@ was read to settle what the paper leaves open; nothing was copied):
   probabilities, P_e = P_ctx + P_cor; the code that produced the paper's Acc adds their logits, and so do we:
   `emotion_logits` = log_softmax(logits_ctx + logits_cor), whose argmax is the reported prediction and whose
   softmax is a proper distribution (the normalised product of the two heads' distributions).
+- Unseen context words (evaluation and serving under `unseen_vectors`, trainers.models.interface): their vectors
+  replace [UNK] in E_c, which feeds both Enc_ctx (eq. 1) and E_dot (eq. 3).
 - Eq. 20: the generation loss is averaged over non-PAD target tokens (the code's NLLLoss mean), no label
   smoothing by default (the authors' ESCM uses none); targets are extended ids (copyable OOVs).
 
@@ -244,6 +246,7 @@ class ESCM(PointerGeneratorSeq2Seq):
         mask = batch.context_mask
         E_c, E_e, E_r = self.embed_many(batch.context_ids, self.emotion_word_ids,
                                         states=(batch.context_state,))  # (B, L, emb), (E, emb), (B, L, emb)
+        E_c = self.with_unseen(E_c, batch.context_unseen, batch.unseen_vectors)  # eqs. 1 and 3 both see them
         H_ctx = self.enc_ctx(E_c + E_r, mask)  # (B, L, d), eq. 1
         H_des = H_ctx if self.cfg.no_desv else self.dynamic_vectors(E_c, E_e, H_ctx, mask)
         extras = {}

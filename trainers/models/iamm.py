@@ -235,10 +235,13 @@ class IAMM(PointerGeneratorSeq2Seq):
     def embed_inputs(self, batch: Batch) -> dict:
         """The word embeddings of a step through ONE lookup of the word table (`embed_many`): E_u (B, M, Lu, emb)
         of the turns, E_s (B, Ls, emb) of the situation, E_cls (1, emb) of [CLS], and the dialogue-state
-        embeddings E_r (B, M, emb) of the turns and E_r_cls (1, emb) of [CLS]'s state."""
+        embeddings E_r (B, M, emb) of the turns and E_r_cls (1, emb) of [CLS]'s state. Unseen words' vectors, when
+        the batch has them, replace [UNK] in E_u and E_s, hence in Enc_u, Enc_sit and the explicit association."""
         cls = batch.utt_ids.new_full((1,), CLS)
         E_u, E_s, E_cls, E_r, E_r_cls = self.embed_many(batch.utt_ids, batch.situation_ids, cls,
                                                          states=(batch.utt_state, torch.full_like(cls, STATE_CLS)))
+        E_u = self.with_unseen(E_u, batch.utt_unseen, batch.unseen_vectors)  # unseen words (interface docstring)
+        E_s = self.with_unseen(E_s, batch.situation_unseen, batch.unseen_vectors)
         return {"E_u": E_u, "E_s": E_s, "E_cls": E_cls, "E_r": E_r, "E_r_cls": E_r_cls}
 
     def encode_dialogue(self, batch: Batch, E: dict | None = None):

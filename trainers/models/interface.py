@@ -8,6 +8,12 @@
 holds the word and dialogue-state embeddings, the decoder (trainers.models.layers) and the pointer-generator
 (trainers.models.output); subclasses implement `encode`.
 
+Unseen context words (`unseen_vectors`, trainers/data/unseen.py): a batch of evaluation or serving may carry the
+scaled pretrained vectors of its [UNK] context words (`unseen_vectors`, indexed by `context_unseen`, IAMM's
+`utt_unseen` / `situation_unseen`); `with_unseen` puts them in place of the [UNK] row, wherever a model embeds its
+context words (the Transformer's and ESCM's `E_c`, so ESCM's eq. 3 too; IAMM's turns and situation). The decoder's
+inputs and the pointer's extended ids are untouched. A batch without them (training) runs as it always did.
+
 Models import only torch (and the dependency-free special-token table, trainers.tokens).
 """
 
@@ -145,9 +151,21 @@ class PointerGeneratorSeq2Seq(nn.Module):
             return self.embed(self.state_words[state])
         return self.state_embedding(state) * math.sqrt(self.cfg.emb_dim)
 
+    def with_unseen(self, E, index, vectors):
+        """E (B, *S, emb) word embeddings (x sqrt(emb_dim)) with, where `index` (B, *S) > 0, the unseen word's
+        vector `vectors`[b, index - 1] ((B, N, emb), scaled as training scaled the vectors) x sqrt(emb_dim) instead
+        of the [UNK] row. E itself when `index` is None (no unseen vectors in the batch)."""
+        if index is None:
+            return E
+        B, emb = index.size(0), E.size(-1)
+        table = F.pad(vectors, (0, 0, 1, 0))  # (B, 1 + N, emb), row 0: none
+        flat = index.reshape(B, -1)  # (B, n)
+        picked = table.gather(1, flat[..., None].expand(-1, -1, emb)).view_as(E) * math.sqrt(self.cfg.emb_dim)
+        return torch.where(index[..., None] > 0, picked.to(E.dtype), E)
+
     def embed_context(self, batch: Batch):  # word + dialogue-state embeddings of the context, one lookup, (B, L, emb)
         E_c, E_r = self.embed_many(batch.context_ids, states=(batch.context_state,))
-        return E_c + E_r
+        return self.with_unseen(E_c, batch.context_unseen, batch.unseen_vectors) + E_r
 
     def encode(self, batch: Batch) -> Encoding:
         raise NotImplementedError

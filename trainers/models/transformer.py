@@ -3,7 +3,8 @@
 Encoder over the context (word + position + dialogue-state embeddings), decoder with the
 pointer-generator output layer, no emotion head (emotion_logits is None, emo_loss is 0). Blocks and
 interface in `trainers.models.interface`. Label smoothing 0.1 by default, as the authors' MoEL-derived
-Transformer trains with LabelSmoothing(0.1).
+Transformer trains with LabelSmoothing(0.1). Unseen context words' vectors (evaluation and serving under
+`unseen_vectors`) enter through `embed_context` (trainers.models.interface).
 """
 
 from __future__ import annotations
