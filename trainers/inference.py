@@ -3,7 +3,9 @@
 Preprocessing is the training pipeline's, behind one entry (`collate.encode_requests`): the same spaCy
 pipeline (from the checkpoint's data config), the same vocabulary (stored in the checkpoint), the same
 featurisation, encoding and padding. A request has no target and no gold emotion; without a situation its
-first turn stands in (IAMM's eq. 3 input). A served request's path, file by file:
+first turn stands in (IAMM's eq. 3 input). Under the run's `unseen_vectors` its context words outside the vocabulary
+get their pretrained vectors from the lookup `edp evaluate` uses (trainers/data/unseen.py), loaded once here; a
+source that is missing or does not load fails the load, naming it. A served request's path, file by file:
 
     services/app.py (HTTP) -> services/schemas.py (validation) -> services/replica.py (version, batch queue,
     challenger routing) -> trainers/inference.py (this) -> trainers/data/collate.py (`encode_requests`)

@@ -296,9 +296,9 @@ def init_word_embedding(weight: torch.Tensor, prepared: Prepared | None, how: st
             if vectors is None:
                 return None
             w = torch.from_numpy(vectors).to(weight.device)
-            factor = weight[1:].norm(dim=1).mean() / w[1:].norm(dim=1).mean().clamp_min(1e-6)
-            weight.copy_(w * factor)
-            return float(factor)
+            norm, init_norm = w[1:].norm(dim=1).mean().clamp_min(1e-6), weight[1:].norm(dim=1).mean()
+            weight.copy_(w / norm * init_norm)
+            return float(init_norm / norm)
         fresh = torch.randn_like(weight) * OOV_EMBEDDING_STD
         if vectors is not None:
             rows = prepared.vector_rows()

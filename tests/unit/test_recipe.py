@@ -121,6 +121,7 @@ def test_word_embedding_init_per_recipe(tmp_path, prepared_sample):
                     prepared_sample, log=lambda s: None)
     w = paper.raw_model.embedding.weight.detach()
     assert torch.equal(w[has], vectors[has])  # the vectors' own scale
+    assert paper.cfg.vector_scale == 1.0 and paper.state_dict()["config"]["vector_scale"] == 1.0  # unseen_vectors
     assert abs(w[without].std().item() - OOV_EMBEDDING_STD) < 0.1 * OOV_EMBEDDING_STD and not w[PAD].any()
     platform = Trainer(make_cfg(tmp_path / "q", prepared_sample, model_overrides=tiny_300), prepared_sample,
                        log=lambda s: None)
@@ -130,6 +131,7 @@ def test_word_embedding_init_per_recipe(tmp_path, prepared_sample):
     assert abs(w[1:].norm(dim=1).mean().item() - 1.0) < 0.05
     ratio = w[has].norm(dim=1) / vectors[has].norm(dim=1)
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3) and ratio[0] < 0.5
+    assert platform.cfg.vector_scale == pytest.approx(ratio[0].item(), rel=1e-4)  # recorded for unseen_vectors
 
 
 def test_xavier_init_spares_the_word_embedding_and_padding_rows():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.console import unseen_line
-from trainers import artifacts
+from trainers import artifacts, release
 from trainers.batching import tensor_split
 from trainers.config import DecodeConfig, InferenceConfig, TrainConfig, as_recorded
 from trainers.data.collate import encode_example, pad_escm, pad_iamm
@@ -162,7 +162,10 @@ def test_the_setting_off_by_default_on_under_paper_and_off_when_a_saved_run_lack
 
 
 def test_the_released_bundle_has_no_setting_and_runs_without_unseen_vectors():
-    loaded = artifacts.load(artifacts.find_bundle("models/escm-ed") or "models/escm-ed")
+    directory = release.MODELS_DIR / "escm-ed"
+    if not directory.is_dir():
+        pytest.skip("no released escm-ed bundle")
+    loaded = artifacts.load(directory)
     assert "unseen_vectors" not in loaded.run_config
     assert loaded.train_config().unseen_vectors is False and loaded.inference_config().unseen_vectors is False
     assert loaded.inference_config().vector_scale == 1.0
@@ -187,7 +190,7 @@ def test_training_returns_the_factor_it_applied_to_the_vectors():
     vectors[0] = 0
     weight = torch.nn.Embedding(50, DIM).weight
     factor = init_word_embedding(weight, _Prepared(vectors, np.ones(50, bool)), "rescaled")
-    assert torch.allclose(weight.detach(), torch.from_numpy(vectors) * factor, atol=1e-6) and factor < 1
+    assert torch.allclose(weight.detach(), torch.from_numpy(vectors) * factor, atol=1e-5) and factor < 1
     assert init_word_embedding(weight, _Prepared(vectors, np.ones(50, bool)), "vectors") == 1.0
     assert init_word_embedding(weight, None, "vectors") is None and init_word_embedding(weight, None, "rescaled") is None
 
@@ -242,8 +245,12 @@ def test_evaluation_and_serving_encode_the_same_text_alike(prepared_sample, samp
     evaluated = data.encoded[i]
     for name in ("context_ids", "context_ext_ids", "context_unseen", "unseen_vectors", "situation_unseen"):
         assert np.array_equal(getattr(served, name), getattr(evaluated, name)), name
-    assert served.oov[:len(words)] == words and evaluated.context_unseen.any()
-    assert not np.isin(words.index(words[0]) + 1, evaluated.context_unseen)  # the word without a vector: [UNK]
+    assert served.oov == evaluated.oov == words
+    features = split.features[i]
+    tokens = ["[CLS]"] + [tok for t in features.context for tok in split.tokens[t]]
+    assert len(tokens) == len(evaluated.context_ids)
+    for tok, row in zip(tokens, evaluated.context_unseen.tolist()):
+        assert (row > 0) == (tok in words[1:]), tok  # words[0] has no vector: [UNK]
     padded = pad_escm([evaluated])
     assert torch.equal(batch.unseen_vectors, padded.unseen_vectors)
     assert torch.equal(batch.context_unseen, padded.context_unseen)
@@ -260,8 +267,8 @@ def test_edp_evaluate_applies_the_setting_and_its_override(prepared_sample, samp
     off = evaluate_model(bundle, "sample", "valid", tmp_path / "off", unseen_vectors=False, **kwargs)
     assert on["unseen_vectors"]["enabled"] and not on["unseen_vectors"]["override"]
     assert on["unseen_vectors"]["examples_with_unseen_vector"] >= 1 and on["unseen_vectors"]["scale"] == SCALE
-    assert off["unseen_vectors"] == {**{k: off["unseen_vectors"][k] for k in off["unseen_vectors"]},
-                                     "enabled": False, "override": True, "model_setting": True}
+    assert (off["unseen_vectors"]["enabled"], off["unseen_vectors"]["override"]) == (False, True)
+    assert off["unseen_vectors"]["model_setting"] is True and "source" not in off["unseen_vectors"]
     assert "override of the model's setting: on" in unseen_line(off["unseen_vectors"])
     assert on["metrics"]["ppl"] != off["metrics"]["ppl"]
     lines = [json.loads(x) for x in (tmp_path / "on" / "predictions.jsonl").read_text().splitlines()]
