@@ -72,6 +72,9 @@ class Trainer:
                                  **model_overrides(cfg, prepared)).to(self.device)
         cfg.vector_scale = init_word_embedding(self.model.embedding.weight, prepared if cfg.use_vectors else None,
                                                cfg.embedding_init)  # recorded for `unseen_vectors`
+        if cfg.unseen_vectors and cfg.vector_scale is None:
+            self.log("unseen_vectors: off, the word embedding was not built from word vectors")
+            cfg.unseen_vectors = False
         self.raw_model = self.model
         if wrap_model is not None:
             self.model = wrap_model(self.model)

@@ -132,6 +132,10 @@ def test_word_embedding_init_per_recipe(tmp_path, prepared_sample):
     ratio = w[has].norm(dim=1) / vectors[has].norm(dim=1)
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3) and ratio[0] < 0.5
     assert platform.cfg.vector_scale == pytest.approx(ratio[0].item(), rel=1e-4)  # recorded for unseen_vectors
+    assert paper.cfg.unseen_vectors and not platform.cfg.unseen_vectors
+    bare = Trainer(make_cfg(tmp_path / "r", prepared_sample, recipe="paper", use_vectors=False), prepared_sample,
+                   log=lambda s: None)
+    assert (bare.cfg.vector_scale, bare.cfg.unseen_vectors) == (None, False)  # no vectors to go on: off
 
 
 def test_xavier_init_spares_the_word_embedding_and_padding_rows():

@@ -26,6 +26,9 @@ from trainers.data.records import DataError
 from trainers.data.vectors import WordVectors
 
 
+CACHE_WORDS = 100_000  # lookups kept per UnseenVectors (a replica meets arbitrary words): cleared when full
+
+
 class UnseenVectors:
     """Scaled vectors of words outside the vocabulary, from one vector source; lookups are cached per word."""
 
@@ -38,6 +41,8 @@ class UnseenVectors:
 
     def lookup(self, words: list[str]) -> list[np.ndarray | None]:
         """Per word its vector x `scale` (float32), None where the source has none."""
+        if len(self._cache) > CACHE_WORDS:
+            self._cache.clear()
         for w in words:
             if w not in self._cache:
                 v = self.vectors.get(w)
