@@ -180,8 +180,9 @@ def evaluate(
     strategy: Annotated[str | None, typer.Option("--strategy", help="greedy | beam | sample")] = None,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid")] = False,
     unseen_vectors: Annotated[bool | None, typer.Option(
-        "--unseen-vectors/--no-unseen-vectors", help="override the model's unseen_vectors setting (context words "
-                                                     "outside the vocabulary embedded with their pretrained vector)")] = None,
+        "--unseen-vectors/--no-unseen-vectors",
+        help="override the model's unseen_vectors setting (context words outside the vocabulary embedded with "
+             "their pretrained vector)")] = None,
     tracking_uri: TrackingOpt = None,
 ) -> None:
     """Evaluate a checkpoint or a registered model on any ED-format source: Acc / PPL / Dist-1 / Dist-2 / BLEU."""

@@ -192,7 +192,8 @@ def test_training_returns_the_factor_it_applied_to_the_vectors():
     factor = init_word_embedding(weight, _Prepared(vectors, np.ones(50, bool)), "rescaled")
     assert torch.allclose(weight.detach(), torch.from_numpy(vectors) * factor, atol=1e-5) and factor < 1
     assert init_word_embedding(weight, _Prepared(vectors, np.ones(50, bool)), "vectors") == 1.0
-    assert init_word_embedding(weight, None, "vectors") is None and init_word_embedding(weight, None, "rescaled") is None
+    assert init_word_embedding(weight, None, "vectors") is None
+    assert init_word_embedding(weight, None, "rescaled") is None
 
 
 def test_a_bad_or_missing_vector_source_is_named(tmp_path):
@@ -221,7 +222,7 @@ def test_serving_refuses_to_load_with_a_missing_vector_source(prepared_sample, t
 def sample_unseen(prepared_sample, tmp_path_factory):
     """A valid example of the sample with unseen context words, a vector file for all of them but one, and the
     config of a run that uses it."""
-    split, vocab = prepared_sample.split("valid"), prepared_sample.vocab
+    split = prepared_sample.split("valid")
     i = next(k for k, f in enumerate(split.features)
              if sum(w == UNK for t in f.context for w in split.ids[t]) >= 2)
     words = list(dict.fromkeys(tok for t in split.features[i].context for w, tok in zip(split.ids[t], split.tokens[t])

@@ -25,7 +25,6 @@ from trainers.config import InferenceConfig
 from trainers.data.records import DataError
 from trainers.data.vectors import WordVectors
 
-
 CACHE_WORDS = 100_000  # lookups kept per UnseenVectors (a replica meets arbitrary words): cleared when full
 
 
