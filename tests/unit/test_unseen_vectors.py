@@ -257,15 +257,15 @@ def test_evaluation_and_serving_encode_the_same_text_alike(prepared_sample, samp
     assert torch.equal(batch.context_unseen, padded.context_unseen)
 
 
-def test_edp_evaluate_applies_the_setting_and_its_override(prepared_sample, sample_unseen, tmp_path):
+def test_edp_evaluate_applies_the_setting_and_its_override(prepared_sample, sample_unseen, sample_dir, tmp_path):
     _, _, cfg = sample_unseen
     vocab = prepared_sample.vocab
     torch.manual_seed(0)
     model = build_model("escm", len(vocab), vocab.emotion_ids(), flavour="tiny")
     bundle = artifacts.save_bundle(tmp_path / "bundle", cfg, model, vocab)
     kwargs = {"decode": {"max_len": 3}, "bf16": False}
-    on = evaluate_model(bundle, "sample", "valid", tmp_path / "on", **kwargs)
-    off = evaluate_model(bundle, "sample", "valid", tmp_path / "off", unseen_vectors=False, **kwargs)
+    on = evaluate_model(bundle, str(sample_dir), "valid", tmp_path / "on", **kwargs)
+    off = evaluate_model(bundle, str(sample_dir), "valid", tmp_path / "off", unseen_vectors=False, **kwargs)
     assert on["unseen_vectors"]["enabled"] and not on["unseen_vectors"]["override"]
     assert on["unseen_vectors"]["examples_with_unseen_vector"] >= 1 and on["unseen_vectors"]["scale"] == SCALE
     assert (off["unseen_vectors"]["enabled"], off["unseen_vectors"]["override"]) == (False, True)
