@@ -213,8 +213,8 @@ class MetricAccumulator:
     """Collects per-batch evaluation outputs; `compute()` gives the metrics of everything added.
 
     Keys of `compute()` (see DEFINITIONS): "loss", "ppl", "ppl_token", "acc", "dist_1", "dist_2", "dist_1_nltk",
-    "dist_2_nltk", "distinct_responses", "bleu_1".."bleu_4". A group of keys is present only when its inputs were collected (e.g. no
-    "dist_*"/"bleu_*" for a validation pass without decoding).
+    "dist_2_nltk", "distinct_responses", "bleu_1".."bleu_4". A group of keys is present only when its inputs were
+    collected (e.g. no "dist_*"/"bleu_*" for a validation pass without decoding).
     """
 
     def __init__(self, num_classes: int = NUM_EMOTIONS):
