@@ -74,11 +74,13 @@ def print_prepared(prepared) -> None:
 
 def print_evaluation(result: dict, split: str) -> None:
     dtype = result.get("dtype") or {}
-    table = Table(title=f"{split}: {result['examples']} examples ({result['skipped']} skipped); weights "
-                        f"{dtype.get('weights', '?')}, computed in {dtype.get('compute', '?')}")
-    for k in result["metrics"]:
-        table.add_column(k, justify="right")
-    table.add_row(*(f"{v:.4g}" for v in result["metrics"].values()))
+    console.print(f"{split}: {result['examples']} examples ({result['skipped']} skipped); weights "
+                  f"{dtype.get('weights', '?')}, computed in {dtype.get('compute', '?')}")
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in result["metrics"].items():  # one row per metric: readable at any terminal width
+        table.add_row(k, f"{v:.4g}")
     console.print(table)
     unseen = result.get("unseen_vectors")
     if unseen:

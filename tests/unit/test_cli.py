@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -56,6 +57,8 @@ def test_train_then_evaluate_on_another_source(tmp_path, prepared_sample, sample
     assert set(metrics["definitions"]) >= {"acc", "ppl", "ppl_token", "dist_n", "dist_n_nltk"}
     assert {"dist_1", "dist_2", "dist_1_nltk", "dist_2_nltk"} <= set(metrics["metrics"])
     assert not any(k.endswith("_sampled") for k in metrics["metrics"])  # edp evaluate decodes the whole split
+    for name, value in metrics["metrics"].items():  # every figure printed whole, even at CliRunner's 80 columns
+        assert re.search(rf"{name}\s+│\s+{re.escape(f'{value:.4g}')}", result.output), name
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == metrics["examples"] == 50
     assert set(predictions[0]) == {"conv_id", "turn", "context", "gold_emotion", "predicted_emotion", "predicted_prob",
