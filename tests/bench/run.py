@@ -139,12 +139,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+HEADLINE = "## Headline"  # the one-screen summary at the top, kept by hand: a whole rewrite keeps it
+
+
+def headline(generated: str) -> str:
+    """The `## Headline` block of `generated` (up to the "Generated ..." line or the next `## `), or ""."""
+    lines = generated.split("\n")
+    starts = [i for i, line in enumerate(lines) if line.startswith(HEADLINE)]
+    if not starts:
+        return ""
+    end = next((i for i in range(starts[0] + 1, len(lines))
+                if lines[i].startswith(("## ", "Generated "))), len(lines))
+    return "\n".join(lines[starts[0]:end]).rstrip("\n") + "\n"
+
+
 def write(out: Path, sections: dict[str, str], whole: bool, command: str, commit: str) -> None:
-    """Rewrite the generated part of `out` (`whole`), or replace only `sections` in it; keep what is below MARK."""
+    """Rewrite the generated part of `out` (`whole`, keeping its headline), or replace only `sections` in it; keep
+    what is below MARK."""
     text = out.read_text() if out.exists() else ""
     generated, kept = text.split(MARK, 1) if MARK in text else ("", "\n")
     if whole or not generated.strip():
-        generated = "\n".join(["# Benchmarks", "", f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit "
+        top = headline(generated)
+        generated = "\n".join(["# Benchmarks", "", *([top] if top else []),
+                               f"Generated {datetime.now(UTC):%Y-%m-%d %H:%M} UTC at commit "
                                f"`{commit}` by `make bench` (`{command}`).", "",
                                f"Machine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}.", ""])
     for key, body in sections.items():

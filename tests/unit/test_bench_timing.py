@@ -137,6 +137,17 @@ def test_only_splices_its_section_and_keeps_the_others():
     assert bench_run.splice("# B\n", "Decoding", "## Decoding\n\nx\n") == "# B\n\n## Decoding\n\nx\n"
 
 
+def test_a_whole_rewrite_keeps_the_headline(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(bench_run, "machine", lambda: "cpu")
+    out = tmp_path / "BENCH.md"
+    out.write_text(f"# Benchmarks\n\n## Headline (one screen)\n\n| a | b |\n\nGenerated long ago\n\n"
+                   f"## Data preparation\n\nold data\n\n{bench_run.MARK}\n## Kept by hand\n")
+    bench_run.write(out, {"data": "new data"}, whole=True, command="cmd", commit="abc")
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\n## Headline (one screen)\n\n| a | b |\n\nGenerated ")
+    assert "long ago" not in text and "old data" not in text and "new data" in text and text.endswith("by hand\n")
+
+
 def test_write_keeps_the_hand_kept_part_and_the_other_sections(tmp_path: Path):
     out = tmp_path / "BENCH.md"
     out.write_text(f"# Benchmarks\n\n## Data preparation\n\nold data\n\n## Training step (paper-sized models, CPU)\n"
