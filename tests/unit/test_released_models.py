@@ -68,7 +68,7 @@ def test_edp_evaluate_reproduces_the_cards_metrics_on_ed(directory, ed_data_dir,
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["examples"] == card["evaluation"]["examples"]
     got, want = metrics["metrics"], card["evaluation"]["metrics"]
-    assert got.keys() == want.keys()
+    assert want.keys() <= got.keys()  # a card made before a metric existed (distinct_responses) lacks it
     for name, value in want.items():
         if name in FLOAT_SUMS:  # sums of float NLL: their last bits follow the thread count and the CPU
             assert got[name] == pytest.approx(value, rel=1e-6), name
