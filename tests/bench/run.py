@@ -15,6 +15,7 @@ and are preserved.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import subprocess
@@ -111,29 +112,21 @@ def main(argv: list[str] | None = None) -> int:
         from trainers.data.prepare import prepare
 
         prepared = prepare(load_config(DataConfig, overrides=args.set, source=args.data, n_process=2))
-    for key in ("train", "decode"):
-        if key in only:
-            import importlib
-
-            module = importlib.import_module(f"tests.bench.bench_{key}")
-            print(f"benchmark: {key} ...", flush=True)
-            t0, load0 = datetime.now(UTC), os.getloadavg()[0]
-            rows = module.run(prepared, **(train_kwargs(args) if key == "train" else {}))
-            sections[key] = "\n".join([module.__doc__.strip(), "", provenance(command, commit, t0, load0), "",
-                                       f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).",
-                                       "", module.as_markdown(rows), "",
-                                       f"({(datetime.now(UTC) - t0).total_seconds():.0f} s for this section.)"])
-    for key in ("sweep", "serve", "cluster"):
-        if key in only:
-            import importlib
-
-            module = importlib.import_module(f"tests.bench.bench_{key}")
-            print(f"benchmark: {key} ...", flush=True)
-            t0, load0 = datetime.now(UTC), os.getloadavg()[0]
+    for key in ("train", "decode", "sweep", "serve", "cluster"):
+        if key not in only:
+            continue
+        module = importlib.import_module(f"tests.bench.bench_{key}")
+        print(f"benchmark: {key} ...", flush=True)
+        t0, load0 = datetime.now(UTC), os.getloadavg()[0]
+        if key in ("train", "decode"):
+            result = module.run(prepared, **(train_kwargs(args) if key == "train" else {}))
+            vocabulary = [f"Vocabulary: {len(prepared.vocab):,} words ({prepared.manifest['source']}).", ""]
+        else:
             result = module.run(args.data) if key in ("serve", "cluster") else module.run()
-            sections[key] = "\n".join([module.__doc__.strip(), "", provenance(command, commit, t0, load0), "",
-                                       module.as_markdown(result), "",
-                                       f"({(datetime.now(UTC) - t0).total_seconds():.0f} s for this section.)"])
+            vocabulary = []
+        sections[key] = "\n".join([module.__doc__.strip(), "", provenance(command, commit, t0, load0), "",
+                                   *vocabulary, module.as_markdown(result), "",
+                                   f"({(datetime.now(UTC) - t0).total_seconds():.0f} s for this section.)"])
     write(Path(args.out), sections, whole=args.only is None, command=command, commit=commit)
     print(f"wrote {args.out}")
     return 0
